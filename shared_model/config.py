@@ -1,0 +1,108 @@
+"""The model's configuration: the only constructor argument of `MedFuseModel`.
+
+Everything that changes the shapes of the shared arrays lives here, so two nodes that
+agree on a `ModelConfig` agree on every array name, shape and dtype that crosses the
+network.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Fusion = Literal["concat", "gated", "bilinear"]
+Modality = Literal["fused", "image", "text"]
+
+DEFAULT_LABELS: tuple[str, ...] = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
+
+
+class ModelConfig(BaseModel):
+    """Shapes and switches of the multimodal model.
+
+    `small()` trains on two CPU cores in minutes; `large()` is for sites with a GPU.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # image encoder
+    image_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
+    in_channels: int = Field(1, ge=1, le=3)
+    cnn_widths: tuple[int, ...] = Field((16, 32, 64), min_length=1)
+    cnn_blocks_per_stage: int = Field(1, ge=1, le=8)
+    norm_groups: int = Field(8, ge=1, description="GroupNorm groups; divides every width")
+
+    # text encoder
+    vocab_size: int = Field(2560, ge=64, description="fixed words + specials + hash buckets")
+    max_report_tokens: int = Field(64, ge=4, le=1024)
+    embed_dim: int = Field(64, ge=8)
+    lstm_hidden: int = Field(64, ge=8, description="per direction")
+
+    # fusion
+    fusion: Fusion = "gated"
+    modality: Modality = "fused"
+    fused_dim: int = Field(128, ge=8)
+    bilinear_rank: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    report_dropout: float = Field(
+        0.15, ge=0.0, le=1.0,
+        description="training only: chance a sample's report is replaced by the EMPTY token, "
+        "so the model learns to read the image alone (uninformative reports, generation)",
+    )
+
+    # heads
+    num_classes: int = Field(len(DEFAULT_LABELS), ge=2)
+    localisation: bool = True
+    generation: bool = True
+    max_gen_tokens: int = Field(24, ge=4, le=256, description="decoder target length incl. bos/eos")
+    decoder_hidden: int = Field(96, ge=8)
+
+    # loss weights
+    loss_cls: float = Field(1.0, ge=0.0)
+    loss_box: float = Field(1.0, ge=0.0)
+    loss_lesion: float = Field(0.5, ge=0.0)
+    loss_gen: float = Field(0.3, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        bad = [w for w in self.cnn_widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"norm_groups={self.norm_groups} must divide every cnn_widths entry; "
+                f"it does not divide {bad}"
+            )
+        if self.image_size % (2 ** len(self.cnn_widths)):
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**len(cnn_widths)="
+                f"{2 ** len(self.cnn_widths)}"
+            )
+        if self.generation and self.modality == "text":
+            raise ValueError(
+                "generation=True needs the image (modality 'fused' or 'image'): the report "
+                "decoder is evaluated with the report hidden, so a text-only model has "
+                "nothing to describe"
+            )
+        return self
+
+    @classmethod
+    def small(cls, **overrides: object) -> ModelConfig:
+        """Trains on 2 CPU cores: 64 px, three stages, 64-unit LSTM."""
+        return cls(**overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def large(cls, **overrides: object) -> ModelConfig:
+        """For GPU sites: 224 px, four deeper stages, wider text and fusion."""
+        base: dict[str, object] = dict(
+            image_size=224,
+            cnn_widths=(32, 64, 128, 256),
+            cnn_blocks_per_stage=2,
+            norm_groups=16,
+            embed_dim=128,
+            lstm_hidden=128,
+            fused_dim=256,
+            decoder_hidden=192,
+            max_report_tokens=128,
+            max_gen_tokens=48,
+        )
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]

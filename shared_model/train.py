@@ -1,0 +1,178 @@
+"""The one training loop and the one evaluator, used by pooled, local and federated runs.
+
+DP wraps this loop, it does not fork it: with Opacus the model is a GradSampleModule,
+the optimizer a DPOptimizer and the loader a Poisson loader, and `train_epoch` runs
+unchanged (Opacus' objects "act just like their non-private counterparts").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared_model import wire
+from shared_model.batch import Batch
+from shared_model.config import ModelConfig
+from shared_model.losses import multitask_loss
+from shared_model.metrics import bleu4, classification_metrics, mean_iou, rouge_l
+from shared_model.model import MedFuseModel, ModelOutput
+from shared_model.tokenizer import EMPTY, PAD, Tokenizer
+
+LossFn = Callable[[ModelOutput, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """`auto` takes the GPU when this node has one; `cpu`, `cuda`, `cuda:N` are taken as
+    asked, and asking for a GPU that is not there is an error, not a silent CPU run."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={preference!r} asked for, but this node has no CUDA GPU")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and numpy; return a generator for DataLoader shuffling."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> MedFuseModel:
+    """The plain model inside an Opacus GradSampleModule (or the model itself)."""
+    inner = getattr(model, "_module", model)
+    assert isinstance(inner, MedFuseModel), type(inner)
+    return inner
+
+
+def make_loss_fn(cfg: ModelConfig) -> LossFn:
+    return lambda out, batch: multitask_loss(out, batch, cfg)
+
+
+def forward(model: nn.Module, batch: Batch, cfg: ModelConfig) -> ModelOutput:
+    """Feed only the modalities the model has, and the decoder target when it generates."""
+    image = batch.image if cfg.modality != "text" else None
+    tokens = batch.tokens if cfg.modality != "image" else None
+    gen = batch.gen_tokens if cfg.generation else None
+    return model(image, tokens, gen)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float  # mean loss per training example
+    examples: int  # training examples seen (not batches)
+    steps: int  # optimizer steps taken
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    loss_fn: LossFn,
+    cfg: ModelConfig,
+    device: torch.device,
+    after_step: Callable[[], None] | None = None,
+) -> EpochStats:
+    """One pass over `loader`.
+
+    Empty batches (Poisson sampling can draw none) still go through forward, backward and
+    `optimizer.step()`: a DP optimizer then adds its noise and its accountant counts the
+    step, exactly as the privacy analysis assumes. `after_step` runs after each step
+    (FedProx' proximal pull, which touches no data and so needs no privacy).
+    """
+    model.train()
+    total, examples, steps = 0.0, 0, 0
+    for raw in loader:
+        batch = Batch.of(raw).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        out = forward(model, batch, cfg)
+        loss, _ = loss_fn(out, batch)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        steps += 1
+        examples += batch.size
+        if batch.size:
+            total += float(loss.detach()) * batch.size
+    return EpochStats(loss=total / max(examples, 1), examples=examples, steps=steps)
+
+
+def proximal_pull(
+    model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float, lr: float
+) -> Callable[[], None]:
+    """FedProx' proximal term mu/2 * ||w - w_global||^2 as a decoupled step after each update.
+
+    Under Opacus the per-sample gradients come from module hooks, so a penalty added to
+    the loss would be dropped; its gradient mu * (w - w_global) depends on no data, so
+    applying it after the private step costs no privacy and matches FedProx for SGD.
+    """
+    params = [(p, anchor[name]) for name, p in unwrap(model).named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, w0 in params:
+            p.sub_(lr * mu * (p - w0.to(p.device)))
+
+    return pull
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Loss, classification, localisation and generation metrics on one split.
+
+    Generation is scored with the report hidden (the encoder sees only EMPTY): the decoder
+    must describe the image, not copy the report it was given.
+    """
+    net = unwrap(model).to(device)
+    net.eval()
+    loss_fn = make_loss_fn(cfg)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    n, loss_sum = 0, 0.0
+    labels, probs, boxes, true_boxes, has_box = [], [], [], [], []
+    refs: list[list[str]] = []
+    hyps: list[list[str]] = []
+    for raw in loader:
+        batch = Batch.of(raw).to(device)
+        out = forward(net, batch, cfg)
+        loss, _ = loss_fn(out, batch)
+        n += batch.size
+        loss_sum += float(loss) * batch.size
+        labels.append(batch.label.cpu())
+        probs.append(out.logits.softmax(-1).cpu())
+        if out.box is not None:
+            boxes.append(out.box.cpu())
+            true_boxes.append(batch.box.cpu())
+            has_box.append(batch.has_box.cpu())
+        if cfg.generation:
+            hidden = torch.full_like(batch.tokens, PAD)
+            hidden[:, 0] = EMPTY
+            generated = net.generate(batch.image, hidden)
+            refs += [tokenizer.decode(t.tolist()) for t in batch.gen_tokens.cpu()]
+            hyps += [tokenizer.decode(t.tolist()) for t in generated.cpu()]
+    if n == 0:
+        return {}
+    metrics: dict[str, float] = {wire.M_LOSS: loss_sum / n}
+    metrics |= classification_metrics(
+        torch.cat(labels).numpy(), torch.cat(probs).numpy(), cfg.num_classes
+    )
+    if boxes:
+        metrics[wire.M_IOU] = mean_iou(torch.cat(boxes), torch.cat(true_boxes), torch.cat(has_box))
+    if cfg.generation:
+        metrics[wire.M_BLEU4] = bleu4([[r] for r in refs], hyps) if refs else math.nan
+        metrics[wire.M_ROUGE_L] = rouge_l(refs, hyps) if refs else math.nan
+    return {k: float(v) for k, v in metrics.items()}

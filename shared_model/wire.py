@@ -1,0 +1,36 @@
+"""Every key that crosses the network, in one place.
+
+Record names, config keys and metric names shared by the ServerApp and the ClientApp.
+They meet only through Flower messages, so this module (plain strings, no flwr) is the
+contract between them.
+"""
+
+from __future__ import annotations
+
+# record names inside a Message's RecordDict
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+# ConfigRecord keys the server sends with each train/evaluate message
+CFG_SERVER_ROUND = "server-round"
+CFG_LOCAL_EPOCHS = "local-epochs"
+CFG_LR = "lr"
+CFG_PROXIMAL_MU = "proximal-mu"
+CFG_TOTAL_ROUNDS = "num-server-rounds"
+
+# MetricRecord keys in replies
+M_NUM_EXAMPLES = "num-examples"
+M_TRAIN_LOSS = "train-loss"
+M_EPSILON = "epsilon"
+M_DELTA = "delta"
+M_BUDGET_LEFT = "epsilon-left"
+M_BUDGET_SPENT = "budget-exhausted"  # 1.0 when the site refused to train this round
+M_DATA_ERROR = "data-error"  # 1.0 when the site's data could not be opened
+M_LOSS = "loss"
+M_ACCURACY = "accuracy"
+M_MACRO_F1 = "macro-f1"
+M_AUROC = "auroc"
+M_IOU = "iou"
+M_BLEU4 = "bleu4"
+M_ROUGE_L = "rouge-l"
