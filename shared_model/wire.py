@@ -34,3 +34,8 @@ M_AUROC = "auroc"
 M_IOU = "iou"
 M_BLEU4 = "bleu4"
 M_ROUGE_L = "rouge-l"
+
+# ConfigRecord in replies: who answered and why a reply carries no update
+SITE = "site"
+SITE_NAME = "site-name"
+SITE_ERROR = "error"

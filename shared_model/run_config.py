@@ -1,0 +1,139 @@
+"""The run config: one flat table that the coordinator writes and every node reads.
+
+Flower hands it to the ServerApp and to every ClientApp as `context.run_config`, filled
+from `[tool.flwr.app.config]` in pyproject.toml (the one place where the defaults live)
+and overridden with `flwr run ... -c "key=value"`. Both sides validate the same table
+with `RunConfig`, so a bad key or value stops the run at start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared_model.config import ModelConfig
+
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
+]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot be used; the message names every bad key."""
+
+
+class RunConfig(BaseModel):
+    """Every key of `[tool.flwr.app.config]`, typed. No defaults here: they live in pyproject."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+    )
+
+    # rounds and strategy
+    num_server_rounds: int = Field(ge=1, le=10_000)
+    strategy: StrategyName
+    fraction_train: float = Field(gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(ge=0.0, le=1.0)
+    min_train_nodes: int = Field(ge=1)
+    min_evaluate_nodes: int = Field(ge=0)
+    min_available_nodes: int = Field(ge=1)
+    round_timeout: float = Field(gt=0, description="seconds the server waits for replies")
+    proximal_mu: float = Field(ge=0.0, description="FedProx mu (used by fedprox only)")
+    server_lr: float = Field(gt=0.0, description="server learning rate of fedadam / fedyogi")
+    trimmed_beta: float = Field(gt=0.0, lt=0.5, description="fedtrimmedavg cut fraction")
+    byzantine_nodes: int = Field(ge=0, description="krum / bulyan: tolerated malicious nodes")
+    update_max_norm: float = Field(gt=0.0, description="L2 bound of an update; larger is dropped")
+
+    # local training
+    local_epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1, le=4096)
+    lr: float = Field(gt=0.0, le=1.0)
+    seed: int
+
+    # differential privacy (sample-level, at every site)
+    dp: bool
+    epsilon: float = Field(gt=0.0, description="federation's per-site budget for all runs")
+    delta: float = Field(gt=0.0, lt=1.0)
+    noise_multiplier: float = Field(
+        ge=0.0, description="0 = derive it from the site's budget and the planned rounds"
+    )
+    max_grad_norm: float = Field(gt=0.0)
+    accountant: Literal["rdp", "prv"]
+    secure_mode: bool
+
+    # model
+    model_size: Literal["small", "large"]
+    image_size: int = Field(ge=16, le=1024)
+    fusion: Literal["concat", "gated", "bilinear"]
+    modality: Literal["fused", "image", "text"]
+    labels: str = Field(description="comma-separated label set every site must use")
+
+    # data and outputs
+    sites_dir: str = Field(description="simulation: folder of site-NN folders; '' = synthetic")
+    synth_sites: int = Field(ge=1, description="synthetic federation written when sites-dir=''")
+    synth_cases_per_site: int = Field(ge=10)
+    synth_label_skew: float = Field(ge=0.0, description="Dirichlet alpha; 0 = balanced")
+    output_dir: str = Field(min_length=1)
+    resume: bool
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if len(self.label_set) < 2 or len(set(self.label_set)) != len(self.label_set):
+            raise ValueError(f"labels={self.labels!r}: need at least two distinct labels")
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ValueError(
+                f"min-available-nodes={self.min_available_nodes} is below "
+                f"min-train-nodes={self.min_train_nodes}"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError("strategy='fedprox' needs proximal-mu > 0 (0 is plain FedAvg)")
+        self.model()  # the model part must make a valid ModelConfig too
+        return self
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+
+    def model(self) -> ModelConfig:
+        """The ModelConfig every node builds: same config, same array names and shapes."""
+        preset = ModelConfig.large if self.model_size == "large" else ModelConfig.small
+        return preset(
+            image_size=self.image_size,
+            fusion=self.fusion,
+            modality=self.modality,
+            num_classes=len(self.label_set),
+            generation=self.modality != "text",
+        )
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, object]) -> RunConfig:
+        """Validate Flower's flat run config; raise RunConfigError naming each bad key."""
+        try:
+            return cls.model_validate(dict(flat))
+        except ValidationError as exc:
+            problems = []
+            for e in exc.errors():
+                key = ".".join(str(p) for p in e["loc"]) or "(run config)"
+                got = f" (got {e['input']!r})" if "input" in e and key != "(run config)" else ""
+                problems.append(f"  {key}: {e['msg']}{got}")
+            raise RunConfigError("invalid run config:\n" + "\n".join(problems)) from None
+
+    def flat(self) -> dict[str, object]:
+        """Back to Flower's flat form (kebab-case keys)."""
+        return self.model_dump(by_alias=True)
+
+
+def pyproject_defaults(pyproject: Path | None = None) -> dict[str, object]:
+    """`[tool.flwr.app.config]` from the project file: the defaults of every run."""
+    path = pyproject or Path(__file__).resolve().parent.parent / "pyproject.toml"
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    return dict(data["tool"]["flwr"]["app"]["config"])
