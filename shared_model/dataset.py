@@ -1,0 +1,760 @@
+"""Opening one hospital's data (dataset format v1, see DESIGN.md).
+
+A site is a folder holding `manifest.csv` and the images it names. `open_site` reads ONE
+site folder, never another's: everything it returns (images, tokens, normalisation
+statistics) comes from that folder alone, so nothing about one hospital's data can leak
+into another's node through this module.
+
+Every image is decoded in full when the site is opened, so that a truncated or corrupt
+file is reported up front as a bad row instead of crashing a training round halfway
+through. A row that cannot be used is skipped and counted (or, with `strict=True`, the
+whole site is refused); problems with the site as a whole (no folder, no manifest, missing
+columns, no usable training rows) raise `SiteError` with a message meant for a person.
+
+There are no module-level caches: a node opens its site once per process and keeps the
+`SiteData`; a cache here would outlive a changed folder and hide the change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from shared_model.config import ModelConfig
+
+MANIFEST = "manifest.csv"
+REQUIRED_COLUMNS: tuple[str, ...] = ("case_id", "image", "report", "label")
+BOX_COLUMNS: tuple[str, ...] = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm")
+# Cumulative upper bounds of the hash split: 70% train, 15% val, 15% test.
+HASH_SPLIT: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.85), ("test", 1.0))
+# ITU-R BT.601 luma, the weights PIL uses for RGB -> L.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# A channel whose train std is below this (a constant image) is divided by 1 instead.
+MIN_STD = 1e-6
+# How many bad rows a strict-mode SiteError lists before pointing to `medfuse data check`.
+MAX_LISTED_BAD_ROWS = 50
+
+Split = Literal["train", "val", "test"]
+
+
+class TokenizerLike(Protocol):
+    """What the reader needs from `shared_model.tokenizer.Tokenizer` (taken as an argument,
+    so tests and tools can pass a stand-in)."""
+
+    def encode_padded(self, text: str, max_len: int) -> torch.Tensor: ...
+
+    def encode_target(self, text: str, max_len: int) -> torch.Tensor: ...
+
+
+class SiteError(Exception):
+    """A site that cannot be opened at all; `str(exc)` is one paragraph for a person.
+
+    `bad_rows` holds the unusable rows when they are the reason (strict mode, or no usable
+    training rows), so a tool can list them without parsing the message.
+    """
+
+    def __init__(self, message: str, bad_rows: Sequence[BadRow] = ()) -> None:
+        super().__init__(message)
+        self.bad_rows: tuple[BadRow, ...] = tuple(bad_rows)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """One unusable manifest row.
+
+    `row` is the row number as a person sees it in a spreadsheet: the header is row 1, the
+    first case is row 2. A report that spans several lines is still one row, so this is
+    not the line number in the text file.
+    """
+
+    row: int
+    case_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """What `medfuse data check` shows about one site; no image, report or token in it.
+
+    `counts[split][label]` counts usable cases (every split and label present, zeros
+    included). `formats` and `sizes` (original width x height) count usable rows only.
+    `error` is the reason the site is not usable ("" when it is). `total_rows` counts the
+    manifest's case rows; blank lines are not cases and are not counted.
+    """
+
+    name: str
+    path: Path
+    labels: tuple[str, ...]
+    total_rows: int
+    usable_rows: int
+    counts: dict[str, dict[str, int]]
+    formats: dict[str, int]
+    sizes: dict[tuple[int, int], int]
+    bad_rows: tuple[BadRow, ...]
+    usable: bool
+    error: str = ""
+    hash_split_rows: int = 0  # usable rows whose split came from the case_id hash
+
+    def counts_frame(self) -> pd.DataFrame:
+        """Counts as a labels x splits table (pandas), for printing or tests."""
+        return pd.DataFrame(
+            {s: [self.counts.get(s, {}).get(lab, 0) for lab in self.labels] for s in SPLITS},
+            index=pd.Index(self.labels, name="label"),
+            dtype="int64",
+        )
+
+    @property
+    def min_size(self) -> tuple[int, int] | None:
+        """Smallest original (width, height) by area, or None without usable images."""
+        return min(self.sizes, key=lambda s: (s[0] * s[1], s)) if self.sizes else None
+
+    @property
+    def max_size(self) -> tuple[int, int] | None:
+        """Largest original (width, height) by area, or None without usable images."""
+        return max(self.sizes, key=lambda s: (s[0] * s[1], s)) if self.sizes else None
+
+
+class SiteSplit(Dataset):
+    """One split of one site, in memory: `dataset[i]` is the sample tuple of `batch.py`.
+
+    `case_ids` and `reports` (the raw report strings, needed as references for BLEU and
+    ROUGE) stay on the site like everything else here.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        images: torch.Tensor,  # (N, C, H, W) float32, normalised
+        tokens: torch.Tensor,  # (N, T) int64
+        gen_tokens: torch.Tensor,  # (N, G) int64
+        label_ids: torch.Tensor,  # (N,) int64
+        has_box: torch.Tensor,  # (N,) float32
+        boxes: torch.Tensor,  # (N, 4) float32
+        case_ids: Sequence[str],
+        reports: Sequence[str],
+    ) -> None:
+        n = images.shape[0]
+        sizes = {t.shape[0] for t in (tokens, gen_tokens, label_ids, has_box, boxes)}
+        if sizes != {n} or len(case_ids) != n or len(reports) != n:
+            raise ValueError(f"split {split!r}: tensors and lists differ in length")
+        self.split = split
+        self.images = images
+        self.tokens = tokens
+        self.gen_tokens = gen_tokens
+        self.label_ids = label_ids
+        self.has_box = has_box
+        self.boxes = boxes
+        self.case_ids: tuple[str, ...] = tuple(case_ids)
+        self.reports: tuple[str, ...] = tuple(reports)
+
+    def __len__(self) -> int:
+        """Number of cases (not batches)."""
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return (
+            self.images[index],
+            self.tokens[index],
+            self.gen_tokens[index],
+            self.label_ids[index],
+            self.has_box[index],
+            self.boxes[index],
+        )
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One opened site: three in-memory splits and the train-split normalisation."""
+
+    name: str
+    path: Path
+    labels: tuple[str, ...]
+    train: SiteSplit
+    val: SiteSplit
+    test: SiteSplit
+    norm_mean: tuple[float, ...]  # per channel, from this site's train split only
+    norm_std: tuple[float, ...]
+    summary: SiteSummary
+
+    def splits(self) -> Iterator[SiteSplit]:
+        yield from (self.train, self.val, self.test)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def open_site(
+    site_dir: Path,
+    *,
+    labels: Sequence[str],
+    model: ModelConfig,
+    tokenizer: TokenizerLike,
+    strict: bool = False,
+) -> SiteData:
+    """Open ONE site folder: validate every row, decode every image, split, normalise.
+
+    Bad rows are skipped and listed in `summary.bad_rows`; with `strict=True` any bad row
+    refuses the site. Raises `SiteError` (a message for a person) when the site cannot be
+    used; raises `ValueError` only for a programming error (`labels` not matching
+    `model.num_classes`).
+    """
+    label_set = _check_labels(labels, model)
+    site_dir = Path(site_dir)
+    scan = _scan(site_dir, label_set, model, keep_images=True)
+    summary = _summary(site_dir, label_set, scan)
+    _raise_if_unusable(site_dir, scan, strict)
+
+    assert scan.images is not None
+    n = len(scan.rows)
+    images = scan.images[:n]  # rows are ordered train, val, test: each split is a slice
+    bounds = _split_bounds(scan.rows)
+    train_images = images[bounds["train"][0] : bounds["train"][1]]
+    mean = train_images.mean(dim=(0, 2, 3), dtype=torch.float64)
+    std = train_images.std(dim=(0, 2, 3), correction=0).double()
+    std = torch.where(std < MIN_STD, torch.ones_like(std), std)
+    images.sub_(mean.float().view(1, -1, 1, 1)).div_(std.float().view(1, -1, 1, 1))
+
+    reports = [r.report for r in scan.rows]
+    tokens = _stack_tokens(
+        [tokenizer.encode_padded(t, model.max_report_tokens) for t in reports],
+        model.max_report_tokens,
+    )
+    gen_tokens = _stack_tokens(
+        [tokenizer.encode_target(t, model.max_gen_tokens) for t in reports],
+        model.max_gen_tokens,
+    )
+    label_ids = torch.tensor([r.label_id for r in scan.rows], dtype=torch.int64)
+    has_box = torch.tensor([r.box is not None for r in scan.rows], dtype=torch.float32)
+    boxes = torch.tensor(
+        [r.box if r.box is not None else (0.0, 0.0, 0.0, 0.0) for r in scan.rows],
+        dtype=torch.float32,
+    ).reshape(n, 4)
+
+    def part(split: str) -> SiteSplit:
+        lo, hi = bounds[split]
+        return SiteSplit(
+            split,
+            images[lo:hi],
+            tokens[lo:hi],
+            gen_tokens[lo:hi],
+            label_ids[lo:hi],
+            has_box[lo:hi],
+            boxes[lo:hi],
+            [r.case_id for r in scan.rows[lo:hi]],
+            reports[lo:hi],
+        )
+
+    return SiteData(
+        name=summary.name,
+        path=site_dir,
+        labels=label_set,
+        train=part("train"),
+        val=part("val"),
+        test=part("test"),
+        norm_mean=tuple(float(x) for x in mean),
+        norm_std=tuple(float(x) for x in std),
+        summary=summary,
+    )
+
+
+def check_site(
+    site_dir: Path,
+    *,
+    labels: Sequence[str],
+    model: ModelConfig,
+    tokenizer: TokenizerLike,
+    strict: bool = False,
+) -> SiteSummary:
+    """What `medfuse data check` reports: never raises for a problem with the data.
+
+    Decodes every image like `open_site` (so it finds the same bad rows) but keeps none of
+    them. A site that `open_site` would refuse comes back with `usable=False` and the
+    `SiteError` message in `error`. `tokenizer` is accepted for symmetry with `open_site`;
+    tokenising cannot fail on a row, so the check does not spend time on it.
+    """
+    del tokenizer
+    label_set = _check_labels(labels, model)
+    site_dir = Path(site_dir)
+    try:
+        scan = _scan(site_dir, label_set, model, keep_images=False)
+    except SiteError as exc:
+        return SiteSummary(
+            name=_site_name(site_dir),
+            path=site_dir,
+            labels=label_set,
+            total_rows=0,
+            usable_rows=0,
+            counts={s: dict.fromkeys(label_set, 0) for s in SPLITS},
+            formats={},
+            sizes={},
+            bad_rows=exc.bad_rows,
+            usable=False,
+            error=str(exc),
+        )
+    summary = _summary(site_dir, label_set, scan)
+    try:
+        _raise_if_unusable(site_dir, scan, strict)
+    except SiteError as exc:
+        return replace(summary, usable=False, error=str(exc))
+    return summary
+
+
+def hash_split(case_id: str) -> Split:
+    """The split of a case without a `split` value: 70% train, 15% val, 15% test.
+
+    SHA-256 of the UTF-8 case_id, so the same case lands in the same split on every
+    machine and every run (Python's `hash()` is salted per process).
+    """
+    digest = hashlib.sha256(case_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    for split, upper in HASH_SPLIT:
+        if u < upper:
+            return split  # type: ignore[return-value]
+    return "test"
+
+
+def load_image(path: Path, model: ModelConfig) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Decode one image file fully into (C, S, S) float32 in [0, 1] at the model's size.
+
+    Returns the array, a format description ("png 16-bit grey", "dicom 12-bit grey", ...)
+    and the original (width, height). Pixel values are scaled by their real bit depth.
+    Raises `ValueError` or `OSError` (and whatever a decoder raises) for an unusable file.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".dcm":
+        pixels, fmt = _read_dicom(path)
+    elif suffix in (".png", ".jpg", ".jpeg"):
+        pixels, fmt = _read_pil(path)
+    else:
+        raise ValueError(f"unsupported extension {suffix!r}")
+    size = (int(pixels.shape[1]), int(pixels.shape[0]))
+    return _to_model_input(pixels, model), fmt, size
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class _Row:
+    """One manifest row on its way through validation; the usable ones are kept."""
+
+    row_no: int
+    case_id: str
+    image: str
+    report: str
+    label_id: int
+    split: str
+    hashed: bool  # split came from the case_id hash
+    box: tuple[float, float, float, float] | None
+    path: Path | None
+    reasons: list[str]
+    fmt: str = ""
+    size: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class _Scan:
+    total_rows: int
+    rows: list[_Row]  # usable rows, ordered train, val, test (manifest order within)
+    bad_rows: list[BadRow]
+    images: torch.Tensor | None  # (>= len(rows), C, S, S); the first len(rows) are filled
+
+
+def _scan(
+    site_dir: Path, labels: tuple[str, ...], model: ModelConfig, *, keep_images: bool
+) -> _Scan:
+    """Read the manifest, validate each row and decode each image of one site."""
+    frame = _read_manifest(site_dir)
+    root = site_dir.resolve()
+    has_split = "split" in frame.columns
+    allowed = ", ".join(labels)
+    first_row: dict[str, int] = {}
+    candidates: list[_Row] = []
+    total = 0
+    for i, rec in enumerate(frame.to_dict("records")):
+        row_no = i + 2  # spreadsheet row: the header is row 1
+        if not any(v.strip() for v in rec.values()):
+            continue  # a blank line is no case; it still counts in the row numbers
+        total += 1
+        case_id = rec["case_id"].strip()
+        reasons: list[str] = []
+        if not case_id:
+            reasons.append("empty case_id")
+        elif case_id in first_row:
+            first = first_row[case_id]
+            reasons.append(f"duplicate case_id {case_id!r} (first used in row {first})")
+        else:
+            first_row[case_id] = row_no
+        label = rec["label"].strip()
+        if label not in labels:
+            shown = f"unknown label {label!r}" if label else "empty label"
+            reasons.append(f"{shown} (allowed: {allowed})")
+        split_value = rec["split"].strip() if has_split else ""
+        if split_value and split_value not in SPLITS:
+            reasons.append(
+                f"unknown split {split_value!r} (allowed: train, val, test, or empty for a "
+                "split by case_id hash)"
+            )
+        box_reason, box = _parse_box(rec)
+        if box_reason:
+            reasons.append(box_reason)
+        path_reason, path = _image_path(root, rec["image"])
+        if path_reason:
+            reasons.append(path_reason)
+        candidates.append(
+            _Row(
+                row_no=row_no,
+                case_id=case_id,
+                image=rec["image"].strip(),
+                report=rec["report"],
+                label_id=labels.index(label) if label in labels else -1,
+                split=split_value if split_value in SPLITS else hash_split(case_id),
+                hashed=not split_value,
+                box=box,
+                path=path,
+                reasons=reasons,
+            )
+        )
+
+    # Decode in split order so that each split is a contiguous slice of one image tensor.
+    order = {s: k for k, s in enumerate(SPLITS)}
+    candidates.sort(key=lambda r: (order[r.split], r.row_no))
+    side = model.image_size
+    images = (
+        torch.empty((len(candidates), model.in_channels, side, side), dtype=torch.float32)
+        if keep_images
+        else None
+    )
+    rows: list[_Row] = []
+    bad: list[BadRow] = []
+    for row in candidates:
+        if row.path is not None:
+            # Any decoder failure (PIL, pydicom, numpy) is this row's problem, not the
+            # site's: one bad file must not stop the others from being read.
+            try:
+                pixels, row.fmt, row.size = load_image(row.path, model)
+            except Exception as exc:
+                row.reasons.append(f"unreadable or truncated image {row.image!r}: {_describe(exc)}")
+            else:
+                if images is not None and not row.reasons:
+                    images[len(rows)] = torch.from_numpy(pixels)
+        if row.reasons:
+            bad.append(BadRow(row=row.row_no, case_id=row.case_id, reason="; ".join(row.reasons)))
+        else:
+            rows.append(row)
+    bad.sort(key=lambda b: b.row)
+    return _Scan(total_rows=total, rows=rows, bad_rows=bad, images=images)
+
+
+def _read_manifest(site_dir: Path) -> pd.DataFrame:
+    """The manifest as strings ("" for empty cells), column names stripped and lower-cased."""
+    if not site_dir.is_dir():
+        raise SiteError(
+            f"Site folder {str(site_dir)!r} does not exist or is not a folder. A site is a "
+            f"folder holding {MANIFEST} and the images it names (dataset format v1)."
+        )
+    manifest = site_dir / MANIFEST
+    if not manifest.is_file():
+        raise SiteError(
+            f"Site folder {str(site_dir)!r} has no {MANIFEST}. Every site needs one, with the "
+            f"columns {', '.join(REQUIRED_COLUMNS)} (and optionally split and "
+            f"{', '.join(BOX_COLUMNS)}), one row per case."
+        )
+    try:
+        # utf-8-sig drops the byte-order mark that spreadsheet programs write.
+        frame = pd.read_csv(
+            manifest,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+            skip_blank_lines=False,  # kept (and later ignored) so row numbers stay true
+        )
+    except Exception as exc:  # parser, decoding and IO errors alike: all mean "unreadable"
+        raise SiteError(
+            f"{MANIFEST} in {str(site_dir)!r} could not be read as CSV ({_describe(exc)}). It "
+            "must be UTF-8, comma-separated, with a header row; a report that contains "
+            "commas, quotes or line breaks must be quoted."
+        ) from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    twice = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if twice:
+        raise SiteError(
+            f"{MANIFEST} in {str(site_dir)!r} has the column(s) {', '.join(twice)} more than "
+            "once (column names are compared ignoring case and surrounding spaces); keep one."
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        found = ", ".join(frame.columns) if len(frame.columns) else "none"
+        raise SiteError(
+            f"{MANIFEST} in {str(site_dir)!r} lacks the required column(s) "
+            f"{', '.join(missing)}; the columns found are: {found}. Required: "
+            f"{', '.join(REQUIRED_COLUMNS)} (report may be empty)."
+        )
+    # Short rows leave NaN even with na_filter off; a missing cell is an empty one.
+    return frame.fillna("").astype(str)
+
+
+def _image_path(root: Path, raw: str) -> tuple[str, Path | None]:
+    """(reason, None) for an unusable path, ("", path) for a file inside the site folder.
+
+    Paths are relative to the site folder with "/" (a "\\" is read as "/", as written by
+    Windows tools). Absolute paths, ".." escapes and symlinks leading out of the folder
+    are refused: a site reads only its own folder.
+    """
+    text = raw.strip().replace("\\", "/")
+    if not text:
+        return "empty image path", None
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        return f"image path {text!r} is absolute; it must be relative to the site folder", None
+    norm = posixpath.normpath(text)
+    if norm == ".." or norm.startswith("../"):
+        return f"image path {text!r} leads outside the site folder", None
+    suffix = posixpath.splitext(norm)[1].lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        return (
+            f"unsupported image extension {suffix or '(none)'!r} in {text!r} "
+            f"(allowed: {', '.join(IMAGE_EXTENSIONS)})",
+            None,
+        )
+    path = root / norm
+    if not path.resolve().is_relative_to(root):
+        return f"image path {text!r} is a link leading outside the site folder", None
+    if not path.is_file():
+        return f"missing image file {text!r}", None
+    return "", path
+
+
+def _parse_box(rec: dict[str, str]) -> tuple[str, tuple[float, float, float, float] | None]:
+    """(reason, None) for a bad box, ("", box) or ("", None) where the row has no box."""
+    values = [rec.get(c, "").strip() for c in BOX_COLUMNS]
+    given = [c for c, v in zip(BOX_COLUMNS, values, strict=True) if v]
+    if not given:
+        return "", None
+    if len(given) < len(BOX_COLUMNS):
+        empty = [c for c in BOX_COLUMNS if c not in given]
+        return f"box partially given: {', '.join(empty)} empty", None
+    numbers: list[float] = []
+    for name, value in zip(BOX_COLUMNS, values, strict=True):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isnan(number):
+            return f"box value {name}={value!r} is not a number", None
+        numbers.append(number)
+    outside = [f"{n}={v:g}" for n, v in zip(BOX_COLUMNS, numbers, strict=True) if not 0 <= v <= 1]
+    if outside:
+        return f"box outside [0, 1]: {', '.join(outside)} (fractions of width/height)", None
+    x0, y0, x1, y1 = numbers
+    if x1 <= x0 or y1 <= y0:
+        return f"inverted box: need x0 < x1 and y0 < y1, got {x0:g}, {y0:g}, {x1:g}, {y1:g}", None
+    return "", (x0, y0, x1, y1)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, str]:
+    """A PNG or JPEG as (H, W) or (H, W, 3) float32 in [0, 1], scaled by its bit depth.
+
+    Pillow reads 16-bit grey PNGs as "I;16" (or "I"), which are divided by 65535, never
+    by 255; 16-bit RGB PNGs Pillow itself reduces to 8-bit RGB.
+    """
+    with Image.open(path) as im:
+        im.load()  # decode everything now: a truncated file fails here, not mid-round
+        kind = im.format or "?"
+        if kind not in ("PNG", "JPEG", "MPO"):
+            raise ValueError(f"file content is {kind}, not PNG or JPEG")
+        mode = im.mode
+        if kind == "PNG":
+            depth, colour = _png_header(path)
+            tone = {0: "grey", 2: "rgb", 3: "palette", 4: "grey", 6: "rgb"}.get(colour, "?")
+            fmt = f"png {depth}-bit {tone}" if tone != "palette" else "png palette"
+        else:
+            depth = 8
+            fmt = "jpeg grey" if mode in ("L", "1") else "jpeg rgb"
+        if mode.startswith("I;16"):
+            pixels = np.asarray(im).astype(np.float32) / 65535.0
+        elif mode == "I":
+            pixels = np.asarray(im).astype(np.float32) / float(2 ** min(depth, 16) - 1)
+        elif mode in ("1", "L", "LA", "La"):
+            pixels = np.asarray(im.convert("L")).astype(np.float32) / 255.0
+        else:  # RGB, RGBA, P, CMYK, YCbCr, ...: 8 bits per channel after conversion
+            pixels = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
+    return np.clip(pixels, 0.0, 1.0), fmt
+
+
+def _png_header(path: Path) -> tuple[int, int]:
+    """(bit depth, colour type) from a PNG's IHDR chunk, which Pillow does not expose."""
+    with path.open("rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        raise ValueError("PNG without an IHDR header")
+    return head[24], head[25]
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, str]:
+    """A DICOM image as (H, W) or (H, W, 3) float32 in [0, 1].
+
+    The stored range is set by BitsStored (a 12-bit image is divided by 4095, not 65535),
+    signed when PixelRepresentation is 1. RescaleSlope/Intercept map values and range
+    alike; MONOCHROME1 (white is low) is inverted; of a multi-frame image the first frame
+    is taken.
+    """
+    import pydicom  # deferred: only sites with DICOM files pay for the import
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file without pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples not in (1, 3):
+        raise ValueError(f"unsupported SamplesPerPixel {samples}")
+    if samples == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"unsupported photometric interpretation {photometric}")
+    arr = np.asarray(ds.pixel_array)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lo_raw = -(2.0 ** (bits - 1)) if signed else 0.0
+    hi_raw = 2.0 ** (bits - 1) - 1 if signed else 2.0**bits - 1
+    values = arr.astype(np.float64)
+    tone = "grey" if samples == 1 else "rgb"
+    if samples == 1:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        values = values * slope + intercept
+        lo, hi = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
+    else:
+        lo, hi = lo_raw, hi_raw
+    pixels = ((values - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+        tone = "grey (monochrome1)"
+    if pixels.ndim != (2 if samples == 1 else 3):
+        raise ValueError(f"unexpected pixel array shape {tuple(arr.shape)}")
+    return np.clip(pixels, 0.0, 1.0), f"dicom {bits}-bit {tone}"
+
+
+def _to_model_input(pixels: np.ndarray, model: ModelConfig) -> np.ndarray:
+    """(H, W) or (H, W, 3) in [0, 1] -> (C, S, S) float32: grey by luminance for one
+    channel, grey replicated otherwise, bilinear resize in PIL's float mode."""
+    side = model.image_size
+    if model.in_channels == 3 and pixels.ndim == 3:
+        chans = [pixels[..., k] for k in range(3)]
+    else:
+        grey = pixels @ LUMA if pixels.ndim == 3 else pixels
+        chans = [grey]
+    resized = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize(
+                (side, side), Image.Resampling.BILINEAR
+            ),
+            dtype=np.float32,
+        )
+        for c in chans
+    ]
+    if len(resized) == 1:
+        resized = resized * model.in_channels
+    return np.clip(np.stack(resized), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_labels(labels: Sequence[str], model: ModelConfig) -> tuple[str, ...]:
+    label_set = tuple(labels)
+    if len(set(label_set)) != len(label_set) or len(label_set) < 2:
+        raise ValueError(f"labels must be at least two distinct names, got {label_set}")
+    if len(label_set) != model.num_classes:
+        raise ValueError(
+            f"{len(label_set)} labels {label_set} but model.num_classes={model.num_classes}"
+        )
+    return label_set
+
+
+def _site_name(site_dir: Path) -> str:
+    return site_dir.name or site_dir.resolve().name
+
+
+def _split_bounds(rows: Sequence[_Row]) -> dict[str, tuple[int, int]]:
+    bounds: dict[str, tuple[int, int]] = {}
+    start = 0
+    for split in SPLITS:
+        end = start + sum(1 for r in rows if r.split == split)
+        bounds[split] = (start, end)
+        start = end
+    return bounds
+
+
+def _summary(site_dir: Path, labels: tuple[str, ...], scan: _Scan) -> SiteSummary:
+    counts = {s: dict.fromkeys(labels, 0) for s in SPLITS}
+    for r in scan.rows:
+        counts[r.split][labels[r.label_id]] += 1
+    return SiteSummary(
+        name=_site_name(site_dir),
+        path=site_dir,
+        labels=labels,
+        total_rows=scan.total_rows,
+        usable_rows=len(scan.rows),
+        counts=counts,
+        formats=dict(Counter(r.fmt for r in scan.rows).most_common()),
+        sizes=dict(Counter(r.size for r in scan.rows).most_common()),
+        bad_rows=tuple(scan.bad_rows),
+        usable=any(r.split == "train" for r in scan.rows),
+        hash_split_rows=sum(r.hashed for r in scan.rows),
+    )
+
+
+def _raise_if_unusable(site_dir: Path, scan: _Scan, strict: bool) -> None:
+    where = str(site_dir)
+    if strict and scan.bad_rows:
+        listed = "; ".join(
+            f"row {b.row} ({b.case_id or 'no case_id'}): {b.reason}"
+            for b in scan.bad_rows[:MAX_LISTED_BAD_ROWS]
+        )
+        more = len(scan.bad_rows) - MAX_LISTED_BAD_ROWS
+        tail = f"; and {more} more" if more > 0 else ""
+        raise SiteError(
+            f"Site {where!r} has {len(scan.bad_rows)} unusable row(s) of {scan.total_rows} "
+            f"and strict mode refuses it: {listed}{tail}. Fix these rows, or open the site "
+            f"without strict mode to skip them (`medfuse data check {where}` lists them).",
+            scan.bad_rows,
+        )
+    if not any(r.split == "train" for r in scan.rows):
+        raise SiteError(
+            f"Site {where!r} has no usable training rows: {scan.total_rows} row(s) in "
+            f"{MANIFEST}, {len(scan.bad_rows)} unusable, {len(scan.rows)} usable, none of them "
+            "in the train split. Run `medfuse data check "
+            f"{where}` to see every unusable row and the counts per split.",
+            scan.bad_rows,
+        )
+
+
+def _stack_tokens(encoded: list[torch.Tensor], length: int) -> torch.Tensor:
+    if not encoded:
+        return torch.zeros((0, length), dtype=torch.int64)
+    return torch.stack([torch.as_tensor(t, dtype=torch.int64) for t in encoded])
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one short line, without a traceback."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

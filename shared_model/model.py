@@ -1,0 +1,431 @@
+"""The multimodal model (after arXiv 2405.17459): a CNN reads the image, a BiLSTM with
+additive attention reads the report, a fusion layer joins them, and three heads classify
+the disease, locate the lesion and write a description.
+
+Every trainable layer is one Opacus can compute per-sample gradients for (Conv2d,
+GroupNorm, Linear, Embedding, and DPLSTM's RNNLinear), and every layer with parameters
+runs once per forward pass, so the model trains unchanged under `GradSampleModule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from opacus.layers import DPLSTM
+from torch import nn
+
+from shared_model.boxes import cxcywh_to_xyxy
+from shared_model.config import ModelConfig
+from shared_model.tokenizer import BOS, EMPTY, EOS, PAD
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, K) class scores
+    box: torch.Tensor | None  # (B, 4) x0, y0, x1, y1 fractions, valid and inside the image
+    lesion_logit: torch.Tensor | None  # (B,) score that the case has a lesion box
+    gen_logits: torch.Tensor | None  # (B, G-1, V) next-token scores for gen_tokens[:, 1:]
+    text_attention: torch.Tensor | None  # (B, T) weights over report tokens, 0 on PAD
+    image_attention: torch.Tensor | None  # (B, h, w) weights over feature-map positions
+
+
+class ImageFeatures(NamedTuple):
+    vector: torch.Tensor  # (B, 2C) attention-pooled and average-pooled features
+    attended: torch.Tensor  # (B, C) attention-pooled features alone
+    where: torch.Tensor  # (B, 4) mean x, mean y, spread x, spread y of the attention
+    attention: torch.Tensor  # (B, h, w)
+
+
+# ---------------------------------------------------------------------------- image
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-norm-ReLU-conv3x3-norm plus a skip (projected when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = norm_layer(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = norm_layer(c_out)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm_layer(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))  # (B, C', H/s, W/s)
+        y = self.norm2(self.conv2(y))  # (B, C', H/s, W/s)
+        return F.relu(y + self.skip(x))
+
+
+class ImageEncoder(nn.Module):
+    """A small ResNet whose feature map is pooled twice: by a learned spatial attention
+    (where the lesion is) and by a plain average (the whole image).
+
+    The norm layer is injected (torchvision's `norm_layer`) so that the model can use
+    GroupNorm: Opacus cannot compute per-sample gradients through BatchNorm, which mixes
+    the samples of a batch.
+    """
+
+    def __init__(self, cfg: ModelConfig, norm_layer: NormLayer) -> None:
+        super().__init__()
+        w0 = cfg.cnn_widths[0]
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, w0, 3, padding=1, bias=False), norm_layer(w0), nn.ReLU()
+        )
+        stages: list[nn.Module] = []
+        c_in = w0
+        for width in cfg.cnn_widths:
+            blocks = [ResidualBlock(c_in, width, 2, norm_layer)]
+            blocks += [
+                ResidualBlock(width, width, 1, norm_layer)
+                for _ in range(cfg.cnn_blocks_per_stage - 1)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            c_in = width
+        self.stages = nn.Sequential(*stages)
+        self.score = nn.Conv2d(c_in, 1, 1)
+        self.channels = c_in
+        self.out_dim = 2 * c_in
+
+    def forward(self, image: torch.Tensor) -> ImageFeatures:
+        fmap = self.stages(self.stem(image))  # (B, C, h, w)
+        b, c, h, w = fmap.shape
+        flat = fmap.flatten(2)  # (B, C, h*w)
+        att = self.score(fmap).flatten(1).softmax(-1)  # (B, h*w)
+        attended = torch.einsum("bcn,bn->bc", flat, att)  # (B, C)
+        average = flat.mean(-1)  # (B, C)
+        # the attention's centre and spread: pooled vectors alone have lost position,
+        # which the box head needs
+        ys = (torch.arange(h, device=fmap.device, dtype=fmap.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=fmap.device, dtype=fmap.dtype) + 0.5) / w
+        grid_x = xs.repeat(h)  # (h*w,)
+        grid_y = ys.repeat_interleave(w)  # (h*w,)
+        mx, my = att @ grid_x, att @ grid_y  # (B,), (B,)
+        sx = (att @ grid_x.square() - mx.square()).clamp_min(1e-6).sqrt()  # (B,)
+        sy = (att @ grid_y.square() - my.square()).clamp_min(1e-6).sqrt()  # (B,)
+        return ImageFeatures(
+            vector=torch.cat((attended, average), dim=-1),  # (B, 2C)
+            attended=attended,
+            where=torch.stack((mx, my, sx, sy), dim=-1),  # (B, 4)
+            attention=att.view(b, h, w),
+        )
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class ReportDropout(nn.Module):
+    """In training, hides each sample's report with probability `p` (the report becomes
+    [EMPTY, PAD, ...]), so the model also learns to read the image alone: reports can be
+    missing or uninformative, and generation is scored with the report hidden.
+
+    Each sample is decided on its own, so the per-sample gradients stay per sample.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return tokens
+        drop = torch.rand(tokens.shape[0], device=tokens.device) < self.p  # (B,)
+        hidden = torch.full_like(tokens, PAD)  # (B, T)
+        hidden[:, 0] = EMPTY
+        return torch.where(drop.unsqueeze(1), hidden, tokens)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class TextEncoder(nn.Module):
+    """Bidirectional LSTM over the report, pooled by additive attention (Bahdanau) whose
+    weights are kept to show which words the model read.
+
+    Opacus' `DPLSTM`, not `nn.LSTM`: the latter gets no per-sample gradients. Embeddings of
+    PAD positions are zeroed by the mask rather than relying on `padding_idx`, because
+    Opacus' embedding grad sampler ignores `padding_idx` and would otherwise move the PAD
+    row under DP while plain training keeps it at zero.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD)
+        self.lstm = DPLSTM(cfg.embed_dim, cfg.lstm_hidden, batch_first=True, bidirectional=True)
+        self.att_proj = nn.Linear(2 * cfg.lstm_hidden, cfg.lstm_hidden)
+        self.att_score = nn.Linear(cfg.lstm_hidden, 1, bias=False)
+        self.out_dim = 2 * cfg.lstm_hidden
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = tokens != PAD  # (B, T)
+        x = self.embed(tokens) * mask.unsqueeze(-1)  # (B, T, E)
+        h, _ = self.lstm(x)  # (B, T, 2H)
+        scores = self.att_score(torch.tanh(self.att_proj(h))).squeeze(-1)  # (B, T)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(-1)  # (B, T)
+        pooled = torch.einsum("btd,bt->bd", h, weights)  # (B, 2H)
+        return pooled, weights
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+class ConcatFusion(nn.Module):
+    """The baseline: concatenate, then one dense layer."""
+
+    def __init__(self, d_image: int, d_text: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_image + d_text, d_out)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.proj(torch.cat((x, y), dim=-1)))  # (B, F)
+
+
+class GatedFusion(nn.Module):
+    """Gated attention: a sigmoid gate, computed from both modalities, decides per feature
+    how much comes from the image and how much from the report (a hidden or useless
+    report can be gated out)."""
+
+    def __init__(self, d_image: int, d_text: int, d_out: int) -> None:
+        super().__init__()
+        self.image = nn.Linear(d_image, d_out)
+        self.text = nn.Linear(d_text, d_out)
+        self.gate = nn.Linear(d_image + d_text, d_out)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hx = torch.tanh(self.image(x))  # (B, F)
+        hy = torch.tanh(self.text(y))  # (B, F)
+        z = torch.sigmoid(self.gate(torch.cat((x, y), dim=-1)))  # (B, F)
+        return z * hx + (1 - z) * hy  # (B, F)
+
+
+class BilinearFusion(nn.Module):
+    """Low-rank bilinear pooling (MFB, Yu et al. 2017): each output feature is a rank-R
+    bilinear form x^T W_f y = sum_r (U_r x)(V_r y), so image and text features multiply
+    instead of merely adding, at a cost linear in R."""
+
+    def __init__(self, d_image: int, d_text: int, d_out: int, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+        self.u = nn.Linear(d_image, d_out * rank)
+        self.v = nn.Linear(d_text, d_out * rank)
+        self.proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        joint = self.u(x) * self.v(y)  # (B, F*R)
+        joint = joint.view(joint.shape[0], -1, self.rank).sum(-1)  # (B, F)
+        return F.relu(self.proj(joint))  # (B, F)
+
+
+class Projection(nn.Module):
+    """Single-modality baselines: the one encoder's vector, projected to the fused size."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.proj(x))  # (B, F)
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+class LocalisationHead(nn.Module):
+    """One lesion box and a has-lesion score.
+
+    The box is predicted as a centre (cx, cy) and a size as a fraction of the largest box
+    with that centre that fits the image, all through sigmoids; so every box is valid
+    (x0 <= x1, y0 <= y1) and inside [0, 1], with no clamping that would stop gradients.
+    """
+
+    def __init__(self, d_in: int, d_hidden: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d_in, d_hidden)
+        self.box = nn.Linear(d_hidden, 4)
+        self.lesion = nn.Linear(d_hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.hidden(x))  # (B, D)
+        cx, cy, sw, sh = torch.sigmoid(self.box(h)).unbind(-1)  # (B,) each
+        w = 2 * torch.minimum(cx, 1 - cx) * sw  # (B,)
+        hh = 2 * torch.minimum(cy, 1 - cy) * sh  # (B,)
+        box = cxcywh_to_xyxy(torch.stack((cx, cy, w, hh), dim=-1))  # (B, 4)
+        return box, self.lesion(h).squeeze(-1)  # (B, 4), (B,)
+
+
+class ReportDecoder(nn.Module):
+    """LSTM language model conditioned on the fused vector: the vector sets the initial
+    state and is also fed at every step, so the conditioning does not fade along the
+    report.
+
+    It has its own embedding: sharing the encoder's would run one module twice per
+    forward pass, which Opacus' per-sample hooks do not handle reliably.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.decoder_hidden
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD)
+        self.init = nn.Linear(cfg.fused_dim, 2 * cfg.decoder_hidden)
+        self.lstm = DPLSTM(cfg.embed_dim + cfg.fused_dim, cfg.decoder_hidden, batch_first=True)
+        self.out = nn.Linear(cfg.decoder_hidden, cfg.vocab_size)
+
+    def initial_state(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h0, c0 = self.init(fused).split(self.hidden, dim=-1)  # (B, Hd) each
+        return torch.tanh(h0).unsqueeze(0), c0.unsqueeze(0).contiguous()  # (1, B, Hd) each
+
+    def step(
+        self,
+        fused: torch.Tensor,
+        inputs: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Next-token logits for `inputs` (B, L) from `state`; teacher forcing is one call
+        with the whole target, greedy decoding one call per token."""
+        mask = (inputs != PAD).unsqueeze(-1)  # (B, L, 1)
+        x = self.embed(inputs) * mask  # (B, L, E)
+        cond = fused.unsqueeze(1).expand(-1, inputs.shape[1], -1)  # (B, L, F)
+        h, state = self.lstm(torch.cat((x, cond), dim=-1), state)  # (B, L, Hd)
+        return self.out(h), state  # (B, L, V)
+
+    def forward(self, fused: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.step(fused, inputs, self.initial_state(fused))
+        return logits  # (B, L, V)
+
+    def greedy(self, fused: torch.Tensor, max_len: int) -> torch.Tensor:
+        b = fused.shape[0]
+        out = torch.full((b, max_len), PAD, dtype=torch.int64, device=fused.device)
+        out[:, 0] = BOS
+        done = torch.zeros(b, dtype=torch.bool, device=fused.device)
+        state = self.initial_state(fused)
+        token = out[:, :1]  # (B, 1)
+        for t in range(1, max_len):
+            logits, state = self.step(fused, token, state)  # (B, 1, V)
+            logits = logits[:, -1]  # (B, V)
+            logits[:, [PAD, BOS]] = float("-inf")  # never emitted, only implied
+            nxt = logits.argmax(-1).masked_fill(done, PAD)  # (B,)
+            out[:, t] = nxt
+            done |= nxt == EOS
+            token = nxt.unsqueeze(1)
+            if bool(done.all()):
+                break
+        return out
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class MedFuseModel(nn.Module):
+    """Image + report -> disease class, lesion box, description.
+
+    `cfg.modality` 'image' or 'text' builds only that encoder (the single-modality
+    baselines); the inputs of the missing modality may then be None.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        norm_layer: NormLayer = partial(nn.GroupNorm, cfg.norm_groups)
+        d = cfg.fused_dim
+        self.image: ImageEncoder | None = None
+        self.text: TextEncoder | None = None
+        if cfg.modality != "text":
+            self.image = ImageEncoder(cfg, norm_layer)
+        if cfg.modality != "image":
+            self.text = TextEncoder(cfg)
+        # hiding the report only makes sense when there is an image to fall back on
+        self.report_dropout = ReportDropout(cfg.report_dropout if cfg.modality == "fused" else 0)
+        self.fusion: nn.Module
+        if self.image is not None and self.text is not None:
+            di, dt = self.image.out_dim, self.text.out_dim
+            if cfg.fusion == "concat":
+                self.fusion = ConcatFusion(di, dt, d)
+            elif cfg.fusion == "gated":
+                self.fusion = GatedFusion(di, dt, d)
+            else:
+                self.fusion = BilinearFusion(di, dt, d, cfg.bilinear_rank)
+        elif self.image is not None:
+            self.fusion = Projection(self.image.out_dim, d)
+        else:
+            assert self.text is not None
+            self.fusion = Projection(self.text.out_dim, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(d, cfg.num_classes)
+        self.locate: LocalisationHead | None = None
+        if cfg.localisation:
+            d_loc = d + (self.image.channels + 4 if self.image is not None else 0)
+            self.locate = LocalisationHead(d_loc, d)
+        self.decoder: ReportDecoder | None = None
+        if cfg.generation:
+            self.decoder = ReportDecoder(cfg)
+
+    def encode(
+        self, image: torch.Tensor | None, tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ImageFeatures | None, torch.Tensor | None]:
+        """The fused vector (B, F), the image features and the text attention (B, T)."""
+        img = txt = text_att = None
+        if self.image is not None:
+            if image is None:
+                raise ValueError(f"modality={self.cfg.modality!r} needs the image")
+            img = self.image(image)
+        if self.text is not None:
+            if tokens is None:
+                raise ValueError(f"modality={self.cfg.modality!r} needs the report tokens")
+            txt, text_att = self.text(self.report_dropout(tokens))  # (B, 2H), (B, T)
+        if img is not None and txt is not None:
+            fused = self.fusion(img.vector, txt)  # (B, F)
+        else:
+            fused = self.fusion(img.vector if img is not None else txt)  # (B, F)
+        return self.drop(fused), img, text_att
+
+    def forward(
+        self,
+        image: torch.Tensor | None,
+        tokens: torch.Tensor | None,
+        gen_tokens: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        fused, img, text_att = self.encode(image, tokens)  # (B, F)
+        logits = self.classifier(fused)  # (B, K)
+        box = lesion = gen_logits = None
+        if self.locate is not None:
+            parts = [fused] if img is None else [fused, img.attended, img.where]
+            box, lesion = self.locate(torch.cat(parts, dim=-1))  # (B, 4), (B,)
+        if self.decoder is not None and gen_tokens is not None:
+            gen_logits = self.decoder(fused, gen_tokens[:, :-1])  # (B, G-1, V)
+        return ModelOutput(
+            logits=logits,
+            box=box,
+            lesion_logit=lesion,
+            gen_logits=gen_logits,
+            text_attention=text_att,
+            image_attention=img.attention if img is not None else None,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, image: torch.Tensor, tokens: torch.Tensor | None, max_len: int | None = None
+    ) -> torch.Tensor:
+        """Greedy description, (B, L) int64 laid out like `Batch.gen_tokens`: BOS, ids...,
+        EOS, then PAD; L is `max_len` (default `cfg.max_gen_tokens`), and a row that
+        reaches it without EOS is cut there. Runs in eval mode and restores the mode."""
+        if self.decoder is None:
+            raise RuntimeError("this model was built with generation=False")
+        max_len = self.cfg.max_gen_tokens if max_len is None else max_len
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len}: need at least 2 (BOS and one token)")
+        was_training = self.training
+        self.eval()
+        try:
+            fused, _, _ = self.encode(image, tokens)  # (B, F)
+            return self.decoder.greedy(fused, max_len)  # (B, L)
+        finally:
+            self.train(was_training)

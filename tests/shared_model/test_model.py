@@ -1,0 +1,329 @@
+"""The model: head shapes, Opacus compatibility, report dropout, decoding, training."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.layers import DPLSTM
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from shared_model.batch import Batch
+from shared_model.config import ModelConfig
+from shared_model.losses import multitask_loss
+from shared_model.model import MedFuseModel, ReportDropout
+from shared_model.tokenizer import BOS, EMPTY, EOS, PAD
+
+B, S, T, G, V = 4, 32, 10, 8, 64
+FUSIONS = ("concat", "gated", "bilinear")
+MODALITIES = ("fused", "image", "text")
+COMBOS = list(itertools.product(FUSIONS, MODALITIES))
+# Opacus' hooks on the first layer (whose input needs no gradient): expected, harmless
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _cfg(fusion: str = "gated", modality: str = "fused", **kw: object) -> ModelConfig:
+    """A tiny model: 32 px, two stages, small vocabulary; no generation for text-only."""
+    base: dict[str, object] = dict(
+        image_size=S,
+        cnn_widths=(8, 16),
+        norm_groups=4,
+        vocab_size=V,
+        embed_dim=16,
+        lstm_hidden=16,
+        fused_dim=32,
+        bilinear_rank=4,
+        decoder_hidden=24,
+        max_report_tokens=T,
+        max_gen_tokens=G,
+        fusion=fusion,
+        modality=modality,
+        generation=modality != "text",
+    )
+    base.update(kw)
+    return ModelConfig.small(**base)
+
+
+def _batch(b: int = B, seed: int = 0) -> Batch:
+    """Reports of different lengths (PAD at the end), half the cases with a box."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, V, (b, T), generator=g)
+    gen = torch.randint(4, V, (b, G), generator=g)
+    for i in range(b):
+        n = 2 + i % (T - 2)
+        tokens[i, n:] = PAD
+        m = 2 + i % (G - 3)
+        gen[i, 0], gen[i, m], gen[i, m + 1 :] = BOS, EOS, PAD
+    xy = torch.rand(b, 2, generator=g) * 0.5
+    return Batch(
+        image=torch.randn(b, 1, S, S, generator=g),
+        tokens=tokens,
+        gen_tokens=gen,
+        label=torch.randint(0, 5, (b,), generator=g),
+        has_box=(torch.arange(b) % 2 == 0).float(),
+        box=torch.cat((xy, xy + 0.4), dim=-1) * (torch.arange(b) % 2 == 0).float()[:, None],
+    )
+
+
+def _run(model: nn.Module, batch: Batch, cfg: ModelConfig):
+    image = batch.image if cfg.modality != "text" else None
+    tokens = batch.tokens if cfg.modality != "image" else None
+    return model(image, tokens, batch.gen_tokens if cfg.generation else None)
+
+
+@pytest.mark.parametrize(("fusion", "modality"), COMBOS)
+def test_head_shapes(fusion: str, modality: str) -> None:
+    # Prepare
+    cfg = _cfg(fusion, modality)
+    model = MedFuseModel(cfg).eval()
+    batch = _batch()
+    # Execute
+    out = _run(model, batch, cfg)
+    # Assert
+    assert out.logits.shape == (B, cfg.num_classes)
+    assert out.box is not None and out.box.shape == (B, 4)
+    assert ((out.box >= 0) & (out.box <= 1)).all()
+    assert (out.box[:, 2:] >= out.box[:, :2]).all()
+    assert out.lesion_logit is not None and out.lesion_logit.shape == (B,)
+    if modality == "text":
+        assert out.gen_logits is None and out.image_attention is None
+    else:
+        assert out.gen_logits is not None and out.gen_logits.shape == (B, G - 1, V)
+        h = S // 2 ** len(cfg.cnn_widths)
+        assert out.image_attention is not None and out.image_attention.shape == (B, h, h)
+        torch.testing.assert_close(out.image_attention.sum((1, 2)), torch.ones(B))
+    if modality == "image":
+        assert out.text_attention is None
+    else:
+        att = out.text_attention
+        assert att is not None and att.shape == (B, T)
+        torch.testing.assert_close(att.sum(-1), torch.ones(B))
+        assert torch.equal(att[batch.tokens == PAD], torch.zeros(int((batch.tokens == PAD).sum())))
+
+
+def test_heads_switched_off() -> None:
+    cfg = _cfg(localisation=False, generation=False)
+    model = MedFuseModel(cfg)
+    batch = _batch()
+    out = model(batch.image, batch.tokens, batch.gen_tokens)
+    assert out.box is None and out.lesion_logit is None and out.gen_logits is None
+    assert model.locate is None and model.decoder is None
+
+
+def test_missing_modality_input_is_refused() -> None:
+    batch = _batch()
+    with pytest.raises(ValueError, match="needs the image"):
+        MedFuseModel(_cfg(modality="image"))(None, batch.tokens)
+    with pytest.raises(ValueError, match="needs the report"):
+        MedFuseModel(_cfg())(batch.image, None)
+
+
+@pytest.mark.parametrize(("fusion", "modality"), COMBOS)
+def test_opacus_validator_strict(fusion: str, modality: str) -> None:
+    ModuleValidator.validate(MedFuseModel(_cfg(fusion, modality)), strict=True)
+
+
+@pytest.mark.parametrize(("fusion", "modality"), COMBOS)
+def test_every_parameter_gets_per_sample_gradients(fusion: str, modality: str) -> None:
+    # Prepare
+    cfg = _cfg(fusion, modality)
+    model = GradSampleModule(MedFuseModel(cfg))
+    batch = _batch()
+    # Execute
+    loss, _ = multitask_loss(_run(model, batch, cfg), batch, cfg)
+    loss.backward()
+    # Assert
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert params
+    for name, p in params:
+        gs = getattr(p, "grad_sample", None)
+        assert gs is not None, name
+        assert gs.shape == (B, *p.shape), name
+
+
+def test_per_sample_gradients_equal_single_sample_gradients() -> None:
+    # Prepare: no dropout, so a sample gives the same forward pass alone or in a batch
+    cfg = _cfg("bilinear", dropout=0.0, report_dropout=0.0)
+    torch.manual_seed(0)
+    plain = MedFuseModel(cfg)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    private = GradSampleModule(MedFuseModel(cfg), loss_reduction="mean")
+    private._module.load_state_dict(state)
+    batch = _batch(3)
+    # Execute
+    loss, _ = multitask_loss(_run(private, batch, cfg), batch, cfg)
+    loss.backward()
+    singles = []
+    for i in range(3):
+        plain.zero_grad()
+        one = Batch(*(t[i : i + 1] for t in batch))
+        multitask_loss(_run(plain, one, cfg), one, cfg)[0].backward()
+        singles.append({n: p.grad.clone() for n, p in plain.named_parameters()})
+    # Assert: sample i's gradient does not depend on the other samples (GroupNorm, the
+    # per-sample loss means, the PAD embedding row that padding_idx would have frozen)
+    for name, p in private._module.named_parameters():
+        for i in range(3):
+            torch.testing.assert_close(
+                p.grad_sample[i],
+                singles[i][name],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, n=name, i=i: f"{n}[{i}]: {m}",
+            )
+        torch.testing.assert_close(p.grad_sample.mean(0), p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_batch_goes_through_forward_and_backward() -> None:
+    # Prepare: Opacus' Poisson sampling can draw an empty batch
+    cfg = _cfg()
+    model = GradSampleModule(MedFuseModel(cfg))
+    empty = Batch(*(t[:0] for t in _batch()))
+    # Execute
+    loss, parts = multitask_loss(_run(model, empty, cfg), empty, cfg)
+    loss.backward()
+    # Assert
+    assert parts["total"] == 0.0
+    for name, p in model.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape[0] == 0, name
+
+
+def test_dplstm_equals_nn_lstm_with_the_same_weights() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    reference = nn.LSTM(6, 5, batch_first=True, bidirectional=True)
+    dp = DPLSTM(6, 5, batch_first=True, bidirectional=True)
+    dp.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, 6)
+    h0, c0 = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    # Execute
+    want, (want_h, want_c) = reference(x, (h0, c0))
+    got, (got_h, got_c) = dp(x, (h0, c0))
+    # Assert
+    assert set(dp.state_dict()) == set(reference.state_dict())
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_h, want_h)
+    torch.testing.assert_close(got_c, want_c)
+
+
+def test_state_dict_round_trip() -> None:
+    # the server and the sites exchange full state dicts and load them strictly
+    cfg = _cfg()
+    a, b = MedFuseModel(cfg), MedFuseModel(cfg)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert "text.lstm.weight_ih_l0_reverse" in a.state_dict()
+
+
+def test_report_dropout_only_in_training() -> None:
+    # Prepare
+    tokens = _batch().tokens
+    drop = ReportDropout(1.0)
+    # Execute
+    hidden = drop.train()(tokens)
+    kept = drop.eval()(tokens)
+    # Assert
+    assert torch.equal(kept, tokens)
+    assert torch.equal(hidden[:, 0], torch.full((B,), EMPTY))
+    assert torch.equal(hidden[:, 1:], torch.full((B, T - 1), PAD))
+
+
+def test_report_dropout_is_per_sample() -> None:
+    torch.manual_seed(0)
+    tokens = _batch(64).tokens
+    out = ReportDropout(0.5).train()(tokens)
+    hidden = (out[:, 0] == EMPTY) & (out[:, 1:] == PAD).all(-1)
+    unchanged = (out == tokens).all(-1)
+    assert (hidden | unchanged).all()
+    assert 0 < int(hidden.sum()) < 64
+
+
+def test_model_hides_the_report_in_training_mode_only() -> None:
+    # with report_dropout=1 the text attention falls entirely on the EMPTY token
+    cfg = _cfg(report_dropout=1.0)
+    model = MedFuseModel(cfg)
+    batch = _batch()
+    trained = model.train()(batch.image, batch.tokens).text_attention
+    evaluated = model.eval()(batch.image, batch.tokens).text_attention
+    assert torch.equal(trained[:, 0], torch.ones(B))
+    assert (evaluated[:, 1] > 0).all()  # every report here has at least two tokens
+
+
+def test_text_only_model_never_hides_the_report() -> None:
+    model = MedFuseModel(_cfg(modality="text", report_dropout=1.0)).train()
+    att = model(None, _batch().tokens).text_attention
+    assert (att[:, 1] > 0).all()
+
+
+def _layout_ok(seq: torch.Tensor) -> None:
+    """BOS, tokens that are neither PAD nor BOS, then EOS followed only by PAD."""
+    assert seq.dtype == torch.int64
+    assert ((seq >= 0) & (seq < V)).all()
+    assert (seq[:, 0] == BOS).all()
+    for row in seq.tolist():
+        body = row[1:]
+        end = body.index(EOS) if EOS in body else len(body)
+        assert all(t not in (PAD, BOS, EOS) for t in body[:end]), row
+        assert all(t == PAD for t in body[end + 1 :]), row
+
+
+def test_generate_layout_and_mode() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = MedFuseModel(cfg).train()
+    batch = _batch()
+    # Execute
+    seq = model.generate(batch.image, batch.tokens)
+    short = model.generate(batch.image, batch.tokens, max_len=3)
+    # Assert
+    assert seq.shape == (B, G) and short.shape == (B, 3)
+    _layout_ok(seq)
+    _layout_ok(short)
+    assert model.training  # the mode it was in
+    assert not seq.requires_grad
+
+
+def test_generate_stops_at_eos_and_pads() -> None:
+    # Prepare: a decoder that always prefers EOS, and one that never emits it
+    cfg = _cfg(modality="image")
+    model = MedFuseModel(cfg)
+    batch = _batch()
+    with torch.no_grad():
+        model.decoder.out.bias[EOS] = 1e4
+    # Execute
+    stop = model.generate(batch.image, None, max_len=6)
+    with torch.no_grad():
+        model.decoder.out.bias[EOS] = -1e4
+    run_on = model.generate(batch.image, None, max_len=6)
+    # Assert
+    want = torch.tensor([BOS, EOS, PAD, PAD, PAD, PAD]).repeat(B, 1)
+    assert torch.equal(stop, want)
+    _layout_ok(run_on)
+    assert not (run_on == EOS).any() and not (run_on == PAD).any()
+
+
+def test_loss_falls_on_a_fixed_batch() -> None:
+    # Prepare
+    torch.manual_seed(0)
+    cfg = _cfg(dropout=0.0, report_dropout=0.0)
+    model = MedFuseModel(cfg).train()
+    batch = _batch(seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # Execute
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss, _ = multitask_loss(model(batch.image, batch.tokens, batch.gen_tokens), batch, cfg)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    # Assert
+    assert losses[-1] < 0.5 * losses[0]
