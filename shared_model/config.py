@@ -45,7 +45,9 @@ class ModelConfig(BaseModel):
     bilinear_rank: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     report_dropout: float = Field(
-        0.15, ge=0.0, le=1.0,
+        0.15,
+        ge=0.0,
+        le=1.0,
         description="training only: chance a sample's report is replaced by the EMPTY token, "
         "so the model learns to read the image alone (uninformative reports, generation)",
     )

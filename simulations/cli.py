@@ -1,8 +1,8 @@
 """`medfuse`: the command line of every role.
 
-    medfuse data synth      write synthetic hospitals (format v1)
-    medfuse data check      check a site folder before it joins a federation
-    medfuse train-pooled    pooled (centralised) baseline on the union of sites
+medfuse data synth      write synthetic hospitals (format v1)
+medfuse data check      check a site folder before it joins a federation
+medfuse train-pooled    pooled (centralised) baseline on the union of sites
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def data_synth(
     cases_per_site: Annotated[int, typer.Option(min=10, help="mean cases per hospital")] = 400,
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
     label_skew: Annotated[
-        float | None, typer.Option(help="Dirichlet alpha of each site's label mix (smaller = more skew)")
+        float | None,
+        typer.Option(help="Dirichlet alpha of each site's label mix (smaller = more skew)"),
     ] = None,
     image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
     overwrite: Annotated[bool, typer.Option(help="replace existing site folders")] = False,
@@ -112,8 +113,8 @@ Modality = Literal["fused", "image", "text"]
 def train_pooled(
     sites: Annotated[list[Path], typer.Option("--sites", help="site folders (repeat the option)")],
     modality: Annotated[
-        list[str], typer.Option(help="fused, image or text; repeat to compare")
-    ] = ["fused"],  # noqa: B006
+        list[str] | None, typer.Option(help="fused, image or text; repeat to compare")
+    ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 12,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option()] = 2e-3,
@@ -134,9 +135,12 @@ def train_pooled(
     from shared_model.tokenizer import Tokenizer
     from simulations.pooled import CentralConfig, train_central
 
+    modality = modality or ["fused"]
     label_set = parse_labels(labels)
     try:
-        central = CentralConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        central = CentralConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
+        )
         models = {
             m: ModelConfig(
                 image_size=image_size,
@@ -155,7 +159,9 @@ def train_pooled(
     opened = []
     for path in sites:
         try:
-            site = open_site(path, labels=label_set, model=next(iter(models.values())), tokenizer=tokenizer)
+            site = open_site(
+                path, labels=label_set, model=next(iter(models.values())), tokenizer=tokenizer
+            )
         except SiteError as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None

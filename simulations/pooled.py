@@ -79,9 +79,7 @@ def train_central(
     per_site = {
         s.name: evaluate(model, s.test, model_cfg, tokenizer, device) for s in sites if len(s.test)
     }
-    overall = evaluate(
-        model, ConcatDataset([s.test for s in sites]), model_cfg, tokenizer, device
-    )
+    overall = evaluate(model, ConcatDataset([s.test for s in sites]), model_cfg, tokenizer, device)
     result = CentralResult(
         per_site=per_site,
         overall=overall,
