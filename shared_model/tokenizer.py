@@ -1,7 +1,7 @@
 """Report tokenizer: a fixed radiology lexicon shipped with the package, plus hashed buckets.
 
 The vocabulary is never learned from a hospital's reports (that would leak their words):
-every node builds the same id table from `radiology_vocab.txt` and `vocab_size` alone, so
+every node builds the same id table from `radiology_vocab.json` and `vocab_size` alone, so
 two nodes that agree on a `ModelConfig` agree on every token id.
 
 Id layout for `Tokenizer(vocab_size)`::
@@ -23,6 +23,7 @@ number becomes the one NUM id.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -39,7 +40,7 @@ NUM_SPECIALS = 5
 MIN_BUCKETS = 64
 
 VOCAB_PACKAGE = "shared_model"
-VOCAB_FILE = "radiology_vocab.txt"
+VOCAB_FILE = "radiology_vocab.json"
 NUM_TEXT = "<num>"
 
 _APOSTROPHES = str.maketrans("", "", "'\u2018\u2019\u02bc`\u00b4")
@@ -56,10 +57,10 @@ def split_words(text: str) -> list[str]:
 
 
 def load_lexicon() -> list[str]:
-    """The shipped word list, in file order, checked: one normalised word per line, no
+    """The shipped word list, in file order, checked: each entry one normalised word, no
     duplicates, no numbers (a number is always NUM)."""
     text = resources.files(VOCAB_PACKAGE).joinpath(VOCAB_FILE).read_text(encoding="utf-8")
-    words = [line.strip() for line in text.splitlines() if line.strip()]
+    words = [str(w) for w in json.loads(text)["words"]]
     seen: set[str] = set()
     for lineno, word in enumerate(words, start=1):
         if split_words(word) != [word] or _NUMBER_RE.fullmatch(word):
