@@ -1,0 +1,239 @@
+"""medfuse ServerApp: validate the run config, run the rounds, write everything to disk.
+
+    flwr run .                                     # local simulation, defaults from pyproject
+    flwr run . -c "num-server-rounds=5 strategy='fedadam'"
+
+What it writes (Flower returns nothing to the CLI), under the run config's `output-dir`:
+
+    results.jsonl                    long table: round, site, node_id, phase, metric, value
+    checkpoints/round-NNNN.pt        after every round (global model + strategy state + rows)
+    checkpoints/latest               name of the newest checkpoint
+    final/model.pt                   the final global model, self-describing
+    final/model_card.json, .md       config, labels, sites, rounds, epsilon per site, metrics
+
+A relative `output-dir` is resolved against the ServerApp process's working directory,
+which Flower inherits from the SuperLink: the folder `flower-superlink` was started in
+(for `flwr run .` with the auto-started `:local:` SuperLink, where the first `flwr run`
+was typed), not the folder `flwr run` is typed in now. Seen on Flower 1.42: SuperLink
+started in /tmp/a, `flwr run .` in the project -> outputs in /tmp/a/<output-dir>. The
+absolute path is logged at the start and end of the run; an absolute `output-dir` does not
+depend on any of this.
+
+`resume=true` continues from the newest checkpoint in `output-dir` at round last+1, with
+the saved strategy state; `resume=false` starts at round 1 and clears the earlier run's
+results, checkpoints and final model in that folder (nothing else: privacy ledgers that
+clients keep in the same folder are never touched).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import (
+    CHECKPOINT_DIR,
+    FINAL_DIR,
+    Checkpoint,
+    build_model_card,
+    code_version,
+    load_latest,
+    save_checkpoint,
+    write_final,
+)
+from server.results import (
+    RESULTS_FILE,
+    ResultsWriter,
+    Row,
+    ledger_table,
+    privacy_ledger,
+    render,
+    round_line,
+    round_table,
+)
+from server.strategy import GuardedStrategy, build_strategy, train_config
+from shared_model.config import ModelConfig
+from shared_model.model import MedFuseModel
+from shared_model.run_config import RunConfig, RunConfigError
+from shared_model.train import seed_everything
+
+app = ServerApp()
+
+
+def quiet_flwr_logger() -> None:
+    """Flower's logger has its own handler; Opacus' logging.basicConfig would print every
+    line a second time through the root logger."""
+    logging.getLogger("flwr").propagate = False
+
+
+def resolve_output_dir(output_dir: str) -> Path:
+    """Absolute path of `output-dir`; a relative one is taken from the working directory."""
+    path = Path(output_dir).expanduser()
+    if not path.is_absolute():
+        path = Path(os.getcwd()) / path
+    return path.resolve()
+
+
+def initial_arrays(run: RunConfig) -> ArrayRecord:
+    """The seeded initial global model: every tensor of `MedFuseModel.state_dict()`."""
+    seed_everything(run.seed)
+    model = MedFuseModel(run.model())
+    return ArrayRecord(model.state_dict())
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _arrays(ndarrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ndarrays.items()})
+
+
+def check_resumable(ck: Checkpoint, run: RunConfig, fresh: ArrayRecord) -> None:
+    """Refuse a checkpoint of another model or strategy; log what else changed."""
+    problems = []
+    if ModelConfig(**ck.model_config) != run.model():
+        problems.append("the model config differs (model-size, image-size, fusion, "
+                        "modality or labels changed)")
+    saved_strategy = ck.run_config.get("strategy")
+    if saved_strategy != run.strategy:
+        problems.append(f"strategy was {saved_strategy!r}, now {run.strategy!r}")
+    template = _numpy(fresh)
+    if list(ck.arrays) != list(template):
+        problems.append("the model's array names differ")
+    else:
+        bad = [k for k, v in template.items()
+               if ck.arrays[k].shape != v.shape or ck.arrays[k].dtype != v.dtype]
+        if bad:
+            problems.append(f"arrays with another shape or dtype: {', '.join(bad[:5])}")
+    if problems:
+        raise RunConfigError(
+            f"resume=true: checkpoint {ck.path} cannot continue this run: "
+            + "; ".join(problems)
+        )
+    now = run.flat()
+    changed = {k: (v, now.get(k)) for k, v in ck.run_config.items()
+               if k != "resume" and now.get(k) != v}
+    for key, (old, new) in sorted(changed.items()):
+        log(WARNING, "resume: run config %s changed since the checkpoint: %r -> %r "
+            "(the result may differ from an uninterrupted run)", key, old, new)
+
+
+def clear_previous_run(out: Path) -> None:
+    """A fresh run (resume=false) replaces what an earlier run left in the same folder."""
+    for name in (CHECKPOINT_DIR, FINAL_DIR):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    if (out / RESULTS_FILE).exists():
+        (out / RESULTS_FILE).unlink()
+        log(INFO, "resume=false: cleared the earlier run's outputs in %s", out)
+
+
+def run_federation(grid: Grid, run: RunConfig) -> Path:
+    """The whole run on a validated config; returns the output folder."""
+    out = resolve_output_dir(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    version = code_version()
+    log(INFO, "medfuse ServerApp (%s): strategy=%s, %d rounds; outputs in %s",
+        version, run.strategy, run.num_server_rounds, out)
+
+    arrays = initial_arrays(run)
+    random.seed(run.seed)  # Flower samples nodes with `random`: the same seed, the same picks
+    model_config = run.model()
+    offset, rows, state = 0, [], None
+    results = ResultsWriter(out / RESULTS_FILE)
+    if run.resume:
+        ck = load_latest(out)
+        if ck is None:
+            log(WARNING, "resume=true but no checkpoint in %s: starting at round 1", out)
+            clear_previous_run(out)
+        else:
+            check_resumable(ck, run, arrays)
+            arrays, offset, rows, state = _arrays(ck.arrays), ck.round, list(ck.rows), \
+                ck.strategy_state
+            results.replace(rows)
+            log(INFO, "resume: continuing after round %d from %s", offset, ck.path)
+    else:
+        clear_previous_run(out)
+
+    guarded: GuardedStrategy
+
+    def on_round_end(rnd: int, global_arrays: ArrayRecord, new_rows: list[Row]) -> None:
+        rows.extend(new_rows)
+        results.append(new_rows)
+        for line in render(round_table(rnd, run.num_server_rounds, new_rows)).splitlines():
+            log(INFO, "%s", line)
+        log(INFO, "%s", round_line(rnd, new_rows))
+        path = save_checkpoint(out, Checkpoint(
+            round=rnd,
+            arrays=_numpy(global_arrays),
+            model_config=model_config.model_dump(),
+            run_config=run.flat(),
+            strategy_state=guarded.state_for_checkpoint(),
+            rows=rows,
+            code_version=version,
+        ))
+        log(INFO, "checkpoint: %s", path)
+
+    guarded = GuardedStrategy(
+        build_strategy(run),
+        max_norm=run.update_max_norm,
+        total_rounds=run.num_server_rounds,
+        round_offset=offset,
+        on_round_end=on_round_end,
+    )
+    if state:
+        guarded.load_checkpoint_state(state)
+
+    remaining = run.num_server_rounds - offset
+    if remaining > 0:
+        guarded.start(
+            grid,
+            arrays,
+            num_rounds=remaining,
+            timeout=run.round_timeout,
+            train_config=train_config(run),
+            evaluate_config=ConfigRecord(),
+        )
+    else:
+        log(INFO, "resume: all %d rounds were already done", run.num_server_rounds)
+
+    final = guarded.global_arrays if guarded.global_arrays is not None else arrays
+    card = build_model_card(
+        model_config=model_config.model_dump(),
+        run_config=run.flat(),
+        labels=run.label_set,
+        rounds=max(guarded.last_round, offset),
+        rows=rows,
+        strategy=run.strategy,
+        version=version,
+    )
+    folder = write_final(out, arrays=_numpy(final), card=card)
+    if privacy_ledger(rows):
+        for line in render(ledger_table(rows)).splitlines():
+            log(INFO, "%s", line)
+    mean_acc = card["final_metrics"].get("mean", {}).get("accuracy")
+    log(INFO, "medfuse: done after %d rounds; mean accuracy %s; final model in %s; "
+        "results in %s", card["rounds"], "-" if mean_acc is None else f"{mean_acc:.3f}",
+        folder, out / RESULTS_FILE)
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower's entry point: a bad run config stops here, before any round."""
+    quiet_flwr_logger()
+    try:
+        run = RunConfig.parse(context.run_config)
+    except RunConfigError as exc:
+        log(ERROR, "medfuse: the run did not start: %s", exc)
+        raise
+    run_federation(grid, run)

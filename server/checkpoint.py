@@ -1,0 +1,358 @@
+"""Checkpoints after every round, resume after a crash, and the final model (no Flower).
+
+Layout under the run's output folder:
+
+    checkpoints/round-0001.pt ...   one per finished round (global model + strategy state)
+    checkpoints/latest              text: the file name of the newest complete checkpoint
+    final/model.pt                  the final global model, self-describing
+    final/model_card.json / .md     config, label set, sites, rounds, epsilon, metrics
+
+Every file is written atomically: a temporary file in the same folder, fsync, then
+`os.replace`, so a crash leaves either the old file or the new one, never half of one.
+
+A checkpoint describes itself (nanoGPT keeps `model_args` and `iter_num` beside the
+weights): `torch.load(path, weights_only=True)` gives a dict with
+
+    format, round, model (name -> tensor: the whole state_dict that crosses the wire),
+    model_config, run_config, strategy (the strategy state that matters on resume),
+    rows (every results row so far), code_version, created
+
+and `final/model.pt` the same minus the strategy state, so
+`MedFuseModel(ModelConfig(**ck["model_config"])).load_state_dict(ck["model"])` works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.results import Row, epsilon_spent, final_metrics, sites_of
+from shared_model import wire
+
+FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+FINAL_DIR = "final"
+_NAME = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+def checkpoint_name(server_round: int) -> str:
+    return f"round-{server_round:04d}.pt"
+
+
+# ------------------------------------------------------------------ code version
+
+
+def code_version() -> str:
+    """`medfuse <version> src:<digest>`: the package version and a digest of the source
+    files of the app (server, client, shared_model and pyproject), so two checkpoints
+    from different code never look alike."""
+    try:
+        version = metadata.version("medfuse")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    files = [root / "pyproject.toml"]
+    for pkg in ("server", "client", "shared_model"):
+        files += sorted((root / pkg).glob("*.py"))
+    for path in files:
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return f"medfuse {version} src:{digest.hexdigest()[:12]}"
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write `path` via a temporary file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the model from the team
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+# ------------------------------------------------------------------ state <-> torch
+
+
+def _to_torch(obj: Any) -> Any:
+    """numpy arrays -> tensors, recursively, so `torch.load(weights_only=True)` reads it."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {str(k): _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_torch(v) for v in obj)
+    return obj
+
+
+def _to_numpy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, Mapping):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_numpy(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A finished round: everything a resumed run needs to continue as if never stopped."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the global state_dict as numpy, in state_dict order
+    model_config: dict[str, Any]
+    run_config: dict[str, Any]
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    code_version: str = ""
+    created: float = 0.0
+    path: Path | None = None
+
+
+def save_checkpoint(output_dir: Path, ck: Checkpoint) -> Path:
+    """Write `checkpoints/round-NNNN.pt` atomically, then point `latest` at it."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    path = folder / checkpoint_name(ck.round)
+    payload = {
+        "format": FORMAT,
+        "round": int(ck.round),
+        "model": _to_torch(dict(ck.arrays)),
+        "model_config": dict(ck.model_config),
+        "run_config": dict(ck.run_config),
+        "strategy": _to_torch(dict(ck.strategy_state)),
+        "rows": [asdict(r) for r in ck.rows],
+        "code_version": ck.code_version or code_version(),
+        "created": ck.created or time.time(),
+    }
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+    atomic_write_text(folder / LATEST, path.name + "\n")
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read one checkpoint file (tensors only: never unpickles arbitrary objects)."""
+    raw = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a medfuse checkpoint of format {FORMAT}")
+    return Checkpoint(
+        round=int(raw["round"]),
+        arrays={k: v.numpy() for k, v in raw["model"].items()},
+        model_config=dict(raw["model_config"]),
+        run_config=dict(raw["run_config"]),
+        strategy_state=_to_numpy(raw["strategy"]),
+        rows=[Row.from_dict(d) for d in raw["rows"]],
+        code_version=str(raw["code_version"]),
+        created=float(raw["created"]),
+        path=Path(path),
+    )
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint files under `output_dir`, oldest round first."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_latest(output_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint: the one `latest` names, else the highest round that
+    loads (a crash between writing a checkpoint and its pointer loses nothing). None when
+    there is none."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    candidates = list(reversed(list_checkpoints(output_dir)))
+    pointer = folder / LATEST
+    if pointer.is_file():
+        named = folder / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    best: Checkpoint | None = None
+    for path in candidates:
+        try:
+            ck = load_checkpoint(path)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: try the next one
+            continue
+        if best is None or ck.round > best.round:
+            best = ck
+    return best
+
+
+# ------------------------------------------------------------------ final model + card
+
+
+def build_model_card(
+    *,
+    model_config: Mapping[str, Any],
+    run_config: Mapping[str, Any],
+    labels: Sequence[str],
+    rounds: int,
+    rows: Sequence[Row],
+    strategy: str,
+    version: str,
+) -> dict[str, Any]:
+    """What the final model is and how it was made: config, labels, sites, rounds, the
+    epsilon each site spent and the final metrics per site and their mean."""
+    eps = epsilon_spent(rows)
+    return {
+        "name": "medfuse",
+        "code_version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "strategy": strategy,
+        "rounds": int(rounds),
+        "labels": list(labels),
+        "sites": sites_of(rows),
+        "privacy": {
+            "dp": bool(run_config.get("dp", False)),
+            "delta": run_config.get("delta"),
+            "epsilon_budget_per_site": run_config.get("epsilon"),
+            "epsilon_spent_per_site": eps,
+        },
+        "final_metrics": final_metrics(rows),
+        "model_config": dict(model_config),
+        "run_config": dict(run_config),
+    }
+
+
+_CARD_METRICS = (
+    wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_AUROC,
+    wire.M_IOU, wire.M_BLEU4, wire.M_ROUGE_L,
+)
+
+
+def _md_num(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:.4g}"
+    return str(v)
+
+
+def model_card_markdown(card: Mapping[str, Any]) -> str:
+    lines = [
+        "# medfuse model card",
+        "",
+        f"- code: `{card['code_version']}`",
+        f"- strategy: `{card['strategy']}`, rounds: {card['rounds']}",
+        f"- labels: {', '.join(card['labels'])}",
+        f"- sites: {', '.join(card['sites']) or '(none reported)'}",
+        f"- differential privacy: {'on' if card['privacy']['dp'] else 'off'}, "
+        f"budget epsilon={card['privacy']['epsilon_budget_per_site']} per site, "
+        f"delta={card['privacy']['delta']}",
+        "",
+        "## Final metrics (global model on each site's held-out split)",
+        "",
+    ]
+    metrics = card["final_metrics"]
+    reported = {m for d in metrics.values() for m in d}
+    names = [m for m in _CARD_METRICS if m in reported]
+    if names:
+        lines.append("| site | epsilon spent | " + " | ".join(names) + " |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+        eps = card["privacy"]["epsilon_spent_per_site"]
+        for site, d in metrics.items():
+            e = _md_num(eps[site]) if site in eps else ""
+            lines.append(
+                f"| {site} | {e} | " + " | ".join(_md_num(d.get(m, "")) for m in names) + " |"
+            )
+    else:
+        lines.append("(no evaluation results)")
+    lines += ["", "## Model config", "", "```json",
+              json.dumps(card["model_config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def write_final(
+    output_dir: Path,
+    *,
+    arrays: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+) -> Path:
+    """`final/model.pt` (weights + config + labels + round + version) and the model card
+    as JSON and Markdown. Returns the final folder."""
+    folder = Path(output_dir) / FINAL_DIR
+    payload = {
+        "format": FORMAT,
+        "round": int(card["rounds"]),
+        "model": _to_torch(dict(arrays)),
+        "model_config": dict(card["model_config"]),
+        "run_config": dict(card["run_config"]),
+        "labels": list(card["labels"]),
+        "code_version": card["code_version"],
+        "created": time.time(),
+    }
+    atomic_write(folder / "model.pt", lambda fh: torch.save(payload, fh))
+    atomic_write_text(
+        folder / "model_card.json",
+        json.dumps(_finite(card), indent=2, allow_nan=False, default=_json_default) + "\n",
+    )
+    atomic_write_text(folder / "model_card.md", model_card_markdown(card))
+    return folder
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/Inf -> None, so the card is strict JSON (an undefined metric reads as null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple | set):
+        return list(obj)
+    return str(obj)

@@ -1,0 +1,129 @@
+"""The ServerApp's main() on a fake in-process grid: config errors, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from server.app import main, resolve_output_dir
+from server.checkpoint import load_latest
+from server.results import read_rows
+from shared_model.config import ModelConfig
+from shared_model.model import MedFuseModel
+from shared_model.run_config import RunConfigError, pyproject_defaults
+from tests.server.fakes import Crash, FakeGrid, deterministic_site
+
+
+def context(**overrides) -> Context:
+    flat = pyproject_defaults()
+    flat.update({"image-size": 32, "num-server-rounds": 3, "min-train-nodes": 2,
+                 "min-evaluate-nodes": 2, "min-available-nodes": 2})
+    flat.update(overrides)
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=flat)
+
+
+def grid(crash_before_round=None) -> FakeGrid:
+    return FakeGrid({200 + i: deterministic_site(i, 20 + 10 * i) for i in range(2)},
+                    crash_before_round=crash_before_round)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("strategy", "fedsgd", "strategy"),
+        ("fraction-train", 1.5, "fraction-train"),
+        ("num-server-rounds", 0, "num-server-rounds"),
+        ("min-available-nodes", 1, "min-available-nodes=1 is below min-train-nodes=2"),
+        ("no-such-key", 1, "no-such-key"),
+    ],
+)
+def test_a_bad_run_config_stops_before_any_round(tmp_path, key, value, says, flwr_log):
+    # Prepare
+    out = tmp_path / "out"
+    g = grid()
+    # Execute
+    with pytest.raises(RunConfigError) as err:
+        main(g, context(**{key: value, "output-dir": str(out)}))
+    # Assert
+    assert says in str(err.value)
+    assert any("did not start" in line and says in line for line in flwr_log)
+    assert g.sent == [] and not out.exists()
+
+
+def test_relative_output_dir_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.chdir(tmp_path)
+    # Execute / Assert
+    assert resolve_output_dir("runs/x") == tmp_path.resolve() / "runs" / "x"
+    assert resolve_output_dir(str(tmp_path / "abs")) == tmp_path / "abs"
+
+
+def test_a_run_writes_results_checkpoints_and_the_final_model(tmp_path):
+    # Prepare
+    out = tmp_path / "run"
+    # Execute
+    main(grid(), context(**{"output-dir": str(out)}))
+    # Assert
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "round-0001.pt", "round-0002.pt", "round-0003.pt"]
+    rows = read_rows(out / "results.jsonl")
+    assert {r.round for r in rows} == {1, 2, 3}
+    assert {r.site for r in rows} == {"site-00", "site-01"}
+    assert {r.phase for r in rows} == {"train", "evaluate"}
+    final = torch.load(out / "final" / "model.pt", weights_only=True)
+    model = MedFuseModel(ModelConfig(**final["model_config"]))
+    model.load_state_dict(final["model"])  # every tensor, strict
+    card = json.loads((out / "final" / "model_card.json").read_text())
+    assert card["rounds"] == 3 and card["sites"] == ["site-00", "site-01"]
+    assert card["labels"] == list(final["labels"])
+    assert card["privacy"]["epsilon_spent_per_site"] == {"site-00": 1.5, "site-01": 1.5}
+    assert set(card["final_metrics"]) == {"site-00", "site-01", "mean"}
+    assert load_latest(out).rows == rows
+
+
+def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(tmp_path):
+    # Prepare
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    main(grid(), context(**{"output-dir": str(straight), "strategy": "fedadam"}))
+    with pytest.raises(Crash):
+        main(grid(crash_before_round=3),
+             context(**{"output-dir": str(crashed), "strategy": "fedadam"}))
+    assert not (crashed / "final").exists()
+    # Execute
+    main(grid(), context(**{"output-dir": str(crashed), "strategy": "fedadam",
+                            "resume": True}))
+    # Assert
+    a = torch.load(straight / "final" / "model.pt", weights_only=True)["model"]
+    b = torch.load(crashed / "final" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert read_rows(straight / "results.jsonl") == read_rows(crashed / "results.jsonl")
+    init = MedFuseModel(ModelConfig(**torch.load(straight / "final" / "model.pt",
+                                                 weights_only=True)["model_config"]))
+    assert any(not np.allclose(init.state_dict()[k].numpy(), a[k].numpy()) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    # Prepare
+    out = tmp_path / "run"
+    main(grid(), context(**{"output-dir": str(out), "num-server-rounds": 1}))
+    # Execute / Assert
+    with pytest.raises(RunConfigError, match="model config differs"):
+        main(grid(), context(**{"output-dir": str(out), "resume": True, "fusion": "concat"}))
+
+
+def test_a_fresh_run_replaces_the_earlier_runs_outputs(tmp_path):
+    # Prepare
+    out = tmp_path / "run"
+    main(grid(), context(**{"output-dir": str(out)}))
+    # Execute
+    main(grid(), context(**{"output-dir": str(out), "num-server-rounds": 1}))
+    # Assert
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "round-0001.pt"]
+    assert {r.round for r in read_rows(out / "results.jsonl")} == {1}

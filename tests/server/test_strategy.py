@@ -1,0 +1,319 @@
+"""build_strategy and GuardedStrategy on hand-built reply Messages (no Ray, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+
+from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN
+from server.strategy import STRATEGIES, GuardedStrategy, build_strategy, train_config
+from shared_model import wire
+from shared_model.run_config import RunConfig, pyproject_defaults
+from tests.server.fakes import (
+    FakeGrid,
+    array_record,
+    evaluate_reply,
+    numpy_arrays,
+    train_reply,
+)
+
+EXPECTED = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan,
+}
+
+
+def run_config(**overrides) -> RunConfig:
+    flat = pyproject_defaults()
+    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return RunConfig.parse(flat)
+
+
+def global_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "enc.weight": rng.standard_normal((3, 4)).astype(np.float32),
+        "enc.bias": rng.standard_normal(4).astype(np.float32),
+    }
+
+
+def near(ref: dict[str, np.ndarray], seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in ref.items()}
+
+
+def guarded(inner=None, **kw) -> GuardedStrategy:
+    kw.setdefault("max_norm", 10.0)
+    kw.setdefault("total_rounds", 3)
+    return GuardedStrategy(inner or FedAvg(min_train_nodes=1, min_evaluate_nodes=1,
+                                          min_available_nodes=1), **kw)
+
+
+def configure(strategy: GuardedStrategy, ref, nodes, rnd: int = 1) -> list[Message]:
+    grid = FakeGrid({n: None for n in nodes})
+    return list(strategy.configure_train(rnd, array_record(ref), ConfigRecord(), grid))
+
+
+# ------------------------------------------------------------------ build_strategy
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_build_strategy_gives_flowers_own_class(name):
+    # Prepare
+    extra = {"proximal_mu": 0.1} if name == "fedprox" else {}
+    run = run_config(strategy=name, **extra)
+    # Execute
+    strategy = build_strategy(run)
+    # Assert
+    assert type(strategy) is EXPECTED[name]
+    assert strategy.weighted_by_key == wire.M_NUM_EXAMPLES
+    assert strategy.arrayrecord_key == wire.ARRAYS
+    assert strategy.configrecord_key == wire.CONFIG
+
+
+def test_every_run_config_strategy_name_is_built():
+    assert set(STRATEGIES) == set(EXPECTED)
+
+
+def test_build_strategy_passes_the_run_configs_settings():
+    # Prepare / Execute
+    avg = build_strategy(run_config(fraction_train=0.5, min_train_nodes=3,
+                                    min_available_nodes=4, fraction_evaluate=0.25))
+    prox = build_strategy(run_config(strategy="fedprox", proximal_mu=0.03))
+    adam = build_strategy(run_config(strategy="fedadam", server_lr=0.05))
+    yogi = build_strategy(run_config(strategy="fedyogi", server_lr=0.02))
+    trim = build_strategy(run_config(strategy="fedtrimmedavg", trimmed_beta=0.3))
+    krum = build_strategy(run_config(strategy="krum", byzantine_nodes=1))
+    bulyan = build_strategy(run_config(strategy="bulyan", byzantine_nodes=2))
+    # Assert
+    assert (avg.fraction_train, avg.min_train_nodes, avg.min_available_nodes,
+            avg.fraction_evaluate) == (0.5, 3, 4, 0.25)
+    assert prox.proximal_mu == 0.03
+    assert adam.eta == 0.05 and yogi.eta == 0.02
+    assert trim.beta == 0.3
+    assert krum.num_malicious_nodes == 1 and bulyan.num_malicious_nodes == 2
+
+
+def test_train_config_carries_the_wire_keys():
+    # Execute
+    cfg = train_config(run_config(local_epochs=2, lr=0.01, num_server_rounds=7))
+    # Assert
+    assert dict(cfg) == {wire.CFG_LOCAL_EPOCHS: 2, wire.CFG_LR: 0.01,
+                         wire.CFG_PROXIMAL_MU: 0.0, wire.CFG_TOTAL_ROUNDS: 7}
+
+
+# ------------------------------------------------------------------ configure
+
+
+def test_configure_train_numbers_rounds_after_the_resume_offset():
+    # Prepare
+    strategy = guarded(FedProx(min_train_nodes=2, min_available_nodes=2, proximal_mu=0.2),
+                       round_offset=4, total_rounds=9)
+    # Execute
+    msgs = configure(strategy, global_state(), [11, 12], rnd=1)
+    # Assert
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
+    cfg = msgs[0].content.config_records[wire.CONFIG]
+    assert cfg[wire.CFG_SERVER_ROUND] == 5
+    assert cfg[wire.CFG_TOTAL_ROUNDS] == 9
+    assert cfg[wire.CFG_PROXIMAL_MU] == 0.2
+    assert msgs[0].metadata.message_type == MessageType.TRAIN
+
+
+def test_configure_does_not_change_the_callers_config():
+    # Prepare
+    strategy = guarded(round_offset=2)
+    config = ConfigRecord({wire.CFG_LR: 0.1})
+    # Execute
+    strategy.configure_train(1, array_record(global_state()), config, FakeGrid({1: None}))
+    evals = list(strategy.configure_evaluate(1, array_record(global_state()), ConfigRecord(),
+                                             FakeGrid({1: None})))
+    # Assert
+    assert dict(config) == {wire.CFG_LR: 0.1}
+    assert evals[0].content.config_records[wire.CONFIG][wire.CFG_SERVER_ROUND] == 3
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def test_fedavg_aggregate_matches_numpy_weighted_average():
+    # Prepare
+    ref = global_state()
+    strategy = guarded()
+    msgs = configure(strategy, ref, [1, 2, 3])
+    sizes = {1: 10, 2: 30, 3: 60}
+    states = {n: near(ref, n) for n in sizes}
+    replies = [train_reply(m, site=f"s{m.metadata.dst_node_id}",
+                           arrays=states[m.metadata.dst_node_id],
+                           num_examples=sizes[m.metadata.dst_node_id]) for m in msgs]
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # Assert
+    got = numpy_arrays(arrays)
+    for name in ref:
+        expected = np.average([states[n][name] for n in sizes], axis=0,
+                              weights=[sizes[n] for n in sizes])
+        np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-7)
+        assert got[name].dtype == ref[name].dtype
+    assert metrics[wire.M_TRAIN_LOSS] == pytest.approx(0.5)
+
+
+def test_bad_updates_are_each_left_out_and_the_round_completes(flwr_log):
+    # Prepare: two good sites and a NaN, a wrongly shaped and an oversized update
+    ref = global_state()
+    strategy = guarded(max_norm=5.0)
+    msgs = {m.metadata.dst_node_id: m for m in configure(strategy, ref, [1, 2, 3, 4, 5])}
+    nan = near(ref, 3)
+    nan["enc.bias"][1] = np.nan
+    shaped = near(ref, 4)
+    shaped["enc.weight"] = np.zeros((4, 3), dtype=np.float32)
+    huge = {k: v + 100.0 for k, v in ref.items()}
+    good = {1: near(ref, 1), 2: near(ref, 2)}
+    replies = [
+        train_reply(msgs[1], site="good-a", arrays=good[1], num_examples=20),
+        train_reply(msgs[2], site="good-b", arrays=good[2], num_examples=60),
+        train_reply(msgs[3], site="nan-site", arrays=nan, num_examples=1000),
+        train_reply(msgs[4], site="shape-site", arrays=shaped, num_examples=1000),
+        train_reply(msgs[5], site="huge-site", arrays=huge, num_examples=1000),
+    ]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: exactly the two good ones, weighted
+    got = numpy_arrays(arrays)
+    for name in ref:
+        expected = np.average([good[1][name], good[2][name]], axis=0, weights=[20, 60])
+        np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-7)
+    left_out = [line for line in flwr_log if "left out" in line]
+    assert len(left_out) == 3
+    assert any("node 3 (nan-site)" in s and "non-finite" in s for s in left_out)
+    assert any("node 4 (shape-site)" in s and "shape (4, 3)" in s for s in left_out)
+    assert any("node 5 (huge-site)" in s and "norm" in s for s in left_out)
+    verdict = {r.site: r.value for r in strategy.pending_rows if r.metric == M_UPDATE_ACCEPTED}
+    assert verdict == {"good-a": 1.0, "good-b": 1.0, "nan-site": 0.0, "shape-site": 0.0,
+                       "huge-site": 0.0}
+
+
+def test_refusals_errors_and_missing_arrays_are_left_out(flwr_log):
+    # Prepare
+    ref = global_state()
+    strategy = guarded()
+    msgs = {m.metadata.dst_node_id: m for m in configure(strategy, ref, [1, 2, 3, 4, 5])}
+    replies = [
+        train_reply(msgs[1], site="ok", arrays=near(ref, 1), num_examples=10),
+        train_reply(msgs[2], site="spent", arrays=None, num_examples=0, budget_exhausted=True,
+                    error="epsilon 8.0 of 8.0 spent"),
+        train_reply(msgs[3], site="broken", arrays=None, num_examples=0, data_error=True,
+                    error="manifest.csv not found"),
+        train_reply(msgs[4], site="silent", arrays=None, num_examples=10),
+        Message(Error(code=0, reason="ClientApp crashed"), reply_to=msgs[5]),
+    ]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert
+    np.testing.assert_array_equal(numpy_arrays(arrays)["enc.bias"], replies[0].content[
+        wire.ARRAYS]["enc.bias"].numpy())
+    text = "\n".join(flwr_log)
+    assert "node 2 (spent) left out: privacy budget spent: epsilon 8.0 of 8.0 spent" in text
+    assert "node 3 (broken) left out: data error: manifest.csv not found" in text
+    assert "node 4 (silent) left out: no arrays" in text
+    assert "node 5 (node-5) left out: error reply: ClientApp crashed" in text
+
+
+def test_no_usable_update_keeps_the_global_model(flwr_log):
+    # Prepare
+    ref = global_state()
+    strategy = guarded()
+    msgs = configure(strategy, ref, [1, 2])
+    replies = [train_reply(m, site="s", arrays=None, num_examples=0, budget_exhausted=True)
+               for m in msgs]
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # Assert
+    for name, v in numpy_arrays(arrays).items():
+        np.testing.assert_array_equal(v, ref[name])
+    assert metrics is None
+    assert any("no usable update" in line for line in flwr_log)
+
+
+def test_fedadam_aggregate_keeps_the_global_dtypes():
+    # Prepare: FedAdam computes in float64; the clients need float32 back
+    ref = global_state()
+    strategy = guarded(FedAdam(min_train_nodes=1, min_available_nodes=1, eta=0.1))
+    msgs = configure(strategy, ref, [1, 2])
+    replies = [train_reply(m, site=f"s{i}", arrays=near(ref, i), num_examples=5)
+               for i, m in enumerate(msgs)]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert
+    assert {k: v.numpy().dtype for k, v in arrays.items()} == {k: np.dtype(np.float32)
+                                                               for k in ref}
+    assert list(arrays) == list(ref)
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "bulyan"])
+def test_robust_strategies_aggregate_through_the_guard(name):
+    # Prepare: 5 good updates (enough for Bulyan with f=0: 4f+3)
+    ref = global_state()
+    strategy = guarded(build_strategy(run_config(strategy=name)))
+    msgs = configure(strategy, ref, [1, 2, 3, 4, 5])
+    replies = [train_reply(m, site=f"s{i}", arrays=near(ref, i), num_examples=5)
+               for i, m in enumerate(msgs)]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert
+    assert set(arrays) == set(ref)
+    assert all(np.isfinite(v.numpy()).all() for v in arrays.values())
+
+
+def test_evaluate_is_weighted_recorded_and_ends_the_round_with_the_hook():
+    # Prepare
+    seen = []
+    strategy = guarded(round_offset=1, on_round_end=lambda r, a, rows: seen.append((r, a, rows)))
+    ref = array_record(global_state())
+    grid = FakeGrid({1: None, 2: None, 3: None})
+    strategy.configure_train(1, ref, ConfigRecord(), grid)
+    msgs = {m.metadata.dst_node_id: m
+            for m in strategy.configure_evaluate(1, ref, ConfigRecord(), grid)}
+    replies = [
+        evaluate_reply(msgs[1], site="a", num_examples=10, accuracy=0.2),
+        evaluate_reply(msgs[2], site="b", num_examples=30, accuracy=0.6),
+        evaluate_reply(msgs[3], site="c", num_examples=0, accuracy=0.0, data_error=True),
+    ]
+    # Execute
+    metrics = strategy.aggregate_evaluate(1, replies)
+    # Assert
+    assert metrics[wire.M_ACCURACY] == pytest.approx(np.average([0.2, 0.6], weights=[10, 30]))
+    assert len(seen) == 1
+    rnd, arrays, rows = seen[0]
+    assert rnd == 2 and arrays is ref
+    acc = {r.site: r.value for r in rows if r.metric == wire.M_ACCURACY and r.phase == EVALUATE}
+    assert acc == {"a": 0.2, "b": 0.6, "c": 0.0}
+    assert all(r.round == 2 for r in rows)
+    assert strategy.last_round == 2
+
+
+def test_train_rows_hold_every_reported_metric():
+    # Prepare
+    ref = global_state()
+    strategy = guarded()
+    msg = configure(strategy, ref, [7])[0]
+    # Execute
+    strategy.aggregate_train(1, [train_reply(msg, site="x", arrays=near(ref, 1),
+                                             num_examples=9, epsilon=2.5)])
+    # Assert
+    rows = {r.metric: r for r in strategy.pending_rows}
+    assert rows[wire.M_EPSILON].value == 2.5 and rows[wire.M_NUM_EXAMPLES].value == 9
+    assert rows[wire.M_EPSILON].phase == TRAIN and rows[wire.M_EPSILON].node_id == 7
+    assert rows[M_UPDATE_ACCEPTED].value == 1.0
+    assert rows["update-norm"].value > 0
