@@ -1,0 +1,224 @@
+"""Which data this node trains on, where its privacy ledger lives, how it runs (no Flower).
+
+Deployment: the SuperNode's `--node-config` names the hospital's site folder
+(`data-path`) and optionally `site-name`, `device`, `epsilon-budget`, `delta`,
+`state-dir` and `threads`. Simulation: Flower gives only `partition-id` and
+`num-partitions`; the partition picks the N-th site folder under the run config's
+`sites-dir`, or of a synthetic federation written on first use into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared_model.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+CACHE_ENV = "MEDFUSE_CACHE"
+
+
+class SiteConfigError(ValueError):
+    """This node cannot tell which data to use; the message says what to fix."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class NodeConfig(BaseModel):
+    """The SuperNode's `--node-config`, typed. Every key is optional; unknown keys fail."""
+
+    # kebab-case keys only, as the SuperNode's --node-config spells them
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=_kebab)
+
+    # deployment
+    data_path: str | None = Field(None, description="the hospital's site folder (format v1)")
+    site_name: str | None = Field(None, min_length=1, description="default: the folder name")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    epsilon_budget: float | None = Field(None, gt=0.0, description="only lower than the run's")
+    delta: float | None = Field(None, gt=0.0, lt=1.0, description="only lower than the run's")
+    state_dir: str | None = Field(None, description="folder of the privacy ledger")
+    threads: int = Field(1, ge=1, le=1024, description="torch threads of this ClientApp")
+    # simulation (set by Flower)
+    partition_id: int | None = Field(None, ge=0)
+    num_partitions: int | None = Field(None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device={value!r}: allowed are auto, cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class SiteChoice:
+    """Everything this node decided about itself before opening any data."""
+
+    data_path: Path  # absolute site folder
+    site_name: str
+    device: str  # auto, cpu, cuda, cuda:N
+    epsilon_budget: float | None  # the node's own cap; None = the federation's
+    delta: float | None  # the node's own cap; None = the federation's
+    state_dir: Path  # where privacy-ledger.json lives
+    threads: int
+    simulation: bool
+    partition_id: int | None = None
+
+
+def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
+    try:
+        return NodeConfig.model_validate(dict(node_config))
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(node config)"
+            got = f" (got {e['input']!r})" if "input" in e and e["loc"] else ""
+            problems.append(f"  {key}: {e['msg']}{got}")
+        raise SiteConfigError("invalid node config:\n" + "\n".join(problems)) from None
+
+
+def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteChoice:
+    """Pick this node's site folder, name, device, budget caps, ledger folder and threads."""
+    node = parse_node_config(node_config)
+    if node.data_path is not None:
+        return _deployment(node)
+    if node.partition_id is not None:
+        return _simulation(node, run)
+    raise SiteConfigError(
+        "this node has no data: start the SuperNode with "
+        "--node-config \"data-path='/path/to/site'\" (a site folder holding manifest.csv)"
+    )
+
+
+def _deployment(node: NodeConfig) -> SiteChoice:
+    assert node.data_path is not None
+    if not node.data_path.strip():
+        raise SiteConfigError("node config data-path is empty: give the site folder")
+    data = Path(node.data_path).expanduser().resolve()
+    if not data.is_dir():
+        raise SiteConfigError(f"node config data-path={node.data_path!r}: no such folder")
+    if not (data / MANIFEST).is_file():
+        raise SiteConfigError(f"node config data-path={node.data_path!r}: no {MANIFEST} in it")
+    name = node.site_name or data.name
+    if node.state_dir:
+        state = Path(node.state_dir).expanduser().resolve()
+    else:
+        tag = hashlib.sha256(str(data).encode()).hexdigest()[:8]
+        state = Path("~/.medfuse/privacy").expanduser() / f"{_safe(name)}-{tag}"
+    return SiteChoice(
+        data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
+        delta=node.delta, state_dir=state, threads=node.threads, simulation=False,
+    )
+
+
+def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
+    assert node.partition_id is not None
+    root = Path(run.sites_dir).expanduser().resolve() if run.sites_dir else synthetic_sites(run)
+    sites = list_sites(root)
+    if not sites:
+        raise SiteConfigError(f"sites-dir={run.sites_dir!r}: no site folders (with {MANIFEST})")
+    if node.partition_id >= len(sites):
+        raise SiteConfigError(
+            f"partition-id={node.partition_id} but sites-dir={str(root)!r} holds only "
+            f"{len(sites)} site folder(s): run with at most {len(sites)} nodes "
+            "(num-supernodes) or add sites"
+        )
+    if node.num_partitions is not None and node.num_partitions != len(sites):
+        log.info("%d simulated nodes, %d site folders in %s", node.num_partitions, len(sites),
+                 root)
+    data = sites[node.partition_id]
+    name = node.site_name or data.name
+    if node.state_dir:
+        state = Path(node.state_dir).expanduser().resolve()
+    else:
+        state = Path(run.output_dir).expanduser().resolve() / "ledgers" / _safe(name)
+    return SiteChoice(
+        data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
+        delta=node.delta, state_dir=state, threads=node.threads, simulation=True,
+        partition_id=node.partition_id,
+    )
+
+
+def list_sites(root: Path) -> list[Path]:
+    """Sub-folders of `root` that hold a manifest.csv, sorted by name (site-00, site-01...)."""
+    if not root.is_dir():
+        raise SiteConfigError(f"sites-dir {str(root)!r}: no such folder")
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+
+
+def _safe(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return keep or "site"
+
+
+# ----------------------------------------------------------------- synthetic federation
+
+
+def synthetic_name(run: RunConfig) -> str:
+    """A cache folder name that changes whenever anything that shapes the data does."""
+    labels = hashlib.sha256(",".join(run.label_set).encode()).hexdigest()[:8]
+    return (
+        f"sites{run.synth_sites}-cases{run.synth_cases_per_site}"
+        f"-skew{run.synth_label_skew:g}-seed{run.seed}-px{run.image_size}-labels{labels}"
+    )
+
+
+def cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    base = Path(env).expanduser() if env else Path("~/.cache/medfuse").expanduser()
+    return base / "synthetic"
+
+
+def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
+    """The synthetic federation the run config describes, written on first use.
+
+    Race-safe when several ClientApps start at once: each writes into its own temp
+    sibling folder and renames it into place; whoever finds the target already there
+    discards its copy (the same parameters give the same bytes).
+    """
+    target = (cache or cache_root()) / synthetic_name(run)
+    if target.is_dir():
+        return target
+    from simulations.synth import SynthConfig, write_federation
+
+    try:
+        synth_cfg = SynthConfig(
+            sites=run.synth_sites,
+            cases_per_site=run.synth_cases_per_site,
+            seed=run.seed,
+            label_skew=run.synth_label_skew or None,  # 0 = balanced
+            image_size=run.image_size,
+            labels=run.label_set,
+        )
+    except ValidationError as exc:
+        raise SiteConfigError(
+            "sites-dir='' asks for synthetic hospitals, but the run config does not fit "
+            f"them: {exc.errors()[0]['msg']}"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write_federation(tmp, synth_cfg)
+        try:
+            os.rename(tmp, target)
+            log.info("synthetic federation written to %s", target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,256 @@
+"""The ClientApp called directly with a hand-built Context and Message (no simulation)."""
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import (
+    DEFAULT_TTL,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    RecordDict,
+)
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from client.app import app
+from client.privacy import LEDGER_FILE, history_epsilon, load_ledger
+from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
+from shared_model import wire
+from shared_model.model import MedFuseModel
+from shared_model.run_config import RunConfig, pyproject_defaults
+
+TRAIN_KEYS = {
+    wire.M_NUM_EXAMPLES, wire.M_TRAIN_LOSS, wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT,
+    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR,
+}
+
+
+def _run_config(tiny_federation: list[Path], tmp_path: Path, **overrides: object) -> dict:
+    flat = pyproject_defaults()
+    flat.update({
+        "sites-dir": str(tiny_federation[0].parent), "image-size": 32, "batch-size": 8,
+        "output-dir": str(tmp_path / "out"), "num-server-rounds": 2, "noise-multiplier": 1.0,
+        "epsilon": 50.0,
+    })
+    flat.update(overrides)
+    return flat
+
+
+def _context(run_config: dict, node_config: dict, node_id: int = 11) -> Context:
+    return Context(run_id=4242, node_id=node_id, node_config=node_config, state=RecordDict(),
+                   run_config=run_config)
+
+
+def _message(kind: str, state: dict, server_round: int = 1, total: int = 2) -> Message:
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(state),
+        wire.CONFIG: ConfigRecord({
+            wire.CFG_SERVER_ROUND: server_round, wire.CFG_LOCAL_EPOCHS: 1, wire.CFG_LR: 1e-3,
+            wire.CFG_PROXIMAL_MU: 0.0, wire.CFG_TOTAL_ROUNDS: total,
+        }),
+    })
+    meta = Metadata(run_id=4242, message_id=f"m{server_round}{kind}", src_node_id=1,
+                    dst_node_id=11, reply_to_message_id="", group_id=str(server_round),
+                    created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind)
+    return Message(content=content, metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def global_state() -> dict[str, torch.Tensor]:
+    run = RunConfig.parse({**pyproject_defaults(), "image-size": 32})
+    torch.manual_seed(0)
+    return MedFuseModel(run.model()).state_dict()
+
+
+SIM_NODE = {"partition-id": 0, "num-partitions": 2}
+
+
+def _scalars(reply: Message) -> dict:
+    return dict(reply.content.metric_records[wire.METRICS])
+
+
+def test_train_reply_holds_only_arrays_and_scalars(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare
+    ctx = _context(_run_config(tiny_federation, tmp_path), SIM_NODE)
+    # Execute
+    start = time.perf_counter()
+    reply = app(_message("train", global_state), ctx)
+    seconds = time.perf_counter() - start
+    print(f"one DP round on a tiny site: {seconds:.2f} s")
+    # Assert
+    assert not reply.has_error()
+    content = reply.content
+    assert set(content.keys()) == {wire.ARRAYS, wire.METRICS, wire.SITE}
+    arrays = content.array_records[wire.ARRAYS]
+    assert list(arrays.keys()) == list(global_state.keys())
+    for name, t in arrays.to_torch_state_dict().items():
+        assert t.shape == global_state[name].shape and t.dtype == global_state[name].dtype
+    scalars = _scalars(reply)
+    assert set(scalars) == TRAIN_KEYS
+    assert all(isinstance(v, int | float) for v in scalars.values())
+    assert scalars[wire.M_BUDGET_SPENT] == 0 and scalars[wire.M_DATA_ERROR] == 0
+    assert scalars[wire.M_NUM_EXAMPLES] > 0
+    site = dict(content.config_records[wire.SITE])
+    assert site == {wire.SITE_NAME: tiny_federation[0].name, wire.SITE_ERROR: ""}
+
+
+def test_ledger_carries_over_rounds_and_restarts(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    run_config = _run_config(tiny_federation, tmp_path)
+    # Execute: round 1, then round 2 on a fresh Context (a restarted node: state wiped)
+    r1 = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    new_state = r1.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    r2 = app(_message("train", new_state, 2), _context(run_config, SIM_NODE))
+    # Assert: the reply's epsilon is the cumulative total over the ledger's history,
+    # as an independent RDP analysis computes it
+    ledger = load_ledger(tmp_path / "out" / "ledgers" / tiny_federation[0].name)
+    assert [e.server_round for e in ledger.entries] == [1, 2]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = sum(rdp_analysis.compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier,
+                                       steps=e.steps, orders=orders) for e in ledger.entries)
+    expected, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    eps1, eps2 = _scalars(r1)[wire.M_EPSILON], _scalars(r2)[wire.M_EPSILON]
+    assert 0 < eps1 < eps2
+    assert eps2 == pytest.approx(float(expected), rel=1e-9)
+    assert _scalars(r2)[wire.M_BUDGET_LEFT] == pytest.approx(50.0 - eps2)
+
+
+def test_site_stops_at_its_budget_and_says_so(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: round 1 at noise 1.0; then the node lowers its budget to between what one
+    # and what two such rounds cost
+    run_config = _run_config(tiny_federation, tmp_path)
+    ok = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    ledger = load_ledger(tmp_path / "out" / "ledgers" / tiny_federation[0].name)
+    (entry,) = ledger.entries
+    one = _scalars(ok)[wire.M_EPSILON]
+    two = history_epsilon([(entry.noise_multiplier, entry.sample_rate, 2 * entry.steps)], 1e-5)
+    node = {**SIM_NODE, "epsilon-budget": (one + two) / 2}
+    # Execute
+    reply = app(_message("train", global_state, 2), _context(run_config, node))
+    # Assert: no update, the budget flag, the epsilon spent so far and a reason
+    scalars = _scalars(reply)
+    assert wire.ARRAYS not in reply.content.array_records
+    assert scalars[wire.M_BUDGET_SPENT] == 1 and scalars[wire.M_NUM_EXAMPLES] == 0
+    assert scalars[wire.M_EPSILON] == pytest.approx(one)
+    assert scalars[wire.M_BUDGET_LEFT] == pytest.approx((two - one) / 2)
+    error = reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+    assert "budget" in error and tiny_federation[0].name in error
+    assert len(load_ledger(ledger.path.parent).entries) == 1  # nothing spent, nothing sent
+
+
+def test_missing_data_path_is_a_data_error_reply(tmp_path: Path, global_state: dict,
+                                                 tiny_federation: list[Path]) -> None:
+    node = {"data-path": str(tmp_path / "nowhere"), "state-dir": str(tmp_path / "state")}
+    reply = app(_message("train", global_state),
+                _context(_run_config(tiny_federation, tmp_path), node))
+    scalars = _scalars(reply)
+    assert scalars[wire.M_DATA_ERROR] == 1 and scalars[wire.M_NUM_EXAMPLES] == 0
+    assert wire.ARRAYS not in reply.content.array_records
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_NAME] == "nowhere" and "no such folder" in site[wire.SITE_ERROR]
+
+
+def test_unusable_site_is_a_data_error_reply(tmp_path: Path, global_state: dict,
+                                             tiny_federation: list[Path]) -> None:
+    bad = tmp_path / "bad-site"
+    bad.mkdir()
+    (bad / "manifest.csv").write_text("case_id,image,report,label\nc1,missing.png,,normal\n")
+    node = {"data-path": str(bad), "state-dir": str(tmp_path / "state")}
+    run_config = _run_config(tiny_federation, tmp_path)
+    for kind in ("train", "evaluate"):
+        reply = app(_message(kind, global_state), _context(run_config, node))
+        assert _scalars(reply)[wire.M_DATA_ERROR] == 1
+        assert reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()
+
+
+def test_evaluate_reply(tiny_federation: list[Path], tmp_path: Path, global_state: dict) -> None:
+    reply = app(_message("evaluate", global_state),
+                _context(_run_config(tiny_federation, tmp_path), SIM_NODE))
+    content = reply.content
+    assert set(content.keys()) == {wire.METRICS, wire.SITE}
+    scalars = _scalars(reply)
+    assert {wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_EPSILON,
+            wire.M_DELTA} <= set(scalars)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in scalars.values())
+    assert scalars[wire.M_EPSILON] == 0.0  # nothing trained on this data yet
+
+
+def test_deployment_site_choice(tmp_path: Path, tiny_federation: list[Path]) -> None:
+    run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    choice = resolve_site({"data-path": str(tiny_federation[1]), "device": "cpu",
+                           "threads": 2, "epsilon-budget": 3.0}, run)
+    assert choice.site_name == tiny_federation[1].name and choice.threads == 2
+    assert choice.state_dir.parent == Path("~/.medfuse/privacy").expanduser()
+    assert choice.state_dir.name.startswith(f"{choice.site_name}-")
+    assert choice.epsilon_budget == 3.0 and not choice.simulation
+    sim = resolve_site({"partition-id": 1, "num-partitions": 2}, run)
+    assert sim.data_path == tiny_federation[1]
+    assert sim.state_dir == (tmp_path / "out" / "ledgers" / tiny_federation[1].name).resolve()
+    assert sim.threads == 1 and sim.device == "auto"
+
+
+@pytest.mark.parametrize(
+    "node, match",
+    [
+        ({}, "no data"),
+        ({"partition-id": 5, "num-partitions": 6}, "holds only 2"),
+        ({"data-path": "/nonexistent/site"}, "no such folder"),
+        ({"data-path": "/tmp", "device": "tpu"}, "device"),
+        ({"data_path": "/tmp"}, "data_path"),
+    ],
+)
+def test_bad_node_config(node: dict, match: str, tmp_path: Path,
+                         tiny_federation: list[Path]) -> None:
+    run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    with pytest.raises(SiteConfigError, match=match):
+        resolve_site(node, run)
+
+
+def test_synthetic_federation_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = RunConfig.parse({**pyproject_defaults(), "image-size": 32, "synth-sites": 2,
+                           "synth-cases-per-site": 10})
+    first = synthetic_sites(run, cache=tmp_path)
+    assert first == tmp_path / synthetic_name(run)
+    assert len([p for p in first.iterdir() if (p / "manifest.csv").exists()]) == 2
+
+    def no_write(*args: object, **kwargs: object) -> None:
+        raise AssertionError("written twice")
+
+    monkeypatch.setattr("simulations.synth.write_federation", no_write)
+    assert synthetic_sites(run, cache=tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp folder left
+
+
+def test_synthetic_federation_race_keeps_the_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: another ClientApp finishes writing the same federation while this one writes
+    import simulations.synth as synth
+
+    run = RunConfig.parse({**pyproject_defaults(), "image-size": 32, "synth-sites": 2,
+                           "synth-cases-per-site": 10})
+    target = tmp_path / synthetic_name(run)
+    real = synth.write_federation
+
+    def racing(out: Path, cfg: object, **kwargs: object) -> list[Path]:
+        real(target, cfg)  # the other node wins the rename
+        (target / "winner").write_text("")
+        return real(out, cfg, **kwargs)
+
+    monkeypatch.setattr(synth, "write_federation", racing)
+    # Execute
+    got = synthetic_sites(run, cache=tmp_path)
+    # Assert: the winner's folder is kept, ours discarded, no temp folder left
+    assert got == target and (target / "winner").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
