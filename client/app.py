@@ -142,7 +142,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         choice, site, device = _open(context.node_config, run)
     except _Unusable as exc:
         return _data_error(msg, exc.site_name, str(exc))
-    metrics, n = local_evaluate(run.model(), site, _state(msg), device, split="val")
+    split = str(msg.content.config_records.get(wire.CONFIG, {}).get(wire.CFG_EVAL_SPLIT, "val"))
+    if split not in ("val", "test"):
+        return _data_error(msg, choice.site_name, f"unknown {wire.CFG_EVAL_SPLIT}={split!r}")
+    metrics, n = local_evaluate(run.model(), site, _state(msg), device, split=split)
     epsilon, delta = _privacy_so_far(run, choice)
     values: dict[str, float | int] = {wire.M_NUM_EXAMPLES: n, wire.M_DATA_ERROR: 0}
     values |= metrics

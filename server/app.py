@@ -60,6 +60,7 @@ from server.results import (
     round_table,
 )
 from server.strategy import GuardedStrategy, build_strategy, train_config
+from shared_model import wire
 from shared_model.config import ModelConfig
 from shared_model.model import MedFuseModel
 from shared_model.run_config import RunConfig, RunConfigError
@@ -201,7 +202,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
             num_rounds=remaining,
             timeout=run.round_timeout,
             train_config=train_config(run),
-            evaluate_config=ConfigRecord(),
+            evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}),
         )
     else:
         log(INFO, "resume: all %d rounds were already done", run.num_server_rounds)

@@ -57,6 +57,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
     seed: int
+    eval_split: Literal["val", "test"] = Field(
+        description="split each site evaluates the global model on every round"
+    )
 
     # differential privacy (sample-level, at every site)
     dp: bool

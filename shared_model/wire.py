@@ -18,6 +18,7 @@ CFG_LOCAL_EPOCHS = "local-epochs"
 CFG_LR = "lr"
 CFG_PROXIMAL_MU = "proximal-mu"
 CFG_TOTAL_ROUNDS = "num-server-rounds"
+CFG_EVAL_SPLIT = "eval-split"  # "val" or "test": which split the sites evaluate on
 
 # MetricRecord keys in replies
 M_NUM_EXAMPLES = "num-examples"
