@@ -34,7 +34,7 @@ class ModelConfig(BaseModel):
 
     # text encoder
     vocab_size: int = Field(2560, ge=64, description="fixed words + specials + hash buckets")
-    max_report_tokens: int = Field(64, ge=4, le=1024)
+    max_report_tokens: int = Field(48, ge=4, le=1024)
     embed_dim: int = Field(64, ge=8)
     lstm_hidden: int = Field(64, ge=8, description="per direction")
 

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Site data: synthesise and check.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+privacy_app = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 
 console = Console()
 err = Console(stderr=True)
@@ -187,7 +189,7 @@ def train_pooled(
                 model_cfg,
                 central,
                 tokenizer,
-                on_epoch=lambda e, loss, t=task: progress.update(t, completed=e, loss=loss),
+                on_epoch=lambda e, loss, t=task, m=name: _epoch_done(progress, t, m, e, loss),
             )
         results[name] = {
             "model": model_cfg.model_dump(),
@@ -213,6 +215,40 @@ def train_pooled(
     console.print(f"metrics written to {out}")
 
 
+@privacy_app.command("show")
+def privacy_show(
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="a node's state-dir, or a folder of them (default ~/.medfuse/privacy; "
+            "in simulation OUTPUT/ledgers)"
+        ),
+    ] = None,
+) -> None:
+    """Print each ledger: every round released from the site's data, epsilon spent and left."""
+    from client.privacy import (
+        DEFAULT_STATE_ROOT,
+        LedgerError,
+        find_ledgers,
+        load_ledger,
+        render_ledger,
+    )
+
+    root = state_dir or DEFAULT_STATE_ROOT
+    found = find_ledgers(root)
+    if not found:
+        err.print(f"no privacy ledger under {Path(root).expanduser()}")
+        raise typer.Exit(1)
+    failed = False
+    for folder in found:
+        try:
+            console.print(render_ledger(load_ledger(folder)))
+        except LedgerError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            failed = True
+    raise typer.Exit(1 if failed else 0)
+
+
 def metrics_table(
     title: str, rows: dict[str, dict[str, float]], overall: dict[str, float] | None
 ) -> Table:
@@ -229,6 +265,12 @@ def metrics_table(
     if overall is not None:
         table.add_row("[bold]all sites[/bold]", *cells(overall))
     return table
+
+
+def _epoch_done(progress: Progress, task: object, name: str, epoch: int, loss: float) -> None:
+    progress.update(task, completed=epoch, loss=loss)  # type: ignore[arg-type]
+    if not progress.console.is_terminal:  # logs and CI: a line per epoch instead of a bar
+        progress.console.print(f"{name} epoch {epoch}: train loss {loss:.4f}")
 
 
 def main() -> None:
