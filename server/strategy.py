@@ -175,6 +175,7 @@ class GuardedStrategy(Strategy):
         self.total_rounds = total_rounds
         self.round_offset = round_offset
         self.on_round_end = on_round_end
+        self._sent: list[Message] = []  # the last configure_* messages, to name dropped nodes
         self.global_arrays: ArrayRecord | None = None
         self.last_round = round_offset
         self.site_names: dict[int, str] = {}
@@ -275,7 +276,16 @@ class GuardedStrategy(Strategy):
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
         cfg[wire.CFG_TOTAL_ROUNDS] = self.total_rounds
-        return self.strategy.configure_train(rnd, arrays, cfg, grid)
+        self._sent = list(self.strategy.configure_train(rnd, arrays, cfg, grid))
+        return self._sent
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply is about. A "Node Unavailable" error reply comes from the
+        SuperLink itself (src_node_id 1), so map it back through the message it answers:
+        the grid sets message_id on the very objects configure_* returned."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        sent.pop("", None)  # messages never sent through a grid have no id
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _train_verdict(self, content: RecordDict, error: str) -> tuple[str | None, float | None]:
         """(why this reply is left out or None, update norm or None)."""
@@ -325,7 +335,7 @@ class GuardedStrategy(Strategy):
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 site = self._site(node)
                 reason = f"error reply: {msg.error.reason} (code {msg.error.code})"
@@ -376,7 +386,8 @@ class GuardedStrategy(Strategy):
         self.global_arrays = arrays
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
-        return self.strategy.configure_evaluate(rnd, arrays, cfg, grid)
+        self._sent = list(self.strategy.configure_evaluate(rnd, arrays, cfg, grid))
+        return self._sent
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -384,7 +395,7 @@ class GuardedStrategy(Strategy):
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self._sender(msg)
             if msg.has_error():
                 log(WARNING, "round %d: evaluation on node %d (%s) failed: %s",
                     rnd, node, self._site(node), msg.error.reason)

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared_model.config import DEFAULT_LABELS, ModelConfig
+from simulations.deploy import deploy_app, provision_cmd
 
 app = typer.Typer(
     name="medfuse",
@@ -27,6 +28,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Site data: synthesise and check.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(deploy_app, name="deploy")
+app.command("provision")(provision_cmd)
 privacy_app = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
 

@@ -1,0 +1,799 @@
+"""`medfuse deploy local`: the real distributed path on one machine, over 127.0.0.1.
+
+Provisions a throwaway federation (CA, SuperLink TLS identity, one key per hospital) into
+a temporary folder, starts a SuperLink (TLS, SuperNode authentication, a state database)
+and one SuperNode per hospital (each with its own site folder: synthetic by default),
+registers the hospitals' keys, waits until every node is online, submits the app with
+`flwr run`, streams its log, and prints the final per-site table from the ServerApp's
+output folder. It supervises what it started while the run goes:
+
+- a SuperNode that dies is restarted once the SuperLink has marked it offline (the
+  SuperLink refuses to activate a node it still thinks online); it comes back under the
+  same node id (its key is registered) and with its privacy ledger (its `state-dir`);
+- a SuperLink that dies is restarted on the same port with the same database; Flower then
+  marks the running run failed, and the run is resubmitted with `resume=true`, which
+  continues from the ServerApp's last checkpoint.
+
+Every process it started is stopped at the end, also on Ctrl-C, SIGTERM or failure.
+`LocalFederation` is the same machinery for tests (fault injection on real processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.provision import CONNECTION_NAME, Provisioned, node_config_string, provision
+from simulations.flower_env import (
+    LOOPBACK,
+    FlowerError,
+    FlowerProcess,
+    FlwrCli,
+    ProcessGroup,
+    address,
+    descendants,
+    free_ports,
+    run_config_string,
+    submit_command,
+    superlink_command,
+    supernode_command,
+    terminate,
+    wait_for_nodes,
+    wait_for_superlink,
+    wait_until,
+    write_connection,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+SUPERLINK = "superlink"
+STATUS_COMPLETED = "finished:completed"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_SITE_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+
+Echo = Callable[[str], None]
+
+
+class DeployError(RuntimeError):
+    """The local deployment could not finish; the message says where to look."""
+
+
+class DeployConfig(BaseModel):
+    """What `medfuse deploy local` runs (validated before any process starts)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hospitals: int = Field(3, ge=1, le=32, description="number of SuperNodes")
+    rounds: int = Field(2, ge=1, le=10_000)
+    sites: tuple[Path, ...] = Field((), description="site folders; empty = synthetic")
+    out: Path = Field(Path("runs/deploy-local"), description="results, final model, logs")
+    cases_per_site: int = Field(60, ge=10, description="synthetic sites only")
+    image_size: int = Field(32, ge=16, le=1024)
+    seed: int = 0
+    min_nodes: int | None = Field(None, ge=1, description="default: all but one hospital")
+    round_timeout: float = Field(600.0, gt=0)
+    node_wait_timeout: float = Field(180.0, gt=0)
+    max_resumes: int = Field(3, ge=0)
+    run_timeout: float | None = Field(None, gt=0, description="give up after this many s")
+    run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    keep_workdir: bool = False
+    app_dir: Path = PROJECT_DIR
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployConfig:
+        if self.sites and len(self.sites) != self.hospitals:
+            raise ValueError(
+                f"--sites gives {len(self.sites)} folders but --hospitals is {self.hospitals}"
+            )
+        for s in self.sites:
+            if not (s / "manifest.csv").is_file():
+                raise ValueError(f"--sites {s}: no manifest.csv there (run `medfuse data check`)")
+        if self.min_nodes is not None and self.min_nodes > self.hospitals:
+            raise ValueError(f"--min-nodes {self.min_nodes} exceeds --hospitals {self.hospitals}")
+        if not (self.app_dir / "pyproject.toml").is_file():
+            raise ValueError(f"app_dir {self.app_dir}: no pyproject.toml (the Flower app)")
+        return self
+
+    @property
+    def quorum(self) -> int:
+        return self.min_nodes if self.min_nodes is not None else max(1, self.hospitals - 1)
+
+    def flower_run_config(self, output_dir: Path) -> dict[str, object]:
+        base: dict[str, object] = {
+            "num-server-rounds": self.rounds,
+            "min-train-nodes": self.quorum,
+            "min-evaluate-nodes": self.quorum,
+            "min-available-nodes": self.quorum,
+            "round-timeout": self.round_timeout,
+            "image-size": self.image_size,
+            "seed": self.seed,
+            "output-dir": str(output_dir.resolve()),
+        }
+        base.update(self.run_config)
+        base["resume"] = False
+        return base
+
+
+def site_names(sites: Sequence[Path]) -> list[str]:
+    """Hospital names from site folder names: safe for provisioning, unique."""
+    names: list[str] = []
+    for s in sites:
+        base = _SITE_NAME_BAD.sub("-", Path(s).resolve().name).strip("-.")[:28] or "site"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------ one run's submission
+
+
+@dataclass
+class Submission:
+    """One `flwr run ... --stream` process: its lines, its run id."""
+
+    proc: FlowerProcess
+    lines: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # time.monotonic() each line arrived
+    run_id: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    _reader: threading.Thread | None = None
+
+    def done(self) -> bool:
+        return not self.proc.alive() and (self._reader is None or not self._reader.is_alive())
+
+    def first_seen(self, text: str) -> float | None:
+        """When the first line containing `text` arrived (monotonic), or None."""
+        for line, t in zip(list(self.lines), list(self.times), strict=False):
+            if text in line:
+                return t
+        return None
+
+
+@dataclass
+class RunOutcome:
+    """How a (possibly resumed) run ended."""
+
+    run_ids: list[int]
+    status: str
+    resumes: int
+    seconds: float
+    output_dir: Path
+    traffic: dict[str, int]  # inbound / outbound / total bytes, summed over run ids
+    superlink_restarts: int
+    node_restarts: dict[str, int]
+    leftovers: list[int] = field(default_factory=list)  # pids alive after stop (want none)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == STATUS_COMPLETED
+
+
+# ------------------------------------------------------------------ the federation
+
+
+class LocalFederation:
+    """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node authentication on."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        sites: Mapping[str, Path],
+        *,
+        app_dir: Path = PROJECT_DIR,
+        logs_dir: Path | None = None,
+        echo: Echo = print,
+        epsilon_budget: float | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.sites = {n: Path(p).resolve() for n, p in sites.items()}
+        self.app_dir = Path(app_dir).resolve()
+        self._echo = echo
+        self.t0 = time.monotonic()
+        self.transcript: list[tuple[float, str]] = []  # (seconds since start, plain line)
+        self.epsilon_budget = epsilon_budget
+        self.extra_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
+        self.group = ProcessGroup(self.workdir, logs_dir=logs_dir)
+        ports = free_ports(1 + len(self.sites))
+        self.port = ports[0]
+        self.node_ports = dict(zip(self.sites, ports[1:], strict=True))
+        self.database = self.workdir / "superlink.db"
+        self.prov: Provisioned = provision(
+            self.workdir / "provision", list(self.sites), [], self.port, bind_host=LOOPBACK
+        )
+        write_connection(
+            self.group.flwr_home, CONNECTION_NAME, address(self.port), self.prov.ca_cert
+        )
+        self.cli = FlwrCli(env=self.group.env(), connection=CONNECTION_NAME, cwd=self.app_dir)
+        self.node_ids: dict[str, int] = {}
+        self.superlink: FlowerProcess | None = None
+        self.nodes: dict[str, FlowerProcess] = {}
+        self.held_down: set[str] = set()  # nodes a caller stopped on purpose: not restarted
+        self.superlink_restarts = 0
+        self.node_restarts: dict[str, int] = {n: 0 for n in self.sites}
+        self._superlink_kids: set[int] = set()
+        self._submissions = 0
+
+    # -------------------------------------------------------------- output
+
+    def echo(self, line: str, plain: str | None = None) -> None:
+        """Pass a line on, keeping it (without colours) and its time in the transcript."""
+        self.transcript.append((time.monotonic() - self.t0, plain if plain is not None else line))
+        self._echo(line)
+
+    def say(self, message: str) -> None:
+        self.echo(f"[deploy {time.monotonic() - self.t0:5.0f}s] {message}")
+
+    def timeline(self, *markers: str) -> list[tuple[float, str]]:
+        """Transcript lines holding any of `markers` (all `[deploy` lines by default)."""
+        keys = markers or ("[deploy",)
+        return [(t, line) for t, line in self.transcript if any(k in line for k in keys)]
+
+    def round_seconds(self) -> list[float]:
+        """Wall time of each round as the ServerApp's log showed it: from the start of a
+        round's training to the start of the next round (the last one: to the run's end).
+        An attempt cut short by a SuperLink restart is not counted; its rerun is."""
+        events: list[tuple[int | None, float]] = []
+        for t, line in self.timeline("medfuse: global round", "medfuse: done after"):
+            m = re.search(r"global round (\d+)/", line)
+            events.append((int(m.group(1)) if m else None, t))
+        out = []
+        for (rnd, t), (nxt, t_next) in zip(events, events[1:], strict=False):
+            if rnd is not None and nxt != rnd:
+                out.append(t_next - t)
+        return out
+
+    # -------------------------------------------------------------- start / stop
+
+    def start(self, timeout: float = 180.0) -> None:
+        """SuperLink up, every key registered, every SuperNode online."""
+        self.start_superlink()
+        for name in self.sites:
+            self.node_ids[name] = self.cli.register(self.prov.public_key(name), name)
+        self.say(
+            "registered "
+            + ", ".join(f"{n} (node {i})" for n, i in self.node_ids.items())
+        )
+        for name in self.sites:
+            self.start_node(name)
+        self.wait_online(timeout=timeout)
+
+    def start_superlink(self) -> FlowerProcess:
+        cmd = superlink_command(
+            port=self.port,
+            database=self.database,
+            ca_cert=self.prov.ca_cert,
+            cert=self.prov.superlink_cert,
+            key=self.prov.superlink_key,
+            auth=True,
+        )
+        self.superlink = self.group.start(SUPERLINK, cmd, extra_env=self.extra_env)
+        wait_for_superlink(self.cli, self.port, self.superlink)
+        self.say(f"SuperLink up on {address(self.port)} (TLS, node auth)")
+        return self.superlink
+
+    def node_command(
+        self,
+        name: str,
+        *,
+        private_key: Path | None = None,
+        root_cert: Path | None | bool = True,
+        port: int | None = None,
+        max_retries: int | None = None,
+    ) -> list[str]:
+        """The SuperNode command of hospital `name` (other key / no CA for refusal tests)."""
+        ca = self.prov.hospital_ca_cert(name) if root_cert is True else root_cert or None
+        state = self.workdir / "state" / name
+        return supernode_command(
+            superlink=address(self.port),
+            port=port if port is not None else self.node_ports[name],
+            root_cert=ca,
+            private_key=private_key or self.prov.private_key(name),
+            node_config=node_config_string(
+                str(self.sites[name]), name, "auto", self.epsilon_budget, str(state)
+            ),
+            max_retries=max_retries,
+        )
+
+    def start_node(self, name: str) -> FlowerProcess:
+        self.held_down.discard(name)
+        proc = self.group.start(f"supernode-{name}", self.node_command(name),
+                                extra_env=self.extra_env)  # fmt: skip
+        self.nodes[name] = proc
+        return proc
+
+    def wait_online(self, names: Sequence[str] | None = None, timeout: float = 180.0) -> None:
+        names = list(names or self.sites)
+        wait_for_nodes(
+            self.cli,
+            {self.node_ids[n] for n in names},
+            timeout=timeout,
+            alive=[self.nodes[n] for n in names] + ([self.superlink] if self.superlink else []),
+        )
+        self.say(f"online: {', '.join(names)}")
+
+    def node_status(self, name: str) -> str:
+        nid = self.node_ids[name]
+        for n in self.cli.nodes():
+            if int(n["node-id"]) == nid:
+                return str(n.get("status"))
+        return "unknown"
+
+    def kill_node(self, name: str, hold: bool = False) -> None:
+        """SIGKILL a SuperNode (a crash); `hold=True` keeps the supervisor from restarting it."""
+        if hold:
+            self.held_down.add(name)
+        self.nodes[name].kill()
+        self.say(f"killed SuperNode {name} (node {self.node_ids[name]})")
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink (a crash); the supervisor restarts it with the same database."""
+        assert self.superlink is not None
+        self._remember_superlink_children()
+        self.superlink.kill()
+        self.say("killed the SuperLink")
+
+    def _remember_superlink_children(self) -> None:
+        if self.superlink is not None and self.superlink.alive():
+            self._superlink_kids.update(descendants(self.superlink.pid))
+
+    def restart_superlink(self) -> None:
+        """Same port, same database, same certificates; waits until every node is back."""
+        # What the dead SuperLink had started (SuperExec, the ServerApp) must not outlive it:
+        # an orphaned ServerApp would go on writing into the output folder.
+        if self._superlink_kids:
+            terminate(sorted(self._superlink_kids), timeout=5)
+            self._superlink_kids.clear()
+        self.superlink_restarts += 1
+        self.say("restarting the SuperLink (same port, same database)")
+        self.start_superlink()
+        running = [n for n, p in self.nodes.items() if p.alive() and n not in self.held_down]
+        self.wait_online(running, timeout=180)
+
+    def bring_back_nodes(self, timeout: float = 180.0) -> None:
+        """Restart every dead SuperNode (not held down) as soon as the SuperLink lets it in,
+        and wait until all of them are online: a resumed run then starts with everyone."""
+        deadline = time.monotonic() + timeout
+        wanted = [n for n in self.sites if n not in self.held_down]
+        while any(not self.nodes[n].alive() for n in wanted):
+            if time.monotonic() > deadline:
+                raise DeployError(f"SuperNodes did not come back within {timeout:.0f} s")
+            self._restart_dead_nodes()
+            time.sleep(1.0)
+        self.wait_online(wanted, timeout=max(10.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        self.group.stop_all()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- runs
+
+    def submit(self, run_config: Mapping[str, object]) -> Submission:
+        cmd = submit_command(self.app_dir, CONNECTION_NAME, run_config, stream=True)
+        self._submissions += 1
+        proc = self.group.start(f"flwr-run-{self._submissions}", cmd, cwd=self.app_dir,
+                                extra_env=self.extra_env)  # fmt: skip
+        sub = Submission(proc=proc)
+
+        def follow() -> None:
+            # the process writes to its own log file; follow it like `tail -f`
+            with proc.log_path.open("r", errors="replace") as fh:
+                pending = ""
+                while True:
+                    chunk = fh.read()
+                    if chunk:
+                        pending += chunk
+                        *complete, pending = pending.split("\n")
+                        for line in complete:
+                            self._on_line(sub, line)
+                    elif not proc.alive():
+                        if pending:
+                            self._on_line(sub, pending)
+                        return
+                    else:
+                        time.sleep(0.2)
+
+        sub._reader = threading.Thread(target=follow, name="flwr-run-follow", daemon=True)
+        sub._reader.start()
+        return sub
+
+    def _on_line(self, sub: Submission, line: str) -> None:
+        clean = _ANSI.sub("", line).rstrip()
+        if clean.startswith("$ "):  # the command line ProcessGroup writes first
+            return
+        sub.lines.append(clean)
+        sub.times.append(time.monotonic())
+        m = _RUN_ID.search(clean)
+        if m and sub.run_id is None:
+            sub.run_id = int(m.group(1))
+        self.echo(line.rstrip("\n"), clean)
+
+    def run_status(self, run_id: int) -> str:
+        info = self.cli.run_info(run_id)
+        return str(info["status"]) if info else "unknown"
+
+    def run(
+        self,
+        run_config: Mapping[str, object],
+        *,
+        max_resumes: int = 3,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        on_tick: Callable[[LocalFederation, Submission], None] | None = None,
+    ) -> RunOutcome:
+        """Submit, supervise (restart dead nodes / SuperLink, resume), until the run ends."""
+        t0 = time.monotonic()
+        output_dir = Path(str(run_config.get("output-dir", "."))).resolve()
+        sub = self.submit(run_config)
+        run_ids: list[int] = []
+        resumes = 0
+        restarted_since_submit = False
+        while True:
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise DeployError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+            if sub.run_id is not None and sub.run_id not in run_ids:
+                run_ids.append(sub.run_id)
+            if on_tick is not None:
+                on_tick(self, sub)
+            self._remember_superlink_children()
+
+            if self.superlink is None or not self.superlink.alive():
+                sub.proc.stop(timeout=5)
+                self.restart_superlink()
+                restarted_since_submit = True
+                continue
+            self._restart_dead_nodes()
+
+            if not sub.done():
+                continue
+            if sub.run_id is None:
+                raise DeployError(
+                    "flwr run did not start a run:\n" + "\n".join(sub.lines[-30:])
+                )
+            if restarted_since_submit:
+                # The restart orphaned the run (its ServerApp is gone): Flower marks it failed
+                # after a while; stop it now rather than wait.
+                status = self.run_status(sub.run_id)
+                if not status.startswith("finished"):
+                    self.cli.stop_run(sub.run_id)
+                    status = self._final_status(sub.run_id, timeout=60)
+            else:
+                status = self._final_status(sub.run_id)
+            if status == STATUS_COMPLETED:
+                break
+            if restarted_since_submit and resumes < max_resumes:
+                resumes += 1
+                self.say(
+                    f"run {sub.run_id} ended {status} after a SuperLink restart:"
+                    f" resubmitting with resume=true ({resumes}/{max_resumes})"
+                )
+                self.bring_back_nodes()
+                sub = self.submit({**run_config, "resume": True})
+                restarted_since_submit = False
+                continue
+            raise DeployError(
+                f"run {sub.run_id} ended {status}; logs in {self.group.logs_dir}\n"
+                + "\n".join(sub.lines[-40:])
+            )
+        return RunOutcome(
+            run_ids=run_ids,
+            status=status,
+            resumes=resumes,
+            seconds=time.monotonic() - t0,
+            output_dir=output_dir,
+            traffic=self.traffic(run_ids),
+            superlink_restarts=self.superlink_restarts,
+            node_restarts=dict(self.node_restarts),
+        )
+
+    def _final_status(self, run_id: int, timeout: float = 120.0) -> str:
+        """The run's status once Flower calls it finished (the stream may end earlier)."""
+        status = ["unknown"]
+
+        def finished() -> bool:
+            status[0] = self.run_status(run_id)
+            return status[0].startswith("finished")
+
+        with contextlib.suppress(FlowerError):
+            wait_until(f"run {run_id} to finish", finished, timeout, interval=2.0,
+                       alive=[self.superlink] if self.superlink else [])  # fmt: skip
+        return status[0]
+
+    def _restart_dead_nodes(self) -> None:
+        for name, proc in self.nodes.items():
+            if proc.alive() or name in self.held_down:
+                continue
+            # The SuperLink activates a node only once it has marked it offline (heartbeat
+            # patience, about a minute after a crash); until then a restart would be refused.
+            with contextlib.suppress(FlowerError):
+                if self.node_status(name) == "online":
+                    continue
+                self.node_restarts[name] += 1
+                self.say(
+                    f"SuperNode {name} (node {self.node_ids[name]}) is down and"
+                    " offline at the SuperLink: restarting it"
+                )
+                self.start_node(name)
+
+    def traffic(self, run_ids: Sequence[int]) -> dict[str, int]:
+        total = {"inbound-bytes": 0, "outbound-bytes": 0, "total-bytes": 0}
+        for rid in run_ids:
+            with contextlib.suppress(FlowerError):
+                info = self.cli.run_info(rid)
+                for k in total:
+                    total[k] += int((info or {}).get("network-traffic", {}).get(k, 0))
+        return total
+
+
+# ------------------------------------------------------------------ results
+
+
+def final_table_rows(output_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the final per-site table from the ServerApp's results file."""
+    from server.results import RESULTS_FILE, epsilon_spent, final_metrics, read_rows
+
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise DeployError(f"no results file at {path}: the ServerApp wrote nothing")
+    rows = read_rows(path)
+    metrics = final_metrics(rows)
+    eps = epsilon_spent(rows)
+    nodes: dict[str, int] = {}
+    last_round: dict[str, int] = {}
+    for r in rows:
+        nodes[r.site] = r.node_id
+        last_round[r.site] = max(last_round.get(r.site, 0), r.round)
+    cols = ["accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l"]
+    header = ["site", "node id", "last round", "epsilon", *cols]
+
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) and v == v else "-"
+
+    table = []
+    for site, m in metrics.items():
+        if site == "mean":
+            continue
+        table.append(
+            [site, str(nodes.get(site, "-")), str(last_round.get(site, "-")),
+             fmt(eps.get(site)), *(fmt(m.get(c)) for c in cols)]
+        )  # fmt: skip
+    if "mean" in metrics:
+        table.append(["mean", "", "", "", *(fmt(metrics["mean"].get(c)) for c in cols)])
+    return header, table
+
+
+def print_final_table(output_dir: Path, echo: Echo = print) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = final_table_rows(output_dir)
+    table = Table(title=f"final model, per site ({output_dir})")
+    for h in header:
+        table.add_column(h, justify="left" if h == "site" else "right")
+    for r in rows:
+        table.add_row(*r)
+    console = Console(width=120)
+    with console.capture() as cap:
+        console.print(table)
+    echo(cap.get().rstrip("\n"))
+
+
+# ------------------------------------------------------------------ the whole command
+
+
+def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
+    if cfg.sites:
+        paths = [Path(s).resolve() for s in cfg.sites]
+    else:
+        from simulations.synth import SynthConfig, write_federation
+
+        paths = write_federation(
+            workdir / "sites",
+            SynthConfig(
+                sites=cfg.hospitals,
+                cases_per_site=cfg.cases_per_site,
+                seed=cfg.seed,
+                image_size=cfg.image_size,
+            ),
+        )
+    return dict(zip(site_names(paths), paths, strict=True))
+
+
+def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
+    """The whole local deployment; every process is stopped before this returns/raises."""
+    out = cfg.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="medfuse-deploy-"))
+    fed: LocalFederation | None = None
+    outcome: RunOutcome | None = None
+    try:
+        sites = prepare_sites(cfg, workdir)
+        echo(f"[deploy] {len(sites)} hospitals: "
+             + ", ".join(f"{n} <- {p}" for n, p in sites.items()))  # fmt: skip
+        fed = LocalFederation(workdir, sites, app_dir=cfg.app_dir, logs_dir=out / "logs",
+                              echo=echo)  # fmt: skip
+        fed.start(timeout=cfg.node_wait_timeout)
+        run_config = cfg.flower_run_config(out / "output")
+        echo(f"[deploy] flwr run {cfg.app_dir} {CONNECTION_NAME} --stream -c "
+             f"{json.dumps(run_config_string(run_config))}")  # fmt: skip
+        outcome = fed.run(run_config, max_resumes=cfg.max_resumes, timeout=cfg.run_timeout)
+        print_final_table(outcome.output_dir, echo)
+        t = outcome.traffic
+        n = len(sites)
+        rounds = fed.round_seconds()
+        per_round = (
+            f"rounds took {', '.join(f'{x:.0f}' for x in rounds)} s"
+            if rounds else f"{outcome.seconds / cfg.rounds:.0f} s per round incl. start"
+        )
+        echo(
+            f"[deploy] run {'/'.join(map(str, outcome.run_ids))} {outcome.status} in "
+            f"{outcome.seconds:.0f} s ({per_round}); network: {t['total-bytes'] / 1e6:.2f} MB "
+            f"total, {t['total-bytes'] / max(1, n * cfg.rounds) / 1e6:.2f} MB per hospital "
+            "per round"
+        )
+        if outcome.resumes or outcome.superlink_restarts or any(outcome.node_restarts.values()):
+            echo(f"[deploy] resumes: {outcome.resumes}, SuperLink restarts: "
+                 f"{outcome.superlink_restarts}, SuperNode restarts: {outcome.node_restarts}")
+        echo(f"[deploy] results, checkpoints and final model: {outcome.output_dir}")
+        return outcome
+    finally:
+        if fed is not None:
+            fed.close()
+            left = fed.group.leftovers()
+            if outcome is not None:
+                outcome.leftovers = left
+            if left:
+                echo(f"[deploy] warning: processes still alive after stop: {left}")
+        if cfg.keep_workdir:
+            echo(f"[deploy] kept the working folder (keys, database, state): {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+        echo("[deploy] every process stopped")
+
+
+# ------------------------------------------------------------------ typer commands
+
+deploy_app = typer.Typer(help="Run the real distributed path (SuperLink + SuperNodes).",
+                         no_args_is_help=True)  # fmt: skip
+
+
+@deploy_app.callback()
+def _deploy_group() -> None:
+    """Real Flower processes: a SuperLink and SuperNodes over TLS with node authentication."""
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]:
+    import tomllib
+
+    out: dict[str, str | int | float | bool] = {}
+    for item in items:
+        for m in re.finditer(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", item):
+            try:
+                out[m.group(1)] = tomllib.loads(f"v = {m.group(2)}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise typer.BadParameter(f"-c {m.group(0)!r}: the value is not TOML") from None
+    return out
+
+
+@deploy_app.command("local")
+def deploy_local_cmd(
+    hospitals: Annotated[int, typer.Option(min=1, max=32, help="number of SuperNodes")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="server rounds")] = 2,
+    sites: Annotated[
+        list[Path] | None, typer.Option("--sites", help="site folders (repeat); default synthetic")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="results, final model and logs")] = Path(
+        "runs/deploy-local"
+    ),
+    cases_per_site: Annotated[int, typer.Option(min=10, help="synthetic sites")] = 60,
+    image_size: Annotated[int, typer.Option(min=16)] = 32,
+    seed: Annotated[int, typer.Option()] = 0,
+    min_nodes: Annotated[
+        int | None, typer.Option(min=1, help="nodes a round needs (default: all but one)")
+    ] = None,
+    round_timeout: Annotated[float, typer.Option(help="seconds the server waits")] = 600.0,
+    run_config: Annotated[
+        list[str] | None, typer.Option("-c", "--run-config", help="'k=v ...' overrides")
+    ] = None,
+    keep_workdir: Annotated[bool, typer.Option(help="keep keys, database and state")] = False,
+    app: Annotated[Path, typer.Option(help="the Flower app folder to submit")] = PROJECT_DIR,
+) -> None:
+    """Provision, start a SuperLink and N SuperNodes on 127.0.0.1 (TLS + node auth),
+    run the app with `flwr run`, print the per-site table, stop everything."""
+    try:
+        if sites:
+            hospitals = len(sites)
+        cfg = DeployConfig(
+            hospitals=hospitals,
+            rounds=rounds,
+            sites=tuple(sites or ()),
+            out=out,
+            cases_per_site=cases_per_site,
+            image_size=image_size,
+            seed=seed,
+            min_nodes=min_nodes,
+            round_timeout=round_timeout,
+            run_config=_parse_overrides(run_config or []),
+            keep_workdir=keep_workdir,
+            app_dir=app.resolve(),
+        )
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def _term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        deploy_local(cfg, echo=lambda line: typer.echo(line))
+    except KeyboardInterrupt:
+        typer.echo("[deploy] interrupted: every process was stopped", err=True)
+        raise typer.Exit(130) from None
+    except (DeployError, FlowerError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def provision_cmd(
+    out: Annotated[Path, typer.Option(help="folder to write ca/, coordinator/, hospitals/")],
+    hospitals: Annotated[str, typer.Option(help="hospital names, comma separated")],
+    superlink_host: Annotated[
+        list[str] | None,
+        typer.Option("--superlink-host", help="name or IP the hospitals use (repeat)"),
+    ] = None,
+    superlink_port: Annotated[int, typer.Option(help="the SuperLink's one TCP port")] = 9092,
+    epsilon_budget: Annotated[
+        float, typer.Option(help="the epsilon-budget written into each hospital's command")
+    ] = 8.0,
+    force: Annotated[bool, typer.Option(help="replace existing keys")] = False,
+) -> None:
+    """Make the federation's CA, the SuperLink's TLS identity and one key per hospital."""
+    from server.provision import ProvisionError
+
+    try:
+        p = provision(out, hospitals, superlink_host or [], superlink_port, force=force,
+                      epsilon_budget=epsilon_budget)  # fmt: skip
+    except ProvisionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"CA (keep offline):  {p.ca_dir}")
+    typer.echo(f"coordinator:        {p.coordinator_dir}  (see README.txt)")
+    for name, folder in p.hospital_dirs.items():
+        typer.echo(f"hospital {name + ':':<10} {folder}  (send this folder to {name} only)")
+    typer.echo(f"register the hospitals: {p.coordinator_dir / 'register-supernodes.txt'}")
+
+
+__all__ = [
+    "DeployConfig",
+    "DeployError",
+    "LocalFederation",
+    "RunOutcome",
+    "deploy_app",
+    "deploy_local",
+    "provision_cmd",
+]
