@@ -10,6 +10,7 @@ TORCH  ?= torch==2.13.0
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: install demo test lint bench clean
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/medfuse demo
+	$(VENV)/bin/medfuse simulate
 
 test: install lint
 	$(PY) -m pytest -q --durations=15

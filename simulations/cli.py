@@ -1,8 +1,12 @@
 """`medfuse`: the command line of every role.
 
-medfuse data synth      write synthetic hospitals (format v1)
-medfuse data check      check a site folder before it joins a federation
-medfuse train-pooled    pooled (centralised) baseline on the union of sites
+Researcher:   medfuse simulate        pooled, local-only and federated runs, tables, plots
+              medfuse train-pooled    pooled (centralised) baseline on the union of sites
+              medfuse data synth      write synthetic hospitals (format v1)
+Hospital IT:  medfuse data check      check a site folder before it joins a federation
+              medfuse privacy show    the site's privacy ledger: epsilon spent and left
+Coordinator:  medfuse provision       CA, TLS identity and SuperNode keys for a federation
+              medfuse deploy local    SuperLink + SuperNodes over TLS on this machine
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from rich.table import Table
 
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from simulations.deploy import deploy_app, provision_cmd
+from simulations.simulate import simulate
 
 app = typer.Typer(
     name="medfuse",
@@ -30,6 +35,7 @@ data_app = typer.Typer(help="Site data: synthesise and check.", no_args_is_help=
 app.add_typer(data_app, name="data")
 app.add_typer(deploy_app, name="deploy")
 app.command("provision")(provision_cmd)
+app.command("simulate")(simulate)
 privacy_app = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
 

@@ -77,6 +77,9 @@ def flower_env(
             "FLWR_HOME": str(Path(flwr_home).resolve()),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            # Ray's single-machine mode: its node address is 127.0.0.1, not the address of
+            # the outward interface (which it finds by routing towards a public address)
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "PYTHONUNBUFFERED": "1",
             "PATH": os.pathsep.join([str(venv_bin()), env.get("PATH", "")]),
         }

@@ -1,0 +1,684 @@
+"""The simulation config: which hospitals, which experiments, how many rounds (no Flower).
+
+A TOML file, validated by a frozen pydantic model with `extra="forbid"`: an unknown key or
+a bad value stops `medfuse simulate` before any training, with a message that names the
+key, the value and what is allowed. `simulations/default.toml` is the built-in default
+(`make demo`). Keys are kebab-case, as in Flower's run config.
+
+    name = "demo"
+    seeds = [0]                      # every experiment runs once per seed
+
+    [sites]                          # the hospitals
+    source = "synthetic"             # or "folders" (+ folders = ["/data/a", ...])
+    count = 5                        # synthetic hospitals
+    cases-per-site = 200
+    label-skew = 0.5                 # Dirichlet alpha of each synthetic site's label mix
+    partition = "natural"            # natural | iid | dirichlet | quantity
+    hospitals = 50                   # re-partitioned: how many hospitals (not natural)
+    alpha = 0.5                      # dirichlet: label skew (smaller = more skew)
+
+    [model]      image-size, fusion, model-size, labels
+    [training]   rounds, local-epochs, batch-size, lr, central-epochs, run-config = {...}
+    [resources]  client-cpus, client-gpus, central-threads, timeout
+
+    [[experiment]]
+    name = "fedavg-dp"
+    kind = "federated"               # pooled | local | federated
+    strategy = "fedavg"              # any of the ServerApp's strategies
+    dp = true
+    epsilons = [1.0, 2.0, 4.0, 8.0]  # expands to fedavg-dp-eps1 ... (privacy-utility curve)
+    modalities = ["image", "text"]   # expands to ...-image, ...-text (ablation)
+
+Every federated experiment becomes one flat Flower run config (pyproject defaults, then
+the harness's keys, then the experiment's `run-config`), validated here with the
+ServerApp's own `RunConfig`, so a bad strategy setting fails before the first run too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.run_config import RunConfig, RunConfigError, StrategyName, pyproject_defaults
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
+DEFAULT_OUT = Path("runs/simulate")
+
+Kind = Literal["pooled", "local", "federated"]
+Modality = Literal["fused", "image", "text"]
+Partition = Literal["natural", "iid", "dirichlet", "quantity"]
+Scalar = bool | int | float | str
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+# Run-config keys the harness sets itself; an experiment's `run-config` may not set them.
+HARNESS_KEYS: dict[str, str] = {
+    "num-server-rounds": "[training] rounds or the experiment's rounds",
+    "strategy": "the experiment's strategy",
+    "dp": "the experiment's dp",
+    "epsilon": "the experiment's epsilon / epsilons",
+    "modality": "the experiment's modality / modalities",
+    "seed": "seeds",
+    "sites-dir": "[sites]",
+    "output-dir": "the --out folder",
+    "local-epochs": "[training] local-epochs",
+    "batch-size": "[training] batch-size",
+    "lr": "[training] lr",
+    "image-size": "[model] image-size",
+    "fusion": "[model] fusion",
+    "model-size": "[model] model-size",
+    "labels": "[model] labels",
+    "min-available-nodes": "(derived from the number of hospitals)",
+    "min-train-nodes": "(derived from the number of hospitals and fraction-train)",
+    "min-evaluate-nodes": "(derived from the number of hospitals and fraction-evaluate)",
+    "resume": "(an unfinished experiment is run again from the start)",
+}
+
+
+class ConfigError(ValueError):
+    """A simulation config that cannot be used; the message names every bad key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+    )
+
+
+def _run_default(key: str) -> Any:
+    """A default taken from `[tool.flwr.app.config]`: the run config's one place."""
+    return pyproject_defaults()[key]
+
+
+class SitesConfig(_Section):
+    """Where the hospitals come from and how the cases are split between them."""
+
+    source: Literal["synthetic", "folders"] = "synthetic"
+    folders: tuple[Path, ...] = Field((), description="site folders (format v1), one each")
+    count: int = Field(5, ge=1, le=1000, description="synthetic hospitals to write")
+    cases_per_site: int = Field(200, ge=10, le=100_000, description="synthetic, mean")
+    label_skew: float = Field(
+        0.5, ge=0.0, description="synthetic: Dirichlet alpha of each site's label mix; 0 = none"
+    )
+    seed: int = Field(0, ge=0, description="data seed: synthetic hospitals and partitioning")
+    partition: Partition = Field("natural", description="natural = one hospital per folder")
+    hospitals: int | None = Field(None, ge=2, le=10_000, description="re-partitioned count")
+    alpha: float = Field(0.5, gt=0.0, description="dirichlet: label skew, smaller = more")
+    quantity_alpha: float = Field(
+        1.0, gt=0.0, description="quantity: Dirichlet alpha of site sizes, smaller = more unequal"
+    )
+    min_cases: int = Field(10, ge=3, description="re-partitioned: fewest cases per hospital")
+    link: Literal["hardlink", "copy"] = Field("hardlink", description="images of new sites")
+
+    @model_validator(mode="after")
+    def _check(self) -> SitesConfig:
+        given = self.model_fields_set
+        if self.source == "folders":
+            if not self.folders:
+                raise ValueError("sites.source='folders' needs sites.folders (a list of paths)")
+            synthetic_only = sorted(
+                _kebab(k) for k in given & {"count", "cases_per_site", "label_skew"}
+            )
+            if synthetic_only:
+                raise ValueError(
+                    f"sites.{', sites.'.join(synthetic_only)} apply to synthetic sites only "
+                    "(sites.source='folders')"
+                )
+        elif self.folders:
+            raise ValueError(
+                "sites.folders given but sites.source='synthetic'; set source = \"folders\""
+            )
+        if self.partition == "natural":
+            if self.hospitals is not None:
+                raise ValueError(
+                    f"sites.hospitals={self.hospitals} needs sites.partition = iid, dirichlet "
+                    "or quantity (natural keeps one hospital per folder)"
+                )
+        elif self.hospitals is None:
+            raise ValueError(f"sites.partition={self.partition!r} needs sites.hospitals")
+        return self
+
+    @property
+    def natural_count(self) -> int:
+        return len(self.folders) if self.source == "folders" else self.count
+
+    @property
+    def num_hospitals(self) -> int:
+        """How many simulated hospitals the experiments see."""
+        return self.hospitals if self.hospitals is not None else self.natural_count
+
+
+class ModelSection(_Section):
+    image_size: int = Field(default_factory=lambda: int(_run_default("image-size")), ge=16, le=1024)
+    fusion: Literal["concat", "gated", "bilinear"] = "gated"
+    model_size: Literal["small", "large"] = "small"
+    labels: str = ",".join(DEFAULT_LABELS)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        labels = [x.strip() for x in self.labels.split(",") if x.strip()]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels={self.labels!r}: need at least two distinct labels")
+        preset = ModelConfig.large if self.model_size == "large" else ModelConfig.small
+        try:
+            preset(image_size=self.image_size, fusion=self.fusion, num_classes=len(labels))
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            ) from None
+        return self
+
+
+class TrainingSection(_Section):
+    rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(default_factory=lambda: int(_run_default("batch-size")), ge=1, le=4096)
+    lr: float = Field(default_factory=lambda: float(_run_default("lr")), gt=0.0, le=1.0)
+    central_epochs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="pooled and local-only epochs; default rounds * local-epochs",
+    )
+    run_config: dict[str, Scalar] = Field(
+        default_factory=dict, description="extra run-config keys for every federated run"
+    )
+
+    @property
+    def epochs(self) -> int:
+        return self.central_epochs or self.rounds * self.local_epochs
+
+
+class ResourcesSection(_Section):
+    client_cpus: int = Field(1, ge=1, le=1024, description="CPUs per simulated hospital (Ray)")
+    client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated hospital (Ray)")
+    ray_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
+    central_threads: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="torch threads of pooled/local-only training and the final tests; more "
+        "than one pays only on free cores (on a busy 2-core machine, 2 threads ran 14x slower)",
+    )
+    device: str = Field("auto", description="pooled/local-only and final tests: auto, cpu, cuda")
+    timeout: float = Field(3600.0, gt=0.0, description="seconds one federated run may take")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device={value!r}: allowed are auto, cpu, cuda, cuda:N")
+
+
+class ExperimentSpec(_Section):
+    """One `[[experiment]]` table; `epsilons` and `modalities` expand it into several."""
+
+    name: str = Field(min_length=1, max_length=80)
+    kind: Kind
+    modality: Modality = "fused"
+    modalities: tuple[Modality, ...] | None = Field(None, min_length=1)
+    strategy: StrategyName = "fedavg"
+    dp: bool = False
+    epsilon: float | None = Field(None, gt=0.0)
+    epsilons: tuple[float, ...] | None = Field(None, min_length=1)
+    rounds: int | None = Field(None, ge=1, le=10_000)
+    run_config: dict[str, Scalar] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"name={value!r}: use letters, digits and - _ . + (it names a folder)")
+        return value
+
+    @field_validator("epsilons")
+    @classmethod
+    def _epsilons(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None:
+            bad = [e for e in value if not (math.isfinite(e) and e > 0)]
+            if bad:
+                raise ValueError(f"every epsilon must be a positive number, got {bad}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"epsilons={list(value)} repeats a value")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentSpec:
+        given = self.model_fields_set
+        if self.kind != "federated":
+            fed_only = sorted(
+                _kebab(k)
+                for k in given & {"strategy", "epsilon", "epsilons", "rounds", "run_config"}
+            )
+            if fed_only:
+                raise ValueError(
+                    f"{', '.join(fed_only)}: federated experiments only (kind={self.kind!r})"
+                )
+            if self.dp:
+                raise ValueError(
+                    f"dp=true: the {self.kind} baseline trains centrally without DP; "
+                    "use a federated experiment with dp = true"
+                )
+        if "modality" in given and self.modalities is not None:
+            raise ValueError("give modality or modalities, not both")
+        if self.epsilon is not None and self.epsilons is not None:
+            raise ValueError("give epsilon or epsilons, not both")
+        if not self.dp and (self.epsilon is not None or self.epsilons is not None):
+            raise ValueError("epsilon/epsilons given but dp=false; set dp = true")
+        if self.modalities is not None and len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities={list(self.modalities)} repeats a value")
+        reserved = sorted(k for k in self.run_config if k in HARNESS_KEYS)
+        if reserved:
+            raise ValueError(
+                "run-config may not set "
+                + "; ".join(f"{k} (set {HARNESS_KEYS[k]})" for k in reserved)
+            )
+        return self
+
+    def expand(self) -> list[Experiment]:
+        modalities = self.modalities or (self.modality,)
+        epsilons: Sequence[float | None]
+        if self.dp:
+            epsilons = self.epsilons or (self.epsilon,)
+        else:
+            epsilons = (None,)
+        out = []
+        for m in modalities:
+            for e in epsilons:
+                name = self.name
+                if self.modalities is not None:
+                    name += f"-{m}"
+                if self.epsilons is not None:
+                    name += f"-eps{e:g}"
+                out.append(
+                    Experiment(
+                        name=name,
+                        series=self.name,
+                        kind=self.kind,
+                        modality=m,
+                        strategy=self.strategy,
+                        dp=self.dp,
+                        epsilon=e,
+                        rounds=self.rounds,
+                        run_config=dict(self.run_config),
+                    )
+                )
+        return out
+
+
+class Experiment(BaseModel):
+    """One concrete experiment after expansion: what the runner runs once per seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    series: str  # the [[experiment]] it came from: one line in the privacy-utility plot
+    kind: Kind
+    modality: Modality
+    strategy: StrategyName
+    dp: bool
+    epsilon: float | None  # None with dp: the run config's default budget
+    rounds: int | None
+    run_config: dict[str, Scalar]
+
+    @property
+    def label(self) -> str:
+        if self.kind == "pooled":
+            return "pooled"
+        if self.kind == "local":
+            return "local-only"
+        return f"{self.strategy}" + (
+            f" DP eps={self.epsilon:g}" if self.dp and self.epsilon else " DP" if self.dp else ""
+        )
+
+
+class SimulationConfig(_Section):
+    """The whole simulation: sites, model, training, resources, experiments, seeds."""
+
+    name: str = Field("medfuse simulation", min_length=1, max_length=200)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    out: Path | None = Field(None, description="output folder; --out overrides")
+    sites: SitesConfig = Field(default_factory=SitesConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    experiment: tuple[ExperimentSpec, ...] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 0 for s in value):
+            raise ValueError(f"seeds={list(value)}: seeds are non-negative integers")
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds={list(value)} repeats a seed")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SimulationConfig:
+        names: dict[str, str] = {}
+        for spec in self.experiment:
+            for exp in spec.expand():
+                if exp.name in names:
+                    raise ValueError(
+                        f"experiment name {exp.name!r} is used twice (by [[experiment]] "
+                        f"{names[exp.name]!r} and {spec.name!r}); names must be unique"
+                    )
+                names[exp.name] = spec.name
+        n = self.sites.num_hospitals
+        if n < 2 and any(e.kind == "federated" for e in self.experiments):
+            raise ValueError(f"federated experiments need at least 2 hospitals; the sites give {n}")
+        reserved = sorted(k for k in self.training.run_config if k in HARNESS_KEYS)
+        if reserved:
+            raise ValueError(
+                "training.run-config may not set "
+                + "; ".join(f"{k} (set {HARNESS_KEYS[k]})" for k in reserved)
+            )
+        # every experiment (baselines too: they build the same model) must make a valid
+        # run config, with the ServerApp's own validation
+        for exp in self.experiments:
+            try:
+                self.run_config(exp, self.seeds[0], Path("/sites"), Path("/out"))
+            except RunConfigError as exc:
+                lines = [
+                    ln.strip().replace("Value error, ", "").removeprefix("(run config): ")
+                    for ln in str(exc).splitlines()[1:]
+                ]
+                raise ValueError(
+                    f"experiment {exp.name!r} makes a bad run config: " + "; ".join(lines)
+                ) from None
+        return self
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def experiments(self) -> list[Experiment]:
+        return [e for spec in self.experiment for e in spec.expand()]
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.model.labels.split(",") if x.strip())
+
+    def rounds_of(self, exp: Experiment) -> int:
+        return exp.rounds or self.training.rounds
+
+    def flower_run_config(
+        self, exp: Experiment, *, seed: int, sites_dir: Path, output_dir: Path
+    ) -> dict[str, Scalar]:
+        """The flat run config of one federated run: pyproject defaults, the harness's
+        keys, then `[training] run-config`, then the experiment's `run-config`."""
+        flat: dict[str, Any] = dict(pyproject_defaults())
+        flat.update(self.training.run_config)
+        flat.update(exp.run_config)
+        n = self.sites.num_hospitals
+        frac_train = float(flat.get("fraction-train", 1.0))
+        frac_eval = float(flat.get("fraction-evaluate", 1.0))
+        flat.update(
+            {
+                "num-server-rounds": self.rounds_of(exp),
+                "strategy": exp.strategy,
+                "dp": exp.dp,
+                "modality": exp.modality,
+                "seed": seed,
+                "sites-dir": str(sites_dir),
+                "output-dir": str(output_dir),
+                "local-epochs": self.training.local_epochs,
+                "batch-size": self.training.batch_size,
+                "lr": self.training.lr,
+                "image-size": self.model.image_size,
+                "fusion": self.model.fusion,
+                "model-size": self.model.model_size,
+                "labels": self.model.labels,
+                "min-available-nodes": n,
+                "min-train-nodes": max(1, int(n * frac_train)),
+                "min-evaluate-nodes": max(1, int(n * frac_eval)) if frac_eval > 0 else 0,
+                "resume": False,
+            }
+        )
+        if exp.dp and exp.epsilon is not None:
+            flat["epsilon"] = exp.epsilon
+        return flat
+
+    def run_config(
+        self, exp: Experiment, seed: int, sites_dir: Path, output_dir: Path
+    ) -> RunConfig:
+        """The validated run config (also gives the ModelConfig the baselines use)."""
+        flat = self.flower_run_config(exp, seed=seed, sites_dir=sites_dir, output_dir=output_dir)
+        return RunConfig.parse(flat)
+
+    def fingerprint(self, exp: Experiment, seed: int) -> str:
+        """What decides one experiment's result: same fingerprint, same experiment, so a
+        finished one is not run again; anything else changed and it runs afresh."""
+        payload: dict[str, Any] = {
+            "experiment": exp.model_dump(mode="json"),
+            "seed": seed,
+            "sites": self.sites.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json"),
+        }
+        if exp.kind == "federated":
+            payload["run-config"] = self.flower_run_config(
+                exp, seed=seed, sites_dir=Path("-"), output_dir=Path("-")
+            )
+        else:
+            t = self.training
+            payload["central"] = {"epochs": t.epochs, "batch-size": t.batch_size, "lr": t.lr}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (defaults filled in, paths absolute)."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.sites.source == "folders":
+            for key in ("count", "cases-per-site", "label-skew"):
+                data["sites"].pop(key, None)
+        for table in data["experiment"]:
+            if "modalities" in table:
+                table.pop("modality", None)
+            if table["kind"] != "federated":
+                for key in ("strategy", "dp", "rounds", "run-config"):
+                    table.pop(key, None)
+        return dump_toml(data)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _format_errors(exc: ValidationError, raw: Mapping[str, Any], source: str) -> str:
+    problems = []
+    experiments = raw.get("experiment") if isinstance(raw, Mapping) else None
+    errors = exc.errors()
+    # a tuple whose items failed also reports "too short": only the items' errors matter
+    failed_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+    failed_items |= {e["loc"][:1] for e in errors if len(e["loc"]) > 1}
+    for e in errors:
+        loc = list(e["loc"])
+        if e["type"] == "too_short" and tuple(loc) in failed_items:
+            continue
+        parts: list[str] = []
+        for i, p in enumerate(loc):
+            if isinstance(p, int):
+                label = f"[{p}]"
+                if (
+                    i > 0
+                    and loc[i - 1] == "experiment"
+                    and isinstance(experiments, list)
+                    and p < len(experiments)
+                    and isinstance(experiments[p], Mapping)
+                    and "name" in experiments[p]
+                ):
+                    label = f"[{p}] ({experiments[p]['name']})"
+                parts.append(label)
+            else:
+                parts.append(("." if parts else "") + str(p))
+        key = "".join(parts)
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        shown = "input" in e and loc and e["type"] not in ("missing",)
+        got = f" (got {e['input']!r})" if shown and not isinstance(e["input"], dict) else ""
+        problems.append(f"  {key}: {msg}{got}" if key else f"  {msg}")
+    return f"invalid simulation config ({source}):\n" + "\n".join(problems)
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "config") -> SimulationConfig:
+    """Validate a config table; ConfigError names every bad key."""
+    try:
+        return SimulationConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, raw, source)) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw table of a TOML (or JSON) config file; relative paths in it are taken from
+    the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the simulation config {str(path)!r}: {exc}") from None
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    sites = raw.get("sites")
+    if isinstance(sites, dict) and isinstance(sites.get("folders"), list):
+        sites["folders"] = [
+            str((base / f).resolve()) if isinstance(f, str) else f for f in sites["folders"]
+        ]
+    if isinstance(raw.get("out"), str):
+        raw["out"] = str((base / raw["out"]).resolve())
+    return raw
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    sites: Sequence[Path] | None = None,
+    out: Path | None = None,
+    rounds: int | None = None,
+    seeds: Sequence[int] | None = None,
+    only: Sequence[str] | None = None,
+) -> SimulationConfig:
+    """The config from `path` (default: the built-in one), with command-line overrides.
+
+    `sites` replaces the hospitals with those folders (one hospital per folder unless the
+    config re-partitions them); `only` keeps the named experiments (after expansion, or
+    whole `[[experiment]]` tables by their name).
+    """
+    source = str(path) if path is not None else "built-in default"
+    raw = read_config_file(path or DEFAULT_CONFIG)
+    if sites:
+        table = dict(raw.get("sites") or {})
+        for key in ("count", "cases-per-site", "label-skew"):
+            table.pop(key, None)
+        table["source"] = "folders"
+        table["folders"] = [str(Path(s).expanduser().resolve()) for s in sites]
+        raw["sites"] = table
+    if out is not None:
+        raw["out"] = str(Path(out).expanduser().resolve())
+    if rounds is not None:
+        raw["training"] = {**(raw.get("training") or {}), "rounds": rounds}
+    if seeds:
+        raw["seeds"] = list(seeds)
+    cfg = parse_config(raw, source)
+    if only:
+        cfg = select_experiments(cfg, only)
+    if cfg.out is None:
+        cfg = cfg.model_copy(update={"out": DEFAULT_OUT.resolve()})
+    return cfg
+
+
+def select_experiments(cfg: SimulationConfig, names: Sequence[str]) -> SimulationConfig:
+    """Keep only the named experiments (expanded names or `[[experiment]]` names)."""
+    wanted = set(names)
+    known = {e.name for e in cfg.experiments} | {s.name for s in cfg.experiment}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ConfigError(
+            f"--only {', '.join(unknown)}: no such experiment; known: {', '.join(sorted(known))}"
+        )
+    kept = []
+    for spec in cfg.experiment:
+        if spec.name in wanted:
+            kept.append(spec)
+            continue
+        exps = [e for e in spec.expand() if e.name in wanted]
+        if not exps:
+            continue
+        update: dict[str, Any] = {}
+        if spec.epsilons is not None:
+            update["epsilons"] = tuple(dict.fromkeys(e.epsilon for e in exps))
+        if spec.modalities is not None:
+            update["modalities"] = tuple(dict.fromkeys(e.modality for e in exps))
+        kept.append(spec.model_copy(update=update))
+    return cfg.model_copy(update={"experiment": tuple(kept)})
+
+
+# ---------------------------------------------------------------------- TOML output
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """A small TOML writer for config tables: top-level scalars, then each top-level
+    mapping as a `[table]` and each list of mappings as `[[array of tables]]`; mappings
+    deeper down are written inline. None values are left out."""
+    head: list[str] = []
+    tail: list[str] = []
+
+    def body(table: Mapping[str, Any]) -> list[str]:
+        return [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+
+    for k, v in data.items():
+        if v is None:
+            continue
+        if isinstance(v, Mapping):
+            tail += ["", f"[{_toml_key(k)}]", *body(v)]
+        elif isinstance(v, list | tuple) and v and all(isinstance(x, Mapping) for x in v):
+            for item in v:
+                tail += ["", f"[[{_toml_key(k)}]]", *body(item)]
+        else:
+            head.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    return "\n".join(head + tail).strip("\n") + "\n"

@@ -1,0 +1,692 @@
+"""Result tables, plots and the HTML report of a simulation (no Flower, no torch).
+
+Everything here reads one long table, one row per measurement (FLamby's benchmarks):
+
+    experiment, seed, round, site, metric, value
+
+Metric names carry where they were measured: `test/<m>` is the final model on a
+hospital's test split (the numbers of the summary), `eval/<m>` the federated evaluation
+of the global model after each round (on the split the run config's `eval-split` names),
+`train/<m>` what a hospital reported after
+training (`train/loss`, and `train/epsilon`: its cumulative privacy spend, inf without
+DP). `site` is a hospital's name, or `all` for a value of the whole experiment (pooled
+training loss per epoch, `seconds`). An optional experiments table (experiment, series,
+kind, strategy, modality, dp, epsilon_budget) groups experiments into privacy-utility
+curves; without it the report still works from the long table alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+
+COLUMNS = ("experiment", "seed", "round", "site", "metric", "value")
+META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "epsilon_budget")
+ALL_SITES = "all"
+MEAN = "mean"
+TEST = "test/"
+EVAL = "eval/"
+TRAIN_LOSS = "train/loss"
+EPSILON = "train/epsilon"
+SECONDS = "seconds"
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "accuracy"),
+    ("macro-F1", "macro-f1"),
+    ("AUROC", "auroc"),
+    ("IoU", "iou"),
+    ("BLEU-4", "bleu4"),
+    ("ROUGE-L", "rouge-l"),
+)
+EPS_COLUMN = "epsilon"
+TERMINAL_MAX_SITES = 20
+RESULTS_FILE = "results.csv"
+EXPERIMENTS_FILE = "experiments.csv"
+SUMMARY_FILE = "summary.md"
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+
+
+# ---------------------------------------------------------------------- the long table
+
+
+def empty_results() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            c: pd.Series(dtype=t)
+            for c, t in zip(
+                COLUMNS, ("object", "int64", "int64", "object", "object", "float64"), strict=True
+            )
+        }
+    )
+
+
+def results_frame(rows: Sequence[Sequence[object]] | pd.DataFrame) -> pd.DataFrame:
+    """Rows (tuples in COLUMNS order, or a frame) as a typed long table."""
+    frame = (
+        rows.copy()
+        if isinstance(rows, pd.DataFrame)
+        else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    )
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"results table lacks column(s) {', '.join(missing)}")
+    frame = frame[list(COLUMNS)]
+    if frame.empty:
+        return empty_results()
+    return frame.astype(
+        {
+            "experiment": str,
+            "seed": "int64",
+            "round": "int64",
+            "site": str,
+            "metric": str,
+            "value": "float64",
+        }
+    ).reset_index(drop=True)
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results CSV (inf and nan are read back as numbers)."""
+    frame = pd.read_csv(
+        path, dtype={"experiment": str, "site": str, "metric": str}, keep_default_na=False
+    )
+    frame["value"] = pd.to_numeric(frame["value"].replace({"": "nan"}), errors="coerce")
+    return results_frame(frame)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def experiment_order(results: pd.DataFrame, meta: pd.DataFrame | None = None) -> list[str]:
+    """Experiments in the experiments table's order, then any others by first appearance."""
+    seen = list(dict.fromkeys(results["experiment"].tolist()))
+    if meta is None or meta.empty:
+        return seen
+    first = [e for e in meta["experiment"].tolist() if e in set(seen)]
+    return first + [e for e in seen if e not in set(first)]
+
+
+def site_order(sites: Sequence[str]) -> list[str]:
+    def key(s: str) -> tuple:
+        return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
+
+    return sorted({s for s in sites if s != ALL_SITES}, key=key)
+
+
+# ---------------------------------------------------------------------- final metrics
+
+
+def final_per_site(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (experiment, seed, site): the final test metrics and the epsilon spent
+    (largest cumulative epsilon the site reported; inf without DP, nan if unknown)."""
+    cols = ["experiment", "seed", "site"] + [m for _, m in SUMMARY_METRICS] + [EPS_COLUMN]
+    test = results[results["metric"].str.startswith(TEST) & (results["site"] != ALL_SITES)]
+    if test.empty:
+        return pd.DataFrame(columns=cols)
+    last = test.loc[test.groupby(["experiment", "seed", "site", "metric"])["round"].idxmax()]
+    wide = last.assign(metric=last["metric"].str.slice(len(TEST))).pivot_table(
+        index=["experiment", "seed", "site"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+        dropna=False,
+    )
+    eps = results[(results["metric"] == EPSILON) & (results["site"] != ALL_SITES)]
+    if not eps.empty:
+        spent = eps.groupby(["experiment", "seed", "site"])["value"].max()
+        wide[EPS_COLUMN] = spent.reindex(wide.index)
+    for c in cols[3:]:
+        if c not in wide.columns:
+            wide[c] = np.nan
+    return wide.reset_index()[cols]
+
+
+@dataclass
+class Summary:
+    """Final metrics per (experiment, site) and the mean over sites, averaged over seeds."""
+
+    per_site: pd.DataFrame  # experiment, site, metrics..., epsilon (mean over seeds)
+    mean: pd.DataFrame  # experiment, metrics..., epsilon, seeds, +"<m> std" when seeds > 1
+    experiments: list[str]
+    sites: list[str]
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def summarize(results: pd.DataFrame, meta: pd.DataFrame | None = None) -> Summary:
+    metrics = [m for _, m in SUMMARY_METRICS]
+    per = final_per_site(results)
+    order = [e for e in experiment_order(results, meta) if e in set(per["experiment"])]
+    sites = site_order(per["site"].tolist())
+    # mean over sites per seed (epsilon: the largest any site spent), then over seeds
+    by_seed = per.groupby(["experiment", "seed"])
+    seed_mean = by_seed[metrics].mean()
+    if not per.empty:
+        seed_mean[EPS_COLUMN] = by_seed[EPS_COLUMN].max()
+    else:
+        seed_mean[EPS_COLUMN] = []
+    seed_mean = seed_mean.reset_index()
+    mean = seed_mean.groupby("experiment")[metrics + [EPS_COLUMN]].mean()
+    mean["seeds"] = seed_mean.groupby("experiment")["seed"].nunique()
+    if (mean["seeds"] > 1).any():
+        std = seed_mean.groupby("experiment")[metrics].std(ddof=1)
+        for m in metrics:
+            mean[f"{m} std"] = std[m]
+    secs = results[(results["metric"] == SECONDS) & (results["site"] == ALL_SITES)]
+    mean[SECONDS] = secs.groupby("experiment")["value"].mean().reindex(mean.index)
+    mean = mean.reindex(order).reset_index()
+    site_mean = per.groupby(["experiment", "site"])[metrics + [EPS_COLUMN]].mean().reset_index()
+    labels = {}
+    if meta is not None and not meta.empty and "label" in meta.columns:
+        labels = dict(zip(meta["experiment"], meta["label"], strict=False))
+    return Summary(per_site=site_mean, mean=mean, experiments=order, sites=sites, labels=labels)
+
+
+def fmt(value: float, metric: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if metric == EPS_COLUMN:
+        return "∞" if math.isinf(value) else f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    text = fmt(row.get(metric, math.nan), metric)
+    std = row.get(f"{metric} std")
+    if std is not None and isinstance(std, float) and not math.isnan(std):
+        text += f" ± {std:.3f}"
+    return text
+
+
+def mean_rows(summary: Summary, with_std: bool = True) -> tuple[list[str], list[list[str]]]:
+    headers = ["experiment"] + [h for h, _ in SUMMARY_METRICS] + ["epsilon", "time (s)"]
+    rows = []
+    for _, row in summary.mean.iterrows():
+        cells = [_cell(row, m) if with_std else fmt(row[m], m) for _, m in SUMMARY_METRICS]
+        secs = row.get(SECONDS, math.nan)
+        rows.append(
+            [str(row["experiment"])]
+            + cells
+            + [
+                fmt(row[EPS_COLUMN], EPS_COLUMN),
+                "-" if secs is None or math.isnan(secs) else f"{secs:.0f}",
+            ]
+        )
+    return headers, rows
+
+
+def site_accuracy_rows(
+    summary: Summary, metric: str = "accuracy"
+) -> tuple[list[str], list[list[str]]]:
+    headers = ["hospital"] + summary.experiments
+    table = summary.per_site.pivot_table(
+        index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
+    )
+    rows = []
+    for site in summary.sites:
+        rows.append(
+            [site]
+            + [
+                fmt(table.at[site, e], metric)
+                if site in table.index and e in table.columns
+                else "-"
+                for e in summary.experiments
+            ]
+        )
+    means = summary.mean.set_index("experiment")
+    rows.append([MEAN] + [fmt(means.at[e, metric], metric) for e in summary.experiments])
+    return headers, rows
+
+
+def detail_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    headers = ["experiment", "hospital"] + [h for h, _ in SUMMARY_METRICS] + ["epsilon"]
+    rows = []
+    for exp in summary.experiments:
+        part = summary.per_site[summary.per_site["experiment"] == exp].set_index("site")
+        for site in summary.sites:
+            if site not in part.index:
+                continue
+            r = part.loc[site]
+            rows.append(
+                [exp, site]
+                + [fmt(r[m], m) for _, m in SUMMARY_METRICS]
+                + [fmt(r[EPS_COLUMN], EPS_COLUMN)]
+            )
+        m = summary.mean[summary.mean["experiment"] == exp]
+        if not m.empty:
+            r = m.iloc[0]
+            rows.append(
+                [exp, f"**{MEAN}**"]
+                + [_cell(r, mm) for _, mm in SUMMARY_METRICS]
+                + [fmt(r[EPS_COLUMN], EPS_COLUMN)]
+            )
+    return headers, rows
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|")
+
+    align = ["---"] + ["---:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+NOTES = (
+    "Final model on each hospital's test split. `mean`: unweighted mean over hospitals "
+    "(± standard deviation over seeds where there are several). epsilon: the largest "
+    "cumulative privacy spend of any hospital (delta as configured); ∞ = trained without "
+    "differential privacy (pooled and local-only baselines train centrally, without DP). "
+    "time: wall seconds of the experiment (mean over seeds)."
+)
+
+
+def summary_markdown(summary: Summary, title: str = "medfuse simulation") -> str:
+    parts = [f"# {title}", "", NOTES, "", "## Mean over hospitals", ""]
+    parts += [markdown_table(*mean_rows(summary)), ""]
+    parts += ["## Accuracy per hospital", "", markdown_table(*site_accuracy_rows(summary)), ""]
+    parts += ["## Every metric per hospital", "", markdown_table(*detail_rows(summary)), ""]
+    return "\n".join(parts)
+
+
+def terminal_tables(summary: Summary) -> list[Table]:
+    """The summary for the terminal: the mean table, and accuracy per hospital when there
+    are not too many hospitals to read."""
+    out = []
+    _, rows = mean_rows(summary, with_std=False)
+    headers = [
+        "experiment",
+        "acc",
+        "macro-F1",
+        "AUROC",
+        "IoU",
+        "BLEU-4",
+        "ROUGE-L",
+        "eps",
+        "time s",
+    ]
+    t = Table(
+        title="final test metrics, mean over hospitals (eps: privacy spent, ∞ = no DP)",
+        title_justify="left",
+    )
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r in rows:
+        t.add_row(*r)
+    out.append(t)
+    if 0 < len(summary.sites) <= TERMINAL_MAX_SITES:
+        headers, rows = site_accuracy_rows(summary)
+        t = Table(title="test accuracy per hospital", title_justify="left")
+        for i, h in enumerate(headers):
+            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        for r in rows[:-1]:
+            t.add_row(*r)
+        t.add_section()
+        t.add_row(*rows[-1])
+        out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def _curve(results: pd.DataFrame, exp: str, metric: str) -> tuple[pd.Series, pd.DataFrame]:
+    """(mean over sites and seeds by round, per-site by round averaged over seeds)."""
+    part = results[(results["experiment"] == exp) & (results["metric"] == metric)]
+    part = part[np.isfinite(part["value"])]
+    if part.empty:
+        return pd.Series(dtype=float), pd.DataFrame()
+    per_site = part.groupby(["site", "round"])["value"].mean().unstack("site")
+    mean = part.groupby(["seed", "round"])["value"].mean().groupby("round").mean()
+    return mean, per_site
+
+
+def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
+    """Training loss and per-round accuracy against round (or epoch) for one experiment:
+    the mean over hospitals in bold, each hospital thin."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, ylabel in (
+        (axes[0], TRAIN_LOSS, "training loss"),
+        (axes[1], EVAL + "accuracy", "accuracy (federated evaluation)"),
+    ):
+        mean, per_site = _curve(results, exp, metric)
+        if mean.empty:
+            ax.text(
+                0.5,
+                0.5,
+                "not measured per round\n(final test metrics only)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
+        else:
+            if per_site.shape[1] > 1:
+                named = per_site.shape[1] <= 8
+                for col in per_site.columns:
+                    ax.plot(
+                        per_site.index,
+                        per_site[col],
+                        lw=0.8,
+                        alpha=0.45,
+                        label=str(col) if named else None,
+                    )
+            ax.plot(
+                mean.index,
+                mean.values,
+                lw=2.2,
+                color="black",
+                marker="o",
+                ms=3,
+                label="mean over hospitals" if per_site.shape[1] > 1 else None,
+            )
+            if per_site.shape[1] > 1:
+                ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel("round (federated) / epoch (central)")
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{exp}: learning curves")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path: Path) -> Path:
+    """Every experiment's mean training loss and per-round accuracy, one line each."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, ylabel in (
+        (axes[0], TRAIN_LOSS, "training loss (mean)"),
+        (axes[1], EVAL + "accuracy", "accuracy, federated eval. (mean)"),
+    ):
+        drawn = 0
+        for exp in experiments:
+            mean, _ = _curve(results, exp, metric)
+            if not mean.empty:
+                ax.plot(mean.index, mean.values, marker="o", ms=3, label=exp)
+                drawn += 1
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "no per-round values",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
+        ax.set_xlabel("round / epoch")
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle("learning curves, all experiments")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = "accuracy") -> Path:
+    """Final test accuracy of each hospital under each experiment (bars; dots when there
+    are many hospitals)."""
+    plt = _pyplot()
+    sites, exps = summary.sites, summary.experiments
+    table = summary.per_site.pivot_table(
+        index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
+    )
+    table = table.reindex(index=sites, columns=exps)
+    width = min(16.0, max(6.0, 0.45 * len(sites) * max(1, min(len(exps), 4)) / 2 + 3))
+    fig, ax = plt.subplots(figsize=(width, 4.2))
+    x = np.arange(len(sites))
+    if not sites or not exps:
+        ax.text(
+            0.5,
+            0.5,
+            "no final test metrics",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
+    elif len(sites) <= 12:
+        w = 0.8 / len(exps)
+        for i, exp in enumerate(exps):
+            ax.bar(x - 0.4 + w * (i + 0.5), table[exp].to_numpy(dtype=float), w, label=exp)
+    else:
+        for exp in exps:
+            ax.plot(x, table[exp].to_numpy(dtype=float), marker="o", ms=3, lw=0.6, label=exp)
+    ax.set_xticks(
+        x, sites, rotation=90 if len(sites) > 12 else 0, fontsize=7 if len(sites) > 12 else 9
+    )
+    ax.set_ylabel(f"test {metric}")
+    ax.set_ylim(0, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    if exps:
+        ax.legend(fontsize=8, ncol=min(4, len(exps)))
+    ax.set_title(f"final test {metric} per hospital")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None = None) -> Path:
+    """Mean test accuracy against the privacy spent (epsilon, log scale); one line per
+    series of DP experiments, dashed lines for the experiments without DP."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    mean = summary.mean.set_index("experiment") if not summary.mean.empty else None
+    series = {}
+    if meta is not None and not meta.empty and "series" in meta.columns:
+        series = dict(zip(meta["experiment"], meta["series"], strict=False))
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    refs: list[tuple[str, float]] = []
+    if mean is not None:
+        for exp in summary.experiments:
+            eps, acc = float(mean.at[exp, EPS_COLUMN]), float(mean.at[exp, "accuracy"])
+            if math.isnan(acc):
+                continue
+            if math.isfinite(eps):
+                points.setdefault(series.get(exp, exp), []).append((eps, acc, exp))
+            else:
+                refs.append((exp, acc))
+    for name, pts in points.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} (DP)")
+        for _e, a, exp in pts:
+            ax.annotate(exp, (_e, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    styles = ["--", ":", "-.", (0, (5, 2, 1, 2))]
+    for i, (exp, acc) in enumerate(refs):
+        ax.axhline(
+            acc,
+            ls=styles[i % len(styles)],
+            color=f"C{(i + len(points)) % 10}",
+            lw=1.2,
+            label=f"{exp} (no DP)",
+        )
+    if points:
+        ax.set_xscale("log")
+        ticks = sorted({round(p[0], 2) for pts in points.values() for p in pts})
+        ax.set_xlim(min(ticks) / 2, max(ticks) * 2)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
+        ax.set_xlabel("epsilon spent (largest over hospitals, log scale)")
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no experiment with differential privacy",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="grey",
+        )
+        ax.set_xlabel("epsilon")
+    ax.set_ylabel("mean test accuracy")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    if points or refs:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("privacy-utility")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------- the report
+
+
+@dataclass
+class ReportFiles:
+    summary_md: Path
+    report_html: Path
+    plots: list[Path]
+    summary: Summary
+
+
+def write_report(
+    results: pd.DataFrame,
+    out_dir: Path,
+    *,
+    meta: pd.DataFrame | None = None,
+    title: str = "medfuse simulation",
+    notes: Sequence[str] = (),
+) -> ReportFiles:
+    """summary.md, plots/*.png and report.html (plots embedded) under `out_dir`."""
+    out_dir = Path(out_dir)
+    plots_dir = out_dir / PLOTS_DIR
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for old in plots_dir.glob("*.png"):
+        old.unlink()
+    summary = summarize(results, meta)
+    md = summary_markdown(summary, title)
+    summary_md = out_dir / SUMMARY_FILE
+    summary_md.write_text(md + ("\n" + "\n".join(notes) + "\n" if notes else ""), encoding="utf-8")
+    experiments = experiment_order(results, meta)
+    main_plots = [
+        (
+            "final test accuracy per hospital",
+            plot_per_site_accuracy(summary, plots_dir / "per-site-accuracy.png"),
+        ),
+        ("privacy-utility", plot_privacy_utility(summary, plots_dir / "privacy-utility.png", meta)),
+        (
+            "learning curves, all experiments",
+            plot_overview_curves(results, experiments, plots_dir / "learning-curves.png"),
+        ),
+    ]
+    curve_plots = [
+        (
+            f"learning curves: {exp}",
+            plot_learning_curves(results, exp, plots_dir / f"curves-{_safe(exp)}.png"),
+        )
+        for exp in experiments
+    ]
+    report_html = out_dir / REPORT_FILE
+    report_html.write_text(_html(title, summary, main_plots, curve_plots, notes), encoding="utf-8")
+    return ReportFiles(
+        summary_md=summary_md,
+        report_html=report_html,
+        plots=[p for _, p in main_plots + curve_plots],
+        summary=summary,
+    )
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c).replace('**', ''))}</td>" for c in r) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(title: str, path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(title)} ({html.escape(PLOTS_DIR + '/' + path.name)})"
+        "</figcaption></figure>"
+    )
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+figcaption { color: #666; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _html(
+    title: str,
+    summary: Summary,
+    main_plots: list[tuple[str, Path]],
+    curve_plots: list[tuple[str, Path]],
+    notes: Sequence[str],
+) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>{html.escape(NOTES)}</p>",
+        *(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
+        f"<p class='note'>written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        "<h2>Mean over hospitals</h2>",
+        _html_table(*mean_rows(summary)),
+        "<h2>Accuracy per hospital</h2>",
+        _html_table(*site_accuracy_rows(summary)),
+        "<h2>Plots</h2>",
+        *(_img(t, p) for t, p in main_plots),
+        "<h2>Learning curves per experiment</h2>",
+        *(_img(t, p) for t, p in curve_plots),
+        "<details><summary>Every metric per hospital</summary>",
+        _html_table(*detail_rows(summary)),
+        "</details>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

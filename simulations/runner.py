@@ -1,0 +1,883 @@
+"""Running a simulation's experiments: baselines in this process, federated runs in Flower.
+
+    out/
+      config.toml                  the resolved config (defaults filled in, paths absolute)
+      sites/                       the hospitals: synthetic ones written here, re-partitioned
+                                   ones written here, given folders linked here
+      flower/                      this run's own FLWR_HOME, the SuperLink's and runs' logs
+      experiments/NAME/seed-S/     one folder per experiment and seed: rows.csv, done.json;
+                                   federated: run-config.toml, the ServerApp's results.jsonl,
+                                   checkpoints/, final/ and ledgers/SITE (privacy ledgers)
+      results.csv                  the long table of every finished experiment
+      experiments.csv              what each experiment is (kind, strategy, dp, epsilon...)
+      summary.md, plots/*.png, report.html
+
+Pooled and local-only baselines train here, in plain PyTorch (`simulations.pooled`).
+A federated experiment is a real `flwr run` of this project's ServerApp and ClientApp in
+Flower's simulation engine (Ray backend), on a simulation-mode SuperLink that this run
+starts from the project root on a free 127.0.0.1 port and stops at the end, also on an
+error or Ctrl-C (Flower's own `:local:` SuperLink would outlive the run and keep the
+working directory of whichever app started it). Every Flower process gets the offline
+environment of `simulations.flower_env` (no telemetry, no update check, no Ray usage
+stats, no runtime dependency installation).
+
+After a federated run, the final global model (`final/model.pt`) is tested here on each
+hospital's test split, so federated and baseline numbers are measured alike.
+
+An experiment whose folder holds a `done.json` with the same fingerprint (everything that
+decides its result, `SimulationConfig.fingerprint`) is not run again; an unfinished one is
+run again from the start, in a fresh folder (fresh privacy ledgers: each experiment is a
+separate simulated federation, so each spends its own budget).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from simulations import report
+from simulations.config import Experiment, SimulationConfig, dump_toml
+from simulations.flower_env import (
+    LOOPBACK,
+    FlowerError,
+    FlowerProcess,
+    FlwrCli,
+    ProcessGroup,
+    address,
+    flower_bin,
+    free_port,
+    port_open,
+    wait_until,
+    write_connection,
+)
+from simulations.partition import (
+    PartitionError,
+    label_skew,
+    partition,
+    read_pool,
+    write_partitioned_sites,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "medfuse-simulation"
+CONFIG_FILE = "config.toml"
+SITES_DIR = "sites"
+FLOWER_DIR = "flower"
+EXPERIMENTS_DIR = "experiments"
+ROWS_FILE = "rows.csv"
+DONE_FILE = "done.json"
+RUN_CONFIG_FILE = "run-config.toml"
+STAMP_FILE = ".medfuse-sites.json"
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# ServerApp metrics that say nothing about the model (kept out of the long table)
+_SKIP_EVAL = {"epsilon", "delta", "data-error"}
+MAX_LISTED_SITES = 12  # more hospitals than this: one summary line per split
+
+Row = tuple[str, int, int, str, str, float]
+
+
+class SimulationError(RuntimeError):
+    """The simulation cannot go on; the message says what happened and where the logs are."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One experiment with one seed: the unit that is run, skipped or failed."""
+
+    experiment: Experiment
+    seed: int
+
+    @property
+    def title(self) -> str:
+        return f"{self.experiment.name} (seed {self.seed})"
+
+    def folder(self, out: Path) -> Path:
+        return out / EXPERIMENTS_DIR / self.experiment.name / f"seed-{self.seed}"
+
+
+@dataclass
+class Outcome:
+    """What a `simulate` call did."""
+
+    out: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    files: report.ReportFiles | None = None
+    results_csv: Path | None = None
+
+
+# ---------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True)
+class PreparedSites:
+    root: Path  # the folder of site folders the ClientApps read (run config sites-dir)
+    dirs: list[Path]  # in partition-id order (sorted by name, as the ClientApp lists them)
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.dirs]
+
+
+def list_site_dirs(root: Path) -> list[Path]:
+    """Site folders under `root`, in the order the ClientApp maps partition ids to them."""
+    from client.site import list_sites
+
+    return list_sites(root)
+
+
+def _stamp_matches(folder: Path, stamp: dict) -> bool:
+    path = folder / STAMP_FILE
+    try:
+        return json.loads(path.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(folder: Path, stamp: dict) -> None:
+    (folder / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True))
+
+
+def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], None]) -> Path:
+    from simulations.synth import SynthConfig, write_federation
+
+    s = cfg.sites
+    synth = SynthConfig(
+        sites=s.count,
+        cases_per_site=s.cases_per_site,
+        seed=s.seed,
+        label_skew=s.label_skew or None,
+        image_size=cfg.model.image_size,
+    )
+    stamp = {"synthetic": synth.model_dump(mode="json")}
+    base = root / "synthetic"
+    if base.is_dir() and _stamp_matches(base, stamp) and len(list_site_dirs(base)) == s.count:
+        echo(f"sites: {s.count} synthetic hospitals already in {base}")
+        return base
+    if base.exists():
+        shutil.rmtree(base)
+    t0 = time.monotonic()
+    write_federation(base, synth)
+    _write_stamp(base, stamp)
+    echo(
+        f"sites: wrote {s.count} synthetic hospitals ({s.cases_per_site} cases each on "
+        f"average, label skew alpha {s.label_skew or 'none'}, {cfg.model.image_size} px) "
+        f"to {base} in {time.monotonic() - t0:.0f} s"
+    )
+    return base
+
+
+def _linked_folders(folders: Sequence[Path], root: Path) -> Path:
+    """One folder of links to the given site folders (the ClientApps read one sites-dir)."""
+    from simulations.partition import _unique_names
+
+    for f in folders:
+        if not Path(f).is_dir():
+            raise SimulationError(f"site folder {str(f)!r} does not exist")
+        if not (Path(f) / "manifest.csv").is_file():
+            raise SimulationError(
+                f"site folder {str(f)!r} has no manifest.csv (a site is a folder holding "
+                "manifest.csv and the images it names, dataset format v1)"
+            )
+    base = root / "natural"
+    if base.exists():
+        shutil.rmtree(base)  # links only: rmtree never follows them
+    base.mkdir(parents=True)
+    for f, name in zip(folders, _unique_names([Path(f) for f in folders]), strict=True):
+        os.symlink(Path(f).resolve(), base / name, target_is_directory=True)
+    return base
+
+
+def prepare_sites(cfg: SimulationConfig, out: Path, echo: Callable[[str], None]) -> PreparedSites:
+    """Write, link or re-partition the hospitals; return the sites-dir and its folders."""
+    root = out / SITES_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    s = cfg.sites
+    if s.source == "synthetic":
+        natural_root = _synthetic_sites(cfg, root, echo)
+        natural = list_site_dirs(natural_root)
+    else:
+        natural_root = _linked_folders(s.folders, root)
+        natural = list_site_dirs(natural_root)
+    if s.partition == "natural":
+        return PreparedSites(root=natural_root, dirs=natural)
+
+    assert s.hospitals is not None
+    manifests = [d / "manifest.csv" for d in natural]
+    stamp = {
+        "partition": s.model_dump(
+            mode="json",
+            include={
+                "partition",
+                "hospitals",
+                "alpha",
+                "quantity_alpha",
+                "min_cases",
+                "seed",
+                "link",
+            },
+        ),
+        "pool": [[str(m.resolve()), m.stat().st_size, m.stat().st_mtime_ns] for m in manifests],
+    }
+    base = root / f"{s.partition}-{s.hospitals}"
+    if base.is_dir() and _stamp_matches(base, stamp) and len(list_site_dirs(base)) == s.hospitals:
+        echo(f"sites: {s.hospitals} re-partitioned hospitals already in {base}")
+        return PreparedSites(root=base, dirs=list_site_dirs(base))
+    if base.exists():
+        shutil.rmtree(base)
+    t0 = time.monotonic()
+    try:
+        pool = read_pool(natural)
+        labels = [c.record.get("label", "").strip() for c in pool]
+        parts = partition(
+            s.partition,
+            labels,
+            s.hospitals,
+            seed=s.seed,
+            alpha=s.alpha,
+            quantity_alpha=s.quantity_alpha,
+            min_size=s.min_cases,
+        )
+        write_partitioned_sites(pool, parts, base, seed=s.seed, link=s.link)
+    except PartitionError as exc:
+        raise SimulationError(f"sites.partition={s.partition!r}: {exc}") from None
+    _write_stamp(base, stamp)
+    sizes = sorted(len(p) for p in parts)
+    how = {
+        "iid": "IID",
+        "dirichlet": f"Dirichlet label skew alpha {s.alpha}",
+        "quantity": f"quantity skew alpha {s.quantity_alpha}",
+    }[s.partition]
+    echo(
+        f"sites: {len(pool)} cases of {len(natural)} site folder(s) re-partitioned into "
+        f"{s.hospitals} hospitals ({how}): sizes {sizes[0]}..{sizes[-1]} (median "
+        f"{sizes[len(sizes) // 2]}), label-mix distance from the pool "
+        f"{label_skew(labels, parts):.2f}; written to {base} in "
+        f"{time.monotonic() - t0:.0f} s"
+    )
+    return PreparedSites(root=base, dirs=list_site_dirs(base))
+
+
+def open_sites(
+    cfg: SimulationConfig, sites: PreparedSites, echo: Callable[[str], None], max_listed: int = 5
+) -> list:
+    """Open every hospital here (baselines and final tests); bad rows are listed and
+    skipped; a hospital that cannot be used at all stops the simulation before training."""
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.tokenizer import Tokenizer
+
+    model = cfg.run_config(cfg.experiments[0], cfg.seeds[0], sites.root, Path("-")).model()
+    tokenizer = Tokenizer(model.vocab_size)
+    opened = []
+    many = len(sites.dirs) > MAX_LISTED_SITES
+    for d in sites.dirs:
+        try:
+            site = open_site(d, labels=cfg.label_set, model=model, tokenizer=tokenizer)
+        except SiteError as exc:
+            raise SimulationError(f"hospital {d.name} ({d}) cannot be used: {exc}") from None
+        bad = site.summary.bad_rows
+        line = (
+            f"  {d.name}: {len(site.train)} train / {len(site.val)} val / "
+            f"{len(site.test)} test cases"
+        )
+        if bad:
+            line += f"; {len(bad)} bad row(s) skipped"
+        if bad or not many:
+            echo(line)
+        for b in bad[:max_listed]:
+            echo(f"    row {b.row} ({b.case_id or 'no case_id'}): {b.reason}")
+        if len(bad) > max_listed:
+            echo(f"    ... and {len(bad) - max_listed} more (medfuse data check {d})")
+        opened.append(site)
+    if many:
+        for split in ("train", "val", "test"):
+            n = sorted(len(getattr(s, split)) for s in opened)
+            echo(
+                f"  {split} cases per hospital: {n[0]}..{n[-1]} (median {n[len(n) // 2]}, "
+                f"total {sum(n)})"
+            )
+    return opened
+
+
+# ---------------------------------------------------------------------- Flower
+
+
+def check_outside_app(out: Path, app_dir: Path = PROJECT_DIR) -> None:
+    """`flwr run` bundles the app folder minus what its .gitignore ignores: an output
+    folder inside it would be bundled (results, configs, model cards) into every run."""
+    try:
+        rel = out.resolve().relative_to(app_dir.resolve())
+    except ValueError:
+        return
+    try:
+        import pathspec  # Flower's own dependency for the same rules
+    except ImportError:  # pragma: no cover - installed with flwr
+        return
+    ignore = app_dir / ".gitignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    if not spec.match_file(f"{rel.as_posix()}/{CONFIG_FILE}"):
+        raise SimulationError(
+            f"the output folder {out} is inside the Flower app ({app_dir}) and not ignored "
+            "by its .gitignore, so `flwr run` would bundle its files into every federated "
+            "run; use a folder under runs/ or outside the project"
+        )
+
+
+class SimulationLink:
+    """A simulation-mode SuperLink of this run: own FLWR_HOME, free port, own logs."""
+
+    def __init__(self, workdir: Path, echo: Callable[[str], None]) -> None:
+        self.group = ProcessGroup(workdir)
+        self.echo = echo
+        self.port = free_port()
+        self.extra_env = {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        self.superlink: FlowerProcess | None = None
+        self.cli = FlwrCli(env=self.group.env(), connection=CONNECTION, cwd=PROJECT_DIR)
+        self.runs = 0
+
+    def start(self, timeout: float = 120.0) -> None:
+        write_connection(self.group.flwr_home, CONNECTION, address(self.port), None, insecure=True)
+        cmd = [
+            flower_bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation", "subprocess",
+            "--disable-runtime-dependency-installation",
+            "--host", LOOPBACK,
+            "--port", str(self.port),
+        ]  # fmt: skip
+        self.superlink = self.group.start(
+            "superlink", cmd, cwd=PROJECT_DIR, extra_env=self.extra_env
+        )
+        # one HTTP port serves the Control, Fleet and Runtime APIs; it opens once the
+        # application has started
+        wait_until(f"the simulation SuperLink on {address(self.port)}",
+                   lambda: port_open(self.port), timeout, interval=0.3,
+                   alive=[self.superlink])  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.superlink is not None and self.superlink.alive()
+
+    def submit(
+        self, name: str, run_config_file: Path, num_nodes: int, cfg: SimulationConfig
+    ) -> FlowerProcess:
+        r = cfg.resources
+        federation = (
+            f"num-supernodes={num_nodes} client-resources-num-cpus={r.client_cpus} "
+            f"client-resources-num-gpus={r.client_gpus}"
+        )
+        if r.ray_cpus is not None:
+            federation += f" init-args-num-cpus={r.ray_cpus}"
+        cmd = [
+            flower_bin("flwr"),
+            "run",
+            str(PROJECT_DIR),
+            CONNECTION,
+            "--stream",
+            "--federation-config",
+            federation,
+            "-c",
+            str(run_config_file),
+        ]
+        self.runs += 1
+        safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+        return self.group.start(
+            f"run-{self.runs:03d}-{safe}", cmd, cwd=PROJECT_DIR, extra_env=self.extra_env
+        )
+
+    def status(self, run_id: int) -> str:
+        info = self.cli.run_info(run_id)
+        return str(info["status"]) if info else "unknown"
+
+    def stop_run(self, run_id: int) -> None:
+        with contextlib.suppress(FlowerError):
+            self.cli.stop_run(run_id)
+
+    def close(self) -> None:
+        self.group.stop_all()
+
+    def __enter__(self) -> SimulationLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- the runner
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+class Runner:
+    """Runs the units of one config into one output folder."""
+
+    def __init__(
+        self, cfg: SimulationConfig, console: Console | None = None, progress: bool = True
+    ) -> None:
+        assert cfg.out is not None, "load_config fills in the output folder"
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.console = console or Console()
+        self.show_progress = progress
+        self.lines = not self.console.is_terminal  # plain log lines where bars don't show
+        self.units = [Unit(e, s) for e in cfg.experiments for s in cfg.seeds]
+        self.sites: PreparedSites | None = None
+        self.opened: list | None = None
+        self.link: SimulationLink | None = None
+        self._progress: Progress | None = None
+
+    # ------------------------------------------------------------- output
+
+    def echo(self, text: str) -> None:
+        (self._progress.console if self._progress else self.console).print(
+            text, markup=False, highlight=False, soft_wrap=True
+        )
+
+    def is_done(self, unit: Unit) -> bool:
+        folder = unit.folder(self.out)
+        try:
+            done = json.loads((folder / DONE_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        return (
+            done.get("fingerprint") == self.cfg.fingerprint(unit.experiment, unit.seed)
+            and (folder / ROWS_FILE).is_file()
+        )
+
+    def meta_frame(self) -> pd.DataFrame:
+        rows = [
+            {
+                "experiment": e.name,
+                "series": e.series,
+                "kind": e.kind,
+                "strategy": e.strategy if e.kind == "federated" else "",
+                "modality": e.modality,
+                "dp": e.dp,
+                "epsilon_budget": e.epsilon
+                if e.epsilon is not None
+                else (
+                    self.cfg.flower_run_config(
+                        e, seed=0, sites_dir=Path("-"), output_dir=Path("-")
+                    )["epsilon"]
+                    if e.dp
+                    else math.inf
+                ),
+                "rounds": self.cfg.rounds_of(e)
+                if e.kind == "federated"
+                else self.cfg.training.epochs,
+                "label": e.label,
+            }
+            for e in self.cfg.experiments
+        ]
+        return pd.DataFrame(rows)
+
+    def collect(self) -> pd.DataFrame:
+        """The long table of every finished unit of this config, in config order."""
+        frames = []
+        for unit in self.units:
+            if self.is_done(unit):
+                frames.append(report.read_results(unit.folder(self.out) / ROWS_FILE))
+        if not frames:
+            return report.empty_results()
+        return report.results_frame(pd.concat(frames, ignore_index=True))
+
+    def write_tables(self) -> pd.DataFrame:
+        results = self.collect()
+        report.write_csv_atomic(results, self.out / report.RESULTS_FILE)
+        report.write_csv_atomic(self.meta_frame(), self.out / report.EXPERIMENTS_FILE)
+        return results
+
+    # ------------------------------------------------------------- the run
+
+    def run(self) -> Outcome:
+        t0 = time.monotonic()
+        outcome = Outcome(out=self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / CONFIG_FILE).write_text(
+            "# The resolved simulation config: `medfuse simulate THIS_FILE` runs it again.\n"
+            + self.cfg.to_toml(),
+            encoding="utf-8",
+        )
+        todo = [u for u in self.units if not self.is_done(u)]
+        outcome.skipped = [u.title for u in self.units if u not in todo]
+        if outcome.skipped:
+            self.echo(
+                f"already finished in {self.out}, not run again: " + ", ".join(outcome.skipped)
+            )
+        if any(u.experiment.kind == "federated" for u in todo):
+            check_outside_app(self.out)
+        if todo:
+            self.sites = prepare_sites(self.cfg, self.out, self.echo)
+            self.echo(f"{len(self.sites.dirs)} hospitals:")
+            self.opened = open_sites(self.cfg, self.sites, self.echo)
+        try:
+            with self._progress_bar() as progress:
+                self._progress = progress
+                overall = progress.add_task(
+                    "experiments", total=len(self.units), completed=len(outcome.skipped), info=""
+                )
+                for i, unit in enumerate(todo, start=1):
+                    self.echo(f"[{i}/{len(todo)}] {unit.title}: {unit.experiment.label}")
+                    started = time.monotonic()
+                    try:
+                        self._run_unit(unit, progress)
+                    except SimulationError as exc:
+                        outcome.failed[unit.title] = str(exc)
+                        self.echo(f"[{i}/{len(todo)}] {unit.title} FAILED: {exc}")
+                    else:
+                        outcome.ran.append(unit.title)
+                        self.echo(
+                            f"[{i}/{len(todo)}] {unit.title}: done in "
+                            f"{time.monotonic() - started:.0f} s" + self._headline(unit)
+                        )
+                    progress.advance(overall)
+                    self.write_tables()
+        finally:
+            self._progress = None
+            if self.link is not None:
+                self.link.close()
+                self.link = None
+        results = self.write_tables()
+        outcome.results_csv = self.out / report.RESULTS_FILE
+        notes = [f"config: {self.out / CONFIG_FILE}; long table: {outcome.results_csv}"]
+        if outcome.failed:
+            notes.append("not finished: " + ", ".join(outcome.failed))
+        outcome.files = report.write_report(
+            results, self.out, meta=self.meta_frame(), title=self.cfg.name, notes=notes
+        )
+        outcome.seconds = time.monotonic() - t0
+        return outcome
+
+    def _progress_bar(self) -> Progress:
+        return Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.show_progress or not self.console.is_terminal,
+        )
+
+    def _headline(self, unit: Unit) -> str:
+        try:
+            rows = report.read_results(unit.folder(self.out) / ROWS_FILE)
+        except (OSError, ValueError):
+            return ""
+        acc = rows[rows["metric"] == report.TEST + "accuracy"]["value"].tolist()
+        eps = rows[rows["metric"] == report.EPSILON]["value"].tolist()
+        text = f"; mean test accuracy {_mean(acc):.3f}" if acc else ""
+        finite = [e for e in eps if math.isfinite(e)]
+        if finite:
+            text += f", epsilon spent up to {max(finite):.2f}"
+        return text
+
+    def _run_unit(self, unit: Unit, progress: Progress) -> None:
+        folder = unit.folder(self.out)
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished or outdated run: start afresh
+        folder.mkdir(parents=True)
+        started = time.monotonic()
+        kind = unit.experiment.kind
+        if kind == "pooled":
+            rows = self._pooled(unit, progress)
+        elif kind == "local":
+            rows = self._local(unit, progress)
+        else:
+            rows = self._federated(unit, folder, progress)
+        seconds = time.monotonic() - started
+        rows.append((unit.experiment.name, unit.seed, 0, report.ALL_SITES, report.SECONDS, seconds))
+        report.write_csv_atomic(report.results_frame(rows), folder / ROWS_FILE)
+        done = {
+            "experiment": unit.experiment.name,
+            "seed": unit.seed,
+            "fingerprint": self.cfg.fingerprint(unit.experiment, unit.seed),
+            "seconds": round(seconds, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "rows": len(rows),
+        }
+        tmp = folder / f".{DONE_FILE}.tmp"
+        tmp.write_text(json.dumps(done, indent=2))
+        os.replace(tmp, folder / DONE_FILE)
+
+    # ------------------------------------------------------------- baselines
+
+    def _central(self, unit: Unit):
+        from simulations.pooled import CentralConfig
+
+        assert self.sites is not None
+        model = self.cfg.run_config(unit.experiment, unit.seed, self.sites.root, Path("-")).model()
+        central = CentralConfig(
+            epochs=self.cfg.training.epochs,
+            batch_size=self.cfg.training.batch_size,
+            lr=self.cfg.training.lr,
+            seed=unit.seed,
+            device=self.cfg.resources.device,
+        )
+        return model, central
+
+    @contextlib.contextmanager
+    def _threads(self):
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.cfg.resources.central_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _test_rows(self, unit: Unit, rnd: int, site: str, metrics: dict[str, float]) -> list[Row]:
+        name = unit.experiment.name
+        return [(name, unit.seed, rnd, site, report.TEST + k, float(v)) for k, v in metrics.items()]
+
+    def _pooled(self, unit: Unit, progress: Progress) -> list[Row]:
+        from shared_model.tokenizer import Tokenizer
+        from simulations.pooled import train_central
+
+        assert self.opened is not None
+        model, central = self._central(unit)
+        name = unit.experiment.name
+        rows: list[Row] = []
+        task = progress.add_task(f"  {name}", total=central.epochs, info="")
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            rows.append((name, unit.seed, epoch, report.ALL_SITES, report.TRAIN_LOSS, loss))
+            progress.update(task, completed=epoch, info=f"epoch {epoch}: loss {loss:.3f}")
+            if self.lines:
+                self.echo(f"  {name} epoch {epoch}/{central.epochs}: train loss {loss:.3f}")
+
+        try:
+            with self._threads():
+                _, res = train_central(
+                    self.opened, model, central, Tokenizer(model.vocab_size), on_epoch=on_epoch
+                )
+        except (ValueError, RuntimeError) as exc:
+            raise SimulationError(f"pooled training failed: {exc}") from exc
+        for site, metrics in res.per_site.items():
+            rows += self._test_rows(unit, central.epochs, site, metrics)
+            rows.append((name, unit.seed, central.epochs, site, report.EPSILON, math.inf))
+        progress.remove_task(task)
+        return rows
+
+    def _local(self, unit: Unit, progress: Progress) -> list[Row]:
+        from shared_model.tokenizer import Tokenizer
+        from simulations.pooled import train_central
+
+        assert self.opened is not None
+        model, central = self._central(unit)
+        name = unit.experiment.name
+        rows: list[Row] = []
+        total = central.epochs * len(self.opened)
+        task = progress.add_task(f"  {name}", total=total, info="")
+        tokenizer = Tokenizer(model.vocab_size)
+        for k, site in enumerate(self.opened):
+
+            def on_epoch(epoch: int, loss: float, site_name: str = site.name, k: int = k) -> None:
+                rows.append((name, unit.seed, epoch, site_name, report.TRAIN_LOSS, loss))
+                progress.update(
+                    task,
+                    completed=k * central.epochs + epoch,
+                    info=f"{site_name} epoch {epoch}: loss {loss:.3f}",
+                )
+
+            try:
+                with self._threads():
+                    _, res = train_central([site], model, central, tokenizer, on_epoch=on_epoch)
+            except (ValueError, RuntimeError) as exc:
+                raise SimulationError(f"local training at {site.name} failed: {exc}") from exc
+            for s, metrics in res.per_site.items():
+                rows.extend(self._test_rows(unit, central.epochs, s, metrics))
+                rows.append((name, unit.seed, central.epochs, s, report.EPSILON, math.inf))
+            if self.lines:
+                acc = res.per_site.get(site.name, {}).get("accuracy", math.nan)
+                self.echo(f"  {name} {site.name}: test accuracy {acc:.3f}")
+        progress.remove_task(task)
+        return rows
+
+    # ------------------------------------------------------------- federated
+
+    def _federated(self, unit: Unit, folder: Path, progress: Progress) -> list[Row]:
+        from server.results import RESULTS_FILE, read_rows
+        from shared_model.run_config import RunConfig
+
+        assert self.sites is not None
+        exp = unit.experiment
+        rounds = self.cfg.rounds_of(exp)
+        flat = self.cfg.flower_run_config(
+            exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder
+        )
+        RunConfig.parse(flat)
+        rc_file = folder / RUN_CONFIG_FILE
+        rc_file.write_text(dump_toml(flat), encoding="utf-8")
+        if self.link is None or not self.link.alive():
+            if self.link is not None:
+                self.link.close()
+            self.echo("starting a simulation SuperLink (Flower simulation engine, Ray)")
+            self.link = SimulationLink(self.out / FLOWER_DIR, self.echo)
+            try:
+                self.link.start()
+            except FlowerError as exc:
+                raise SimulationError(f"the simulation SuperLink did not start: {exc}") from exc
+        link = self.link
+        proc = link.submit(f"{exp.name}-seed{unit.seed}", rc_file, len(self.sites.dirs), self.cfg)
+        task = progress.add_task(f"  {exp.name}", total=rounds, info="starting Flower")
+        results_path = folder / RESULTS_FILE
+        deadline = time.monotonic() + self.cfg.resources.timeout
+        seen_round, size = 0, -1
+        run_id: int | None = None
+        final = folder / "final" / "model.pt"
+        status, next_check = "", 0.0
+        while True:
+            time.sleep(1.0)
+            if run_id is None:
+                run_id = self._run_id(proc)
+            if results_path.exists() and results_path.stat().st_size != size:
+                size = results_path.stat().st_size
+                seen_round = self._show_round(
+                    unit, read_rows(results_path), seen_round, rounds, progress, task
+                )
+            if not proc.alive():
+                if run_id is None:
+                    raise SimulationError(
+                        f"flwr run did not start a run (exit {proc.returncode()}); log: "
+                        f"{proc.log_path}\n{_ANSI.sub('', proc.tail(30))}"
+                    )
+                # the ServerApp writes the final model last; the log stream may end before
+                # the run does, so without the model ask Flower (every few seconds)
+                if final.is_file() and seen_round >= rounds:
+                    break
+                if time.monotonic() >= next_check:
+                    with contextlib.suppress(FlowerError):
+                        status = link.status(run_id)
+                    next_check = time.monotonic() + 5.0
+                    if status.startswith("finished"):
+                        break
+            if not link.alive():
+                proc.stop()
+                raise SimulationError(
+                    f"the simulation SuperLink stopped during {exp.name}; its log: "
+                    f"{link.superlink.log_path if link.superlink else '?'}"
+                )
+            if time.monotonic() > deadline:
+                if run_id is not None:
+                    link.stop_run(run_id)
+                proc.stop()
+                raise SimulationError(
+                    f"{exp.name} did not finish within resources.timeout="
+                    f"{self.cfg.resources.timeout:.0f} s; log: {proc.log_path}"
+                )
+        progress.remove_task(task)
+        server_rows = read_rows(results_path) if results_path.exists() else []
+        last = max((r.round for r in server_rows), default=0)
+        if not final.is_file() or last < rounds:
+            raise SimulationError(
+                f"Flower run {run_id} ended {status or 'early'} after {last} of {rounds} "
+                "round(s)"
+                + ("" if final.is_file() else " without a final model")
+                + f"; log: {proc.log_path}\n{_ANSI.sub('', proc.tail(30))}"
+            )
+        rows = self._server_rows(unit, server_rows)
+        rows += self._final_test(unit, final)
+        return rows
+
+    @staticmethod
+    def _run_id(proc: FlowerProcess) -> int | None:
+        m = _RUN_ID.search(_ANSI.sub("", proc.log_text()))
+        return int(m.group(1)) if m else None
+
+    def _show_round(
+        self, unit: Unit, rows: list, seen: int, rounds: int, progress: Progress, task: TaskID
+    ) -> int:
+        done = max((r.round for r in rows), default=0)
+        if done <= seen:
+            return seen
+        for rnd in range(seen + 1, done + 1):
+            acc = [
+                r.value
+                for r in rows
+                if r.round == rnd and r.phase == "evaluate" and r.metric == "accuracy"
+            ]
+            eps = [
+                r.value
+                for r in rows
+                if r.round == rnd
+                and r.phase == "train"
+                and r.metric == "epsilon"
+                and math.isfinite(r.value)
+            ]
+            info = f"round {rnd}: accuracy {_mean(acc):.3f}"
+            if eps:
+                info += f", epsilon {max(eps):.2f}"
+            progress.update(task, completed=rnd, info=info)
+            if self.lines:
+                self.echo(
+                    f"  {unit.experiment.name} round {rnd}/{rounds}: " + info.split(": ", 1)[1]
+                )
+        return done
+
+    def _server_rows(self, unit: Unit, rows: list) -> list[Row]:
+        """The ServerApp's results as long rows: train/<m> per site and round (train/loss,
+        train/epsilon...), eval/<m> for the federated evaluation after each round."""
+        out: list[Row] = []
+        name = unit.experiment.name
+        for r in rows:
+            if r.phase == "train":
+                metric = "loss" if r.metric == "train-loss" else r.metric
+                out.append((name, unit.seed, r.round, r.site, f"train/{metric}", r.value))
+            elif r.metric not in _SKIP_EVAL:
+                out.append((name, unit.seed, r.round, r.site, report.EVAL + r.metric, r.value))
+        return out
+
+    def _final_test(self, unit: Unit, final: Path) -> list[Row]:
+        """The final global model on every hospital's test split, here."""
+        import torch
+
+        from client.local import local_evaluate
+        from shared_model.config import ModelConfig
+        from shared_model.train import pick_device
+
+        assert self.opened is not None
+        payload = torch.load(final, map_location="cpu", weights_only=True)
+        model = ModelConfig(**payload["model_config"])
+        state = payload["model"]
+        rnd = int(payload.get("round", self.cfg.rounds_of(unit.experiment)))
+        device = pick_device(self.cfg.resources.device)
+        rows: list[Row] = []
+        with self._threads():
+            for site in self.opened:
+                metrics, n = local_evaluate(model, site, state, device, split="test")
+                if n:
+                    rows += self._test_rows(unit, rnd, site.name, metrics)
+        return rows

@@ -1,0 +1,150 @@
+"""The report from a hand-built long table: summary values, Markdown, PNGs, HTML."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from simulations import report
+from simulations.report import (
+    EPSILON,
+    TEST,
+    TRAIN_LOSS,
+    read_results,
+    results_frame,
+    summarize,
+    write_csv_atomic,
+    write_report,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SITES = ("site-00", "site-01")
+
+
+def _table() -> pd.DataFrame:
+    """pooled (no DP), fedavg (no DP) and fedavg-dp at two budgets; two seeds; two rounds."""
+    rows = []
+    acc = {"pooled": 0.8, "fedavg": 0.7, "fedavg-dp-eps1": 0.5, "fedavg-dp-eps8": 0.6}
+    for exp, a in acc.items():
+        for seed in (0, 1):
+            for rnd in (1, 2):
+                for i, site in enumerate(SITES):
+                    rows.append((exp, seed, rnd, site, TRAIN_LOSS, 2.0 / rnd + i))
+                    if exp != "pooled":
+                        rows.append((exp, seed, rnd, site, report.EVAL + "accuracy", a - 0.1 / rnd))
+                        eps = math.inf if exp == "fedavg" else float(exp[-1]) * rnd / 2
+                        rows.append((exp, seed, rnd, site, EPSILON, eps))
+            for i, site in enumerate(SITES):
+                # an earlier round's test value must be ignored: the last round counts
+                rows.append((exp, seed, 1, site, TEST + "accuracy", 0.0))
+                rows.append(
+                    (exp, seed, 2, site, TEST + "accuracy", a + (0.1 if i else -0.1) + 0.02 * seed)
+                )
+                for m in ("macro-f1", "auroc", "iou", "bleu4", "rouge-l", "loss"):
+                    rows.append((exp, seed, 2, site, TEST + m, 0.5))
+    return results_frame(rows)
+
+
+META = pd.DataFrame(
+    {
+        "experiment": ["pooled", "fedavg", "fedavg-dp-eps1", "fedavg-dp-eps8"],
+        "series": ["pooled", "fedavg", "fedavg-dp", "fedavg-dp"],
+    }
+)
+
+
+def test_summary_takes_last_round_means_over_sites_and_seeds() -> None:
+    # Execute
+    summary = summarize(_table(), META)
+
+    # Assert
+    assert summary.experiments == list(META["experiment"])
+    assert summary.sites == list(SITES)
+    mean = summary.mean.set_index("experiment")
+    assert mean.at["pooled", "accuracy"] == pytest.approx(0.81)  # (0.7+0.9)/2 + 0.01
+    assert mean.at["fedavg-dp-eps8", "accuracy"] == pytest.approx(0.61)
+    assert mean.at["pooled", "accuracy std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert mean.at["fedavg-dp-eps8", "epsilon"] == pytest.approx(8.0)
+    assert mean.at["fedavg-dp-eps1", "epsilon"] == pytest.approx(1.0)
+    assert math.isinf(mean.at["fedavg", "epsilon"])
+    assert math.isnan(mean.at["pooled", "epsilon"])  # no epsilon rows at all: unknown
+    per_site = summary.per_site.set_index(["experiment", "site"])
+    assert per_site.at[("fedavg", "site-01"), "accuracy"] == pytest.approx(0.81)
+
+
+def test_results_csv_round_trip_keeps_inf_and_nan(tmp_path: Path) -> None:
+    # Prepare
+    table = results_frame(
+        [
+            ("a", 0, 1, "s", EPSILON, math.inf),
+            ("a", 0, 1, "s", TEST + "bleu4", math.nan),
+            ("a", 0, 1, "s", TEST + "accuracy", 0.25),
+        ]
+    )
+
+    # Execute
+    write_csv_atomic(table, tmp_path / "results.csv")
+    back = read_results(tmp_path / "results.csv")
+
+    # Assert
+    assert list(back.columns) == list(report.COLUMNS)
+    assert math.isinf(back["value"][0]) and math.isnan(back["value"][1])
+    assert back["value"][2] == 0.25
+
+
+def test_report_writes_summary_pngs_and_html(tmp_path: Path) -> None:
+    # Execute
+    files = write_report(_table(), tmp_path, meta=META, title="hand-built", notes=["a note"])
+
+    # Assert: Markdown summary with every metric, per site and mean, baselines beside
+    md = files.summary_md.read_text(encoding="utf-8")
+    for header in ("accuracy", "macro-F1", "AUROC", "IoU", "BLEU-4", "ROUGE-L", "epsilon"):
+        assert header in md
+    for exp in META["experiment"]:
+        assert f"| {exp} |" in md
+    assert "| site-01 |" in md and "| mean |" in md and "∞" in md
+    assert "0.810 ± 0.014" in md  # pooled mean accuracy over two seeds
+    # Assert: non-empty PNGs, one learning-curve plot per experiment
+    names = {p.name for p in files.plots}
+    assert {"per-site-accuracy.png", "privacy-utility.png", "learning-curves.png"} <= names
+    assert {f"curves-{e}.png" for e in META["experiment"]} <= names
+    for p in files.plots:
+        data = p.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, p
+    # Assert: one HTML file with the tables and the plots embedded
+    page = files.report_html.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == len(files.plots)
+    assert "<table>" in page and "fedavg-dp-eps8" in page and "a note" in page
+
+
+def test_report_of_baselines_only_still_has_every_plot(tmp_path: Path) -> None:
+    # Prepare: no DP experiment, no per-round evaluation
+    table = _table()
+    table = table[table["experiment"] == "pooled"]
+
+    # Execute
+    files = write_report(table, tmp_path)
+
+    # Assert
+    assert all(p.stat().st_size > 5000 for p in files.plots)
+    assert "pooled" in files.summary_md.read_text(encoding="utf-8")
+
+
+def test_terminal_tables_list_each_experiment() -> None:
+    # Prepare
+    from rich.console import Console
+
+    console = Console(width=160, record=True, color_system=None)
+
+    # Execute
+    for t in report.terminal_tables(summarize(_table(), META)):
+        console.print(t)
+
+    # Assert
+    text = console.export_text()
+    for exp in META["experiment"]:
+        assert exp in text
+    assert "site-00" in text and "8.00" in text
