@@ -1,0 +1,245 @@
+"""Synthetic hospitals: determinism, format v1, per-site formats and styles, label skew."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.dataset import BOX_COLUMNS, REQUIRED_COLUMNS, open_site
+from shared_model.tokenizer import Tokenizer
+from simulations.synth import (
+    FORMATS,
+    REPORT_STYLES,
+    SynthConfig,
+    render_case,
+    site_labels,
+    site_style,
+    write_federation,
+)
+
+SMALL = SynthConfig(sites=2, cases_per_site=30, seed=3, image_size=32)
+
+
+def _rows(site: Path) -> list[dict[str, str]]:
+    with (site / "manifest.csv").open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_federation(tmp_path_factory.mktemp("small"), SMALL)
+
+
+@pytest.fixture(scope="module")
+def every_format(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    cfg = SynthConfig(sites=len(FORMATS), cases_per_site=10, seed=1, image_size=32)
+    return write_federation(tmp_path_factory.mktemp("formats"), cfg)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValidationError, match="cases_per_site"):
+        SynthConfig(sites=2, cases_per_site=5, seed=0)
+    with pytest.raises(ValidationError, match="extra"):
+        SynthConfig(sites=2, cases_per_site=10, seed=0, colour="blue")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="default label set"):
+        SynthConfig(sites=2, cases_per_site=10, seed=0, labels=("normal", "tumour"))
+    with pytest.raises(ValidationError, match="label_skew"):
+        SynthConfig(sites=2, cases_per_site=10, seed=0, label_skew=0.0)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_config_writes_the_same_bytes(tmp_path: Path, small: list[Path]) -> None:
+    # Prepare / Execute
+    again = write_federation(tmp_path / "again", SMALL)
+    # Assert
+    assert [p.name for p in again] == [p.name for p in small] == ["site-00", "site-01"]
+    first, second = _files(small[0].parent), _files(again[0].parent)
+    assert first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first)
+
+
+def test_another_seed_writes_other_data(tmp_path: Path, small: list[Path]) -> None:
+    other = write_federation(tmp_path / "other", SMALL.model_copy(update={"seed": 4}))
+    for a, b in zip(small, other, strict=True):
+        assert (a / "manifest.csv").read_bytes() != (b / "manifest.csv").read_bytes()
+        first = _rows(a)[0]["image"]
+        assert (a / first).read_bytes() != (b / _rows(b)[0]["image"]).read_bytes()
+
+
+def test_render_case_is_pure() -> None:
+    style = site_style(0, 0)
+    one = render_case(np.random.default_rng(5), "nodule", style, 32)
+    two = render_case(np.random.default_rng(5), "nodule", style, 32)
+    assert np.array_equal(one.image, two.image)
+    assert one.box == two.box and one.report == two.report
+    assert one.image.shape == (32, 32) and one.image.dtype == np.float32
+    assert 0.0 <= one.image.min() and one.image.max() <= 1.0
+
+
+def test_refuses_a_non_empty_site_folder_unless_overwrite(tmp_path: Path) -> None:
+    cfg = SynthConfig(sites=1, cases_per_site=10, seed=0, image_size=16)
+    (tmp_path / "site-00").mkdir()
+    (tmp_path / "site-00" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_federation(tmp_path, cfg)
+    assert (tmp_path / "site-00" / "keep.txt").read_text() == "mine"
+    [site] = write_federation(tmp_path, cfg, overwrite=True)
+    assert not (site / "keep.txt").exists() and (site / "manifest.csv").is_file()
+
+
+# --------------------------------------------------------------------------- format v1
+
+
+def test_manifest_rows_are_format_v1(small: list[Path]) -> None:
+    for site in small:
+        rows = _rows(site)
+        assert rows, site
+        assert set(REQUIRED_COLUMNS) | set(BOX_COLUMNS) <= set(rows[0])
+        assert len({r["case_id"] for r in rows}) == len(rows)
+        for r in rows:
+            assert r["label"] in DEFAULT_LABELS
+            assert r.get("split", "") in ("", "train", "val", "test")
+            values = [r[c] for c in BOX_COLUMNS]
+            if r["label"] == "normal":
+                assert values == ["", "", "", ""], r
+                continue
+            x0, y0, x1, y1 = map(float, values)
+            assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0, r
+
+
+def test_every_image_exists_and_decodes(every_format: list[Path]) -> None:
+    for site in every_format:
+        for r in _rows(site):
+            path = site / r["image"]
+            assert path.is_file(), path
+            if path.suffix == ".dcm":
+                pixels = pydicom.dcmread(path).pixel_array
+            else:
+                with Image.open(path) as im:
+                    pixels = np.asarray(im)
+            assert pixels.shape[:2] == (32, 32)
+
+
+def test_sites_write_different_formats(every_format: list[Path]) -> None:
+    first = {site.name: site / _rows(site)[0]["image"] for site in every_format}
+    # 8-bit grey PNG
+    with Image.open(first["site-00"]) as im:
+        assert (im.format, im.mode) == ("PNG", "L")
+    # 12-bit DICOM in a 16-bit container
+    ds = pydicom.dcmread(first["site-01"])
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+    assert ds.PhotometricInterpretation == "MONOCHROME2"
+    assert 255 < int(ds.pixel_array.max()) <= 4095
+    assert "StudyDate" not in ds and "ContentTime" not in ds
+    # 16-bit grey PNG: bit depth 16 in the header, values beyond 8 bits
+    raw = first["site-02"].read_bytes()
+    assert (raw[24], raw[25]) == (16, 0)
+    with Image.open(first["site-02"]) as im:
+        assert im.mode.startswith("I")
+        assert int(np.asarray(im).max()) > 255
+    # JPEG
+    with Image.open(first["site-03"]) as im:
+        assert im.format == "JPEG"
+    # RGB PNG
+    with Image.open(first["site-04"]) as im:
+        assert (im.format, im.mode) == ("PNG", "RGB")
+
+
+def test_sites_open_with_no_bad_rows(every_format: list[Path]) -> None:
+    model = ModelConfig(image_size=32)
+    tokenizer = Tokenizer(model.vocab_size)
+    for site in every_format:
+        data = open_site(site, labels=DEFAULT_LABELS, model=model, tokenizer=tokenizer, strict=True)
+        assert data.summary.bad_rows == ()
+        assert data.summary.usable_rows == len(_rows(site))
+
+
+# --------------------------------------------------------------------------- heterogeneity
+
+
+def test_label_skew_skews_the_site_mix() -> None:
+    def spread(skew: float | None) -> float:
+        """Mean total-variation distance of the sites' label mixes from uniform."""
+        cfg = SynthConfig(sites=6, cases_per_site=200, seed=0, label_skew=skew)
+        dists = []
+        for i in range(cfg.sites):
+            counts = Counter(site_labels(cfg, i))
+            n = sum(counts.values())
+            dists.append(0.5 * sum(abs(counts[lab] / n - 0.2) for lab in DEFAULT_LABELS))
+        return float(np.mean(dists))
+
+    balanced, skewed = spread(None), spread(0.2)
+    assert balanced < 0.02
+    assert skewed > 0.3
+
+
+def test_case_counts_vary_around_cases_per_site() -> None:
+    cfg = SynthConfig(sites=8, cases_per_site=100, seed=0)
+    counts = [len(site_labels(cfg, i)) for i in range(cfg.sites)]
+    assert all(75 <= n <= 125 for n in counts)
+    assert len(set(counts)) > 1
+
+
+def test_reports_carry_their_site_style(small: list[Path]) -> None:
+    markers = [site_style(SMALL.seed, i).report.marker for i in range(SMALL.sites)]
+    assert len(set(markers)) == SMALL.sites
+    for i, site in enumerate(small):
+        reports = [r["report"] for r in _rows(site)]
+        written = [t for t in reports if t]
+        assert written and all(markers[i] in t for t in written)
+        assert not any(markers[1 - i] in t for t in reports)
+
+
+def test_report_location_agrees_with_the_box() -> None:
+    verbose = replace(site_style(0, 0), report=REPORT_STYLES[0])  # "right lower zone"
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(200):
+        label = str(rng.choice(["pneumonia", "nodule", "effusion"]))
+        case = render_case(rng, label, verbose, 32)
+        assert case.box is not None
+        cx, cy = (case.box[0] + case.box[2]) / 2, (case.box[1] + case.box[3]) / 2
+        side = "right" if cx < 0.5 else "left"  # the patient's right is the image's left
+        assert case.finding.side == (0 if side == "right" else 1)
+        zone = case.finding.zone
+        if label == "nodule":
+            assert {
+                "apex": cy < 0.42,
+                "upper": cy < 0.42,
+                "middle": 0.33 < cy < 0.6,
+                "lower": cy > 0.52,
+            }[zone], (zone, case.box)
+        elif case.finding.kind in ("effusion", "hazy_basal"):
+            assert cy > 0.55, case.box
+        if case.report_mode == "informative":
+            finding = case.report.split("FINDINGS:")[1].split(".")[0].lower()
+            assert side in finding, case.report
+            checked += 1
+    assert checked > 50
+
+
+def test_normal_cases_have_no_box_and_the_others_one() -> None:
+    style = site_style(2, 1)
+    for k, label in enumerate(DEFAULT_LABELS * 4):
+        case = render_case(np.random.default_rng(k), label, style, 32)
+        assert (case.box is None) == (label == "normal")
