@@ -16,11 +16,12 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/offline-env.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	grep -q MEDFUSE_OFFLINE $(VENV)/bin/activate || cat scripts/offline-env.sh >> $(VENV)/bin/activate
 	touch $(STAMP)
 
 demo: install
