@@ -45,7 +45,7 @@ class ModelConfig(BaseModel):
     bilinear_rank: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     report_dropout: float = Field(
-        0.15,
+        0.3,
         ge=0.0,
         le=1.0,
         description="training only: chance a sample's report is replaced by the EMPTY token, "
@@ -64,6 +64,9 @@ class ModelConfig(BaseModel):
     loss_box: float = Field(1.0, ge=0.0)
     loss_lesion: float = Field(0.5, ge=0.0)
     loss_gen: float = Field(0.3, ge=0.0)
+    loss_aux_image: float = Field(
+        1.0, ge=0.0, description="fused models: image-only auxiliary classifier (0 = none)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

@@ -77,6 +77,10 @@ def multitask_loss(
         ) / max(b, 1)
         total = total + cfg.loss_lesion * lesion
         parts["lesion"] = float(lesion.detach())
+    if out.image_logits is not None:
+        aux = F.cross_entropy(out.image_logits, batch.label, reduction="sum") / max(b, 1)
+        total = total + cfg.loss_aux_image * aux
+        parts["aux-image"] = float(aux.detach())
     if out.gen_logits is not None:
         gen = token_loss(out.gen_logits, batch.gen_tokens)
         total = total + cfg.loss_gen * gen

@@ -32,6 +32,7 @@ class ModelOutput(NamedTuple):
     gen_logits: torch.Tensor | None  # (B, G-1, V) next-token scores for gen_tokens[:, 1:]
     text_attention: torch.Tensor | None  # (B, T) weights over report tokens, 0 on PAD
     image_attention: torch.Tensor | None  # (B, h, w) weights over feature-map positions
+    image_logits: torch.Tensor | None = None  # (B, K) auxiliary image-only class scores
 
 
 class ImageFeatures(NamedTuple):
@@ -360,6 +361,12 @@ class MedFuseModel(nn.Module):
             self.fusion = Projection(self.text.out_dim, d)
         self.drop = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(d, cfg.num_classes)
+        # Fused models otherwise lean on the report (the easier modality) and leave the
+        # image encoder under-trained for the cases whose report says nothing; an
+        # image-only classifier on the image features keeps that branch learning.
+        self.image_classifier: nn.Linear | None = None
+        if self.image is not None and self.text is not None and cfg.loss_aux_image > 0:
+            self.image_classifier = nn.Linear(self.image.out_dim, cfg.num_classes)
         self.locate: LocalisationHead | None = None
         if cfg.localisation:
             d_loc = d + (self.image.channels + 4 if self.image is not None else 0)
@@ -408,6 +415,11 @@ class MedFuseModel(nn.Module):
             gen_logits=gen_logits,
             text_attention=text_att,
             image_attention=img.attention if img is not None else None,
+            image_logits=(
+                self.image_classifier(img.vector)  # (B, K)
+                if self.image_classifier is not None and img is not None
+                else None
+            ),
         )
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +42,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared_model.config import DEFAULT_LABELS
 
 Box = tuple[float, float, float, float]
+Ellipse = tuple[float, float, float, float]  # cx, cy, semi-axis x, semi-axis y
 ImageFormat = Literal["png8", "dicom12", "png16", "jpeg", "png_rgb"]
 ReportMode = Literal["informative", "vague", "uninformative"]
+Zone = Literal["", "apex", "upper", "middle", "lower", "base"]
+FindingKind = Literal["none", "nodule", "patchy", "effusion", "hazy_basal", "heart"]
+ZONES: tuple[Zone, ...] = ("upper", "middle", "lower")  # where nodules and patches are put
 
 # Image formats in the order sites take them: site i writes FORMATS[i % 5].
 FORMATS: tuple[ImageFormat, ...] = ("png8", "dicom12", "png16", "jpeg", "png_rgb")
@@ -420,8 +424,8 @@ def site_labels(cfg: SynthConfig, index: int) -> list[str]:
 class Anatomy:
     """One patient's chest, in image fractions."""
 
-    lungs: tuple[tuple[float, float, float, float], tuple[float, float, float, float]]
-    heart: tuple[float, float, float, float]  # cx, cy, half-width, half-height
+    lungs: tuple[Ellipse, Ellipse]  # patient's right (image left), left: cx, cy, ax, ay
+    heart_centre: tuple[float, float]  # the heart's size depends on the finding
     rib_shift: float
 
 
@@ -430,12 +434,15 @@ class Finding:
     """What a case shows and where: drawn by `render_image`, described by `write_report`."""
 
     label: str
-    kind: Literal["none", "nodule", "patchy", "effusion", "hazy_basal", "heart"]
+    kind: FindingKind
     ambiguous: bool  # the image alone cannot tell this label from another
-    side: int  # 0 = patient's right (image left), 1 = patient's left; -1 = none
-    zone: Literal["", "apex", "upper", "middle", "lower", "base"]
-    geometry: tuple[float, ...]  # kind-specific parameters
-    amount: float  # added density
+    heart: float  # the heart's half-width (enlarged for cardiomegaly)
+    side: int = -1  # 0 = patient's right (image left), 1 = patient's left; -1 = none
+    zone: Zone = ""
+    # nodule: (cx, cy, r); patchy: (cx, cy, rx, ry); effusion: (height, meniscus);
+    # hazy_basal: (height,); none and heart: ()
+    geometry: tuple[float, ...] = ()
+    amount: float = 0.0  # density added by the finding
 
 
 @dataclass(frozen=True)
@@ -465,6 +472,7 @@ def render_case(
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    """A patient: lung fields, where the heart sits, where the ribs fall."""
     lungs = []
     for cx in (0.30, 0.70):
         lungs.append(
@@ -475,9 +483,10 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
                 0.29 + float(rng.uniform(-0.02, 0.02)),
             )
         )
-    # the heart's size is set by the finding; a placeholder width here
-    heart = (0.545 + float(rng.normal(0, 0.008)), 0.64 + float(rng.normal(0, 0.008)), 0.12, 0.0)
-    return Anatomy(lungs=(lungs[0], lungs[1]), heart=heart, rib_shift=float(rng.uniform(0, 0.06)))
+    heart = (0.545 + float(rng.normal(0, 0.008)), 0.64 + float(rng.normal(0, 0.008)))
+    return Anatomy(
+        lungs=(lungs[0], lungs[1]), heart_centre=heart, rib_shift=float(rng.uniform(0, 0.06))
+    )
 
 
 def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy) -> Finding:
@@ -491,34 +500,33 @@ def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy) -> Fi
             hw = float(rng.uniform(*(HEART_BORDERLINE if ambiguous else HEART_ENLARGED)))
         else:
             hw = float(rng.uniform(*(HEART_BORDERLINE if ambiguous else HEART_NORMAL)))
-        kind = "heart" if label == "cardiomegaly" else "none"
-        return Finding(label, kind, ambiguous, -1, "", (hw,), 0.0)
+        return Finding(label, "heart" if label == "cardiomegaly" else "none", ambiguous, hw)
     hw = float(rng.uniform(*HEART_NORMAL))
     if label == "nodule":
-        r = float(rng.uniform(0.065, 0.095))
-        zone = str(rng.choice(["upper", "middle", "lower"]))
+        r = float(rng.uniform(0.075, 0.1))
+        zone: Zone = ZONES[int(rng.integers(len(ZONES)))]
         cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=r + 0.01)
         if zone == "upper" and cy - r < anatomy.lungs[side][1] - anatomy.lungs[side][3] + 0.12:
             zone = "apex"
         amount = float(rng.uniform(0.03, 0.05) if ambiguous else rng.uniform(0.4, 0.55))
-        return Finding(label, "nodule", ambiguous, side, zone, (hw, cx, cy, r), amount)  # type: ignore[arg-type]
+        return Finding(label, "nodule", ambiguous, hw, side, zone, (cx, cy, r), amount)
     if ambiguous:  # pneumonia or effusion drawn as the same hazy basal opacity
         height = float(rng.uniform(0.12, 0.19))
         amount = float(rng.uniform(0.22, 0.32))
-        return Finding(label, "hazy_basal", True, side, "lower", (hw, height), amount)
+        return Finding(label, "hazy_basal", True, hw, side, "lower", (height,), amount)
     if label == "effusion":
         height = float(rng.uniform(0.10, 0.17))
         meniscus = float(rng.uniform(0.03, 0.06))
         amount = float(rng.uniform(0.48, 0.6))
-        return Finding(label, "effusion", False, side, "base", (hw, height, meniscus), amount)
-    zone = str(rng.choice(["upper", "middle", "lower"], p=[0.35, 0.4, 0.25]))
-    rx, ry = float(rng.uniform(0.09, 0.13)), float(rng.uniform(0.075, 0.11))
+        return Finding(label, "effusion", False, hw, side, "base", (height, meniscus), amount)
+    zone = ZONES[int(rng.choice(len(ZONES), p=[0.35, 0.4, 0.25]))]
+    rx, ry = float(rng.uniform(0.1, 0.14)), float(rng.uniform(0.085, 0.12))
     cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=0.04)
     amount = float(rng.uniform(0.3, 0.45))
-    return Finding(label, "patchy", False, side, zone, (hw, cx, cy, rx, ry), amount)  # type: ignore[arg-type]
+    return Finding(label, "patchy", False, hw, side, zone, (cx, cy, rx, ry), amount)
 
 
-def _zone_band(lung: tuple[float, float, float, float], zone: str) -> tuple[float, float]:
+def _zone_band(lung: Ellipse, zone: Zone) -> tuple[float, float]:
     _, cy, _, ay = lung
     top, h = cy - ay, 2 * ay
     return {
@@ -529,7 +537,7 @@ def _zone_band(lung: tuple[float, float, float, float], zone: str) -> tuple[floa
 
 
 def _place_in_lung(
-    rng: np.random.Generator, anatomy: Anatomy, hw: float, side: int, zone: str, margin: float
+    rng: np.random.Generator, anatomy: Anatomy, hw: float, side: int, zone: Zone, margin: float
 ) -> tuple[float, float]:
     """A point in the zone of one lung, at least `margin` inside the lung and off the heart
     and mediastinum (the margin shrinks when the zone is too tight for it)."""
@@ -553,7 +561,7 @@ def _inside_air(anatomy: Anatomy, hw: float, x: float, y: float, margin: float) 
         px, py = x + dx, y + dy
         in_lung = any(((px - cx) / ax) ** 2 + ((py - cy) / ay) ** 2 < 0.97
                       for cx, cy, ax, ay in anatomy.lungs)
-        hx, hy, _, _ = anatomy.heart
+        hx, hy = anatomy.heart_centre
         hh = _heart_half_height(hw)
         in_heart = ((px - hx) / (hw + 0.01)) ** 2 + ((py - hy) / (hh + 0.01)) ** 2 < 1
         if not in_lung or in_heart or abs(px - 0.5) < 0.07:
@@ -624,8 +632,8 @@ def render_image(
     x, y = np.meshgrid(grid, grid)
     edge = 1.5 / s + 0.004
 
-    hw = finding.geometry[0]
-    hx, hy, _, _ = anatomy.heart
+    hw = finding.heart
+    hx, hy = anatomy.heart_centre
     hh = _heart_half_height(hw)
     body = _ellipse(x, y, 0.5, 0.56, 0.46, 0.56, 0.02)
     lung = [_ellipse(x, y, *lg, edge) for lg in anatomy.lungs]
@@ -674,23 +682,23 @@ def _finding_density(
     cx_l, cy_l, ax_l, ay_l = anatomy.lungs[finding.side]
     bottom = cy_l + ay_l
     if finding.kind == "nodule":
-        _, cx, cy, r = finding.geometry
+        cx, cy, r = finding.geometry
         d = _soft(r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2), edge)
         return d, (cx - r, cy - r, cx + r, cy + r)
     if finding.kind == "patchy":
-        _, cx, cy, rx, ry = finding.geometry
+        cx, cy, rx, ry = finding.geometry
         region = _ellipse(x, y, cx, cy, rx, ry, edge) * side_air
         mottle = np.clip(0.85 + 0.3 * _smooth_noise(rng, s, 12), 0.65, 1.0)
         return region * mottle, _mask_box(region) or (cx - rx, cy - ry, cx + rx, cy + ry)
     if finding.kind == "effusion":
-        _, height, meniscus = finding.geometry
+        height, meniscus = finding.geometry
         medial = cx_l + (ax_l if finding.side == 0 else -ax_l)
         t = np.clip(np.abs(x - medial) / (2 * ax_l), 0, 1)
         surface = bottom - height - meniscus * t**2
         d = _soft(y - surface, 0.01) * side_air
         return d, _mask_box(d) or (cx_l - ax_l, bottom - height, cx_l + ax_l, bottom)
     # hazy basal opacity: pneumonia or effusion, the film cannot tell
-    _, height = finding.geometry
+    (height,) = finding.geometry
     region = _soft(y - (bottom - height), 0.05) * side_air
     mottle = np.clip(0.9 + 0.15 * _smooth_noise(rng, s, 10), 0.7, 1.0)
     return region * mottle, _mask_box(region) or (cx_l - ax_l, bottom - height, cx_l + ax_l, bottom)
@@ -793,21 +801,19 @@ def _fill(finding: Finding, anatomy: Anatomy, style: ReportStyle,
     """Template fields. `vague`: a base or apex is written as the lower or upper zone,
     so the location word does not give away an effusion."""
     if vague and finding.zone in ("base", "apex"):
-        zone = "lower" if finding.zone == "base" else "upper"
-        finding = Finding(finding.label, finding.kind, finding.ambiguous, finding.side,
-                          zone, finding.geometry, finding.amount)
-    hw = finding.geometry[0] if finding.geometry else 0.12
-    ctr = 2 * hw / (anatomy.lungs[1][0] + anatomy.lungs[1][2] - anatomy.lungs[0][0]
+        zone: Zone = "lower" if finding.zone == "base" else "upper"
+        finding = replace(finding, zone=zone)
+    ctr = 2 * finding.heart / (anatomy.lungs[1][0] + anatomy.lungs[1][2] - anatomy.lungs[0][0]
                     + anatomy.lungs[0][2])
     side = style.side_words[finding.side] if finding.side >= 0 else ""
     loc = _location(finding, style) if finding.side >= 0 else ""
     size = ""
     if finding.kind == "nodule":
-        size = str(int(round(2 * finding.geometry[3] * FIELD_OF_VIEW_MM)))
-    zone = {"middle": "mid"}.get(finding.zone, finding.zone)
+        size = str(int(round(2 * finding.geometry[2] * FIELD_OF_VIEW_MM)))
+    zone_word = {"middle": "mid"}.get(finding.zone, finding.zone)
     return {
         "loc": loc, "Loc": loc[:1].upper() + loc[1:], "side": side,
-        "Side": side[:1].upper() + side[1:], "s": side, "zone": zone, "size": size,
+        "Side": side[:1].upper() + side[1:], "s": side, "zone": zone_word, "size": size,
         "ctr": f"{ctr + float(rng.normal(0, 0.01)):.2f}",
     }
 
@@ -907,14 +913,14 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> N
     """A 12-bit (BitsStored 12, BitsAllocated 16) MONOCHROME2 CR image, no dates, UIDs
     derived from (seed, site, case)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     seed, site, case = key
 
-    def uid(kind: str, *parts: int) -> str:
+    def uid(kind: str, *parts: int) -> UID:
         return generate_uid(entropy_srcs=["medfuse-synth", kind, *map(str, parts)])
 
-    cr_storage = "1.2.840.10008.5.1.4.1.1.1"
+    cr_storage = UID("1.2.840.10008.5.1.4.1.1.1")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = cr_storage
     meta.MediaStorageSOPInstanceUID = uid("sop", seed, site, case)
