@@ -12,6 +12,7 @@ Coordinator:  medfuse provision       CA, TLS identity and SuperNode keys for a 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -283,6 +284,8 @@ def _epoch_done(progress: Progress, task: object, name: str, epoch: int, loss: f
 
 
 def main() -> None:
+    # a line at a time also when stdout is a file or a pipe (logs of long runs)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     app()
 
 
