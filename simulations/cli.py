@@ -132,6 +132,9 @@ def train_pooled(
     lr: Annotated[float, typer.Option()] = 2e-3,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    threads: Annotated[
+        int, typer.Option(min=1, help="torch CPU threads; >1 thrashes on a busy 2-core machine")
+    ] = 1,
     fusion: Annotated[str, typer.Option(help="concat, gated or bilinear")] = "gated",
     image_size: Annotated[int, typer.Option()] = 64,
     labels: LabelsOpt = ",".join(DEFAULT_LABELS),
@@ -166,7 +169,7 @@ def train_pooled(
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     tokenizer = Tokenizer(next(iter(models.values())).vocab_size)
     opened = []
     for path in sites:

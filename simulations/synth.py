@@ -67,7 +67,7 @@ IMAGE_AMBIGUOUS: dict[str, float] = {
     "normal": 0.15, "pneumonia": 0.45, "nodule": 0.10, "effusion": 0.45, "cardiomegaly": 0.30,
 }
 # Report mode given whether the image is ambiguous: (informative, vague, uninformative).
-REPORT_MODES_CLEAR: tuple[float, float, float] = (0.60, 0.17, 0.23)
+REPORT_MODES_CLEAR: tuple[float, float, float] = (0.62, 0.16, 0.22)
 REPORT_MODES_AMBIGUOUS: tuple[float, float, float] = (0.90, 0.02, 0.08)
 EMPTY_REPORT = 0.08  # share of uninformative reports that are empty
 HISTORY_REMARK = 0.30  # chance of a misleading-looking remark about another disease
