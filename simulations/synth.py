@@ -19,7 +19,8 @@ What the data is built to test:
   resolution), file format (8-bit PNG, 12-bit DICOM, 16-bit PNG, JPEG, RGB PNG, cycling
   by site index), label mix (Dirichlet skew), number of cases and report style (each site
   writes its own templates and abbreviations; every non-empty report of a site carries its
-  style's `marker`).
+  style's `marker`). Even-numbered sites write a `split` column; odd ones leave the split
+  to the reader's case_id hash.
 
 Coordinates are fractions of the image, x to the right and y down, in the radiological
 convention: the patient's right lung is on the image's left (x < 0.5). Boxes are
