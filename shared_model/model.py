@@ -367,9 +367,18 @@ class MedFuseModel(nn.Module):
         self.image_classifier: nn.Linear | None = None
         if self.image is not None and self.text is not None and cfg.loss_aux_image > 0:
             self.image_classifier = nn.Linear(self.image.out_dim, cfg.num_classes)
+        # Where the lesion is is a property of the image. Fed the fused vector of a fused
+        # model, the box head leant on the report's location words and localised worse
+        # than an image-only model (pooled IoU 0.67 vs 0.78), so it sees image-derived
+        # features only: the attention-pooled map and where the attention sits, plus the
+        # fused vector when that is itself image-only (dropping it there cost image-only
+        # models 0.76 -> 0.35 IoU in one measured run).
         self.locate: LocalisationHead | None = None
         if cfg.localisation:
-            d_loc = d + (self.image.channels + 4 if self.image is not None else 0)
+            if self.image is None:
+                d_loc = d
+            else:
+                d_loc = self.image.channels + 4 + (d if self.text is None else 0)
             self.locate = LocalisationHead(d_loc, d)
         self.decoder: ReportDecoder | None = None
         if cfg.generation:
@@ -404,8 +413,7 @@ class MedFuseModel(nn.Module):
         logits = self.classifier(fused)  # (B, K)
         box = lesion = gen_logits = None
         if self.locate is not None:
-            parts = [fused] if img is None else [fused, img.attended, img.where]
-            box, lesion = self.locate(torch.cat(parts, dim=-1))  # (B, 4), (B,)
+            box, lesion = self.locate(self._box_features(fused, img))  # (B, 4), (B,)
         if self.decoder is not None and gen_tokens is not None:
             gen_logits = self.decoder(fused, gen_tokens[:, :-1])  # (B, G-1, V)
         return ModelOutput(
@@ -421,6 +429,15 @@ class MedFuseModel(nn.Module):
                 else None
             ),
         )
+
+    def _box_features(self, fused: torch.Tensor, img: ImageFeatures | None) -> torch.Tensor:
+        """The localisation head's input: image-derived features only (see __init__)."""
+        if img is None:
+            return fused  # (B, F) text-only: the report's location words are all there is
+        parts = [img.attended, img.where]  # (B, C), (B, 4)
+        if self.text is None:
+            parts.insert(0, fused)  # (B, F) image-only: the fused vector is the image's
+        return torch.cat(parts, dim=-1)
 
     @torch.no_grad()
     def generate(

@@ -660,7 +660,7 @@ def render_image(
     gain = rng.uniform(0.03, 0.07, n_vessels)
     gx = np.exp(-((grid[None, :] - vx[:, None]) ** 2) / (2 * vr[:, None] ** 2))  # (K, S)
     gy = np.exp(-((grid[None, :] - vy[:, None]) ** 2) / (2 * vr[:, None] ** 2))  # (K, S)
-    img += np.einsum("k,ki,kj->ij", gain, gy, gx).astype(np.float32) * air_all
+    img += (gy.T @ (gain[:, None] * gx)).astype(np.float32) * air_all  # (S, S)
 
     density, box = _finding_density(rng, finding, anatomy, x, y, air, edge)
     img = img + finding.amount * density
