@@ -364,29 +364,24 @@ def noise_for_budget(
 
 def effective_budget(run_epsilon: float, node_epsilon: float | None) -> float:
     """A site may lower the federation's budget, never raise it."""
-    if node_epsilon is None:
-        return run_epsilon
-    if node_epsilon > run_epsilon:
-        log.warning(
-            "node config epsilon-budget=%g is above the federation's epsilon=%g: "
-            "a site may only lower its budget, so %g is used", node_epsilon, run_epsilon,
-            run_epsilon,
-        )
-        return run_epsilon
-    return node_epsilon
+    return _at_most("epsilon-budget", "epsilon", run_epsilon, node_epsilon)
 
 
 def effective_delta(run_delta: float, node_delta: float | None) -> float:
     """Same rule for delta: the node may only make it smaller (stricter)."""
-    if node_delta is None:
-        return run_delta
-    if node_delta > run_delta:
+    return _at_most("delta", "delta", run_delta, node_delta)
+
+
+def _at_most(node_key: str, run_key: str, run_value: float, node_value: float | None) -> float:
+    if node_value is None:
+        return run_value
+    if node_value > run_value:
         log.warning(
-            "node config delta=%g is above the federation's delta=%g: %g is used",
-            node_delta, run_delta, run_delta,
+            "node config %s=%g is above the federation's %s=%g: a site may only lower it "
+            "(stricter), so %g is used", node_key, node_value, run_key, run_value, run_value,
         )
-        return run_delta
-    return node_delta
+        return run_value
+    return node_value
 
 
 def new_entry(

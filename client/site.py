@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared_model.run_config import RunConfig
+from shared_model.run_config import RunConfig, device_name
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ class NodeConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        v = value.strip().lower()
-        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
-            return v
-        raise ValueError(f"device={value!r}: allowed are auto, cpu, cuda, cuda:N")
+        return device_name(value)
 
 
 @dataclass(frozen=True)

@@ -140,3 +140,13 @@ def pyproject_defaults(pyproject: Path | None = None) -> dict[str, object]:
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     return dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def device_name(value: str) -> str:
+    """A device a person wrote (node config, simulation config), normalised, or
+    `ValueError`. Only the spelling is checked here: whether the GPU exists is
+    `shared_model.train.pick_device`'s question, asked on the node that will use it."""
+    v = value.strip().lower()
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError(f"device={value!r}: allowed are auto, cpu, cuda, cuda:N")

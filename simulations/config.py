@@ -55,7 +55,13 @@ from pydantic import (
 )
 
 from shared_model.config import DEFAULT_LABELS, ModelConfig
-from shared_model.run_config import RunConfig, RunConfigError, StrategyName, pyproject_defaults
+from shared_model.run_config import (
+    RunConfig,
+    RunConfigError,
+    StrategyName,
+    device_name,
+    pyproject_defaults,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
@@ -226,10 +232,7 @@ class ResourcesSection(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        v = value.strip().lower()
-        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
-            return v
-        raise ValueError(f"device={value!r}: allowed are auto, cpu, cuda, cuda:N")
+        return device_name(value)
 
 
 class ExperimentSpec(_Section):
