@@ -45,6 +45,18 @@ def test_builtin_default_is_the_demo() -> None:
     assert cfg.out is not None and cfg.out.is_absolute()
 
 
+def test_dp_target_config_is_the_issue_target_set() -> None:
+    # Execute: the shipped config for the federated-app issue's utility target
+    cfg = load_config(Path(__file__).parents[2] / "simulations" / "dp-target.toml")
+
+    # Assert: 5 non-IID hospitals x 400 cases; pooled vs FedAvg with DP at epsilon 8
+    assert cfg.sites.num_hospitals == 5 and cfg.sites.cases_per_site == 400
+    assert cfg.sites.label_skew == 0.5
+    exps = {e.name: e for e in cfg.experiments}
+    assert exps["pooled"].kind == "pooled" and not exps["fedavg"].dp
+    assert exps["fedavg-dp"].dp and exps["fedavg-dp"].epsilon == 8.0
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
