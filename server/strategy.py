@@ -287,6 +287,14 @@ class GuardedStrategy(Strategy):
         sent.pop("", None)  # messages never sent through a grid have no id
         return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
+    def _log_silent(self, rnd: int, replied: set[int]) -> None:
+        """Name the nodes that were sent work but neither replied nor errored: Flower gives
+        up on them at the round timeout without an error reply (e.g. a SuperNode killed
+        mid-round and restarted under the same id before the SuperLink saw it offline)."""
+        for node in sorted({m.metadata.dst_node_id for m in self._sent} - replied):
+            log(WARNING, "round %d: no reply from node %d (%s) by the round timeout; the "
+                "round goes on without it", rnd, node, self._site(node))
+
     def _train_verdict(self, content: RecordDict, error: str) -> tuple[str | None, float | None]:
         """(why this reply is left out or None, update norm or None)."""
         metrics = content.metric_records.get(wire.METRICS)
@@ -334,8 +342,10 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
+        replied: set[int] = set()
         for msg in replies:
             node = self._sender(msg)
+            replied.add(node)
             if msg.has_error():
                 site = self._site(node)
                 reason = f"error reply: {msg.error.reason} (code {msg.error.code})"
@@ -358,6 +368,7 @@ class GuardedStrategy(Strategy):
             else:
                 kept.append((site, node, msg))
 
+        self._log_silent(rnd, replied)
         if not kept:
             log(WARNING, "round %d: no usable update; the global model stays as it was", rnd)
             return self.global_arrays, None
@@ -394,8 +405,10 @@ class GuardedStrategy(Strategy):
     ) -> MetricRecord | None:
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
+        replied: set[int] = set()
         for msg in replies:
             node = self._sender(msg)
+            replied.add(node)
             if msg.has_error():
                 log(WARNING, "round %d: evaluation on node %d (%s) failed: %s",
                     rnd, node, self._site(node), msg.error.reason)

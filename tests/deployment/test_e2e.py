@@ -131,7 +131,10 @@ def test_faults_node_kill_superlink_restart_and_intruders(
     log = "\n".join(line for _, line in fed.transcript)
     # training of round 2 went on without the killed node
     assert "round 2: aggregating 1 update(s) from h0" in log
-    assert "left out: error reply: Error: Node Unavailable" in log
+    # Flower answers for the killed node with "Node Unavailable", unless the node came back
+    # under its id before the SuperLink saw it offline: then the round times out without it
+    assert ("left out: error reply: Error: Node Unavailable" in log
+            or re.search(r"round 2: no reply from node \d+ .* by the round timeout", log)), log
     assert "Resumed after round 1" in log
     rows = read_rows(outcome.output_dir / RESULTS_FILE)
     assert _accepted(rows, 1) == ids  # round 1 kept across the restart

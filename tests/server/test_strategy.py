@@ -230,6 +230,21 @@ def test_refusals_errors_and_missing_arrays_are_left_out(flwr_log):
     assert "node 5 (node-5) left out: error reply: ClientApp crashed" in text
 
 
+def test_a_node_that_never_replied_is_named(flwr_log):
+    # Prepare: work sent to nodes 1 and 2; only 1 answers (2 timed out, no error reply)
+    ref = global_state()
+    strategy = guarded()
+    msgs = {m.metadata.dst_node_id: m for m in configure(strategy, ref, [1, 2])}
+    replies = [train_reply(msgs[1], site="ok", arrays=near(ref, 1), num_examples=10)]
+    # Execute
+    strategy.aggregate_train(1, replies)
+    # Assert
+    text = "\n".join(flwr_log)
+    assert "round 1: no reply from node 2 (node-2) by the round timeout" in text
+    assert "no reply from node 1" not in text
+    assert "round 1: aggregating 1 update(s) from ok" in text
+
+
 def test_no_usable_update_keeps_the_global_model(flwr_log):
     # Prepare
     ref = global_state()
