@@ -149,7 +149,12 @@ def descendants(pid: int) -> list[int]:
 
 def tagged_pids(tag: str) -> list[int]:
     """Processes of this user whose environment carries `TAG_VAR=tag`."""
-    needle = f"{TAG_VAR}={tag}".encode()
+    return pids_with_env(TAG_VAR, tag)
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Processes of this user (other than this one) whose environment has `name=value`."""
+    needle = f"{name}={value}".encode()
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

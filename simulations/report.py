@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -361,6 +362,12 @@ def _ticker():
     return matplotlib.ticker
 
 
+def _say_empty(ax: Any, text: str) -> None:
+    """A grey note in the middle of an axis that has nothing to draw, so an empty panel
+    reads as "nothing to show" rather than as a broken plot."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
@@ -444,15 +451,7 @@ def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(
-                0.5,
-                0.5,
-                "no per-round values",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="grey",
-            )
+            _say_empty(ax, "no per-round values")
         ax.set_xlabel("round / epoch")
         ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -546,15 +545,7 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
         ax.xaxis.set_minor_formatter(_ticker().NullFormatter())
         ax.set_xlabel("epsilon spent (largest over hospitals, log scale)")
     else:
-        ax.text(
-            0.5,
-            0.5,
-            "no experiment with differential privacy",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            color="grey",
-        )
+        _say_empty(ax, "no experiment with differential privacy")
         ax.set_xlabel("epsilon")
     ax.set_ylabel("mean test accuracy")
     ax.set_ylim(0, 1.0)

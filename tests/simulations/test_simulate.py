@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 
 from simulations import report
 from simulations.config import load_config
+from simulations.flower_env import pids_with_env
 from simulations.simulate import simulate
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -153,17 +153,7 @@ def test_baselines_on_site_folders_report_bad_rows_and_skip_finished(
 
 def _flower_processes(flwr_home: Path) -> list[int]:
     """Processes whose environment names this run's FLWR_HOME (none may outlive it)."""
-    needle = f"FLWR_HOME={flwr_home.resolve()}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                env = Path(entry.path, "environ").read_bytes()
-            except OSError:
-                continue
-            if needle in env.split(b"\0"):
-                found.append(int(entry.name))
-    return found
+    return pids_with_env("FLWR_HOME", str(flwr_home.resolve()))
 
 
 @pytest.mark.slow
