@@ -1,11 +1,17 @@
 """The hospital's ClientApp: the only client module that imports Flower.
 
 Each message: read the run config and the server's round config, decide which data this
-node trains on (`client.site`), open it (`shared_model.dataset`), train or evaluate in
-plain PyTorch/Opacus (`client.local`) and pack the reply. Only arrays, scalar metrics and
-the site's name (plus a human-readable error) leave the node. A node whose data cannot be
-opened, or whose privacy budget is spent, replies so and never raises: the server logs it
-with the node id and carries on with the others.
+node trains on and what it accepts (`client.site`), open the data
+(`shared_model.dataset`), train or evaluate in plain PyTorch/Opacus (`client.local`),
+charge the release to the data's ledger (`client.privacy`) and pack the reply.
+
+What a reply holds: arrays, scalar metrics and the site's name (plus a message for a
+person when the node does not take part). Under DP the arrays are a DP-SGD release, the
+number of examples a noised count, and the training loss is not sent; evaluation metrics
+are noised and charged to the evaluation budget (or exact and recorded as infinite
+epsilon, where the node says so). `docs/privacy.md` lists every release. A node whose
+data cannot be opened, whose budget is spent, or that refuses what the round asks,
+replies so and never raises: the server logs it with the node id and carries on.
 """
 
 from __future__ import annotations
@@ -20,22 +26,23 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import DPSettings, DPSetupError, local_evaluate, local_train
+from client.local import DPSettings, DPSetupError, local_cases, local_train
 from client.privacy import (
+    BudgetError,
+    Ledger,
     LedgerError,
-    effective_budget,
-    effective_delta,
-    epsilon_spent,
-    ledger_lock,
-    load_ledger,
-    open_ledger,
+    LedgerStore,
+    at_most,
+    data_identity,
+    noise_for_budget,
 )
-from client.site import SiteChoice, SiteConfigError, resolve_site
+from client.release import private_metrics
+from client.site import RoundAsk, SiteChoice, SiteConfigError, resolve_site, round_refusal
 from shared_model import wire
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import RunConfig
 from shared_model.tokenizer import Tokenizer
-from shared_model.train import pick_device
+from shared_model.train import pick_device, summarise
 
 # Opacus calls logging.basicConfig(); without this every flwr line is printed twice.
 logging.getLogger("flwr").propagate = False
@@ -69,7 +76,18 @@ def train(msg: Message, context: Context) -> Message:
         choice, site, device = _open(context.node_config, run)
     except _Unusable as exc:
         return _data_error(msg, exc.site_name, str(exc))
-    global_state = _state(msg)
+    ask = RoundAsk(
+        lr=float(cfg.get(wire.CFG_LR, run.lr)),
+        local_epochs=int(cfg.get(wire.CFG_LOCAL_EPOCHS, run.local_epochs)),
+        batch_size=run.batch_size,
+        proximal_mu=float(cfg.get(wire.CFG_PROXIMAL_MU, run.proximal_mu)),
+    )
+    why = round_refusal(choice.node, ask)
+    if not run.dp and not choice.node.allow_non_private:
+        why = ("the run asks for training without differential privacy (dp=false) and this "
+               "node does not allow it (node config allow-non-private=false)")
+    if why:
+        return _refused(msg, choice.site_name, f"{choice.site_name}: {why}")
     dp = DPSettings(
         enabled=run.dp,
         noise_multiplier=run.noise_multiplier or None,  # 0 = derive from the budget
@@ -77,59 +95,45 @@ def train(msg: Message, context: Context) -> Message:
         accountant=run.accountant,
         secure_mode=run.secure_mode,
     )
-    kwargs = dict(
-        epochs=int(cfg.get(wire.CFG_LOCAL_EPOCHS, run.local_epochs)),
-        lr=float(cfg.get(wire.CFG_LR, run.lr)),
-        batch_size=run.batch_size,
-        proximal_mu=float(cfg.get(wire.CFG_PROXIMAL_MU, run.proximal_mu)),
-        dp=dp,
-        run_id=int(context.run_id),
-        server_round=server_round,
-        rounds_left=max(total_rounds - server_round + 1, 1),
-        device=device,
-        seed=run.seed,
-    )
-    model_cfg = run.model()
+    store = LedgerStore(choice.state_dir)
     try:
-        if not run.dp:
-            outcome = local_train(model_cfg, site, global_state, ledger=None, **kwargs)
-        else:
-            budget = effective_budget(run.epsilon, choice.epsilon_budget)
-            delta = effective_delta(run.delta, choice.delta)
-            with ledger_lock(choice.state_dir):
-                try:
-                    ledger = open_ledger(
-                        choice.state_dir, site_name=choice.site_name,
-                        data_path=choice.data_path, epsilon_budget=budget, delta=delta,
-                    )
-                except LedgerError as exc:
-                    return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}",
-                                    math.nan, delta, math.nan)
-                outcome = local_train(model_cfg, site, global_state, ledger=ledger, **kwargs)
+        with store.lock():
+            ledger = _ledger(store, choice, run)
+            outcome = local_train(
+                run.model(), site, _state(msg), epochs=ask.local_epochs, lr=ask.lr,
+                batch_size=ask.batch_size, proximal_mu=ask.proximal_mu, dp=dp, ledger=ledger,
+                save_ledger=store.save, run_id=int(context.run_id), server_round=server_round,
+                rounds_left=max(total_rounds - server_round + 1, 1), device=device,
+                seed=run.seed,
+            )
+    except LedgerError as exc:
+        return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
     except DPSetupError as exc:
         return _data_error(msg, choice.site_name, f"{choice.site_name}: {exc}")
 
     if outcome.refused:
-        return _refused(msg, choice.site_name, outcome.reason, outcome.epsilon, outcome.delta,
-                        outcome.epsilon_left)
+        return _refused(msg, choice.site_name, outcome.reason, budget=True,
+                        privacy=(outcome.epsilon, outcome.delta, outcome.epsilon_left))
     assert outcome.state is not None
     log.info(
-        "%s round %d: %d examples, loss %.4f, epsilon %.4g (delta %g, %.4g left)",
-        choice.site_name, server_round, outcome.num_examples, outcome.train_loss,
-        outcome.epsilon, outcome.delta, outcome.epsilon_left,
+        "%s round %d: %d examples (released), loss %.4f (not released under DP), epsilon %.4g "
+        "(delta %g, %.4g left)", choice.site_name, server_round, outcome.num_examples,
+        outcome.train_loss, outcome.epsilon, outcome.delta, outcome.epsilon_left,
     )
-    metrics = _finite({
+    values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: outcome.num_examples,
-        wire.M_TRAIN_LOSS: outcome.train_loss,
         wire.M_EPSILON: outcome.epsilon,
         wire.M_DELTA: outcome.delta,
         wire.M_BUDGET_LEFT: outcome.epsilon_left,
         wire.M_BUDGET_SPENT: 0,
         wire.M_DATA_ERROR: 0,
-    })
+        wire.M_REFUSED: 0,
+    }
+    if not run.dp:  # a non-private release already gives everything away
+        values[wire.M_TRAIN_LOSS] = outcome.train_loss
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(outcome.state),
-        wire.METRICS: MetricRecord(metrics),
+        wire.METRICS: MetricRecord(_finite(values)),
         wire.SITE: _site_record(choice.site_name, ""),
     })
     return Message(content, reply_to=msg)
@@ -138,23 +142,81 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     run = RunConfig.parse(context.run_config)
+    cfg = _round_config(msg)
+    server_round = int(cfg.get(wire.CFG_SERVER_ROUND, 1))
+    total_rounds = int(cfg.get(wire.CFG_TOTAL_ROUNDS, run.num_server_rounds))
     try:
         choice, site, device = _open(context.node_config, run)
     except _Unusable as exc:
         return _data_error(msg, exc.site_name, str(exc))
-    split = str(msg.content.config_records.get(wire.CONFIG, {}).get(wire.CFG_EVAL_SPLIT, "val"))
+    split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
         return _data_error(msg, choice.site_name, f"unknown {wire.CFG_EVAL_SPLIT}={split!r}")
-    metrics, n = local_evaluate(run.model(), site, _state(msg), device, split=split)
-    epsilon, delta = _privacy_so_far(run, choice)
-    values: dict[str, float | int] = {wire.M_NUM_EXAMPLES: n, wire.M_DATA_ERROR: 0}
-    values |= metrics
-    values |= {wire.M_EPSILON: epsilon, wire.M_DELTA: delta}
+    node = choice.node
+    if node.evaluation == "off":
+        return _refused(msg, choice.site_name, f"{choice.site_name}: this node releases no "
+                        "evaluation metrics (node config evaluation='off')")
+    data = site.val if split == "val" else site.test
+    if len(data) == 0:
+        return _data_error(msg, choice.site_name, f"{choice.site_name}: no {split} rows")
+    store = LedgerStore(choice.state_dir)
+    run_id = int(context.run_id)
+    try:
+        with store.lock():
+            ledger = _ledger(store, choice, run)
+            done = sum(1 for e in ledger.entries if e.bucket == "evaluation"
+                       and e.run_id == run_id and not e.note.startswith("inherited"))
+            if done >= node.max_evaluations_per_run:
+                return _refused(msg, choice.site_name, f"{choice.site_name}: this node answers "
+                                f"at most {node.max_evaluations_per_run} evaluations per run "
+                                "(node config max-evaluations-per-run)")
+            cases = local_cases(run.model(), site, _state(msg), device, split=split)
+            if node.evaluation == "exact":
+                metrics = summarise(cases, run.model().num_classes)
+                metrics[wire.M_NUM_EXAMPLES] = cases.n
+                metrics[wire.M_PRIVATE_METRICS] = 0
+                ledger.append("exact-evaluation", run_id=run_id, server_round=server_round,
+                              noise_multiplier=0.0, note=f"exact metrics of the {split} split")
+            else:
+                planned = min(node.max_evaluations_per_run - done,
+                              max(total_rounds - server_round + 1, 1))
+                try:
+                    z = noise_for_budget(ledger, 1.0, 1, planned, bucket="evaluation",
+                                         accountant=run.accountant)
+                except BudgetError as exc:
+                    return _refused(msg, choice.site_name,
+                                    f"{choice.site_name}: evaluation budget spent: {exc}")
+                metrics = private_metrics(cases, run.model().num_classes, z)
+                metrics[wire.M_PRIVATE_METRICS] = 1
+                ledger.append("evaluation", run_id=run_id, server_round=server_round,
+                              noise_multiplier=z, accountant=run.accountant,
+                              note=f"noised metrics of the {split} split")
+            store.save(ledger)  # on disk before anything leaves the site
+    except LedgerError as exc:
+        return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
+    values: dict[str, float | int] = {wire.M_DATA_ERROR: 0, wire.M_REFUSED: 0, **metrics}
+    values |= {
+        wire.M_EPSILON: ledger.epsilon("train", run.accountant),
+        wire.M_EVAL_EPSILON: ledger.epsilon("evaluation", run.accountant),
+        wire.M_DELTA: ledger.delta,
+    }
     content = RecordDict({
         wire.METRICS: MetricRecord(_finite(values)),
         wire.SITE: _site_record(choice.site_name, ""),
     })
     return Message(content, reply_to=msg)
+
+
+def _ledger(store: LedgerStore, choice: SiteChoice, run: RunConfig) -> Ledger:
+    """This data's ledger in the node's store; budgets capped by node, run and ledger."""
+    return store.open(
+        data_identity(choice.data_path),
+        site_name=choice.site_name,
+        data_path=choice.data_path,
+        epsilon_budget=at_most("epsilon-budget", "epsilon", run.epsilon, choice.epsilon_budget),
+        eval_epsilon_budget=choice.node.eval_epsilon_budget,
+        delta=at_most("delta", "delta", run.delta, choice.delta),
+    )
 
 
 # ----------------------------------------------------------------- helpers
@@ -195,21 +257,6 @@ def _state(msg: Message) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
 
 
-def _privacy_so_far(run: RunConfig, choice: SiteChoice) -> tuple[float, float]:
-    """(cumulative epsilon, delta) from the ledger, read only; nan when unreadable."""
-    if not run.dp:
-        return math.inf, 0.0
-    delta = effective_delta(run.delta, choice.delta)
-    try:
-        ledger = load_ledger(choice.state_dir)
-    except LedgerError as exc:
-        if not (Path(choice.state_dir) / "privacy-ledger.json").exists():
-            return 0.0, delta  # nothing trained on this data yet
-        log.warning("%s: %s", choice.site_name, exc)
-        return math.nan, delta
-    return epsilon_spent(ledger, run.accountant), ledger.delta
-
-
 def _finite(values: Mapping[str, float | int]) -> dict[str, float | int]:
     """Drop NaN-valued metrics rather than send NaN (inf is kept: 'no DP' is infinite)."""
     return {
@@ -222,26 +269,39 @@ def _site_record(name: str, error: str) -> ConfigRecord:
 
 
 def _data_error(msg: Message, site_name: str, error: str) -> Message:
+    """The node cannot take part. The reply names the kind of problem, not the records:
+    the details (rows, case ids) stay in the node's own log."""
     log.error("%s", error)
-    metrics = MetricRecord({wire.M_NUM_EXAMPLES: 0, wire.M_DATA_ERROR: 1, wire.M_BUDGET_SPENT: 0})
-    content = RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(site_name, error)})
+    public = error.splitlines()[0] if error else ""
+    if len(public) > 300:
+        public = public[:300] + "..."
+    metrics = MetricRecord({wire.M_NUM_EXAMPLES: 0, wire.M_DATA_ERROR: 1, wire.M_BUDGET_SPENT: 0,
+                            wire.M_REFUSED: 0})
+    content = RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(site_name, public)})
     return Message(content, reply_to=msg)
 
 
 def _refused(
-    msg: Message, site_name: str, reason: str, epsilon: float, delta: float, left: float
+    msg: Message,
+    site_name: str,
+    reason: str,
+    *,
+    budget: bool = False,
+    privacy: tuple[float, float, float] | None = None,
 ) -> Message:
+    """The node declines what the message asks: budget spent (`budget`), or its policy."""
     log.warning("%s", reason)
-    metrics = _finite({
+    values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: 0,
-        wire.M_EPSILON: epsilon,
-        wire.M_DELTA: delta,
-        wire.M_BUDGET_LEFT: left,
-        wire.M_BUDGET_SPENT: 1,
+        wire.M_BUDGET_SPENT: 1 if budget else 0,
+        wire.M_REFUSED: 0 if budget else 1,
         wire.M_DATA_ERROR: 0,
-    })
+    }
+    if privacy is not None:
+        epsilon, delta, left = privacy
+        values |= {wire.M_EPSILON: epsilon, wire.M_DELTA: delta, wire.M_BUDGET_LEFT: left}
     content = RecordDict({
-        wire.METRICS: MetricRecord(metrics), wire.SITE: _site_record(site_name, reason)
+        wire.METRICS: MetricRecord(_finite(values)), wire.SITE: _site_record(site_name, reason)
     })
     return Message(content, reply_to=msg)
 

@@ -1,11 +1,17 @@
 """One site's local round, in plain PyTorch and Opacus: what the ClientApp calls (no Flower).
 
-With DP the model, optimizer and loader are wrapped by Opacus (`make_private`, Poisson
-sampling) and the shared `train_epoch` runs unchanged. The engine's accountant starts
-from the site's ledger, so the spent privacy is never forgotten; the round's cost is
-computed before training and a round that would pass the budget is refused (no
-training, nothing released). After training, the round is appended to the ledger and
-the ledger saved (atomically) before anything leaves the site.
+A private round reads like this: plan its privacy cost against the ledger (refusing a
+round that would pass the budget, before anything runs), make the model, optimizer and
+loader private (Opacus, Poisson sampling, noise from secret randomness), train with the
+shared `train_epoch` unchanged, and settle the ledger (the entry on disk before anything
+leaves the site). A non-private round, which only a node that allows it runs, is recorded
+in the ledger as infinite epsilon: that data's budget is spent from then on.
+
+Secret randomness: under DP the Poisson batches, the Gaussian noise and every other draw
+(dropout) come from seeds taken from the operating system (`secrets`), never from the run
+seed, the site name or the round, which the server knows: with a replayable seed the
+server could regenerate the noise on fake data of the same size and subtract it. The run
+seed keeps model initialisation and non-private runs reproducible.
 """
 
 from __future__ import annotations
@@ -13,33 +19,30 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-from client.privacy import (
-    AccountantName,
-    BudgetError,
-    Ledger,
-    epsilon_spent,
-    new_entry,
-    noise_for_budget,
-    round_cost,
-)
+from client.privacy import AccountantName, BudgetError, Ledger, noise_for_budget
+from client.release import COUNT_NOISE, noised_count
 from shared_model.config import ModelConfig
-from shared_model.dataset import SiteData
+from shared_model.dataset import SiteData, SiteSplit
 from shared_model.model import MedFuseModel
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
-    evaluate,
+    CaseResults,
+    evaluate_cases,
     make_loss_fn,
     proximal_pull,
     seed_everything,
+    summarise,
     train_epoch,
     unwrap,
 )
@@ -67,9 +70,9 @@ class DPSettings:
 @dataclass(frozen=True)
 class TrainOutcome:
     state: dict[str, torch.Tensor] | None  # full state dict on CPU; None when refused
-    num_examples: int  # examples in the site's train split (not batches); 0 when refused
-    train_loss: float  # mean loss per example seen (nan when refused)
-    epsilon: float  # the site's cumulative epsilon after this round (inf without DP)
+    num_examples: int  # the released size of the train split: noised under DP; 0 if refused
+    train_loss: float  # mean loss per example seen, for the node's own log (nan if refused)
+    epsilon: float  # the site's cumulative training epsilon after this round
     delta: float
     epsilon_left: float  # budget - epsilon, never negative
     refused: bool = False
@@ -79,18 +82,34 @@ class TrainOutcome:
     steps: int = 0
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """The privacy cost of one private round, known before it runs."""
+
+    released_n: int  # the noised train-split size everything below is computed from
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_after: float
+
+
 def round_seed(seed: int, site_name: str, server_round: int) -> int:
-    """A different, reproducible stream per (run seed, site, round)."""
+    """A different, reproducible stream per (run seed, site, round): non-private runs only."""
     digest = hashlib.sha256(f"{seed}/{site_name}/{server_round}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dp_plan(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Opacus' own arithmetic: sample rate 1/len(loader) and int(1/q) Poisson steps per
-    epoch. Known before training, so the round's cost is known before anything runs."""
-    batches = max(math.ceil(num_examples / batch_size), 1)
-    sample_rate = 1.0 / batches
-    return sample_rate, epochs * int(1.0 / sample_rate)
+def secret_seed() -> int:
+    """64 bits from the operating system's CSPRNG: unknown to the server, never stored."""
+    return secrets.randbits(64)
+
+
+def dp_plan(released_n: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Sample rate 1/k and k Poisson steps per epoch, k = ceil(released n / batch size).
+    Computed from the released (noised) count, so the plan reveals nothing the count
+    does not; known before training, so the round's cost is known before anything runs."""
+    batches = max(math.ceil(released_n / batch_size), 1)
+    return 1.0 / batches, epochs * batches
 
 
 def _optimizer(
@@ -109,97 +128,90 @@ def _budget_left(ledger: Ledger, spent: float) -> float:
     return max(ledger.epsilon_budget - spent, 0.0)
 
 
-def local_train(
-    model_cfg: ModelConfig,
-    site: SiteData,
-    global_state: Mapping[str, torch.Tensor],
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    proximal_mu: float = 0.0,
-    dp: DPSettings,
-    ledger: Ledger | None,
-    run_id: int,
-    server_round: int,
-    rounds_left: int,
-    device: torch.device,
-    seed: int,
-    optimizer: OptimizerName = "adam",
-) -> TrainOutcome:
-    """Train the global model on this site's train split for `epochs` epochs.
+# ----------------------------------------------------------------- the round's steps
 
-    Returns the full state dict (every tensor is shared: GroupNorm has no running
-    statistics) as CPU tensors, or a refusal when the round would pass the budget.
-    """
-    train = site.train
-    n = len(train)
-    if dp.enabled and ledger is None:
-        raise ValueError("DP training needs the site's ledger")
-    if dp.enabled:
-        assert ledger is not None
-        sample_rate, steps = dp_plan(n, batch_size, epochs)
-        spent = epsilon_spent(ledger, dp.accountant)
-        if dp.noise_multiplier is not None:
-            sigma = dp.noise_multiplier
-        else:
-            # one noise level per run: derived at the run's first round for all the rounds
-            # planned, kept while it still fits (cheap to account, what DP-SGD users expect)
-            same_run = [e for e in ledger.entries if e.run_id == run_id
-                        and e.sample_rate == sample_rate and e.steps == steps]
-            sigma = same_run[-1].noise_multiplier if same_run else 0.0
-            if not same_run or round_cost(
-                ledger, sigma, sample_rate, steps, dp.accountant
-            ) > ledger.epsilon_budget:
-                try:
-                    sigma = noise_for_budget(ledger, sample_rate, steps, rounds_left,
-                                             accountant=dp.accountant)
-                except BudgetError as exc:
-                    return _refusal(ledger, spent, f"{site.name}: privacy budget spent: {exc}")
-        cost = round_cost(ledger, sigma, sample_rate, steps, dp.accountant)
-        if cost > ledger.epsilon_budget:
-            return _refusal(
-                ledger, spent,
-                f"{site.name}: privacy budget spent: this round ({steps} steps, noise "
-                f"{sigma:.4g}, sample rate {sample_rate:.4g}) would bring epsilon from "
-                f"{spent:.4g} to {cost:.4g}, above the site's budget of "
-                f"{ledger.epsilon_budget:g} (delta {ledger.delta:g})",
-            )
 
-    gen = seed_everything(round_seed(seed, site.name, server_round))
-    model = MedFuseModel(model_cfg)
-    model.load_state_dict(dict(global_state), strict=True)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
-    net: torch.nn.Module = model
-    engine: PrivacyEngine | None = None
-    if dp.enabled:
-        assert ledger is not None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+def released_count(ledger: Ledger, n: int, *, run_id: int, server_round: int,
+                   accountant: AccountantName) -> int:
+    """The train split's noised size: drawn once per data, charged once, kept in the ledger
+    (saved by the caller before anything leaves the site)."""
+    if ledger.released_count is None:
+        ledger.released_count = noised_count(n)
+        ledger.append("count", run_id=run_id, server_round=server_round,
+                      noise_multiplier=COUNT_NOISE, accountant=accountant,
+                      note="size of the training split")
+    return ledger.released_count
+
+
+def plan_round(ledger: Ledger, released_n: int, *, batch_size: int, epochs: int,
+               dp: DPSettings, run_id: int, rounds_left: int) -> RoundPlan | str:
+    """The round's noise, sampling and cost, or why the site refuses it (a message)."""
+    if ledger.delta >= 1.0 / released_n:
+        return (f"delta={ledger.delta:g} is not well below 1/n for a training split of about "
+                f"{released_n} cases: one case could be released outright with probability "
+                "delta. Use a delta below 1/n (1e-5 or less for sites under 10,000 cases)")
+    sample_rate, steps = dp_plan(released_n, batch_size, epochs)
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        # one noise level per run: derived at the run's first round for all the rounds
+        # planned, kept while it still fits (cheap to account, what DP-SGD users expect)
+        same_run = [e for e in ledger.entries if e.kind == "dp-sgd" and e.run_id == run_id
+                    and e.sample_rate == sample_rate and e.steps == steps]
+        sigma = same_run[-1].noise_multiplier if same_run else 0.0
+        if not same_run or ledger.cost_with(
+            (sigma, sample_rate, steps), "train", dp.accountant
+        ) > ledger.epsilon_budget:
             try:
-                engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
-            except ImportError as exc:
-                raise DPSetupError(
-                    f"secure-mode=true needs the torchcsprng package on this node ({exc})"
-                ) from None
-        # the spent privacy carries over: this engine's accountant starts from the ledger
-        engine.accountant.history = list(ledger.history())
-        net, opt, loader = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-        )
-        assert len(loader) * epochs == steps, (len(loader), epochs, steps)
+                sigma = noise_for_budget(ledger, sample_rate, steps, rounds_left,
+                                         accountant=dp.accountant)
+            except BudgetError as exc:
+                return f"privacy budget spent: {exc}"
+    cost = ledger.cost_with((sigma, sample_rate, steps), "train", dp.accountant)
+    if cost > ledger.epsilon_budget:
+        spent = ledger.epsilon("train", dp.accountant)
+        return (f"privacy budget spent: this round ({steps} steps, noise {sigma:.4g}, sample "
+                f"rate {sample_rate:.4g}) would bring epsilon from {spent:.4g} to "
+                f"{cost:.4g}, above the site's budget of {ledger.epsilon_budget:g} "
+                f"(delta {ledger.delta:g})")
+    return RoundPlan(released_n, sigma, sample_rate, steps, cost)
 
-    after_step = None
-    if proximal_mu > 0:
-        after_step = proximal_pull(net, _to_device(global_state, device), proximal_mu, lr)
+
+def make_private(
+    model: MedFuseModel, optimizer: torch.optim.Optimizer, train: SiteSplit, plan: RoundPlan,
+    dp: DPSettings, ledger: Ledger, device: torch.device,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+    """Opacus' `make_private` over a Poisson loader at the plan's sample rate, with the
+    noise and the sampling drawn from secret seeds, and gradients averaged over the
+    released (not the exact) expected batch size."""
+    try:
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+    except ImportError as exc:
+        raise DPSetupError(
+            f"secure-mode=true needs the torchcsprng package on this node ({exc})"
+        ) from None
+    # the spent privacy carries over: this engine's accountant starts from the ledger
+    engine.accountant.history = list(ledger.history("train"))
+    sampler_rng = None if dp.secure_mode else torch.Generator().manual_seed(secret_seed())
+    noise_rng = None if dp.secure_mode else torch.Generator(device=device).manual_seed(
+        secret_seed())
+    loader = DPDataLoader(train, sample_rate=plan.sample_rate,
+                          generator=sampler_rng or engine.secure_rng)
+    net, opt, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=False,  # the loader above already samples (at the plan's rate)
+        noise_generator=noise_rng,
+    )
+    net.forbid_grad_accumulation()
+    # Opacus derives it from the exact dataset size; the plan's released count instead
+    opt.expected_batch_size = max(round(plan.released_n * plan.sample_rate), 1)
+    return net, opt, loader, engine
+
+
+def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, loader, model_cfg: ModelConfig,
+           device: torch.device, epochs: int, after_step) -> tuple[float, int]:
+    """(mean loss per example seen, optimizer steps taken) over `epochs` epochs."""
     loss_fn = make_loss_fn(model_cfg)
     seen, loss_sum, taken = 0, 0.0, 0
     with warnings.catch_warnings():
@@ -210,47 +222,136 @@ def local_train(
             seen += stats.examples
             loss_sum += stats.loss * stats.examples
             taken += stats.steps
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
-    train_loss = loss_sum / seen if seen else math.nan
+    return (loss_sum / seen if seen else math.nan), taken
 
-    if not dp.enabled:
-        log.warning("%s: trained WITHOUT differential privacy (dp=false)", site.name)
-        delta = ledger.delta if ledger is not None else 0.0
-        return TrainOutcome(state=state, num_examples=n, train_loss=train_loss,
-                            epsilon=math.inf, delta=delta, epsilon_left=0.0)
 
-    assert engine is not None and ledger is not None
+def settle(ledger: Ledger, engine: PrivacyEngine, plan: RoundPlan, taken: int, *,
+           run_id: int, server_round: int, accountant: AccountantName, site: str) -> None:
+    """Every step noised and counted, or nothing is released; then the ledger entry."""
     counted = sum(s for _, _, s in engine.accountant.history) - sum(
-        s for _, _, s in ledger.history()
+        s for _, _, s in ledger.history("train")
     )
-    if counted != taken or taken != steps:
-        # every step must have been noised and counted; if not, release nothing
+    if counted != taken or taken != plan.steps:
         raise RuntimeError(
-            f"{site.name}: the accountant counted {counted} steps, the loop took {taken}, "
-            f"{steps} were planned: refusing to release an update that was not accounted"
+            f"{site}: the accountant counted {counted} steps, the loop took {taken}, "
+            f"{plan.steps} were planned: refusing to release an update that was not accounted"
         )
-    ledger.entries.append(
-        new_entry(
-            run_id=run_id, server_round=server_round, noise_multiplier=sigma,
-            sample_rate=sample_rate, steps=steps, epsilon_after=cost,
-            accountant=dp.accountant,
-        )
-    )
-    ledger.save()  # on disk before anything leaves the site
-    epsilon = epsilon_spent(ledger, dp.accountant)
+    entry = ledger.append("dp-sgd", run_id=run_id, server_round=server_round,
+                          noise_multiplier=plan.noise_multiplier,
+                          sample_rate=plan.sample_rate, steps=plan.steps,
+                          accountant=accountant)
+    assert math.isclose(entry.epsilon_after, plan.epsilon_after, rel_tol=1e-9)
+
+
+# ----------------------------------------------------------------- the round
+
+
+def local_train(
+    model_cfg: ModelConfig,
+    site: SiteData,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    proximal_mu: float = 0.0,
+    dp: DPSettings,
+    ledger: Ledger,
+    save_ledger: Callable[[Ledger], object],
+    run_id: int,
+    server_round: int,
+    rounds_left: int,
+    device: torch.device,
+    seed: int,
+    optimizer: OptimizerName = "adam",
+) -> TrainOutcome:
+    """Train the global model on this site's train split for `epochs` epochs.
+
+    `save_ledger(ledger)` writes the ledger (the ClientApp's store, under its lock); it is
+    called before this function returns anything that could leave the site. Returns the
+    full state dict (every tensor is shared: GroupNorm has no running statistics) as CPU
+    tensors, or a refusal when the round would pass the budget.
+    """
+    n = len(site.train)
+    plan: RoundPlan | None = None
+    if dp.enabled:
+        released_n = released_count(ledger, n, run_id=run_id, server_round=server_round,
+                                    accountant=dp.accountant)
+        save_ledger(ledger)  # the count is drawn once: on disk before it can be used
+        planned = plan_round(ledger, released_n, batch_size=batch_size, epochs=epochs, dp=dp,
+                             run_id=run_id, rounds_left=rounds_left)
+        if isinstance(planned, str):
+            return _refusal(ledger, dp.accountant, f"{site.name}: {planned}")
+        plan = planned
+        seed_everything(secret_seed())  # dropout and any other draw: secret too
+    else:
+        seed_everything(round_seed(seed, site.name, server_round))
+
+    model = MedFuseModel(model_cfg)
+    model.load_state_dict(dict(global_state), strict=True)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(optimizer, params, lr)
+    net: torch.nn.Module = model
+    engine: PrivacyEngine | None = None
+    if plan is not None:
+        net, opt, loader, engine = make_private(model, opt, site.train, plan, dp, ledger,
+                                                device)
+    else:
+        gen = torch.Generator().manual_seed(round_seed(seed, site.name, server_round))
+        loader = DataLoader(site.train, batch_size=batch_size, shuffle=True, generator=gen)
+
+    after_step = None
+    if proximal_mu > 0:
+        after_step = proximal_pull(net, _to_device(global_state, device), proximal_mu, lr)
+    train_loss, taken = _train(net, opt, loader, model_cfg, device, epochs, after_step)
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
+
+    if plan is None:
+        log.warning("%s: trained WITHOUT differential privacy (dp=false): the ledger records "
+                    "this release as infinite epsilon", site.name)
+        ledger.append("non-private", run_id=run_id, server_round=server_round,
+                      noise_multiplier=0.0, note="trained with dp=false")
+        save_ledger(ledger)
+        return TrainOutcome(state=state, num_examples=n, train_loss=train_loss,
+                            epsilon=math.inf, delta=ledger.delta, epsilon_left=0.0)
+
+    assert engine is not None
+    settle(ledger, engine, plan, taken, run_id=run_id, server_round=server_round,
+           accountant=dp.accountant, site=site.name)
+    save_ledger(ledger)  # on disk before anything leaves the site
+    epsilon = ledger.epsilon("train", dp.accountant)
     return TrainOutcome(
-        state=state, num_examples=n, train_loss=train_loss, epsilon=epsilon,
+        state=state, num_examples=plan.released_n, train_loss=train_loss, epsilon=epsilon,
         delta=ledger.delta, epsilon_left=_budget_left(ledger, epsilon),
-        noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
     )
 
 
-def _refusal(ledger: Ledger, spent: float, reason: str) -> TrainOutcome:
+def _refusal(ledger: Ledger, accountant: AccountantName, reason: str) -> TrainOutcome:
     log.warning("%s", reason)
+    spent = ledger.epsilon("train", accountant)
     return TrainOutcome(
         state=None, num_examples=0, train_loss=math.nan, epsilon=spent, delta=ledger.delta,
         epsilon_left=_budget_left(ledger, spent), refused=True, reason=reason,
     )
+
+
+def local_cases(
+    model_cfg: ModelConfig,
+    site: SiteData,
+    state: Mapping[str, torch.Tensor],
+    device: torch.device,
+    split: Literal["val", "test"] = "val",
+    batch_size: int = 64,
+) -> CaseResults:
+    """The shared `evaluate_cases` of `state` on one split of this site."""
+    data = site.val if split == "val" else site.test
+    model = MedFuseModel(model_cfg)
+    model.load_state_dict(dict(state), strict=True)
+    model.to(device)
+    return evaluate_cases(model, data, model_cfg, Tokenizer(model_cfg.vocab_size), device,
+                          batch_size=batch_size)
 
 
 def local_evaluate(
@@ -261,13 +362,10 @@ def local_evaluate(
     split: Literal["val", "test"] = "val",
     batch_size: int = 64,
 ) -> tuple[dict[str, float], int]:
-    """The shared `evaluate` of `state` on one split: (metrics, number of examples)."""
+    """Exact metrics of `state` on one split: (metrics, number of examples). For the
+    researcher's own tables; what a node releases goes through `client.release`."""
     data = site.val if split == "val" else site.test
     if len(data) == 0:
         return {}, 0
-    model = MedFuseModel(model_cfg)
-    model.load_state_dict(dict(state), strict=True)
-    model.to(device)
-    metrics = evaluate(model, data, model_cfg, Tokenizer(model_cfg.vocab_size), device,
-                       batch_size=batch_size)
-    return metrics, len(data)
+    cases = local_cases(model_cfg, site, state, device, split, batch_size)
+    return summarise(cases, model_cfg.num_classes), len(data)

@@ -1,18 +1,35 @@
-"""The hospital's privacy ledger and the accounting on it (no Flower here).
+"""The hospital's privacy ledger, the store that keeps it, and the accounting on it (no Flower).
 
-Privacy loss composes across everything ever released from the same data, so the site
-keeps, on its own disk, every (noise multiplier, sample rate, steps) it trained with, for
-every run. The epsilon it reports is always that whole history run through an Opacus
-accountant: neither a SuperNode restart (which wipes Flower's `context.state`) nor a new
-run resets it. The ledger is a small JSON file written atomically after every round; a
-ledger that cannot be read is an error, never a silent reset (a reset would hide privacy
-already spent).
+Privacy loss composes across everything ever released from the same records, so a node
+keeps, on its own disk, every release it made from its data: each DP-SGD round
+(noise multiplier, sample rate, steps), the one noised count of the training split, every
+evaluation release, and every release made without DP (recorded as infinite epsilon).
+The epsilon it reports is always that whole history run through an Opacus accountant.
+
+What keeps the figure honest:
+
+- The ledger follows the data, not a name or a path: it is keyed by a digest of the
+  site's records (the bytes of every image the manifest names). A renamed site or a
+  copied folder finds the same ledger; a folder that shares cases with a ledger already
+  in the store starts from that ledger's history (its cases have already been released).
+- One store per node install (`~/.medfuse/privacy`, or the node's `state-dir`). The store
+  keeps an index of every ledger it ever held, with each ledger's length and last digest:
+  a ledger file that went missing, was truncated or edited is refused until a person
+  restores it (the message says how); it is never silently recreated.
+- Entries form a hash chain (each holds the digest of the one before), every field is
+  validated (finite, positive, plausible), and each entry's `epsilon_after` is recomputed
+  on load: a changed noise multiplier or step count no longer matches and is refused.
+- A budget, once written into a ledger, may only go down; delta too.
+
+There are two budgets. `train` covers everything computed from the training split (the
+weights, the count); `evaluation` covers the val and test splits, which hold other cases:
+a case is in exactly one split (its own column, or a hash of its case id), so the two
+compose in parallel and each case's loss is bounded by its split's epsilon.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -21,69 +38,160 @@ import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
+from filelock import FileLock
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from rich.table import Table
 
 log = logging.getLogger(__name__)
 
 AccountantName = Literal["rdp", "prv"]
+Bucket = Literal["train", "evaluation"]
+EntryKind = Literal["dp-sgd", "count", "non-private", "evaluation", "exact-evaluation"]
+BUCKET_OF: dict[str, Bucket] = {
+    "dp-sgd": "train", "count": "train", "non-private": "train",
+    "evaluation": "evaluation", "exact-evaluation": "evaluation",
+}
 LEDGER_FILE = "privacy-ledger.json"
-LOCK_FILE = ".privacy-ledger.lock"
-LEDGER_VERSION = 1
+INDEX_FILE = "store.json"
+LOCK_FILE = ".store.lock"
+LEDGER_VERSION = 2
+STORE_ENV = "MEDFUSE_PRIVACY_STORE"
 DEFAULT_STATE_ROOT = Path("~/.medfuse/privacy")
 # Above this noise multiplier an update carries no useful signal: a derived noise beyond
-# it means the budget is, for practical purposes, spent.
+# it means the budget is, for practical purposes, spent. No entry may hold more.
 MAX_USEFUL_NOISE = 50.0
+MAX_STEPS = 10_000_000  # an entry with more steps than this is not a real round
+RECORD_DIGEST_CHARS = 16  # 64 bits of sha256 per record: collisions are not a concern
 
 HistoryItem = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' form
 RdpCache = dict[tuple[float, float], np.ndarray]
 
 
 class LedgerError(RuntimeError):
-    """A ledger that cannot be read or written; the message says which file and why."""
+    """A ledger that cannot be read, trusted or written; the message says what a person does."""
 
 
 class BudgetError(RuntimeError):
     """No noise level keeps the site within its budget (nothing can be released)."""
 
 
+def default_store_root() -> Path:
+    """The node install's store: `$MEDFUSE_PRIVACY_STORE`, else `~/.medfuse/privacy`."""
+    env = os.environ.get(STORE_ENV)
+    return Path(env).expanduser() if env else DEFAULT_STATE_ROOT.expanduser()
+
+
+# ----------------------------------------------------------------- data identity
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a ledger is tied to: the digest of a site's records and the records themselves."""
+
+    digest: str  # sha256 over the sorted record digests
+    records: tuple[str, ...]  # sorted, one per distinct image file
+
+    @property
+    def key(self) -> str:
+        return self.digest[:16]
+
+
+def data_identity(data_path: Path) -> DataIdentity:
+    """Digest the bytes of every image the manifest names (missing files are skipped).
+
+    The image is the patient's record: a renamed site, a moved or copied folder or an
+    edited report keep the identity; adding or removing cases changes it (and the store
+    then finds the overlap). Reads every image once: milliseconds for a few hundred files.
+    """
+    folder = Path(data_path)
+    manifest = folder / "manifest.csv"
+    try:
+        images = pd.read_csv(manifest, usecols=["image"], dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise LedgerError(f"cannot read {manifest} to identify the data: {exc}") from None
+    digests = set()
+    for rel in images["image"]:
+        path = folder / rel.strip()
+        if rel.strip() and path.is_file():
+            digests.add(hashlib.sha256(path.read_bytes()).hexdigest()[:RECORD_DIGEST_CHARS])
+    if not digests:
+        raise LedgerError(f"{folder}: no readable image to identify the data by")
+    records = tuple(sorted(digests))
+    return DataIdentity(hashlib.sha256("\n".join(records).encode()).hexdigest(), records)
+
+
+# ----------------------------------------------------------------- the ledger
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class LedgerEntry(BaseModel):
-    """One round of private training at this site: what the accountant needs, and when."""
+    """One release from this site's data: what the accountant needs, when, and the chain."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
+    kind: EntryKind
     run_id: int
     server_round: int = Field(ge=0)
-    noise_multiplier: float = Field(ge=0.0)
+    noise_multiplier: float = Field(ge=0.0, le=MAX_USEFUL_NOISE)
     sample_rate: float = Field(gt=0.0, le=1.0)
-    steps: int = Field(ge=0)
-    epsilon_after: float = Field(ge=0.0, description="cumulative epsilon after this round")
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    epsilon_after: float = Field(ge=0.0, description="its bucket's epsilon after this entry")
     accountant: AccountantName = "rdp"
     time: str = Field(description="UTC, ISO 8601")
+    prev: str = Field(pattern=r"^[0-9a-f]{64}$", description="digest of the entry before")
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _plausible(self) -> LedgerEntry:
+        if not math.isfinite(self.noise_multiplier) or math.isnan(self.epsilon_after):
+            raise ValueError("noise multiplier must be finite and epsilon a number")
+        noiseless = self.kind in ("non-private", "exact-evaluation")
+        if noiseless != (self.noise_multiplier == 0.0):
+            raise ValueError(f"a {self.kind} entry with noise multiplier {self.noise_multiplier}")
+        if self.kind != "dp-sgd" and (self.sample_rate, self.steps) != (1.0, 1):
+            raise ValueError(f"a {self.kind} entry is one release of the whole split")
+        return self
+
+    @property
+    def bucket(self) -> Bucket:
+        return BUCKET_OF[self.kind]
+
+    def digest(self) -> str:
+        return _digest(self.model_dump_json())
 
 
 class Ledger(BaseModel):
-    """Everything released from one site's data, with the budget that bounds it.
+    """Everything released from one set of records, with the budgets that bound it.
 
-    `path` (where it lives) is not part of the JSON: the same ledger can be moved.
+    `path` (where it lives) is not part of the JSON: a ledger belongs to its data digest.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              ser_json_inf_nan="constants")
 
     version: int = LEDGER_VERSION
-    site_name: str
-    data_path: str = Field(description="absolute path of the site folder")
-    manifest_sha256: str = Field(description="fingerprint of manifest.csv; '' when unknown")
-    epsilon_budget: float = Field(gt=0.0)
+    data_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    records: list[str] = Field(description="digest of every record (image) it covers")
+    site_names: list[str] = Field(default_factory=list, description="names it was used under")
+    data_paths: list[str] = Field(default_factory=list, description="folders it was used at")
+    epsilon_budget: float = Field(gt=0.0, allow_inf_nan=False)
+    eval_epsilon_budget: float = Field(gt=0.0, allow_inf_nan=False)
     delta: float = Field(gt=0.0, lt=1.0)
+    released_count: int | None = Field(None, ge=1, description="the noised train-split size")
+    inherited_from: list[str] = Field(default_factory=list)
     entries: list[LedgerEntry] = Field(default_factory=list)
 
     _path: Path | None = PrivateAttr(default=None)
@@ -94,18 +202,72 @@ class Ledger(BaseModel):
     def path(self) -> Path | None:
         return self._path
 
-    def history(self) -> list[HistoryItem]:
-        """Opacus accountant history over ALL entries (all runs): privacy composes."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if e.steps]
+    @property
+    def key(self) -> str:
+        return self.data_digest[:16]
 
-    def save(self, path: Path | None = None) -> Path:
-        """Write atomically: temp file in the same folder, fsync, os.replace, fsync folder."""
-        target = Path(path) if path is not None else self._path
-        if target is None:
-            raise LedgerError("this ledger has no file yet: pass a path to save()")
-        atomic_write_text(target, self.model_dump_json(indent=2) + "\n")
-        self._path = target
-        return target
+    def genesis(self) -> str:
+        """What the first entry chains to: the data it is about."""
+        return _digest(f"medfuse-ledger/{self.data_digest}")
+
+    def head(self) -> str:
+        return self.entries[-1].digest() if self.entries else self.genesis()
+
+    def history(self, bucket: Bucket = "train") -> list[HistoryItem]:
+        """Opacus accountant history of one bucket over ALL entries (all runs)."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries
+                if e.bucket == bucket]
+
+    def budget(self, bucket: Bucket = "train") -> float:
+        return self.epsilon_budget if bucket == "train" else self.eval_epsilon_budget
+
+    def epsilon(self, bucket: Bucket = "train", accountant: AccountantName = "rdp") -> float:
+        return history_epsilon(self.history(bucket), self.delta, accountant, self._rdp_cache)
+
+    def cost_with(self, item: HistoryItem, bucket: Bucket = "train",
+                  accountant: AccountantName = "rdp") -> float:
+        """The bucket's epsilon if one more release `item` is added."""
+        return history_epsilon([*self.history(bucket), item], self.delta, accountant,
+                               self._rdp_cache)
+
+    def append(self, kind: EntryKind, *, run_id: int, server_round: int,
+               noise_multiplier: float, sample_rate: float = 1.0, steps: int = 1,
+               accountant: AccountantName = "rdp", note: str = "") -> LedgerEntry:
+        """Chain a new entry, its `epsilon_after` computed here (never taken from a caller)."""
+        bucket = BUCKET_OF[kind]
+        eps = self.cost_with((noise_multiplier, sample_rate, steps), bucket, accountant)
+        entry = LedgerEntry(
+            kind=kind, run_id=run_id, server_round=server_round,
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+            epsilon_after=eps, accountant=accountant, prev=self.head(), note=note,
+            time=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        self.entries.append(entry)
+        return entry
+
+    def verify(self) -> None:
+        """`LedgerError` unless the chain is whole and every epsilon recomputes."""
+        prev = self.genesis()
+        history: dict[Bucket, list[HistoryItem]] = {"train": [], "evaluation": []}
+        for i, e in enumerate(self.entries):
+            if e.prev != prev:
+                raise LedgerError(f"entry {i + 1} does not follow entry {i}: an entry was "
+                                  "removed, inserted or altered")
+            history[e.bucket].append((e.noise_multiplier, e.sample_rate, e.steps))
+            again = history_epsilon(history[e.bucket], self.delta, e.accountant,
+                                    self._rdp_cache)
+            if not _same_epsilon(again, e.epsilon_after):
+                raise LedgerError(
+                    f"entry {i + 1} says epsilon {e.epsilon_after:.6g} but its history gives "
+                    f"{again:.6g}: the entry was edited"
+                )
+            prev = e.digest()
+
+
+def _same_epsilon(a: float, b: float) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 # ----------------------------------------------------------------- files
@@ -133,22 +295,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.close(dir_fd)
 
 
-def manifest_fingerprint(data_path: Path) -> str:
-    """sha256 of the site's manifest.csv ('' when there is none to read)."""
-    manifest = Path(data_path) / "manifest.csv"
-    try:
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-def ledger_path(state_dir: Path) -> Path:
-    return Path(state_dir).expanduser() / LEDGER_FILE
-
-
-def load_ledger(state_dir: Path) -> Ledger:
-    """Read an existing ledger; `LedgerError` when it is missing or cannot be read."""
-    path = ledger_path(state_dir)
+def read_ledger_file(path: Path) -> Ledger:
+    """Parse and verify one ledger file (no index check: see `LedgerStore.load`)."""
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -156,91 +304,185 @@ def load_ledger(state_dir: Path) -> Ledger:
     except OSError as exc:
         raise LedgerError(f"cannot read the privacy ledger {path}: {exc}") from None
     try:
-        ledger = Ledger.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, ValidationError) as exc:
+        data = json.loads(raw)
+        if isinstance(data, dict) and data.get("version") != LEDGER_VERSION:
+            raise LedgerError(f"{path}: ledger version {data.get('version')}, expected "
+                              f"{LEDGER_VERSION}")
+        ledger = Ledger.model_validate(data)
+        ledger.verify()
+    except (json.JSONDecodeError, ValidationError, LedgerError) as exc:
         first = str(exc).splitlines()[0]
         raise LedgerError(
-            f"the privacy ledger {path} is corrupt ({first}). It records the privacy this "
-            "site has already spent, so it is never reset automatically: restore it from a "
-            "backup or repair it; only move it away if you accept that the spent budget is "
-            "forgotten."
+            f"the privacy ledger {path} cannot be trusted ({first}). It records the "
+            "privacy this site has already spent, so it is never reset automatically: "
+            "restore it from a backup; `medfuse privacy show --state-dir STORE` lists what "
+            "the store holds."
         ) from None
-    if ledger.version != LEDGER_VERSION:
-        raise LedgerError(f"{path}: ledger version {ledger.version}, expected {LEDGER_VERSION}")
     ledger._path = path
     return ledger
 
 
-def open_ledger(
-    state_dir: Path,
-    *,
-    site_name: str,
-    data_path: Path,
-    epsilon_budget: float,
-    delta: float,
-) -> Ledger:
-    """Load this site's ledger, or create it on first use.
+class LedgerStore:
+    """One node install's ledgers, one per data digest, and the index that vouches for them.
 
-    The budget recorded is the one in force now (federation's, capped by the node's). A
-    ledger whose data identity differs (another folder, a changed manifest) keeps its
-    entries: the new data most likely overlaps the old, and forgetting spent privacy is
-    the one unsafe choice. The change is logged and recorded.
+        STORE/store.json                     every ledger ever held: entries and last digest
+        STORE/<digest[:16]>/privacy-ledger.json
+        STORE/.store.lock                    one round's read-check-train-append at a time
     """
-    path = ledger_path(state_dir)
-    data_abs = str(Path(data_path).expanduser().resolve())
-    fingerprint = manifest_fingerprint(Path(data_abs))
-    if not path.exists():
-        ledger = Ledger(
-            site_name=site_name,
-            data_path=data_abs,
-            manifest_sha256=fingerprint,
-            epsilon_budget=epsilon_budget,
-            delta=delta,
-        )
-        ledger.save(path)
-        log.info("privacy ledger created at %s (budget epsilon=%g delta=%g)",
-                 path, epsilon_budget, delta)
-        return ledger
-    ledger = load_ledger(state_dir)
-    changed = False
-    if ledger.data_path != data_abs or ledger.manifest_sha256 != fingerprint:
-        log.warning(
-            "privacy ledger %s was kept for %s (manifest %s) and is now used for %s "
-            "(manifest %s): its spent privacy still counts",
-            path, ledger.data_path, ledger.manifest_sha256[:12] or "-", data_abs,
-            fingerprint[:12] or "-",
-        )
-        ledger.data_path, ledger.manifest_sha256 = data_abs, fingerprint
-        changed = True
-    if ledger.site_name != site_name:
-        log.warning("privacy ledger %s: site name %r is now %r", path, ledger.site_name, site_name)
-        ledger.site_name = site_name
-        changed = True
-    if (ledger.epsilon_budget, ledger.delta) != (epsilon_budget, delta):
-        log.info("privacy ledger %s: budget epsilon=%g delta=%g (was epsilon=%g delta=%g)",
-                 path, epsilon_budget, delta, ledger.epsilon_budget, ledger.delta)
-        ledger.epsilon_budget, ledger.delta = epsilon_budget, delta
-        changed = True
-    if changed:
-        ledger.save(path)
-    return ledger
 
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().resolve()
 
-@contextlib.contextmanager
-def ledger_lock(state_dir: Path) -> Iterator[None]:
-    """Exclusive lock over one round's read-check-train-append on this ledger.
+    # ------------------------------------------------------------ files
 
-    Two runs training on the same data at once must not both spend the same remaining
-    budget; the second waits until the first has written its entry.
-    """
-    folder = Path(state_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    def ledger_path(self, key: str) -> Path:
+        return self.root / key / LEDGER_FILE
+
+    def _index(self) -> dict[str, dict]:
+        path = self.root / INDEX_FILE
+        if not path.exists():
+            return {}
         try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return dict(data["ledgers"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise LedgerError(f"the ledger store index {path} cannot be read ({exc}); "
+                              "restore it from a backup") from None
+
+    def _write_index(self, index: dict[str, dict]) -> None:
+        text = json.dumps({"version": 1, "ledgers": index}, indent=2, sort_keys=True)
+        atomic_write_text(self.root / INDEX_FILE, text + "\n")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive over the whole store: two runs on overlapping data must not both
+        spend the same remaining budget; the second waits for the first's entry."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / LOCK_FILE)):
             yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------ reading
+
+    def keys(self) -> list[str]:
+        return sorted(self._index())
+
+    def load(self, key: str) -> Ledger:
+        """A ledger the index knows, checked against the index (length and last digest)."""
+        index = self._index()
+        path = self.ledger_path(key)
+        if key not in index:
+            raise LedgerError(f"the store {self.root} holds no ledger {key}")
+        if not path.exists():
+            raise LedgerError(
+                f"the privacy ledger of this data ({key}) is missing from {path}, but the "
+                f"store {self.root} held it: the privacy spent on this data is not known, so "
+                f"this node will not train or evaluate on it. Restore {path} from a backup. "
+                f"Only if you accept that its spent privacy is forgotten, remove the entry "
+                f"'{key}' from {self.root / INDEX_FILE} by hand."
+            )
+        ledger = read_ledger_file(path)
+        want = index[key]
+        if ledger.data_digest[:16] != key or len(ledger.entries) != want.get("entries") \
+                or ledger.head() != want.get("head"):
+            raise LedgerError(
+                f"the privacy ledger {path} does not match the store index (it holds "
+                f"{len(ledger.entries)} entries, the index {want.get('entries')}): entries "
+                "were removed or the file was replaced. Restore it from a backup."
+            )
+        return ledger
+
+    def ledgers(self) -> list[Ledger]:
+        return [self.load(k) for k in self.keys()]
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, ledger: Ledger) -> Path:
+        """Ledger first, then the index: a crash between leaves a ledger the index
+        undercounts, which `load` refuses (safe: nothing is forgotten)."""
+        path = self.ledger_path(ledger.key)
+        atomic_write_text(path, ledger.model_dump_json(indent=2) + "\n")
+        index = self._index()
+        index[ledger.key] = {"entries": len(ledger.entries), "head": ledger.head(),
+                             "records": len(ledger.records)}
+        self._write_index(index)
+        ledger._path = path
+        return path
+
+    def open(
+        self,
+        identity: DataIdentity,
+        *,
+        site_name: str,
+        data_path: Path,
+        epsilon_budget: float,
+        eval_epsilon_budget: float,
+        delta: float,
+    ) -> Ledger:
+        """This data's ledger, created on first use. Call under `lock()`.
+
+        Budgets and delta only go down: an existing ledger keeps the smaller of what it
+        holds and what is asked. New data whose records overlap ledgers already in the
+        store starts from their whole history (their cases were released there).
+        """
+        index = self._index()
+        if identity.key in index:
+            ledger = self.load(identity.key)
+            changed = _note_use(ledger, site_name, data_path)
+            for field, asked in (("epsilon_budget", epsilon_budget),
+                                 ("eval_epsilon_budget", eval_epsilon_budget),
+                                 ("delta", delta)):
+                if asked < getattr(ledger, field):
+                    log.info("privacy ledger %s: %s lowered from %g to %g", ledger.key, field,
+                             getattr(ledger, field), asked)
+                    setattr(ledger, field, asked)
+                    changed = True
+            if changed:
+                self.save(ledger)
+            return ledger
+        ledger = Ledger(
+            data_digest=identity.digest, records=list(identity.records),
+            epsilon_budget=epsilon_budget, eval_epsilon_budget=eval_epsilon_budget, delta=delta,
+        )
+        _note_use(ledger, site_name, data_path)
+        mine = set(identity.records)
+        for key in sorted(index):
+            other = self.load(key)
+            shared = mine.intersection(other.records)
+            if not shared:
+                continue
+            log.warning("privacy ledger %s: %d of its cases were released under ledger %s "
+                        "(%s); that history counts here too", ledger.key, len(shared), key,
+                        ", ".join(other.site_names))
+            ledger.inherited_from.append(key)
+            ledger.epsilon_budget = min(ledger.epsilon_budget, other.epsilon_budget)
+            ledger.eval_epsilon_budget = min(ledger.eval_epsilon_budget,
+                                             other.eval_epsilon_budget)
+            ledger.delta = min(ledger.delta, other.delta)
+            if ledger.released_count is None and other.released_count is not None \
+                    and set(other.records) == mine:
+                ledger.released_count = other.released_count
+            for e in other.entries:
+                ledger.append(e.kind, run_id=e.run_id, server_round=e.server_round,
+                              noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate,
+                              steps=e.steps, accountant=e.accountant,
+                              note=f"inherited from {key}")
+        self.save(ledger)
+        log.info("privacy ledger %s created in %s (budget epsilon=%g, evaluation %g, "
+                 "delta=%g)", ledger.key, self.root, ledger.epsilon_budget,
+                 ledger.eval_epsilon_budget, ledger.delta)
+        return ledger
+
+
+def _note_use(ledger: Ledger, site_name: str, data_path: Path) -> bool:
+    path = str(Path(data_path).expanduser().resolve())
+    changed = False
+    if site_name not in ledger.site_names:
+        ledger.site_names = [*ledger.site_names, site_name]
+        changed = True
+    if path not in ledger.data_paths:
+        ledger.data_paths = [*ledger.data_paths, path]
+        changed = True
+    return changed
 
 
 # ----------------------------------------------------------------- accounting
@@ -259,12 +501,13 @@ def history_epsilon(
     accountant: AccountantName = "rdp",
     cache: RdpCache | None = None,
 ) -> float:
-    """Epsilon of a history at `delta`; 0 for nothing released, inf for a noiseless step.
+    """Epsilon of a history at `delta`; 0 for nothing released, inf for a noiseless release.
 
     RDP: exactly Opacus' `RDPAccountant.get_epsilon` (same orders, same sums in the same
     order), with each (noise, sample rate)'s one-step RDP computed once per `cache`: the
-    accountant recomputes it for every entry, which costs seconds on a long ledger. PRV:
-    Opacus' `PRVAccountant` on the history.
+    accountant recomputes it for every entry, which costs seconds on a long ledger. A
+    release of the whole split (sample rate 1, one step) is the Gaussian mechanism, whose
+    RDP Opacus gives exactly. PRV: Opacus' `PRVAccountant` on the history.
     """
     items = [(s, q, n) for s, q, n in history if n > 0]
     if not items:
@@ -276,7 +519,7 @@ def history_epsilon(
         # is then looser, never wrong
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         if accountant == "prv":
-            return float(make_accountant(accountant, items).get_epsilon(delta))
+            return max(float(make_accountant(accountant, items).get_epsilon(delta)), 0.0)
         cache = {} if cache is None else cache
         orders = RDPAccountant.DEFAULT_ALPHAS
         terms = []
@@ -288,26 +531,7 @@ def history_epsilon(
                 )
             terms.append(cache[(s, q)] * n)
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=sum(terms), delta=delta)
-        return float(eps)
-
-
-def epsilon_spent(ledger: Ledger, accountant: AccountantName = "rdp") -> float:
-    """The site's cumulative epsilon over every entry of every run, at the ledger's delta."""
-    return history_epsilon(ledger.history(), ledger.delta, accountant, ledger._rdp_cache)
-
-
-def round_cost(
-    ledger: Ledger,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    accountant: AccountantName = "rdp",
-) -> float:
-    """Cumulative epsilon if one more round of `steps` at (noise, sample_rate) is added."""
-    return history_epsilon(
-        [*ledger.history(), (noise_multiplier, sample_rate, steps)], ledger.delta, accountant,
-        ledger._rdp_cache,
-    )
+        return max(float(eps), 0.0)  # a large delta can make the bound negative
 
 
 def noise_for_budget(
@@ -315,22 +539,22 @@ def noise_for_budget(
     sample_rate: float,
     steps_per_round: int,
     rounds_left: int,
-    target_epsilon: float | None = None,
-    accountant: AccountantName = "rdp",
     *,
+    bucket: Bucket = "train",
+    accountant: AccountantName = "rdp",
     rel_tol: float = 5e-3,
     max_noise: float = MAX_USEFUL_NOISE,
 ) -> float:
-    """The smallest noise multiplier such that the ledger's history plus `rounds_left`
-    rounds of `steps_per_round` steps stays within `target_epsilon` (default: the
-    ledger's budget). Rounded up, so the plan never overshoots.
+    """The smallest noise multiplier such that the bucket's history plus `rounds_left`
+    releases of `steps_per_round` steps stays within the bucket's budget. Rounded up, so
+    the plan never overshoots.
 
     `BudgetError` when the history alone is at or past the budget, or when what is left
     would need a noise multiplier above `max_noise`: any sliver of budget "fits" with
-    enough noise, but an update that is all noise is worth nothing to the federation and
+    enough noise, but a release that is all noise is worth nothing to the federation and
     would only spend the last of the budget, so the site says its budget is spent."""
-    target = ledger.epsilon_budget if target_epsilon is None else target_epsilon
-    history = ledger.history()
+    target = ledger.budget(bucket)
+    history = ledger.history(bucket)
     planned = steps_per_round * max(rounds_left, 1)
 
     def eps(sigma: float) -> float:
@@ -345,8 +569,8 @@ def noise_for_budget(
     if eps(max_noise) > target:
         raise BudgetError(
             f"epsilon {spent:.4g} spent of {target:.4g}: what is left would need a noise "
-            f"multiplier above {max_noise:g} for {rounds_left} more round(s) of "
-            f"{steps_per_round} steps at sample rate {sample_rate:.4g} (an update that "
+            f"multiplier above {max_noise:g} for {rounds_left} more release(s) of "
+            f"{steps_per_round} steps at sample rate {sample_rate:.4g} (a release that "
             "would be all noise)"
         )
     hi = min(1.0, max_noise)
@@ -362,17 +586,8 @@ def noise_for_budget(
     return hi
 
 
-def effective_budget(run_epsilon: float, node_epsilon: float | None) -> float:
-    """A site may lower the federation's budget, never raise it."""
-    return _at_most("epsilon-budget", "epsilon", run_epsilon, node_epsilon)
-
-
-def effective_delta(run_delta: float, node_delta: float | None) -> float:
-    """Same rule for delta: the node may only make it smaller (stricter)."""
-    return _at_most("delta", "delta", run_delta, node_delta)
-
-
-def _at_most(node_key: str, run_key: str, run_value: float, node_value: float | None) -> float:
+def at_most(node_key: str, run_key: str, run_value: float, node_value: float | None) -> float:
+    """A site may lower what the federation asks (budget, delta), never raise it."""
     if node_value is None:
         return run_value
     if node_value > run_value:
@@ -384,28 +599,6 @@ def _at_most(node_key: str, run_key: str, run_value: float, node_value: float | 
     return node_value
 
 
-def new_entry(
-    *,
-    run_id: int,
-    server_round: int,
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    epsilon_after: float,
-    accountant: AccountantName,
-) -> LedgerEntry:
-    return LedgerEntry(
-        run_id=run_id,
-        server_round=server_round,
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
-        steps=steps,
-        epsilon_after=epsilon_after,
-        accountant=accountant,
-        time=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-
-
 # ----------------------------------------------------------------- display
 
 
@@ -413,24 +606,31 @@ def _accountant_of(ledger: Ledger) -> AccountantName:
     return ledger.entries[-1].accountant if ledger.entries else "rdp"
 
 
-def render_ledger(ledger: Ledger) -> Table:
-    """A rich table: one row per round, and the total spent, budget and what is left."""
+def _summary_lines(ledger: Ledger) -> list[str]:
     accountant = _accountant_of(ledger)
-    spent = epsilon_spent(ledger, accountant)
-    left = max(ledger.epsilon_budget - spent, 0.0)
+    lines = []
+    for bucket, what in (("train", "training split"), ("evaluation", "val/test splits")):
+        spent = ledger.epsilon(bucket, accountant)
+        left = max(ledger.budget(bucket) - spent, 0.0)
+        lines.append(f"{what}: epsilon {spent:.4f} of {ledger.budget(bucket):g} "
+                     f"(delta {ledger.delta:g}, {accountant.upper()}); left {left:.4f}")
+    return lines
+
+
+def render_ledger(ledger: Ledger) -> Table:
+    """A rich table: one row per release, and each budget's spent and left."""
+    names = ", ".join(ledger.site_names) or "-"
     table = Table(
-        title=f"privacy ledger of {ledger.site_name}",
-        caption=(
-            f"data {ledger.data_path}\n"
-            f"spent epsilon {spent:.4f} of {ledger.epsilon_budget:g} "
-            f"(delta {ledger.delta:g}, {accountant.upper()}); left {left:.4f}"
-        ),
+        title=f"privacy ledger {ledger.key} ({names})",
+        caption="\n".join([f"data {', '.join(ledger.data_paths)} "
+                           f"({len(ledger.records)} records)", *_summary_lines(ledger)]),
     )
-    for column in ("run", "round", "noise", "sample rate", "steps", "epsilon after", "time"):
-        table.add_column(column, justify="left" if column == "time" else "right")
+    for column in ("kind", "run", "round", "noise", "sample rate", "steps", "epsilon after",
+                   "time"):
+        table.add_column(column, justify="left" if column in ("kind", "time") else "right")
     for e in ledger.entries:
         table.add_row(
-            str(e.run_id), str(e.server_round), f"{e.noise_multiplier:.4f}",
+            e.kind, str(e.run_id), str(e.server_round), f"{e.noise_multiplier:.4f}",
             f"{e.sample_rate:.4f}", str(e.steps), f"{e.epsilon_after:.4f}", e.time,
         )
     return table
@@ -438,27 +638,23 @@ def render_ledger(ledger: Ledger) -> Table:
 
 def ledger_text(ledger: Ledger) -> str:
     """The same as `render_ledger`, as plain text (logs, files)."""
-    accountant = _accountant_of(ledger)
-    spent = epsilon_spent(ledger, accountant)
     lines = [
-        f"site {ledger.site_name}  data {ledger.data_path}",
-        f"{'run':>20} {'round':>6} {'noise':>9} {'rate':>8} {'steps':>7} {'eps after':>10}",
+        f"ledger {ledger.key}  sites {', '.join(ledger.site_names)}  "
+        f"data {', '.join(ledger.data_paths)}",
+        f"{'kind':<17} {'run':>20} {'round':>6} {'noise':>9} {'rate':>8} {'steps':>7} "
+        f"{'eps after':>10}",
     ]
     for e in ledger.entries:
         lines.append(
-            f"{e.run_id:>20} {e.server_round:>6} {e.noise_multiplier:>9.4f} "
+            f"{e.kind:<17} {e.run_id:>20} {e.server_round:>6} {e.noise_multiplier:>9.4f} "
             f"{e.sample_rate:>8.4f} {e.steps:>7} {e.epsilon_after:>10.4f}"
         )
-    lines.append(
-        f"spent epsilon {spent:.4f} of {ledger.epsilon_budget:g} (delta {ledger.delta:g}, "
-        f"{accountant}); left {max(ledger.epsilon_budget - spent, 0.0):.4f}"
-    )
-    return "\n".join(lines)
+    return "\n".join(lines + _summary_lines(ledger))
 
 
-def find_ledgers(root: Path = DEFAULT_STATE_ROOT) -> list[Path]:
-    """State folders under `root` that hold a ledger (for `medfuse privacy show`)."""
-    base = Path(root).expanduser()
-    if ledger_path(base).exists():
-        return [base]
-    return sorted(p.parent for p in base.glob(f"*/{LEDGER_FILE}"))
+def find_stores(root: Path | None = None) -> list[LedgerStore]:
+    """Stores at `root` or one level below (a folder of simulated nodes' stores)."""
+    base = Path(root).expanduser() if root is not None else default_store_root()
+    if (base / INDEX_FILE).exists():
+        return [LedgerStore(base)]
+    return [LedgerStore(p.parent) for p in sorted(base.glob(f"*/{INDEX_FILE}"))]

@@ -1,25 +1,35 @@
-"""Which data this node trains on, where its privacy ledger lives, how it runs (no Flower).
+"""Which data this node trains on, where its privacy ledgers live, what it accepts (no Flower).
 
 Deployment: the SuperNode's `--node-config` names the hospital's site folder
-(`data-path`) and optionally `site-name`, `device`, `epsilon-budget`, `delta`,
-`state-dir` and `threads`. Simulation: Flower gives only `partition-id` and
-`num-partitions`; the partition picks the N-th site folder under the run config's
-`sites-dir`, or of a synthetic federation written on first use into a cache folder.
+(`data-path`) and optionally `site-name`, `device`, budgets, `state-dir`, `threads` and
+the node's policy (`allow-non-private`, `evaluation`, limits on what a round may ask).
+The hospital decides these; the run config can lower a budget, never raise it, and
+cannot change the policy.
+
+Simulation: Flower gives only `partition-id` and `num-partitions`; the partition picks
+the N-th site folder under the run config's `sites-dir`, or of a synthetic federation
+written on first use into a cache folder. A simulated hospital belongs to the researcher
+who runs the simulation, so the run config's `sim-node-config` plays the part of its
+node config (a deployed node, one with `data-path`, never reads it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from client.privacy import default_store_root
 from shared_model.run_config import RunConfig, device_name
 
 log = logging.getLogger(__name__)
@@ -36,8 +46,14 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+EvaluationRelease = Literal["dp", "exact", "off"]
+
+
 class NodeConfig(BaseModel):
-    """The SuperNode's `--node-config`, typed. Every key is optional; unknown keys fail."""
+    """The SuperNode's `--node-config`, typed. Every key is optional; unknown keys fail.
+
+    The defaults are the safe choice: DP only, private evaluation metrics, a few
+    evaluations per run, and bounds on what the server may ask of a round."""
 
     # kebab-case keys only, as the SuperNode's --node-config spells them
     model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=_kebab)
@@ -48,8 +64,22 @@ class NodeConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     epsilon_budget: float | None = Field(None, gt=0.0, description="only lower than the run's")
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="only lower than the run's")
-    state_dir: str | None = Field(None, description="folder of the privacy ledger")
+    state_dir: str | None = Field(None, description="the ledger store (default ~/.medfuse/privacy)")
     threads: int = Field(1, ge=1, le=1024, description="torch threads of this ClientApp")
+    # what this hospital releases
+    allow_non_private: bool = Field(False, description="train when the run asks dp=false")
+    evaluation: EvaluationRelease = Field(
+        "dp", description="dp: noised metrics charged to the evaluation budget; exact: "
+        "exact metrics, recorded as infinite epsilon; off: no evaluation metrics")
+    eval_epsilon_budget: float = Field(2.0, gt=0.0, allow_inf_nan=False,
+                                       description="budget of the val/test splits")
+    max_evaluations_per_run: int = Field(4, ge=0, le=10_000)
+    # what a round may ask of this node
+    min_lr: float = Field(1e-6, gt=0.0)
+    max_lr: float = Field(1.0, gt=0.0)
+    max_local_epochs: int = Field(10, ge=1)
+    max_batch_size: int = Field(1024, ge=1)
+    max_proximal_mu: float = Field(10.0, ge=0.0)
     # simulation (set by Flower)
     partition_id: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)
@@ -61,6 +91,34 @@ class NodeConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class RoundAsk:
+    """What the server asks of one training round (round config and run config)."""
+
+    lr: float
+    local_epochs: int
+    batch_size: int
+    proximal_mu: float
+
+
+def round_refusal(node: NodeConfig, ask: RoundAsk) -> str:
+    """'' when the node accepts the round, else why not (for the reply and the log)."""
+    problems = []
+    if not node.min_lr <= ask.lr <= node.max_lr:
+        problems.append(f"lr={ask.lr:g} outside [{node.min_lr:g}, {node.max_lr:g}]")
+    if not 1 <= ask.local_epochs <= node.max_local_epochs:
+        problems.append(f"local-epochs={ask.local_epochs} outside [1, {node.max_local_epochs}]")
+    if not 1 <= ask.batch_size <= node.max_batch_size:
+        problems.append(f"batch-size={ask.batch_size} outside [1, {node.max_batch_size}]")
+    if not 0.0 <= ask.proximal_mu <= node.max_proximal_mu:
+        problems.append(f"proximal-mu={ask.proximal_mu:g} outside [0, {node.max_proximal_mu:g}]")
+    if not problems:
+        return ""
+    return ("this node does not accept the round: " + "; ".join(problems)
+            + " (limits are the node config's min-lr, max-lr, max-local-epochs, "
+              "max-batch-size, max-proximal-mu)")
+
+
+@dataclass(frozen=True)
 class SiteChoice:
     """Everything this node decided about itself before opening any data."""
 
@@ -69,10 +127,39 @@ class SiteChoice:
     device: str  # auto, cpu, cuda, cuda:N
     epsilon_budget: float | None  # the node's own cap; None = the federation's
     delta: float | None  # the node's own cap; None = the federation's
-    state_dir: Path  # where privacy-ledger.json lives
+    state_dir: Path  # the ledger store of this node install
     threads: int
     simulation: bool
+    node: NodeConfig  # the whole node config: policy and limits
     partition_id: int | None = None
+
+
+def sim_node_config(text: str) -> dict[str, object]:
+    """The run config's `sim-node-config`: the body of a TOML inline table,
+    e.g. "allow-non-private=true, evaluation='exact', state-dir='/tmp/ledgers'"."""
+    if not text.strip():
+        return {}
+    try:
+        values = tomllib.loads(f"x = {{{text}}}")["x"]
+    except tomllib.TOMLDecodeError as exc:
+        raise SiteConfigError(f"run config sim-node-config={text!r} is not a TOML inline "
+                              f"table body ({exc})") from None
+    for key in ("data-path", "partition-id", "num-partitions"):
+        if key in values:
+            raise SiteConfigError(f"sim-node-config may not set {key}")
+    return dict(values)
+
+
+def sim_node_config_text(values: Mapping[str, object]) -> str:
+    """The inverse of `sim_node_config`: a dict as the body of a TOML inline table."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(str(v))  # a JSON string is a TOML basic string
+
+    return ", ".join(f"{k}={value(v)}" for k, v in values.items())
 
 
 def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
@@ -93,7 +180,8 @@ def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteChoic
     if node.data_path is not None:
         return _deployment(node)
     if node.partition_id is not None:
-        return _simulation(node, run)
+        simulated = {**sim_node_config(run.sim_node_config), **dict(node_config)}
+        return _simulation(parse_node_config(simulated), run)
     raise SiteConfigError(
         "this node has no data: start the SuperNode with "
         "--node-config \"data-path='/path/to/site'\" (a site folder holding manifest.csv)"
@@ -110,15 +198,18 @@ def _deployment(node: NodeConfig) -> SiteChoice:
     if not (data / MANIFEST).is_file():
         raise SiteConfigError(f"node config data-path={node.data_path!r}: no {MANIFEST} in it")
     name = node.site_name or data.name
-    if node.state_dir:
-        state = Path(node.state_dir).expanduser().resolve()
-    else:
-        tag = hashlib.sha256(str(data).encode()).hexdigest()[:8]
-        state = Path("~/.medfuse/privacy").expanduser() / f"{_safe(name)}-{tag}"
     return SiteChoice(
         data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
-        delta=node.delta, state_dir=state, threads=node.threads, simulation=False,
+        delta=node.delta, state_dir=_store(node), threads=node.threads, simulation=False,
+        node=node,
     )
+
+
+def _store(node: NodeConfig) -> Path:
+    """One ledger store per node install: its `state-dir`, else the default store."""
+    if node.state_dir:
+        return Path(node.state_dir).expanduser().resolve()
+    return default_store_root()
 
 
 def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
@@ -138,14 +229,10 @@ def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
                  root)
     data = sites[node.partition_id]
     name = node.site_name or data.name
-    if node.state_dir:
-        state = Path(node.state_dir).expanduser().resolve()
-    else:
-        state = Path(run.output_dir).expanduser().resolve() / "ledgers" / _safe(name)
     return SiteChoice(
         data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
-        delta=node.delta, state_dir=state, threads=node.threads, simulation=True,
-        partition_id=node.partition_id,
+        delta=node.delta, state_dir=_store(node), threads=node.threads, simulation=True,
+        node=node, partition_id=node.partition_id,
     )
 
 
@@ -154,11 +241,6 @@ def list_sites(root: Path) -> list[Path]:
     if not root.is_dir():
         raise SiteConfigError(f"sites-dir {str(root)!r}: no such folder")
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
-
-
-def _safe(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
-    return keep or "site"
 
 
 # ----------------------------------------------------------------- synthetic federation

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.results import Row, epsilon_spent, final_metrics, sites_of
+from server.results import EVALUATE, Row, epsilon_spent, final_metrics, sites_of
 from shared_model import wire
 
 FORMAT = 1
@@ -245,6 +245,8 @@ def build_model_card(
     """What the final model is and how it was made: config, labels, sites, rounds, the
     epsilon each site spent and the final metrics per site and their mean."""
     eps = epsilon_spent(rows)
+    private_metrics = {r.site: bool(r.value) for r in rows
+                       if r.phase == EVALUATE and r.metric == wire.M_PRIVATE_METRICS}
     return {
         "name": "medfuse",
         "code_version": version,
@@ -258,12 +260,32 @@ def build_model_card(
             "delta": run_config.get("delta"),
             "epsilon_budget_per_site": run_config.get("epsilon"),
             "epsilon_spent_per_site": eps,
+            "evaluation_epsilon_per_site": epsilon_spent(rows, wire.M_EVAL_EPSILON),
+            "metrics_are_private_releases": private_metrics,
+            "epsilon_covers": PRIVACY_COVERS,
+            "released_without_dp": list(RELEASED_WITHOUT_DP),
         },
         "final_metrics": final_metrics(rows),
         "model_config": dict(model_config),
         "run_config": dict(run_config),
     }
 
+
+# What a site's epsilon covers and what it does not: the same list as docs/privacy.md.
+PRIVACY_COVERS = (
+    "each site's training epsilon covers every model update it sent and the noised size of "
+    "its training split; its evaluation epsilon covers the noised metrics of its val/test "
+    "splits (both per case, add/remove-one adjacency, at the site's delta)"
+)
+RELEASED_WITHOUT_DP = (
+    "that a site took part in a round, its name, and when it replied (timing follows the "
+    "size of the site and of its Poisson batches)",
+    "why a site did not take part (budget spent, data unusable, a round it refuses)",
+    "the epsilon, delta and budget figures themselves (computed from what was released)",
+    "exact evaluation metrics where a site's node config says evaluation='exact' (its "
+    "ledger records them as infinite epsilon), and everything a site released in a round "
+    "it trained with dp=false (allowed only by its own node config; infinite epsilon)",
+)
 
 _CARD_METRICS = (
     wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_AUROC,
@@ -288,6 +310,14 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- differential privacy: {'on' if card['privacy']['dp'] else 'off'}, "
         f"budget epsilon={card['privacy']['epsilon_budget_per_site']} per site, "
         f"delta={card['privacy']['delta']}",
+        "",
+        "## Privacy",
+        "",
+        f"What epsilon covers: {card['privacy'].get('epsilon_covers', PRIVACY_COVERS)}.",
+        "",
+        "Released without differential privacy (see docs/privacy.md):",
+        "",
+        *[f"- {item}" for item in card["privacy"].get("released_without_dp", ())],
         "",
         "## Final metrics (global model on each site's held-out split)",
         "",

@@ -142,11 +142,12 @@ def privacy_ledger(rows: Iterable[Row]) -> dict[str, dict[int, float]]:
     return ledger
 
 
-def epsilon_spent(rows: Iterable[Row]) -> dict[str, float]:
-    """site -> the largest cumulative epsilon it reported (train or evaluate)."""
+def epsilon_spent(rows: Iterable[Row], metric: str = wire.M_EPSILON) -> dict[str, float]:
+    """site -> the largest cumulative epsilon it reported (train or evaluate); `metric`
+    M_EVAL_EPSILON for the evaluation budget. Infinite where a site released without DP."""
     spent: dict[str, float] = {}
     for r in rows:
-        if r.metric == wire.M_EPSILON and math.isfinite(r.value):
+        if r.metric == metric and not math.isnan(r.value):
             spent[r.site] = max(spent.get(r.site, 0.0), r.value)
     return spent
 

@@ -305,6 +305,8 @@ class GuardedStrategy(Strategy):
             return f"privacy budget spent{': ' + error if error else ''}", None
         if scalars.get(wire.M_DATA_ERROR, 0.0) >= 0.5:
             return f"data error{': ' + error if error else ''}", None
+        if scalars.get(wire.M_REFUSED, 0.0) >= 0.5:
+            return f"refused by the site{': ' + error if error else ''}", None
         n = scalars.get(wire.M_NUM_EXAMPLES)
         if n is None or not np.isfinite(n) or n <= 0:
             return f"{wire.M_NUM_EXAMPLES}={n} (need a positive count)", None
@@ -397,6 +399,7 @@ class GuardedStrategy(Strategy):
         self.global_arrays = arrays
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
+        cfg[wire.CFG_TOTAL_ROUNDS] = self.total_rounds
         self._sent = list(self.strategy.configure_evaluate(rnd, arrays, cfg, grid))
         return self._sent
 

@@ -1,9 +1,9 @@
 """Opening one hospital's data (dataset format v1, see DESIGN.md).
 
 A site is a folder holding `manifest.csv` and the images it names. `open_site` reads ONE
-site folder, never another's: everything it returns (images, tokens, normalisation
-statistics) comes from that folder alone, so nothing about one hospital's data can leak
-into another's node through this module.
+site folder, never another's: everything it returns (images, tokens) comes from that
+folder alone, and the input normalisation is a fixed constant (no statistic of any
+records), so one record's input never depends on the others.
 
 Every image is decoded in full when the site is opened, so that a truncated or corrupt
 file is reported up front as a bad row instead of crashing a training round halfway
@@ -43,8 +43,12 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm")
 HASH_SPLIT: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.85), ("test", 1.0))
 # ITU-R BT.601 luma, the weights PIL uses for RGB -> L.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# A channel whose train std is below this (a constant image) is divided by 1 instead.
-MIN_STD = 1e-6
+# Fixed input normalisation, the same at every site: pixel values in [0, 1] (scaled by
+# their true bit depth) become (x - PIXEL_MEAN) / PIXEL_STD. Constants, not statistics of a
+# site's data: a statistic of the train split would move every record's input when one
+# record is added or removed, outside what DP-SGD accounts for.
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.25
 # How many bad rows a strict-mode SiteError lists before pointing to `medfuse data check`.
 MAX_LISTED_BAD_ROWS = 50
 
@@ -178,7 +182,7 @@ class SiteSplit(Dataset):
 
 @dataclass(frozen=True)
 class SiteData:
-    """One opened site: three in-memory splits and the train-split normalisation."""
+    """One opened site: three in-memory splits and the (fixed) input normalisation."""
 
     name: str
     path: Path
@@ -186,7 +190,7 @@ class SiteData:
     train: SiteSplit
     val: SiteSplit
     test: SiteSplit
-    norm_mean: tuple[float, ...]  # per channel, from this site's train split only
+    norm_mean: tuple[float, ...]  # per channel: the fixed PIXEL_MEAN, never a data statistic
     norm_std: tuple[float, ...]
     summary: SiteSummary
 
@@ -222,11 +226,7 @@ def open_site(
     n = len(scan.rows)
     images = scan.images[:n]  # rows are ordered train, val, test: each split is a slice
     bounds = _split_bounds(scan.rows)
-    train_images = images[bounds["train"][0] : bounds["train"][1]]
-    mean = train_images.mean(dim=(0, 2, 3), dtype=torch.float64)
-    std = train_images.std(dim=(0, 2, 3), correction=0).double()
-    std = torch.where(std < MIN_STD, torch.ones_like(std), std)
-    images.sub_(mean.float().view(1, -1, 1, 1)).div_(std.float().view(1, -1, 1, 1))
+    images.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
     reports = [r.report for r in scan.rows]
     tokens = _stack_tokens(
@@ -265,8 +265,8 @@ def open_site(
         train=part("train"),
         val=part("val"),
         test=part("test"),
-        norm_mean=tuple(float(x) for x in mean),
-        norm_std=tuple(float(x) for x in std),
+        norm_mean=(PIXEL_MEAN,) * images.shape[1],
+        norm_std=(PIXEL_STD,) * images.shape[1],
         summary=summary,
     )
 

@@ -144,6 +144,25 @@ def rouge_l(references: Sequence[Reference], hypotheses: Sequence[Tokens]) -> fl
     return float(np.mean(scores))
 
 
+def box_iou_rows(pred_boxes: np.ndarray, true_boxes: np.ndarray) -> np.ndarray:
+    """(N,) IoU of each predicted box with its own true box (rows paired, not all pairs)."""
+    pred = torch.as_tensor(np.asarray(pred_boxes), dtype=torch.float64)
+    true = torch.as_tensor(np.asarray(true_boxes), dtype=torch.float64)
+    if pred.shape[0] == 0:
+        return np.zeros(0)
+    return box_iou(pred, true).numpy()
+
+
+def rouge_l_rows(references: Sequence[Tokens], hypotheses: Sequence[Tokens]) -> np.ndarray:
+    """(N,) ROUGE-L F-measure of each hypothesis against its one reference."""
+    _check_pairs(references, hypotheses)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
+    return np.array([
+        scorer.score(" ".join(r), " ".join(h))["rougeL"].fmeasure
+        for r, h in zip(references, hypotheses, strict=True)
+    ])
+
+
 def _reference_set(ref: Reference) -> list[list[str]]:
     """One hypothesis' references as a list of token lists."""
     items = list(ref)

@@ -86,6 +86,10 @@ class RunConfig(BaseModel):
     synth_label_skew: float = Field(ge=0.0, description="Dirichlet alpha; 0 = balanced")
     output_dir: str = Field(min_length=1)
     resume: bool
+    sim_node_config: str = Field(
+        description="simulation only: the node config of every simulated hospital, as the "
+        "body of a TOML inline table; deployed nodes never read it"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -7,7 +7,6 @@ unchanged (Opacus' objects "act just like their non-private counterparts").
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -124,16 +123,36 @@ def proximal_pull(
     return pull
 
 
+@dataclass(frozen=True)
+class CaseResults:
+    """What the model did on each case of one split, in case order: everything a metric
+    needs, so that the exact summary (`summarise`) and a site's private release
+    (`client.release`) read the same numbers."""
+
+    labels: np.ndarray  # (N,) int64 true class
+    probs: np.ndarray  # (N, K) float64 class probabilities
+    loss_sum: float  # sum over cases of the multitask loss
+    boxes: np.ndarray | None  # (N, 4) predicted lesion boxes; None without a box head
+    true_boxes: np.ndarray | None  # (N, 4)
+    has_box: np.ndarray | None  # (N,) 1.0 for a lesion case
+    refs: list[list[str]] | None  # reference report tokens; None without generation
+    hyps: list[list[str]] | None  # generated tokens (report hidden)
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+
 @torch.no_grad()
-def evaluate(
+def evaluate_cases(
     model: nn.Module,
     dataset: Dataset,
     cfg: ModelConfig,
     tokenizer: Tokenizer,
     device: torch.device,
     batch_size: int = 64,
-) -> dict[str, float]:
-    """Loss, classification, localisation and generation metrics on one split.
+) -> CaseResults:
+    """Run the model over one split and keep each case's outputs.
 
     Generation is scored with the report hidden (the encoder sees only EMPTY): the decoder
     must describe the image, not copy the report it was given.
@@ -142,7 +161,7 @@ def evaluate(
     net.eval()
     loss_fn = make_loss_fn(cfg)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    n, loss_sum = 0, 0.0
+    loss_sum = 0.0
     labels, probs, boxes, true_boxes, has_box = [], [], [], [], []
     refs: list[list[str]] = []
     hyps: list[list[str]] = []
@@ -150,7 +169,6 @@ def evaluate(
         batch = Batch.of(raw).to(device)
         out = forward(net, batch, cfg)
         loss, _ = loss_fn(out, batch)
-        n += batch.size
         loss_sum += float(loss) * batch.size
         labels.append(batch.label.cpu())
         probs.append(out.logits.softmax(-1).cpu())
@@ -164,15 +182,41 @@ def evaluate(
             generated = net.generate(batch.image, hidden)
             refs += [tokenizer.decode(t.tolist()) for t in batch.gen_tokens.cpu()]
             hyps += [tokenizer.decode(t.tolist()) for t in generated.cpu()]
-    if n == 0:
-        return {}
-    metrics: dict[str, float] = {wire.M_LOSS: loss_sum / n}
-    metrics |= classification_metrics(
-        torch.cat(labels).numpy(), torch.cat(probs).numpy(), cfg.num_classes
+
+    def cat(parts: list[torch.Tensor]) -> np.ndarray | None:
+        return torch.cat(parts).double().numpy() if parts else None
+
+    return CaseResults(
+        labels=torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
+        probs=cat(probs) if probs else np.zeros((0, cfg.num_classes)),
+        loss_sum=loss_sum,
+        boxes=cat(boxes), true_boxes=cat(true_boxes), has_box=cat(has_box),
+        refs=refs if cfg.generation else None, hyps=hyps if cfg.generation else None,
     )
-    if boxes:
-        metrics[wire.M_IOU] = mean_iou(torch.cat(boxes), torch.cat(true_boxes), torch.cat(has_box))
-    if cfg.generation:
-        metrics[wire.M_BLEU4] = bleu4([[r] for r in refs], hyps) if refs else math.nan
-        metrics[wire.M_ROUGE_L] = rouge_l(refs, hyps) if refs else math.nan
+
+
+def summarise(cases: CaseResults, num_classes: int) -> dict[str, float]:
+    """The exact metrics of one split: loss, classification, localisation, generation."""
+    if cases.n == 0:
+        return {}
+    metrics: dict[str, float] = {wire.M_LOSS: cases.loss_sum / cases.n}
+    metrics |= classification_metrics(cases.labels, cases.probs, num_classes)
+    if cases.boxes is not None:
+        metrics[wire.M_IOU] = mean_iou(cases.boxes, cases.true_boxes, cases.has_box)
+    if cases.refs is not None and cases.hyps is not None:
+        metrics[wire.M_BLEU4] = bleu4([[r] for r in cases.refs], cases.hyps)
+        metrics[wire.M_ROUGE_L] = rouge_l(cases.refs, cases.hyps)
     return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Loss, classification, localisation and generation metrics on one split (exact)."""
+    cases = evaluate_cases(model, dataset, cfg, tokenizer, device, batch_size=batch_size)
+    return summarise(cases, cfg.num_classes)

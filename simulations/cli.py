@@ -233,32 +233,29 @@ def privacy_show(
     state_dir: Annotated[
         Path | None,
         typer.Option(
-            help="a node's state-dir, or a folder of them (default ~/.medfuse/privacy; "
-            "in simulation OUTPUT/ledgers)"
+            help="a node's ledger store (its state-dir), or a folder of stores (default "
+            "$MEDFUSE_PRIVACY_STORE or ~/.medfuse/privacy; a simulation keeps one per "
+            "experiment in OUTPUT/experiments/NAME/seed-N/ledgers)"
         ),
     ] = None,
 ) -> None:
-    """Print each ledger: every round released from the site's data, epsilon spent and left."""
-    from client.privacy import (
-        DEFAULT_STATE_ROOT,
-        LedgerError,
-        find_ledgers,
-        load_ledger,
-        render_ledger,
-    )
+    """Print each ledger: every release from the site's data (training rounds, the count,
+    evaluations, non-private releases), epsilon spent and left per budget."""
+    from client.privacy import LedgerError, default_store_root, find_stores, render_ledger
 
-    root = state_dir or DEFAULT_STATE_ROOT
-    found = find_ledgers(root)
-    if not found:
-        err.print(f"no privacy ledger under {Path(root).expanduser()}")
+    root = state_dir or default_store_root()
+    stores = find_stores(root)
+    if not stores:
+        err.print(f"no privacy ledger store under {Path(root).expanduser()}")
         raise typer.Exit(1)
     failed = False
-    for folder in found:
-        try:
-            console.print(render_ledger(load_ledger(folder)))
-        except LedgerError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            failed = True
+    for store in stores:
+        for key in store.keys():
+            try:
+                console.print(render_ledger(store.load(key)))
+            except LedgerError as exc:
+                err.print(f"[red]error:[/red] {exc}")
+                failed = True
     raise typer.Exit(1 if failed else 0)
 
 

@@ -54,6 +54,7 @@ from pydantic import (
     model_validator,
 )
 
+from client.site import sim_node_config_text
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.run_config import (
     RunConfig,
@@ -65,6 +66,7 @@ from shared_model.run_config import (
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
+LEDGER_DIR = "ledgers"  # each federated experiment's own ledger store, beside its outputs
 
 Kind = Literal["pooled", "local", "federated"]
 Modality = Literal["fused", "image", "text"]
@@ -432,6 +434,14 @@ class SimulationConfig(_Section):
         """The flat run config of one federated run: pyproject defaults, the harness's
         keys, then `[training] run-config`, then the experiment's `run-config`."""
         flat: dict[str, Any] = dict(pyproject_defaults())
+        # The simulated hospitals are the researcher's own: each experiment is a world of
+        # its own (a fresh ledger store beside its outputs), evaluation metrics are exact
+        # (the tables need them), and a dp=false experiment may train. `run-config` may
+        # set sim-node-config to simulate what deployed hospitals release instead.
+        flat["sim-node-config"] = sim_node_config_text(
+            {"allow-non-private": True, "evaluation": "exact",
+             "state-dir": str(Path(output_dir) / LEDGER_DIR)}
+        )
         flat.update(self.training.run_config)
         flat.update(exp.run_config)
         n = self.sites.num_hospitals

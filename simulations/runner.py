@@ -7,7 +7,7 @@
       flower/                      this run's own FLWR_HOME, the SuperLink's and runs' logs
       experiments/NAME/seed-S/     one folder per experiment and seed: rows.csv, done.json;
                                    federated: run-config.toml, the ServerApp's results.jsonl,
-                                   checkpoints/, final/ and ledgers/SITE (privacy ledgers)
+                                   checkpoints/, final/ and ledgers/ (its ledger store)
       results.csv                  the long table of every finished experiment
       experiments.csv              what each experiment is (kind, strategy, dp, epsilon...)
       summary.md, plots/*.png, report.html
@@ -26,7 +26,7 @@ hospital's test split, so federated and baseline numbers are measured alike.
 
 An experiment whose folder holds a `done.json` with the same fingerprint (everything that
 decides its result, `SimulationConfig.fingerprint`) is not run again; an unfinished one is
-run again from the start, in a fresh folder (fresh privacy ledgers: each experiment is a
+run again from the start, in a fresh folder (a fresh ledger store: each experiment is a
 separate simulated federation, so each spends its own budget).
 """
 

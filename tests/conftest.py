@@ -14,6 +14,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 TINY_IMAGE = 32
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_privacy_store(tmp_path_factory: pytest.TempPathFactory):
+    """No test (nor a Flower process a test starts) writes the machine's real ledger store."""
+    os.environ["MEDFUSE_PRIVACY_STORE"] = str(tmp_path_factory.mktemp("privacy-store"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)

@@ -18,15 +18,20 @@ from flwr.app import (
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from client.app import app
-from client.privacy import LEDGER_FILE, history_epsilon, load_ledger
+from client.privacy import INDEX_FILE, LedgerStore, default_store_root, history_epsilon
+from client.release import COUNT_NOISE
 from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
 from shared_model import wire
+from shared_model.config import DEFAULT_LABELS
+from shared_model.dataset import open_site
 from shared_model.model import MedFuseModel
 from shared_model.run_config import RunConfig, pyproject_defaults
+from shared_model.tokenizer import Tokenizer
 
+# under DP: no training loss (a crafted model turns it into a label count)
 TRAIN_KEYS = {
-    wire.M_NUM_EXAMPLES, wire.M_TRAIN_LOSS, wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT,
-    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR,
+    wire.M_NUM_EXAMPLES, wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT,
+    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR, wire.M_REFUSED,
 }
 
 
@@ -35,10 +40,19 @@ def _run_config(tiny_federation: list[Path], tmp_path: Path, **overrides: object
     flat.update({
         "sites-dir": str(tiny_federation[0].parent), "image-size": 32, "batch-size": 8,
         "output-dir": str(tmp_path / "out"), "num-server-rounds": 2, "noise-multiplier": 1.0,
-        "epsilon": 50.0,
+        "epsilon": 50.0, "sim-node-config": f"state-dir={str(tmp_path / 'store')!r}",
     })
     flat.update(overrides)
     return flat
+
+
+def _store(tmp_path: Path) -> LedgerStore:
+    return LedgerStore(tmp_path / "store")
+
+
+def _only_ledger(tmp_path: Path):
+    (key,) = _store(tmp_path).keys()
+    return _store(tmp_path).load(key)
 
 
 def _context(run_config: dict, node_config: dict, node_id: int = 11) -> Context:
@@ -111,8 +125,9 @@ def test_ledger_carries_over_rounds_and_restarts(
     r2 = app(_message("train", new_state, 2), _context(run_config, SIM_NODE))
     # Assert: the reply's epsilon is the cumulative total over the ledger's history,
     # as an independent RDP analysis computes it
-    ledger = load_ledger(tmp_path / "out" / "ledgers" / tiny_federation[0].name)
-    assert [e.server_round for e in ledger.entries] == [1, 2]
+    ledger = _only_ledger(tmp_path)
+    assert [(e.kind, e.server_round) for e in ledger.entries] == [
+        ("count", 1), ("dp-sgd", 1), ("dp-sgd", 2)]
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = sum(rdp_analysis.compute_rdp(q=e.sample_rate, noise_multiplier=e.noise_multiplier,
                                        steps=e.steps, orders=orders) for e in ledger.entries)
@@ -130,10 +145,11 @@ def test_site_stops_at_its_budget_and_says_so(
     # and what two such rounds cost
     run_config = _run_config(tiny_federation, tmp_path)
     ok = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
-    ledger = load_ledger(tmp_path / "out" / "ledgers" / tiny_federation[0].name)
-    (entry,) = ledger.entries
+    ledger = _only_ledger(tmp_path)
+    count, entry = ledger.entries
     one = _scalars(ok)[wire.M_EPSILON]
-    two = history_epsilon([(entry.noise_multiplier, entry.sample_rate, 2 * entry.steps)], 1e-5)
+    two = history_epsilon([(COUNT_NOISE, 1.0, 1),
+                           (entry.noise_multiplier, entry.sample_rate, 2 * entry.steps)], 1e-5)
     node = {**SIM_NODE, "epsilon-budget": (one + two) / 2}
     # Execute
     reply = app(_message("train", global_state, 2), _context(run_config, node))
@@ -145,7 +161,7 @@ def test_site_stops_at_its_budget_and_says_so(
     assert scalars[wire.M_BUDGET_LEFT] == pytest.approx((two - one) / 2)
     error = reply.content.config_records[wire.SITE][wire.SITE_ERROR]
     assert "budget" in error and tiny_federation[0].name in error
-    assert len(load_ledger(ledger.path.parent).entries) == 1  # nothing spent, nothing sent
+    assert len(_only_ledger(tmp_path).entries) == 2  # nothing spent, nothing sent
 
 
 def test_missing_data_path_is_a_data_error_reply(tmp_path: Path, global_state: dict,
@@ -171,7 +187,7 @@ def test_unusable_site_is_a_data_error_reply(tmp_path: Path, global_state: dict,
         reply = app(_message(kind, global_state), _context(run_config, node))
         assert _scalars(reply)[wire.M_DATA_ERROR] == 1
         assert reply.content.config_records[wire.SITE][wire.SITE_ERROR]
-    assert not (tmp_path / "state" / LEDGER_FILE).exists()
+    assert not (tmp_path / "state" / INDEX_FILE).exists()
 
 
 def test_evaluate_reply(tiny_federation: list[Path], tmp_path: Path, global_state: dict) -> None:
@@ -180,10 +196,14 @@ def test_evaluate_reply(tiny_federation: list[Path], tmp_path: Path, global_stat
     content = reply.content
     assert set(content.keys()) == {wire.METRICS, wire.SITE}
     scalars = _scalars(reply)
-    assert {wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_EPSILON,
-            wire.M_DELTA} <= set(scalars)
+    assert {wire.M_NUM_EXAMPLES, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_EPSILON,
+            wire.M_EVAL_EPSILON, wire.M_DELTA} <= set(scalars)
+    assert wire.M_LOSS not in scalars and wire.M_AUROC not in scalars  # not private sums
+    assert scalars[wire.M_PRIVATE_METRICS] == 1
     assert not any(isinstance(v, float) and math.isnan(v) for v in scalars.values())
     assert scalars[wire.M_EPSILON] == 0.0  # nothing trained on this data yet
+    assert 0 < scalars[wire.M_EVAL_EPSILON] <= 2.0  # charged to the evaluation budget
+    assert _only_ledger(tmp_path).entries[-1].kind == "evaluation"
 
 
 def test_deployment_site_choice(tmp_path: Path, tiny_federation: list[Path]) -> None:
@@ -191,13 +211,17 @@ def test_deployment_site_choice(tmp_path: Path, tiny_federation: list[Path]) -> 
     choice = resolve_site({"data-path": str(tiny_federation[1]), "device": "cpu",
                            "threads": 2, "epsilon-budget": 3.0}, run)
     assert choice.site_name == tiny_federation[1].name and choice.threads == 2
-    assert choice.state_dir.parent == Path("~/.medfuse/privacy").expanduser()
-    assert choice.state_dir.name.startswith(f"{choice.site_name}-")
+    assert choice.state_dir == default_store_root()  # one store per node install
     assert choice.epsilon_budget == 3.0 and not choice.simulation
+    assert not choice.node.allow_non_private and choice.node.evaluation == "dp"
     sim = resolve_site({"partition-id": 1, "num-partitions": 2}, run)
     assert sim.data_path == tiny_federation[1]
-    assert sim.state_dir == (tmp_path / "out" / "ledgers" / tiny_federation[1].name).resolve()
+    assert sim.state_dir == (tmp_path / "store").resolve()  # the run's sim-node-config
     assert sim.threads == 1 and sim.device == "auto"
+    # a deployed node never reads sim-node-config
+    lax = RunConfig.parse(_run_config(tiny_federation, tmp_path,
+                                      **{"sim-node-config": "allow-non-private=true"}))
+    assert not resolve_site({"data-path": str(tiny_federation[1])}, lax).node.allow_non_private
 
 
 @pytest.mark.parametrize(
@@ -254,3 +278,107 @@ def test_synthetic_federation_race_keeps_the_first(
     # Assert: the winner's folder is kept, ours discarded, no temp folder left
     assert got == target and (target / "winner").exists()
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+# ----------------------------------------------------------------- a curious server's attacks
+
+
+def test_dp_false_from_the_federation_is_refused_by_default(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    run_config = _run_config(tiny_federation, tmp_path, dp=False)
+    reply = app(_message("train", global_state), _context(run_config, SIM_NODE))
+    scalars = _scalars(reply)
+    assert scalars[wire.M_REFUSED] == 1 and wire.ARRAYS not in reply.content.array_records
+    assert "allow-non-private" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+    assert _store(tmp_path).keys() == []  # nothing released, nothing recorded
+
+
+def test_an_allowed_non_private_round_spends_the_budget_for_good(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    store = f"state-dir={str(tmp_path / 'store')!r}, allow-non-private=true"
+    plain = _run_config(tiny_federation, tmp_path, dp=False, **{"sim-node-config": store})
+    reply = app(_message("train", global_state), _context(plain, SIM_NODE))
+    assert _scalars(reply)[wire.M_REFUSED] == 0 and wire.M_TRAIN_LOSS in _scalars(reply)
+    assert [e.kind for e in _only_ledger(tmp_path).entries] == ["non-private"]
+    # a later private run on the same data finds nothing left to spend
+    private = _run_config(tiny_federation, tmp_path, **{"sim-node-config": store})
+    later = app(_message("train", global_state, 1), _context(private, SIM_NODE))
+    assert _scalars(later)[wire.M_BUDGET_SPENT] == 1
+    assert math.isinf(_scalars(later)[wire.M_EPSILON])
+
+
+def test_a_crafted_train_round_recovers_no_label_count(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: the attack. An all-zero model with a large class-0 bias and lr=0: the
+    # weights come back unchanged and the training loss counts the non-class-0 cases.
+    crafted = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    crafted["classifier.bias"][0] = 50.0
+    run_config = _run_config(tiny_federation, tmp_path)
+    msg = _message("train", crafted)
+    msg.content.config_records[wire.CONFIG][wire.CFG_LR] = 0.0
+    # Execute
+    refused = app(msg, _context(run_config, SIM_NODE))
+    honest = app(_message("train", crafted), _context(run_config, SIM_NODE))
+    # Assert: lr=0 is outside what the node accepts; a round it accepts releases no loss,
+    # and its count is the one noised count the ledger charged
+    assert _scalars(refused)[wire.M_REFUSED] == 1
+    assert "lr=0" in refused.content.config_records[wire.SITE][wire.SITE_ERROR]
+    scalars = _scalars(honest)
+    assert wire.M_TRAIN_LOSS not in scalars and set(scalars) == TRAIN_KEYS
+    ledger = _only_ledger(tmp_path)
+    assert scalars[wire.M_NUM_EXAMPLES] == ledger.released_count
+    assert [e.kind for e in ledger.entries] == ["count", "dp-sgd"]
+
+
+def test_crafted_evaluations_recover_no_label_counts(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: the attack. Five evaluate calls, each with a model that predicts one class
+    # for every case: accuracy x num-examples would be that class's count in the split.
+    run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    site = open_site(tiny_federation[0], labels=DEFAULT_LABELS, model=run.model(),
+                     tokenizer=Tokenizer(run.model().vocab_size))
+    truth = torch.bincount(site.val.label_ids, minlength=5).tolist()
+    run_config = _run_config(tiny_federation, tmp_path)
+    recovered, replies = [], []
+    for c in range(5):
+        crafted = {k: v.clone() for k, v in global_state.items()}
+        crafted["classifier.weight"].zero_()
+        crafted["classifier.bias"].fill_(-50.0)
+        crafted["classifier.bias"][c] = 50.0
+        reply = app(_message("evaluate", crafted), _context(run_config, SIM_NODE))
+        replies.append(_scalars(reply))
+        if _scalars(reply)[wire.M_REFUSED] == 0:
+            s = _scalars(reply)
+            recovered.append(round(s[wire.M_ACCURACY] * s[wire.M_NUM_EXAMPLES]))
+    # Assert: the node answers at most max-evaluations-per-run (4) of them, each noised and
+    # charged to the evaluation budget, and the counts it gives are not the true ones
+    assert len(recovered) == 4 and replies[-1][wire.M_REFUSED] == 1
+    assert recovered != truth[:4]
+    ledger = _only_ledger(tmp_path)
+    assert [e.kind for e in ledger.entries] == ["evaluation"] * 4
+    assert 0 < replies[3][wire.M_EVAL_EPSILON] == pytest.approx(ledger.epsilon("evaluation"))
+    assert ledger.epsilon("evaluation") <= 2.0
+
+
+def test_exact_evaluation_is_the_nodes_choice_and_recorded(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    node = f"state-dir={str(tmp_path / 'store')!r}, evaluation='exact'"
+    run_config = _run_config(tiny_federation, tmp_path, **{"sim-node-config": node})
+    scalars = _scalars(app(_message("evaluate", global_state), _context(run_config, SIM_NODE)))
+    assert scalars[wire.M_PRIVATE_METRICS] == 0 and wire.M_LOSS in scalars
+    assert math.isinf(scalars[wire.M_EVAL_EPSILON])
+    assert [e.kind for e in _only_ledger(tmp_path).entries] == ["exact-evaluation"]
+
+
+def test_delta_not_well_below_one_over_n_is_refused(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    run_config = _run_config(tiny_federation, tmp_path, delta=0.2)
+    reply = app(_message("train", global_state), _context(run_config, SIM_NODE))
+    assert _scalars(reply)[wire.M_BUDGET_SPENT] == 1
+    assert "1/n" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]

@@ -1,5 +1,6 @@
 """Local training in plain PyTorch/Opacus, without Flower (Opacus' test ideas)."""
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -10,12 +11,13 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, Subset
 
-from client.local import DPSettings, dp_plan, local_evaluate, local_train
-from client.privacy import Ledger, epsilon_spent, load_ledger, open_ledger
+from client.local import DPSettings, dp_plan, local_evaluate, local_train, released_count
+from client.privacy import Ledger, LedgerStore, data_identity
+from client.release import COUNT_NOISE
 from shared_model import wire
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LABELS, ModelConfig
-from shared_model.dataset import SiteData, open_site
+from shared_model.dataset import SiteData, SiteSplit, open_site
 from shared_model.model import MedFuseModel
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import make_loss_fn, train_epoch, unwrap
@@ -38,16 +40,26 @@ def init_state() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in MedFuseModel(CFG).state_dict().items()}
 
 
+def _store(tmp_path: Path) -> LedgerStore:
+    return LedgerStore(tmp_path / "state")
+
+
 def _ledger(tmp_path: Path, site: SiteData, budget: float = 50.0) -> Ledger:
-    return open_ledger(tmp_path / "state", site_name=site.name, data_path=site.path,
-                       epsilon_budget=budget, delta=DELTA)
+    store = _store(tmp_path)
+    with store.lock():
+        return store.open(data_identity(site.path), site_name=site.name, data_path=site.path,
+                          epsilon_budget=budget, eval_epsilon_budget=2.0, delta=DELTA)
 
 
-def _train(site, state, *, ledger, dp, server_round=1, rounds_left=1, seed=0, **kw):
+def _train(site, state, *, ledger, dp, server_round=1, rounds_left=1, seed=0, tmp=None, **kw):
+    """local_train as the ClientApp calls it; `ledger=None`: a fresh one in `tmp`."""
+    if ledger is None:
+        ledger = _ledger(tmp, site)
+    store = LedgerStore(ledger.path.parent.parent)
     args = dict(epochs=1, lr=1e-3, batch_size=8, proximal_mu=0.0, run_id=7,
                 server_round=server_round, rounds_left=rounds_left, device=CPU, seed=seed)
     args.update(kw)
-    return local_train(CFG, site, state, dp=dp, ledger=ledger, **args)
+    return local_train(CFG, site, state, dp=dp, ledger=ledger, save_ledger=store.save, **args)
 
 
 def _private(model, optimizer, loader, *, noise, clip, poisson=False):
@@ -119,19 +131,22 @@ def test_empty_poisson_batch_is_noised_and_counted(site: SiteData, init_state: d
 def test_ledger_carries_over_rounds(tmp_path: Path, site: SiteData, init_state: dict) -> None:
     # Prepare
     dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
-    q, steps = dp_plan(len(site.train), 8, 1)
     # Execute: two rounds, the ledger reloaded from disk in between (a restarted node)
     first = _train(site, init_state, ledger=_ledger(tmp_path, site), dp=dp)
     second = _train(site, first.state, ledger=_ledger(tmp_path, site), dp=dp, server_round=2)
-    # Assert: two rounds continued = one accountant that took all the steps
+    # Assert: two rounds continued = one accountant that took all the steps (after the one
+    # release of the noised count, which the plan is computed from)
+    ledger = _ledger(tmp_path, site)
+    q, steps = dp_plan(ledger.released_count, 8, 1)
     one = RDPAccountant()
-    one.history = [(1.0, q, 2 * steps)]
+    one.history = [(COUNT_NOISE, 1.0, 1), (1.0, q, 2 * steps)]
     assert second.epsilon == pytest.approx(one.get_epsilon(DELTA), rel=1e-12)
     assert first.epsilon < second.epsilon
-    ledger = load_ledger(tmp_path / "state")
-    assert [(e.server_round, e.steps) for e in ledger.entries] == [(1, steps), (2, steps)]
-    assert epsilon_spent(ledger) == second.epsilon == ledger.entries[-1].epsilon_after
+    assert [(e.kind, e.server_round, e.steps) for e in ledger.entries] == [
+        ("count", 1, 1), ("dp-sgd", 1, steps), ("dp-sgd", 2, steps)]
+    assert ledger.epsilon() == second.epsilon == ledger.entries[-1].epsilon_after
     assert second.epsilon_left == pytest.approx(50.0 - second.epsilon)
+    assert first.num_examples == second.num_examples == ledger.released_count
 
 
 def test_derived_noise_spends_the_budget_over_the_planned_rounds(
@@ -148,38 +163,46 @@ def test_derived_noise_spends_the_budget_over_the_planned_rounds(
 
 def test_refusal_at_budget(tmp_path: Path, site: SiteData, init_state: dict) -> None:
     ledger = _ledger(tmp_path, site, budget=0.5)
-    before = (tmp_path / "state" / "privacy-ledger.json").read_bytes()
+    released_count(ledger, len(site.train), run_id=7, server_round=1, accountant="rdp")
+    _store(tmp_path).save(ledger)
+    before = ledger.path.read_bytes()
     out = _train(site, init_state, ledger=ledger, dp=DPSettings(noise_multiplier=0.5))
     assert out.refused and out.state is None and out.num_examples == 0
     assert "budget" in out.reason and site.name in out.reason
-    assert (tmp_path / "state" / "privacy-ledger.json").read_bytes() == before
+    assert ledger.path.read_bytes() == before
 
 
-def test_num_examples_is_examples_not_batches(site: SiteData, init_state: dict) -> None:
-    out = _train(site, init_state, ledger=None, dp=DPSettings(enabled=False), batch_size=4)
+def test_num_examples_is_examples_not_batches(tmp_path: Path, site: SiteData,
+                                             init_state: dict) -> None:
+    out = _train(site, init_state, ledger=None, dp=DPSettings(enabled=False), batch_size=4,
+                 tmp=tmp_path)
     assert out.num_examples == len(site.train) > math.ceil(len(site.train) / 4)
     assert math.isinf(out.epsilon)
+    assert math.isinf(_ledger(tmp_path, site).epsilon())  # recorded: the budget is gone
     assert set(out.state) == set(init_state)  # the full state dict, every tensor shared
     assert all(t.device.type == "cpu" for t in out.state.values())
 
 
-def test_same_seed_same_weights(tmp_path: Path, site: SiteData, init_state: dict) -> None:
+def test_same_seed_same_weights_only_without_dp(tmp_path: Path, site: SiteData,
+                                                init_state: dict) -> None:
     plain = DPSettings(enabled=False)
-    a = _train(site, init_state, ledger=None, dp=plain, seed=3)
-    b = _train(site, init_state, ledger=None, dp=plain, seed=3)
-    c = _train(site, init_state, ledger=None, dp=plain, seed=4)
+    a = _train(site, init_state, ledger=None, dp=plain, seed=3, tmp=tmp_path / "a")
+    b = _train(site, init_state, ledger=None, dp=plain, seed=3, tmp=tmp_path / "b")
+    c = _train(site, init_state, ledger=None, dp=plain, seed=4, tmp=tmp_path / "c")
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
     assert not all(torch.equal(a.state[k], c.state[k]) for k in a.state)
+    # under DP the seed the server knows decides nothing: the same call differs
     private = DPSettings(noise_multiplier=1.0)
     d = _train(site, init_state, ledger=_ledger(tmp_path / "d", site), dp=private, seed=3)
     e = _train(site, init_state, ledger=_ledger(tmp_path / "e", site), dp=private, seed=3)
-    assert all(torch.equal(d.state[k], e.state[k]) for k in d.state)
+    assert not all(torch.equal(d.state[k], e.state[k]) for k in d.state)
 
 
-def test_fedprox_pull_to_the_global_model(site: SiteData, init_state: dict) -> None:
+def test_fedprox_pull_to_the_global_model(tmp_path: Path, site: SiteData,
+                                          init_state: dict) -> None:
     # lr * mu = 1: the proximal step puts every parameter back on the global model
     out = _train(site, init_state, ledger=None, dp=DPSettings(enabled=False), lr=0.01,
-                 proximal_mu=100.0, optimizer="sgd")
+                 proximal_mu=100.0, optimizer="sgd", tmp=tmp_path)
     for name in dict(MedFuseModel(CFG).named_parameters()):
         torch.testing.assert_close(out.state[name], init_state[name], msg=name)
 
@@ -188,3 +211,60 @@ def test_local_evaluate(site: SiteData, init_state: dict) -> None:
     metrics, n = local_evaluate(CFG, site, init_state, CPU, split="val")
     assert n == len(site.val) > 0
     assert {wire.M_LOSS, wire.M_ACCURACY, wire.M_MACRO_F1} <= set(metrics)
+
+
+def _fake_like(site: SiteData) -> SiteData:
+    """What a curious server can build: random data of the same size (it knows n)."""
+    t = site.train
+    g = torch.Generator().manual_seed(99)
+    fake = SiteSplit(
+        "train", torch.randn(t.images.shape, generator=g), torch.zeros_like(t.tokens),
+        torch.zeros_like(t.gen_tokens), torch.zeros_like(t.label_ids),
+        torch.zeros_like(t.has_box), torch.zeros_like(t.boxes),
+        [f"fake-{i}" for i in range(len(t))], [""] * len(t),
+    )
+    return dataclasses.replace(site, train=fake)
+
+
+def test_noise_replay_on_fake_data_does_not_recover_the_clipped_sum(
+    tmp_path: Path, site: SiteData, init_state: dict
+) -> None:
+    # Prepare: the attack of a curious server. It knows the run seed, the site name, the
+    # round and the size of the site, so it replays the round on fake data of that size
+    # and subtracts: with replayable randomness the noise cancels and what is left is the
+    # difference of two clipped sums (at most 2 * C per sampled case per step).
+    sigma, clip, batch = 1.0, 1.0, 8
+    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=clip)
+    kw = dict(dp=dp, lr=1.0, optimizer="sgd", seed=0, server_round=3, batch_size=batch)
+    # Execute
+    real = _train(site, init_state, ledger=_ledger(tmp_path / "real", site), **kw)
+    replay = _train(_fake_like(site), init_state, ledger=_ledger(tmp_path / "fake", site), **kw)
+    # Assert: the difference is as large as two independent noises, far above what the
+    # clipped sums alone could make (a replayed noise gave 0.55 here against 197)
+    params = [k for k, _ in MedFuseModel(CFG).named_parameters()]
+    diff = torch.linalg.vector_norm(torch.cat([(real.state[k] - replay.state[k]).flatten()
+                                               for k in params]))
+    d = sum(init_state[k].numel() for k in params)
+    steps = real.steps
+    noise_norm = math.sqrt(2 * steps) * sigma * clip * math.sqrt(d) / batch
+    clipped_bound = 2 * clip * steps * 3  # even with every batch 3x its expected size
+    assert float(diff) > 0.5 * noise_norm > 4 * clipped_bound
+
+
+def test_poisson_batches_are_not_replayable(tmp_path: Path, site: SiteData,
+                                            init_state: dict) -> None:
+    # the same round, asked twice with the same seeds: the sampled batches differ, so
+    # subsampling amplification holds against the server
+    from client.local import RoundPlan, make_private
+
+    plan = RoundPlan(released_n=len(site.train), noise_multiplier=1.0, sample_rate=0.25,
+                     steps=4, epsilon_after=0.0)
+    sizes = []
+    for k in range(2):
+        torch.manual_seed(0)
+        model = MedFuseModel(CFG)
+        _, _, loader, _ = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                       site.train, plan, DPSettings(), _ledger(tmp_path / str(k),
+                                                                                site), CPU)
+        sizes.append([tuple(Batch.of(b).label.tolist()) for _ in range(3) for b in loader])
+    assert sizes[0] != sizes[1]

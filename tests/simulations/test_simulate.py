@@ -186,10 +186,13 @@ epsilon = 8.0
     assert set(fed[fed["metric"] == "test/accuracy"]["site"]) == sites
     eps = fed[fed["metric"] == "train/epsilon"]["value"]
     assert len(eps) == 4 and (eps > 0).all() and (eps <= 8.0 + 1e-6).all()
-    # each simulated hospital kept its privacy ledger in the output folder
-    for site in sites:
-        ledger = out / "experiments" / "fedavg-dp" / "seed-0" / "ledgers" / site
-        assert any(ledger.iterdir())
+    # each simulated hospital kept its privacy ledger in the experiment's own store
+    from client.privacy import LedgerStore
+
+    store = LedgerStore(out / "experiments" / "fedavg-dp" / "seed-0" / "ledgers")
+    ledgers = store.ledgers()
+    assert sorted(n for led in ledgers for n in led.site_names) == sorted(sites)
+    assert all([e.kind for e in led.entries].count("dp-sgd") == 2 for led in ledgers)
     # summary, non-empty plots, report
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| fedavg-dp |" in md and "| pooled |" in md and "| local-only |" in md
