@@ -166,7 +166,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             ledger = _ledger(store, choice, run)
             done = sum(1 for e in ledger.entries if e.bucket == "evaluation"
                        and e.run_id == run_id and not e.note.startswith("inherited"))
-            if done >= node.max_evaluations_per_run:
+            if node.evaluation == "dp" and done >= node.max_evaluations_per_run:
                 return _refused(msg, choice.site_name, f"{choice.site_name}: this node answers "
                                 f"at most {node.max_evaluations_per_run} evaluations per run "
                                 "(node config max-evaluations-per-run)")

@@ -382,3 +382,13 @@ def test_delta_not_well_below_one_over_n_is_refused(
     reply = app(_message("train", global_state), _context(run_config, SIM_NODE))
     assert _scalars(reply)[wire.M_BUDGET_SPENT] == 1
     assert "1/n" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+
+
+def test_exact_evaluation_is_not_limited_per_run(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    node = f"state-dir={str(tmp_path / 'store')!r}, evaluation='exact', max-evaluations-per-run=1"
+    run_config = _run_config(tiny_federation, tmp_path, **{"sim-node-config": node})
+    for rnd in (1, 2):
+        reply = app(_message("evaluate", global_state, rnd), _context(run_config, SIM_NODE))
+        assert _scalars(reply)[wire.M_REFUSED] == 0
