@@ -157,8 +157,10 @@ def test_faults_node_kill_superlink_restart_and_intruders(
         print(f"{t:7.1f} {line}")
 
     # the dropout is logged with the killed node's id (Flower's Node Unavailable reply
-    # comes from the SuperLink, src_node_id=1: the server must name the sampled node)
-    assert f"update from node {ids['h1']} (h1) left out" in log
+    # comes from the SuperLink, src_node_id=1: the server must name the sampled node), or,
+    # on the path above where the node came back first, named at the round timeout
+    assert (f"update from node {ids['h1']} (h1) left out" in log
+            or f"no reply from node {ids['h1']} (h1) by the round timeout" in log), log
 
 
 def _processes_mentioning(text: str) -> list[int]:
