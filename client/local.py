@@ -113,10 +113,10 @@ def dp_plan(released_n: int, batch_size: int, epochs: int) -> tuple[float, int]:
 
 
 def _optimizer(
-    name: OptimizerName, params: list[torch.nn.Parameter], lr: float
+    name: OptimizerName, params: list[torch.nn.Parameter], lr: float, momentum: float
 ) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
     return torch.optim.Adam(params, lr=lr)
 
 
@@ -264,6 +264,7 @@ def local_train(
     device: torch.device,
     seed: int,
     optimizer: OptimizerName = "adam",
+    momentum: float = 0.0,
 ) -> TrainOutcome:
     """Train the global model on this site's train split for `epochs` epochs.
 
@@ -291,7 +292,7 @@ def local_train(
     model.load_state_dict(dict(global_state), strict=True)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr)
+    opt = _optimizer(optimizer, params, lr, momentum)
     net: torch.nn.Module = model
     engine: PrivacyEngine | None = None
     if plan is not None:

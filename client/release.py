@@ -8,10 +8,11 @@ Two releases, each charged to the site's ledger like a training round:
   never leaves the site and the accounting holds under add/remove-one adjacency.
 - **Evaluation metrics** of the val or test split, as noised sums of per-case values that
   each lie in [0, 1]: the confusion matrix (each case adds 1 to one cell), the IoU and
-  count of lesion cases, and the ROUGE-L F-measure. One case changes that vector by an L2
-  norm of at most `EVAL_SENSITIVITY`, so noise of std `noise_multiplier *
-  EVAL_SENSITIVITY` on every coordinate is the Gaussian mechanism at that noise
-  multiplier, which the RDP accountant composes exactly (sample rate 1, one step).
+  count of lesion cases, the ROUGE-L F-measure and whether the generated report is
+  empty. One case changes that vector by an L2 norm of at most `EVAL_SENSITIVITY`, so
+  noise of std `noise_multiplier * EVAL_SENSITIVITY` on every coordinate is the Gaussian
+  mechanism at that noise multiplier, which the RDP accountant composes exactly (sample
+  rate 1, one step).
   Accuracy, macro-F1, IoU, ROUGE-L and the count are computed from the noised sums on the
   node (post-processing costs nothing). Loss, AUROC and BLEU-4 are not sums of bounded
   per-case terms, so a private release leaves them out.
@@ -33,7 +34,8 @@ from shared_model.metrics import box_iou_rows, rouge_l_rows
 from shared_model.train import CaseResults
 
 COUNT_NOISE = 10.0  # noise multiplier (= std in cases) of the one count release per data
-EVAL_SENSITIVITY = 2.0  # sqrt(1 confusion cell + 1 IoU + 1 lesion count + 1 ROUGE-L)
+# sqrt(1 confusion cell + IoU + lesion count + ROUGE-L + empty generated report)
+EVAL_SENSITIVITY = 5**0.5
 
 Gauss = Callable[[float], float]  # std -> one N(0, std^2) draw
 
@@ -51,10 +53,11 @@ def noised_count(n: int, gauss: Gauss | None = None) -> int:
 
 
 def case_vectors(cases: CaseResults, num_classes: int) -> np.ndarray:
-    """(N, K*K + 3) per-case contributions: one-hot confusion cell, IoU (lesion cases,
-    else 0), lesion indicator, ROUGE-L F. Each row's L2 norm is at most EVAL_SENSITIVITY."""
+    """(N, K*K + 4) per-case contributions: one-hot confusion cell, IoU (lesion cases,
+    else 0), lesion indicator, ROUGE-L F, empty generated report. Each row's L2 norm is
+    at most EVAL_SENSITIVITY."""
     n, k = cases.n, num_classes
-    v = np.zeros((n, k * k + 3))
+    v = np.zeros((n, k * k + 4))
     pred = cases.probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     v[np.arange(n), cases.labels * k + pred] = 1.0
     if cases.boxes is not None and cases.has_box is not None and cases.true_boxes is not None:
@@ -63,6 +66,7 @@ def case_vectors(cases: CaseResults, num_classes: int) -> np.ndarray:
         v[:, k * k + 1] = lesion
     if cases.refs is not None and cases.hyps is not None:
         v[:, k * k + 2] = rouge_l_rows(cases.refs, cases.hyps)
+        v[:, k * k + 3] = [len(h) == 0 for h in cases.hyps]
     return np.clip(v, 0.0, 1.0)
 
 
@@ -94,6 +98,7 @@ def private_metrics(
         out[wire.M_IOU] = float(np.clip(noisy[k * k] / lesions, 0.0, 1.0))
     if cases.refs is not None:
         out[wire.M_ROUGE_L] = float(np.clip(noisy[k * k + 2] / n_hat, 0.0, 1.0))
+        out[wire.M_EMPTY_REPORTS] = float(np.clip(noisy[k * k + 3] / n_hat, 0.0, 1.0))
     return out
 
 

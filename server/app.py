@@ -63,6 +63,7 @@ from server.strategy import GuardedStrategy, build_strategy, train_config
 from shared_model import wire
 from shared_model.config import ModelConfig
 from shared_model.model import MedFuseModel
+from shared_model.model_file import ModelFileError, check_matches, load_model_file
 from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.train import seed_everything
 
@@ -84,9 +85,20 @@ def resolve_output_dir(output_dir: str) -> Path:
 
 
 def initial_arrays(run: RunConfig) -> ArrayRecord:
-    """The seeded initial global model: every tensor of `MedFuseModel.state_dict()`."""
+    """The initial global model: every tensor of `MedFuseModel.state_dict()`, from the
+    run's `initial-model` file (a public pretrained model) or seeded at random.
+
+    A file of another model config or label set stops the run, naming both."""
     seed_everything(run.seed)
     model = MedFuseModel(run.model())
+    if run.initial_model:
+        try:
+            start = load_model_file(Path(run.initial_model))
+            check_matches(start, run.model(), run.label_set)
+            model.load_state_dict(start.state, strict=True)
+        except (ModelFileError, RuntimeError) as exc:
+            raise RunConfigError(f"initial-model={run.initial_model!r}: {exc}") from None
+        log(INFO, "medfuse: starting from %s", start.path)
     return ArrayRecord(model.state_dict())
 
 
@@ -234,6 +246,7 @@ def main(grid: Grid, context: Context) -> None:
     quiet_flwr_logger()
     try:
         run = RunConfig.parse(context.run_config)
+        initial_arrays(run)  # a bad initial-model stops the run here, before any round
     except RunConfigError as exc:
         log(ERROR, "medfuse: the run did not start: %s", exc)
         raise

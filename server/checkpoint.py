@@ -42,8 +42,8 @@ import torch
 
 from server.results import EVALUATE, Row, epsilon_spent, final_metrics, sites_of
 from shared_model import wire
+from shared_model.model_file import FORMAT  # one format for every model file
 
-FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 FINAL_DIR = "final"
@@ -289,7 +289,7 @@ RELEASED_WITHOUT_DP = (
 
 _CARD_METRICS = (
     wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_AUROC,
-    wire.M_IOU, wire.M_BLEU4, wire.M_ROUGE_L,
+    wire.M_IOU, wire.M_BLEU4, wire.M_ROUGE_L, wire.M_EMPTY_REPORTS,
 )
 
 

@@ -16,7 +16,7 @@ from shared_model.batch import Batch
 from shared_model.boxes import generalized_box_iou
 from shared_model.config import ModelConfig
 from shared_model.model import ModelOutput
-from shared_model.tokenizer import PAD
+from shared_model.tokenizer import EOS, PAD
 
 # a valid stand-in target for rows without a box; their loss is masked out afterwards
 _UNIT_BOX = (0.0, 0.0, 1.0, 1.0)
@@ -43,14 +43,22 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, has_box: torch.Tensor) ->
 def token_loss(gen_logits: torch.Tensor, gen_tokens: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the next token, PAD targets ignored: the mean over each sample's
     own tokens, then the mean over samples (not the mean over all tokens of the batch,
-    whose denominator would mix samples)."""
+    whose denominator would mix samples).
+
+    An empty report (target BOS, EOS) is left out of the sum: it describes nothing, and
+    with the per-sample mean its one token, "stop at once", weighs as much as a whole
+    report. Every site has some empty reports but opens its real ones with a word of its
+    own, so a federated average of decoders learnt that EOS is the likeliest first token
+    everywhere and generated nothing. The per-sample mask keeps the loss DP-safe.
+    """
     b = gen_logits.shape[0]
     target = gen_tokens[:, 1:]  # (B, G-1)
     ce = F.cross_entropy(
         gen_logits.flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="none"
     ).view_as(target)  # (B, G-1)
     count = (target != PAD).sum(-1).clamp_min(1)  # (B,)
-    return (ce.sum(-1) / count).sum() / max(b, 1)
+    described = (target[:, 0] != EOS).to(ce.dtype)  # (B,) 0 for an empty report
+    return (ce.sum(-1) / count * described).sum() / max(b, 1)
 
 
 def multitask_loss(

@@ -56,6 +56,8 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
+    optimizer: Literal["adam", "sgd"] = Field(description="the sites' local optimizer")
+    momentum: float = Field(ge=0.0, lt=1.0, description="sgd's momentum")
     seed: int
     eval_split: Literal["val", "test"] = Field(
         description="split each site evaluates the global model on every round"
@@ -78,6 +80,9 @@ class RunConfig(BaseModel):
     fusion: Literal["concat", "gated", "bilinear"]
     modality: Literal["fused", "image", "text"]
     labels: str = Field(description="comma-separated label set every site must use")
+    initial_model: str = Field(
+        description="a medfuse model file the federation starts from ('' = random init)"
+    )
 
     # data and outputs
     sites_dir: str = Field(description="simulation: folder of site-NN folders; '' = synthetic")
@@ -111,14 +116,8 @@ class RunConfig(BaseModel):
 
     def model(self) -> ModelConfig:
         """The ModelConfig every node builds: same config, same array names and shapes."""
-        preset = ModelConfig.large if self.model_size == "large" else ModelConfig.small
-        return preset(
-            image_size=self.image_size,
-            fusion=self.fusion,
-            modality=self.modality,
-            num_classes=len(self.label_set),
-            generation=self.modality != "text",
-        )
+        return model_config_for(self.model_size, self.image_size, self.fusion, self.modality,
+                                len(self.label_set))
 
     @classmethod
     def parse(cls, flat: Mapping[str, object]) -> RunConfig:
@@ -136,6 +135,14 @@ class RunConfig(BaseModel):
     def flat(self) -> dict[str, object]:
         """Back to Flower's flat form (kebab-case keys)."""
         return self.model_dump(by_alias=True)
+
+
+def model_config_for(model_size: str, image_size: int, fusion: str, modality: str,
+                     num_classes: int) -> ModelConfig:
+    """The model a run of these settings trains (what `medfuse pretrain` must build too)."""
+    preset = ModelConfig.large if model_size == "large" else ModelConfig.small
+    return preset(image_size=image_size, fusion=fusion, modality=modality,
+                  num_classes=num_classes, generation=modality != "text")
 
 
 def pyproject_defaults(pyproject: Path | None = None) -> dict[str, object]:

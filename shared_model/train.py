@@ -206,6 +206,7 @@ def summarise(cases: CaseResults, num_classes: int) -> dict[str, float]:
     if cases.refs is not None and cases.hyps is not None:
         metrics[wire.M_BLEU4] = bleu4([[r] for r in cases.refs], cases.hyps)
         metrics[wire.M_ROUGE_L] = rouge_l(cases.refs, cases.hyps)
+        metrics[wire.M_EMPTY_REPORTS] = float(np.mean([len(h) == 0 for h in cases.hyps]))
     return {k: float(v) for k, v in metrics.items()}
 
 

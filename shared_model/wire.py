@@ -38,6 +38,7 @@ M_AUROC = "auroc"
 M_IOU = "iou"
 M_BLEU4 = "bleu4"
 M_ROUGE_L = "rouge-l"
+M_EMPTY_REPORTS = "empty-reports"  # share of generated reports with no word
 
 # ConfigRecord in replies: who answered and why a reply carries no update
 SITE = "site"

@@ -91,6 +91,74 @@ def data_synth(
         console.print(f"wrote {p}")
 
 
+@data_app.command("synth-public")
+def data_synth_public(
+    out: Annotated[Path, typer.Option(help="folder to write the corpus into (one site folder)")],
+    cases: Annotated[int, typer.Option(min=50, help="cases in the archive")] = 2000,
+    seed: Annotated[int, typer.Option(help="same seed, same bytes (streams of its own)")] = 0,
+    image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
+) -> None:
+    """Write a SYNTHETIC stand-in for a public archive (NIH ChestX-ray14, OpenI, ...):
+    several source hospitals of its own, an archive's report style, 8% label noise.
+    For a real public dataset, convert it to format v1 and pass its folder to pretrain."""
+    from pydantic import ValidationError
+
+    from simulations.synth import PublicConfig, write_public
+
+    try:
+        path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size))
+    except (ValidationError, FileExistsError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {path} ({cases} cases; synthetic, not a real public dataset)")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    public: Annotated[list[Path], typer.Option("--public", help="public folders (format v1)")],
+    out: Annotated[Path, typer.Option(help="the model file to write (e.g. public.pt)")],
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
+    model_size: Annotated[str, typer.Option(help="small or large, as the run's")] = "small",
+    fusion: Annotated[str, typer.Option(help="concat, gated or bilinear, as the run's")] = "gated",
+    modality: Annotated[str, typer.Option(help="fused, image or text, as the run's")] = "fused",
+    image_size: Annotated[int, typer.Option(help="as the run's")] = 64,
+    labels: LabelsOpt = ",".join(DEFAULT_LABELS),
+) -> None:
+    """Train the model centrally (no DP) on public data; a federation starts from the file
+    with run config initial-model=FILE. The model settings must be the run's."""
+    import torch
+    from pydantic import ValidationError
+
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.run_config import model_config_for
+    from shared_model.tokenizer import Tokenizer
+    from simulations.pooled import CentralConfig
+    from simulations.pretrain import pretrain
+
+    label_set = parse_labels(labels)
+    try:
+        central = CentralConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                device=device)
+        model = model_config_for(model_size, image_size, fusion, modality, len(label_set))
+        opened = [open_site(p, labels=label_set, model=model,
+                            tokenizer=Tokenizer(model.vocab_size)) for p in public]
+    except (ValidationError, SiteError, OSError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    torch.set_num_threads(threads)
+    console.print(f"pretraining on {sum(len(s.train) for s in opened)} public cases")
+    result = pretrain(opened, model, central, out,
+                      on_epoch=lambda e, loss: console.print(f"epoch {e}: train loss {loss:.4f}"))
+    acc = result.overall.get("accuracy", float("nan"))
+    console.print(f"wrote {out} (public test accuracy {acc:.3f}, {result.seconds:.0f} s); "
+                  f"start a federation from it with -c \"initial-model='{out.resolve()}'\"")
+
+
 @data_app.command("check")
 def data_check(
     site_dirs: Annotated[list[Path], typer.Argument(help="one or more site folders")],

@@ -68,7 +68,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
 LEDGER_DIR = "ledgers"  # each federated experiment's own ledger store, beside its outputs
 
-Kind = Literal["pooled", "local", "federated"]
+Kind = Literal["pooled", "local", "public", "federated"]
 Modality = Literal["fused", "image", "text"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]
 Scalar = bool | int | float | str
@@ -96,6 +96,7 @@ HARNESS_KEYS: dict[str, str] = {
     "min-train-nodes": "(derived from the number of hospitals and fraction-train)",
     "min-evaluate-nodes": "(derived from the number of hospitals and fraction-evaluate)",
     "resume": "(an unfinished experiment is run again from the start)",
+    "initial-model": "[public] (the federation starts from the public model)",
 }
 
 
@@ -197,6 +198,30 @@ class ModelSection(_Section):
         return self
 
 
+class PublicSection(_Section):
+    """The public data the federation starts from (`medfuse pretrain`), built once.
+
+    synthetic: the project's SYNTHETIC stand-in for a public archive (its own seeds,
+    scanners, report style and label noise: never a federation's data); folders: public
+    datasets converted to format v1; none: federations start from random weights."""
+
+    source: Literal["synthetic", "folders", "none"] = "none"
+    folders: tuple[Path, ...] = Field((), description="public folders (format v1)")
+    cases: int = Field(2000, ge=50, le=1_000_000, description="synthetic archive size")
+    seed: int = Field(0, ge=0, description="synthetic archive seed (streams of its own)")
+    epochs: int = Field(8, ge=1, le=1000, description="pretraining epochs")
+
+    @model_validator(mode="after")
+    def _check(self) -> PublicSection:
+        if (self.source == "folders") != bool(self.folders):
+            raise ValueError("public.folders is for public.source = \"folders\" (and needs it)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+
 class TrainingSection(_Section):
     rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
     local_epochs: int = Field(1, ge=1, le=100)
@@ -276,15 +301,16 @@ class ExperimentSpec(_Section):
             fed_only = sorted(
                 _kebab(k)
                 for k in given & {"strategy", "epsilon", "epsilons", "rounds", "run_config"}
+                if not (self.kind == "local" and self.dp and k in ("epsilon", "epsilons"))
             )
             if fed_only:
                 raise ValueError(
                     f"{', '.join(fed_only)}: federated experiments only (kind={self.kind!r})"
                 )
-            if self.dp:
+            if self.dp and self.kind != "local":
                 raise ValueError(
                     f"dp=true: the {self.kind} baseline trains centrally without DP; "
-                    "use a federated experiment with dp = true"
+                    "use a federated (or local) experiment with dp = true"
                 )
         if "modality" in given and self.modalities is not None:
             raise ValueError("give modality or modalities, not both")
@@ -353,7 +379,10 @@ class Experiment(BaseModel):
         if self.kind == "pooled":
             return "pooled"
         if self.kind == "local":
-            return "local-only"
+            return "local-only" + (f" DP eps={self.epsilon:g}" if self.dp and self.epsilon
+                                   else " DP" if self.dp else "")
+        if self.kind == "public":
+            return "public model only"
         return f"{self.strategy}" + (
             f" DP eps={self.epsilon:g}" if self.dp and self.epsilon else " DP" if self.dp else ""
         )
@@ -367,6 +396,7 @@ class SimulationConfig(_Section):
     out: Path | None = Field(None, description="output folder; --out overrides")
     sites: SitesConfig = Field(default_factory=SitesConfig)
     model: ModelSection = Field(default_factory=ModelSection)
+    public: PublicSection = Field(default_factory=PublicSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     experiment: tuple[ExperimentSpec, ...] = Field(min_length=1)
@@ -391,6 +421,9 @@ class SimulationConfig(_Section):
                         f"{names[exp.name]!r} and {spec.name!r}); names must be unique"
                     )
                 names[exp.name] = spec.name
+        if any(e.kind == "public" for e in self.experiments) and not self.public.enabled:
+            raise ValueError("a kind = \"public\" experiment needs [public] source = "
+                             "\"synthetic\" or \"folders\"")
         n = self.sites.num_hospitals
         if n < 2 and any(e.kind == "federated" for e in self.experiments):
             raise ValueError(f"federated experiments need at least 2 hospitals; the sites give {n}")
@@ -429,7 +462,8 @@ class SimulationConfig(_Section):
         return exp.rounds or self.training.rounds
 
     def flower_run_config(
-        self, exp: Experiment, *, seed: int, sites_dir: Path, output_dir: Path
+        self, exp: Experiment, *, seed: int, sites_dir: Path, output_dir: Path,
+        initial_model: Path | None = None,
     ) -> dict[str, Scalar]:
         """The flat run config of one federated run: pyproject defaults, the harness's
         keys, then `[training] run-config`, then the experiment's `run-config`."""
@@ -471,6 +505,8 @@ class SimulationConfig(_Section):
         )
         if exp.dp and exp.epsilon is not None:
             flat["epsilon"] = exp.epsilon
+        if initial_model is not None:
+            flat["initial-model"] = str(initial_model)
         return flat
 
     def run_config(
@@ -479,6 +515,11 @@ class SimulationConfig(_Section):
         """The validated run config (also gives the ModelConfig the baselines use)."""
         flat = self.flower_run_config(exp, seed=seed, sites_dir=sites_dir, output_dir=output_dir)
         return RunConfig.parse(flat)
+
+    def uses_public(self, exp: Experiment) -> bool:
+        """Whether `exp` starts from (or is) the public model."""
+        return self.public.enabled and (exp.kind in ("federated", "public")
+                                        or (exp.kind == "local" and exp.dp))
 
     def fingerprint(self, exp: Experiment, seed: int) -> str:
         """What decides one experiment's result: same fingerprint, same experiment, so a
@@ -489,6 +530,8 @@ class SimulationConfig(_Section):
             "sites": self.sites.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
         }
+        if self.public.enabled and self.uses_public(exp):
+            payload["public"] = self.public.model_dump(mode="json")
         if exp.kind == "federated":
             payload["run-config"] = self.flower_run_config(
                 exp, seed=seed, sites_dir=Path("-"), output_dir=Path("-")
@@ -509,8 +552,10 @@ class SimulationConfig(_Section):
             if "modalities" in table:
                 table.pop("modality", None)
             if table["kind"] != "federated":
-                for key in ("strategy", "dp", "rounds", "run-config"):
+                for key in ("strategy", "rounds", "run-config"):
                     table.pop(key, None)
+                if not (table["kind"] == "local" and table.get("dp")):
+                    table.pop("dp", None)
         return dump_toml(data)
 
 

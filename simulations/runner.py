@@ -33,6 +33,7 @@ separate simulated federation, so each spends its own budget).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from rich.progress import (
 )
 
 from simulations import report
-from simulations.config import Experiment, SimulationConfig, dump_toml
+from simulations.config import LEDGER_DIR, Experiment, SimulationConfig, dump_toml
 from simulations.flower_env import (
     LOOPBACK,
     FlowerError,
@@ -82,6 +83,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "medfuse-simulation"
 CONFIG_FILE = "config.toml"
 SITES_DIR = "sites"
+PUBLIC_DIR = "public"
 FLOWER_DIR = "flower"
 EXPERIMENTS_DIR = "experiments"
 ROWS_FILE = "rows.csv"
@@ -612,8 +614,12 @@ class Runner:
         kind = unit.experiment.kind
         if kind == "pooled":
             rows = self._pooled(unit, progress)
+        elif kind == "local" and unit.experiment.dp:
+            rows = self._local_dp(unit, folder, progress)
         elif kind == "local":
             rows = self._local(unit, progress)
+        elif kind == "public":
+            rows = self._public_only(unit)
         else:
             rows = self._federated(unit, folder, progress)
         seconds = time.monotonic() - started
@@ -726,6 +732,121 @@ class Runner:
         progress.remove_task(task)
         return rows
 
+    # ------------------------------------------------------------- public start
+
+    def _public_model(self, unit: Unit) -> Path:
+        """The public model for this experiment's model config: built once, then reused
+        (a file per public section and model config under OUT/public/)."""
+        from shared_model.dataset import open_site
+        from shared_model.tokenizer import Tokenizer
+        from simulations.pooled import CentralConfig
+        from simulations.pretrain import pretrain
+        from simulations.synth import PublicConfig, write_public
+
+        pub = self.cfg.public
+        model, _ = self._central(unit)
+        key = hashlib.sha256(json.dumps(
+            [pub.model_dump(mode="json"), model.model_dump(), self.cfg.label_set],
+            sort_keys=True, default=str).encode()).hexdigest()[:12]
+        root = self.out / PUBLIC_DIR
+        target = root / f"model-{key}.pt"
+        if target.is_file():
+            return target
+        if pub.source == "synthetic":
+            corpus = root / f"corpus-seed{pub.seed}-cases{pub.cases}-px{model.image_size}"
+            if not (corpus / "manifest.csv").is_file():
+                self.echo(f"writing the synthetic public corpus ({pub.cases} cases) to {corpus}")
+                shutil.rmtree(corpus, ignore_errors=True)
+                write_public(corpus, PublicConfig(cases=pub.cases, seed=pub.seed,
+                                                  image_size=model.image_size))
+            folders = [corpus]
+        else:
+            folders = list(pub.folders)
+        opened = [open_site(f, labels=self.cfg.label_set, model=model,
+                            tokenizer=Tokenizer(model.vocab_size)) for f in folders]
+        central = CentralConfig(epochs=pub.epochs, batch_size=self.cfg.training.batch_size,
+                                seed=0, device=self.cfg.resources.device)
+        self.echo(f"pretraining the public model on {sum(len(s.train) for s in opened)} "
+                  f"public cases ({pub.epochs} epochs)")
+        with self._threads():
+            res = pretrain(opened, model, central, target,
+                           on_epoch=lambda e, loss: self.lines and self.echo(
+                               f"  public epoch {e}/{pub.epochs}: train loss {loss:.3f}"))
+        self.echo(f"public model {target}: public test accuracy "
+                  f"{res.overall.get('accuracy', math.nan):.3f} ({res.seconds:.0f} s)")
+        return target
+
+    def _public_only(self, unit: Unit) -> list[Row]:
+        """The public model alone on every hospital's test split: the federation's start."""
+        from client.local import local_evaluate
+        from shared_model.model_file import load_model_file
+        from shared_model.train import pick_device
+
+        assert self.opened is not None
+        start = load_model_file(self._public_model(unit))
+        device = pick_device(self.cfg.resources.device)
+        rows: list[Row] = []
+        with self._threads():
+            for site in self.opened:
+                metrics, n = local_evaluate(start.model_config, site, start.state, device,
+                                            split="test")
+                if n:
+                    rows += self._test_rows(unit, 0, site.name, metrics)
+                    rows.append((unit.experiment.name, unit.seed, 0, site.name,
+                                 report.EPSILON, 0.0))
+        return rows
+
+    def _local_dp(self, unit: Unit, folder: Path, progress: Progress) -> list[Row]:
+        """Each hospital alone, fine-tuning with DP-SGD (the client's own `local_train`)
+        from the public model, for as many epochs as a federation has rounds x epochs."""
+        from client.local import DPSettings, local_evaluate, local_train
+        from client.privacy import LedgerStore, data_identity
+        from shared_model.model import MedFuseModel
+        from shared_model.model_file import load_model_file
+        from shared_model.run_config import RunConfig
+        from shared_model.train import pick_device, seed_everything
+
+        assert self.opened is not None and self.sites is not None
+        exp = unit.experiment
+        run = RunConfig.parse(self.cfg.flower_run_config(
+            exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder))
+        model = run.model()
+        if self.cfg.uses_public(exp):
+            state = load_model_file(self._public_model(unit)).state
+        else:
+            seed_everything(unit.seed)
+            state = MedFuseModel(model).state_dict()
+        device = pick_device(self.cfg.resources.device)
+        store = LedgerStore(folder / LEDGER_DIR)
+        epochs = self.cfg.training.epochs
+        dp = DPSettings(noise_multiplier=run.noise_multiplier or None,
+                        max_grad_norm=run.max_grad_norm, accountant=run.accountant)
+        rows: list[Row] = []
+        task = progress.add_task(f"  {exp.name}", total=len(self.opened), info="")
+        for k, site in enumerate(self.opened):
+            with self._threads(), store.lock():
+                ledger = store.open(data_identity(site.path), site_name=site.name,
+                                    data_path=site.path, epsilon_budget=run.epsilon,
+                                    eval_epsilon_budget=2.0, delta=run.delta)
+                out = local_train(model, site, state, epochs=epochs, lr=run.lr,
+                                  batch_size=run.batch_size, dp=dp, ledger=ledger,
+                                  save_ledger=store.save, run_id=0, server_round=1,
+                                  rounds_left=1, device=device, seed=unit.seed,
+                                  optimizer=run.optimizer, momentum=run.momentum)
+            if out.refused or out.state is None:
+                raise SimulationError(f"local DP training at {site.name} refused: {out.reason}")
+            with self._threads():
+                metrics, n = local_evaluate(model, site, out.state, device, split="test")
+            if n:
+                rows += self._test_rows(unit, epochs, site.name, metrics)
+            rows.append((exp.name, unit.seed, epochs, site.name, report.EPSILON, out.epsilon))
+            progress.update(task, completed=k + 1, info=site.name)
+            if self.lines:
+                self.echo(f"  {exp.name} {site.name}: test accuracy "
+                          f"{metrics.get('accuracy', math.nan):.3f}, epsilon {out.epsilon:.2f}")
+        progress.remove_task(task)
+        return rows
+
     # ------------------------------------------------------------- federated
 
     def _federated(self, unit: Unit, folder: Path, progress: Progress) -> list[Row]:
@@ -736,7 +857,8 @@ class Runner:
         exp = unit.experiment
         rounds = self.cfg.rounds_of(exp)
         flat = self.cfg.flower_run_config(
-            exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder
+            exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder,
+            initial_model=self._public_model(unit) if self.cfg.uses_public(exp) else None,
         )
         RunConfig.parse(flat)
         rc_file = folder / RUN_CONFIG_FILE

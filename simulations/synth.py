@@ -945,3 +945,123 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> N
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+# --------------------------------------------------------------------------- public corpus
+#
+# A synthetic stand-in for a public archive of chest radiographs with reports (NIH
+# ChestX-ray14, OpenI, PadChest, CheXpert): larger than any hospital, pooled from several
+# source hospitals of its own, written in an archive's own report style, with the label
+# noise of labels mined from reports by NLP. Every random stream is keyed by PUBLIC_TAG
+# first, so no seed of a federation (whose streams start with its seed) can give the same
+# cases, and its report style is none of REPORT_STYLES. It is never a federation's data.
+
+PUBLIC_TAG = 0x9B11C  # first key of every random stream of the public corpus
+
+PUBLIC_STYLE = ReportStyle(
+    name="archive",
+    marker="Findings:",
+    loc="lobe",
+    layout="Comparison: none. {ind}Findings: {body} Impression: {imp}",
+    indication="Indication: {ind}. ",
+    positive={
+        "normal": ("Lungs are clear bilaterally.", "No acute cardiopulmonary abnormality."),
+        "pneumonia": ("Focal airspace consolidation in the {loc}.",
+                      "Patchy opacity in the {loc} consistent with pneumonia."),
+        "nodule": ("Solitary nodule in the {loc}, approximately {size} mm.",
+                   "Nodular opacity of {size} mm in the {loc}."),
+        "effusion": ("Small {side} pleural effusion.", "{Side} pleural effusion is present."),
+        "cardiomegaly": ("Cardiomegaly with cardiothoracic ratio {ctr}.",
+                         "Heart size is enlarged."),
+    },
+    negative={
+        "pneumonia": ("No focal airspace disease.", "No consolidation."),
+        "nodule": ("No nodules or masses.",),
+        "effusion": ("No pleural effusion or pneumothorax.", "No effusion."),
+        "cardiomegaly": ("Heart size within normal limits.",
+                         "Normal cardiomediastinal silhouette."),
+    },
+    impression={
+        "normal": ("No acute disease.", "Normal chest."),
+        "pneumonia": ("Pneumonia.", "Findings consistent with pneumonia."),
+        "nodule": ("Pulmonary nodule, follow-up advised.", "Nodule."),
+        "effusion": ("Pleural effusion.", "{Side} effusion."),
+        "cardiomegaly": ("Cardiomegaly.", "Enlarged heart."),
+    },
+    vague_zone=("Opacity in the {loc}, indeterminate.", "Nonspecific {loc} opacity."),
+    vague_heart=("Heart size difficult to assess on this projection.",),
+    history={
+        "pneumonia": ("Prior pneumonia has resolved.",),
+        "nodule": ("Previously reported nodule not seen.",),
+        "effusion": ("Prior effusion has resolved.",),
+        "cardiomegaly": ("Previously enlarged heart now normal.",),
+    },
+    nothing=("Limited study.", "Portable film, limited evaluation.", "Stable."),
+    side_words=("right", "left"),
+)
+
+
+class PublicConfig(BaseModel):
+    """The synthetic public corpus; the same config writes the same bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cases: int = Field(2000, ge=50, le=1_000_000, description="cases in the archive")
+    seed: int = Field(0, ge=0, description="same seed, same bytes (its own streams)")
+    sources: int = Field(4, ge=1, le=64, description="source hospitals pooled in the archive")
+    label_noise: float = Field(0.08, ge=0.0, lt=1.0,
+                               description="share of labels replaced as NLP mining would")
+    image_size: int = Field(64, ge=16, le=1024)
+    label_mix: tuple[float, ...] = Field(
+        (0.40, 0.18, 0.12, 0.15, 0.15), description="share of each default label"
+    )
+
+
+def public_style(cfg: PublicConfig, source: int) -> SiteStyle:
+    """A source hospital of the archive: its own scanner, the archive's report style."""
+    rng = np.random.default_rng([PUBLIC_TAG, cfg.seed, source, 0])
+    fmt = FORMATS[source % len(FORMATS)]
+    scanner = Scanner(
+        contrast=float(rng.uniform(0.75, 1.25)),
+        brightness=float(rng.uniform(-0.08, 0.08)),
+        gamma=float(rng.uniform(0.75, 1.3)),
+        noise=float(rng.uniform(0.005, 0.035)),
+        blur=float(rng.uniform(0.0, 1.0)),
+        acquisition=float(rng.choice([0.625, 0.75, 0.875, 1.0])),
+        image_format=fmt,
+        jpeg_quality=int(rng.integers(75, 96)),
+        tint=(1.0, 1.0, 1.0),
+    )
+    return SiteStyle(index=source, scanner=scanner, report=PUBLIC_STYLE, writes_split=True)
+
+
+def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
+    """Write the public corpus as one folder in format v1 (train/val/test columns)."""
+    site_dir = Path(out_dir)
+    if site_dir.exists() and any(site_dir.iterdir()):
+        raise FileExistsError(f"{site_dir} exists and is not empty")
+    (site_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([PUBLIC_TAG, cfg.seed, 1])
+    mix = np.asarray(cfg.label_mix) / sum(cfg.label_mix)
+    truth = rng.choice(len(DEFAULT_LABELS), size=cfg.cases, p=mix)
+    flip = rng.random(cfg.cases) < cfg.label_noise
+    recorded = np.where(flip, rng.integers(0, len(DEFAULT_LABELS), cfg.cases), truth)
+    splits = _splits(np.random.default_rng([PUBLIC_TAG, cfg.seed, 3]), cfg.cases)
+    styles = [public_style(cfg, s) for s in range(cfg.sources)]
+    rows: list[list[str]] = []
+    for k in range(cfg.cases):
+        style = styles[k % cfg.sources]
+        case_id = f"pub-{k:06d}"
+        case = render_case(np.random.default_rng([PUBLIC_TAG, cfg.seed, 2, k]),
+                           DEFAULT_LABELS[int(truth[k])], style, cfg.image_size)
+        ext = EXTENSIONS[style.scanner.image_format]
+        rel = f"images/{case_id}{ext}"
+        _write_image(site_dir / rel, case.image, style.scanner, (PUBLIC_TAG, cfg.seed, k))
+        box = ["", "", "", ""] if case.box is None else [f"{v:.4f}" for v in case.box]
+        rows.append([case_id, rel, case.report, DEFAULT_LABELS[int(recorded[k])], *box,
+                     splits[k]])
+    with (site_dir / "manifest.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([*MANIFEST_COLUMNS, "split"])
+        writer.writerows(rows)
+    return site_dir

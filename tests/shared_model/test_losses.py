@@ -146,3 +146,17 @@ def test_empty_batch_gives_a_finite_zero() -> None:
     total, parts = multitask_loss(out, batch, CFG)
     total.backward()
     assert float(total.detach()) == 0.0 and parts["total"] == 0.0
+
+
+def test_an_empty_report_teaches_the_decoder_nothing() -> None:
+    # The cause of federated decoders that stop at once: an empty report's one target,
+    # EOS first, weighed as much as a whole report at every site. Its gradient is now zero.
+    gen = torch.tensor([[1, 2, 0, 0, 0, 0], [1, 9, 8, 2, 0, 0]])  # empty report, a report
+    logits = torch.randn(2, G - 1, V, requires_grad=True)
+    loss = token_loss(logits, gen)
+    loss.backward()
+    assert torch.equal(logits.grad[0], torch.zeros(G - 1, V))
+    assert logits.grad[1].abs().sum() > 0
+    # and the per-sample mean over the batch is unchanged for the real report
+    alone = token_loss(logits.detach()[1:], gen[1:])
+    assert float(loss) == pytest.approx(float(alone) / 2, rel=1e-6)
