@@ -105,6 +105,7 @@ def train(msg: Message, context: Context) -> Message:
                 save_ledger=store.save, run_id=int(context.run_id), server_round=server_round,
                 rounds_left=max(total_rounds - server_round + 1, 1), device=device,
                 seed=run.seed, optimizer=run.optimizer, momentum=run.momentum,
+                train_layers=run.train_layers,
             )
     except LedgerError as exc:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")

@@ -34,7 +34,7 @@ from client.privacy import AccountantName, BudgetError, Ledger, noise_for_budget
 from client.release import COUNT_NOISE, noised_count
 from shared_model.config import ModelConfig
 from shared_model.dataset import SiteData, SiteSplit
-from shared_model.model import MedFuseModel
+from shared_model.model import MedFuseModel, TrainLayers, freeze
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
     CaseResults,
@@ -265,6 +265,7 @@ def local_train(
     seed: int,
     optimizer: OptimizerName = "adam",
     momentum: float = 0.0,
+    train_layers: TrainLayers = "all",
 ) -> TrainOutcome:
     """Train the global model on this site's train split for `epochs` epochs.
 
@@ -291,6 +292,7 @@ def local_train(
     model = MedFuseModel(model_cfg)
     model.load_state_dict(dict(global_state), strict=True)
     model.to(device).train()
+    freeze(model, train_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr, momentum)
     net: torch.nn.Module = model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -323,6 +323,29 @@ class ReportDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------- model
+
+TrainLayers = Literal["all", "no-embeddings", "heads"]
+# Parameters each choice leaves frozen (at the initial model's values), by name prefix.
+# The vocabulary-sized matrices (report and decoder embeddings, decoder output) are 61% of
+# the small model: under DP every trained coordinate gets noise, so freezing them (learnt on
+# public reports) spreads the same noise over fewer coordinates. `heads` trains only the
+# fusion and the heads on top of frozen public encoders.
+FROZEN: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "no-embeddings": ("text.embed.", "decoder.embed.", "decoder.out."),
+    "heads": ("image.", "text.", "decoder.embed.", "decoder.out.", "decoder.lstm."),
+}
+
+
+def freeze(model: nn.Module, layers: TrainLayers) -> int:
+    """Freeze the parameters `layers` leaves out; return how many coordinates still train."""
+    prefixes = FROZEN[layers]
+    trained = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(prefixes))
+        trained += p.numel() if p.requires_grad else 0
+    return trained
+
 
 
 class MedFuseModel(nn.Module):

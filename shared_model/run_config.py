@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared_model.config import ModelConfig
+from shared_model.model import TrainLayers
 
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
@@ -57,6 +58,10 @@ class RunConfig(BaseModel):
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
     optimizer: Literal["adam", "sgd"] = Field(description="the sites' local optimizer")
+    train_layers: TrainLayers = Field(
+        description="which parameters the sites train: all, or fewer, so that DP noise "
+        "spreads over fewer coordinates (the rest keep the initial model's values)"
+    )
     momentum: float = Field(ge=0.0, lt=1.0, description="sgd's momentum")
     seed: int
     eval_split: Literal["val", "test"] = Field(

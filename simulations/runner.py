@@ -832,7 +832,8 @@ class Runner:
                                   batch_size=run.batch_size, dp=dp, ledger=ledger,
                                   save_ledger=store.save, run_id=0, server_round=1,
                                   rounds_left=1, device=device, seed=unit.seed,
-                                  optimizer=run.optimizer, momentum=run.momentum)
+                                  optimizer=run.optimizer, momentum=run.momentum,
+                                  train_layers=run.train_layers)
             if out.refused or out.state is None:
                 raise SimulationError(f"local DP training at {site.name} refused: {out.reason}")
             with self._threads():

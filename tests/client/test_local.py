@@ -268,3 +268,16 @@ def test_poisson_batches_are_not_replayable(tmp_path: Path, site: SiteData,
                                                                                 site), CPU)
         sizes.append([tuple(Batch.of(b).label.tolist()) for _ in range(3) for b in loader])
     assert sizes[0] != sizes[1]
+
+
+@pytest.mark.parametrize("layers", ["no-embeddings", "heads"])
+def test_frozen_layers_keep_the_initial_values_under_dp(tmp_path: Path, site: SiteData,
+                                                        init_state: dict, layers: str) -> None:
+    from shared_model.model import FROZEN
+
+    out = _train(site, init_state, ledger=_ledger(tmp_path, site),
+                 dp=DPSettings(noise_multiplier=1.0), train_layers=layers, lr=0.1)
+    frozen = [k for k in init_state if k.startswith(FROZEN[layers])]
+    trained = [k for k, _ in MedFuseModel(CFG).named_parameters() if k not in frozen]
+    assert frozen and all(torch.equal(out.state[k], init_state[k]) for k in frozen)
+    assert all(not torch.equal(out.state[k], init_state[k]) for k in trained)  # noised
