@@ -89,6 +89,8 @@ class DeployConfig(BaseModel):
     max_resumes: int = Field(3, ge=0)
     run_timeout: float | None = Field(None, gt=0, description="give up after this many s")
     run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    public: bool = Field(True, description="start from a public model (built once, cached)")
+    public_cases: int = Field(1000, ge=50, description="synthetic public corpus size")
     keep_workdir: bool = False
     app_dir: Path = PROJECT_DIR
 
@@ -620,6 +622,18 @@ def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
     return dict(zip(site_names(paths), paths, strict=True))
 
 
+def public_start(cfg: DeployConfig, run_config: Mapping[str, object], echo: Echo) -> Path:
+    """The public model the federation starts from, cached beside the synthetic sites."""
+    from client.site import cache_root
+    from shared_model.run_config import RunConfig, pyproject_defaults
+    from simulations.pretrain import cached_public_model
+
+    run = RunConfig.parse({**pyproject_defaults(), **run_config})
+    return cached_public_model(cache_root().parent / "public", run.model(), run.label_set,
+                               cases=cfg.public_cases, epochs=4,
+                               echo=lambda m: echo(f"[deploy] {m}"))
+
+
 def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
     """The whole local deployment; every process is stopped before this returns/raises."""
     out = cfg.out.resolve()
@@ -635,6 +649,8 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
                               echo=echo)  # fmt: skip
         fed.start(timeout=cfg.node_wait_timeout)
         run_config = cfg.flower_run_config(out / "output")
+        if cfg.public and "initial-model" not in run_config:
+            run_config["initial-model"] = str(public_start(cfg, run_config, echo))
         echo(f"[deploy] flwr run {cfg.app_dir} {CONNECTION_NAME} --stream -c "
              f"{json.dumps(run_config_string(run_config))}")  # fmt: skip
         outcome = fed.run(run_config, max_resumes=cfg.max_resumes, timeout=cfg.run_timeout)
@@ -718,6 +734,9 @@ def deploy_local_cmd(
     ] = None,
     keep_workdir: Annotated[bool, typer.Option(help="keep keys, database and state")] = False,
     app: Annotated[Path, typer.Option(help="the Flower app folder to submit")] = PROJECT_DIR,
+    public: Annotated[
+        bool, typer.Option(help="start from a public model (synthetic public corpus, cached)")
+    ] = True,
 ) -> None:
     """Provision, start a SuperLink and N SuperNodes on 127.0.0.1 (TLS + node auth),
     run the app with `flwr run`, print the per-site table, stop everything."""
@@ -727,6 +746,7 @@ def deploy_local_cmd(
         cfg = DeployConfig(
             hospitals=hospitals,
             rounds=rounds,
+            public=public,
             sites=tuple(sites or ()),
             out=out,
             cases_per_site=cases_per_site,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.checkpoint import atomic_write, atomic_write_text
@@ -68,3 +70,51 @@ def pretrain(
     lines += [f"| {k} | {v:.4f} |" for k, v in result.overall.items()]
     atomic_write_text(out.with_suffix(".card.md"), "\n".join(lines) + "\n")
     return result
+
+
+def cached_public_model(
+    root: Path,
+    model_cfg: ModelConfig,
+    labels: Sequence[str],
+    *,
+    folders: Sequence[Path] = (),
+    cases: int = 2000,
+    seed: int = 0,
+    epochs: int = 8,
+    batch_size: int = 32,
+    device: str = "auto",
+    echo: Callable[[str], object] = print,
+) -> Path:
+    """The public model for `model_cfg`, built once under `root` and reused after.
+
+    `folders`: public datasets in format v1; none: the project's synthetic public corpus
+    (`cases`, `seed`), written under `root` on first use. One file per (public data,
+    model config, labels), so a changed setting builds a new one."""
+    from shared_model.dataset import open_site
+    from simulations.synth import PublicConfig, write_public
+
+    spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
+            "seed": seed, "epochs": epochs, "batch": batch_size}
+    key = hashlib.sha256(json.dumps([spec, model_cfg.model_dump(), list(labels)],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(root)
+    target = root / f"model-{key}.pt"
+    if target.is_file():
+        return target
+    if not folders:
+        corpus = root / f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}"
+        if not (corpus / "manifest.csv").is_file():
+            echo(f"writing the synthetic public corpus ({cases} cases) to {corpus}")
+            shutil.rmtree(corpus, ignore_errors=True)
+            write_public(corpus, PublicConfig(cases=cases, seed=seed,
+                                              image_size=model_cfg.image_size))
+        folders = [corpus]
+    opened = [open_site(f, labels=labels, model=model_cfg,
+                        tokenizer=Tokenizer(model_cfg.vocab_size)) for f in folders]
+    echo(f"pretraining the public model on {sum(len(s.train) for s in opened)} public "
+         f"cases ({epochs} epochs)")
+    res = pretrain(opened, model_cfg, CentralConfig(epochs=epochs, batch_size=batch_size,
+                                                    device=device), target)
+    echo(f"public model {target}: public test accuracy "
+         f"{res.overall.get('accuracy', math.nan):.3f} ({res.seconds:.0f} s)")
+    return target

@@ -33,7 +33,6 @@ separate simulated federation, so each spends its own budget).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -735,46 +734,19 @@ class Runner:
     # ------------------------------------------------------------- public start
 
     def _public_model(self, unit: Unit) -> Path:
-        """The public model for this experiment's model config: built once, then reused
-        (a file per public section and model config under OUT/public/)."""
-        from shared_model.dataset import open_site
-        from shared_model.tokenizer import Tokenizer
-        from simulations.pooled import CentralConfig
-        from simulations.pretrain import pretrain
-        from simulations.synth import PublicConfig, write_public
+        """The public model for this experiment's model config (built once, under
+        OUT/public/)."""
+        from simulations.pretrain import cached_public_model
 
         pub = self.cfg.public
         model, _ = self._central(unit)
-        key = hashlib.sha256(json.dumps(
-            [pub.model_dump(mode="json"), model.model_dump(), self.cfg.label_set],
-            sort_keys=True, default=str).encode()).hexdigest()[:12]
-        root = self.out / PUBLIC_DIR
-        target = root / f"model-{key}.pt"
-        if target.is_file():
-            return target
-        if pub.source == "synthetic":
-            corpus = root / f"corpus-seed{pub.seed}-cases{pub.cases}-px{model.image_size}"
-            if not (corpus / "manifest.csv").is_file():
-                self.echo(f"writing the synthetic public corpus ({pub.cases} cases) to {corpus}")
-                shutil.rmtree(corpus, ignore_errors=True)
-                write_public(corpus, PublicConfig(cases=pub.cases, seed=pub.seed,
-                                                  image_size=model.image_size))
-            folders = [corpus]
-        else:
-            folders = list(pub.folders)
-        opened = [open_site(f, labels=self.cfg.label_set, model=model,
-                            tokenizer=Tokenizer(model.vocab_size)) for f in folders]
-        central = CentralConfig(epochs=pub.epochs, batch_size=self.cfg.training.batch_size,
-                                seed=0, device=self.cfg.resources.device)
-        self.echo(f"pretraining the public model on {sum(len(s.train) for s in opened)} "
-                  f"public cases ({pub.epochs} epochs)")
         with self._threads():
-            res = pretrain(opened, model, central, target,
-                           on_epoch=lambda e, loss: self.lines and self.echo(
-                               f"  public epoch {e}/{pub.epochs}: train loss {loss:.3f}"))
-        self.echo(f"public model {target}: public test accuracy "
-                  f"{res.overall.get('accuracy', math.nan):.3f} ({res.seconds:.0f} s)")
-        return target
+            return cached_public_model(
+                self.out / PUBLIC_DIR, model, self.cfg.label_set,
+                folders=pub.folders if pub.source == "folders" else (), cases=pub.cases,
+                seed=pub.seed, epochs=pub.epochs, batch_size=self.cfg.training.batch_size,
+                device=self.cfg.resources.device, echo=self.echo,
+            )
 
     def _public_only(self, unit: Unit) -> list[Row]:
         """The public model alone on every hospital's test split: the federation's start."""

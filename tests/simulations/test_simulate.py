@@ -226,3 +226,47 @@ def test_output_folder_inside_the_app_must_be_ignored(tmp_path: Path) -> None:
     check_outside_app(tmp_path / "elsewhere", app)
     with pytest.raises(SimulationError, match="bundle"):
         check_outside_app(app / "results", app)
+
+
+@pytest.mark.slow
+def test_the_public_start_public_only_and_local_dp_baselines(
+    tmp_path: Path, tiny_federation: list[Path]
+) -> None:
+    # Prepare: a tiny public corpus, the public model alone, each site fine-tuning it
+    # alone with DP, and a one-round DP federation starting from it
+    cfg = _config(
+        tmp_path / "public.toml",
+        "[public]\nsource = \"synthetic\"\ncases = 80\nepochs = 1\n"
+        + """
+[[experiment]]
+name = "public"
+kind = "public"
+
+[[experiment]]
+name = "local-dp"
+kind = "local"
+dp = true
+epsilon = 8.0
+
+[[experiment]]
+name = "fedavg-dp"
+kind = "federated"
+dp = true
+epsilon = 8.0
+""",
+        rounds=1,
+    )
+    out = tmp_path / "out"
+    # Execute
+    code, output = _run(str(cfg), "--sites", *map(str, tiny_federation), "--out", str(out))
+    # Assert: one public model, used by every experiment that starts from it
+    assert code == 0, output
+    (model,) = (out / "public").glob("model-*.pt")
+    run_config = (out / "experiments" / "fedavg-dp" / "seed-0" / "run-config.toml").read_text()
+    assert f'initial-model = "{model}"' in run_config
+    results = report.read_results(out / "results.csv")
+    public = results[results["experiment"] == "public"]
+    assert set(public[public["metric"] == "test/accuracy"]["site"]) == {
+        p.name for p in tiny_federation}
+    local = results[(results["experiment"] == "local-dp") & (results["metric"] == "train/epsilon")]
+    assert len(local) == 2 and ((local["value"] > 0) & (local["value"] <= 8.0)).all()
