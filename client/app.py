@@ -76,8 +76,9 @@ def train(msg: Message, context: Context) -> Message:
         choice, site, device = _open(context.node_config, run)
     except _Unusable as exc:
         return _data_error(msg, exc.site_name, str(exc))
+    recipe = run.recipe()
     ask = RoundAsk(
-        lr=float(cfg.get(wire.CFG_LR, run.lr)),
+        lr=float(cfg.get(wire.CFG_LR, recipe.lr)),
         local_epochs=int(cfg.get(wire.CFG_LOCAL_EPOCHS, run.local_epochs)),
         batch_size=run.batch_size,
         proximal_mu=float(cfg.get(wire.CFG_PROXIMAL_MU, run.proximal_mu)),
@@ -104,8 +105,8 @@ def train(msg: Message, context: Context) -> Message:
                 batch_size=ask.batch_size, proximal_mu=ask.proximal_mu, dp=dp, ledger=ledger,
                 save_ledger=store.save, run_id=int(context.run_id), server_round=server_round,
                 rounds_left=max(total_rounds - server_round + 1, 1), device=device,
-                seed=run.seed, optimizer=run.optimizer, momentum=run.momentum,
-                train_layers=run.train_layers,
+                seed=run.seed, optimizer=recipe.optimizer, momentum=recipe.momentum,
+                train_layers=recipe.train_layers,
             )
     except LedgerError as exc:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")

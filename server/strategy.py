@@ -117,7 +117,7 @@ def train_config(run: RunConfig) -> ConfigRecord:
     return ConfigRecord(
         {
             wire.CFG_LOCAL_EPOCHS: run.local_epochs,
-            wire.CFG_LR: run.lr,
+            wire.CFG_LR: run.recipe().lr,
             # the proximal term is FedProx's; FedProx itself sets it from its proximal_mu
             wire.CFG_PROXIMAL_MU: run.proximal_mu if run.strategy == "fedprox" else 0.0,
             wire.CFG_TOTAL_ROUNDS: run.num_server_rounds,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,6 +25,13 @@ StrategyName = Literal[
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
+
+
+class LocalRecipe(NamedTuple):
+    optimizer: Literal["adam", "sgd"]
+    lr: float
+    momentum: float
+    train_layers: TrainLayers
 
 
 class RunConfigError(ValueError):
@@ -57,12 +64,6 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
-    optimizer: Literal["adam", "sgd"] = Field(description="the sites' local optimizer")
-    train_layers: TrainLayers = Field(
-        description="which parameters the sites train: all, or fewer, so that DP noise "
-        "spreads over fewer coordinates (the rest keep the initial model's values)"
-    )
-    momentum: float = Field(ge=0.0, lt=1.0, description="sgd's momentum")
     seed: int
     eval_split: Literal["val", "test"] = Field(
         description="split each site evaluates the global model on every round"
@@ -76,6 +77,14 @@ class RunConfig(BaseModel):
         ge=0.0, description="0 = derive it from the site's budget and the planned rounds"
     )
     max_grad_norm: float = Field(gt=0.0)
+    # the DP fine-tuning recipe (private rounds only; non-private rounds use Adam at `lr`)
+    dp_optimizer: Literal["adam", "sgd"] = Field(description="optimizer of private rounds")
+    dp_lr: float = Field(gt=0.0, le=10.0, description="learning rate of private rounds")
+    dp_momentum: float = Field(ge=0.0, lt=1.0, description="sgd momentum of private rounds")
+    dp_train_layers: TrainLayers = Field(
+        description="what private rounds train: all, or fewer, so that the noise spreads "
+        "over fewer coordinates (the rest keep the initial model's values)"
+    )
     accountant: Literal["rdp", "prv"]
     secure_mode: bool
 
@@ -118,6 +127,13 @@ class RunConfig(BaseModel):
     @property
     def label_set(self) -> tuple[str, ...]:
         return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+
+    def recipe(self) -> LocalRecipe:
+        """How the sites train in this run: the DP recipe when private, else Adam at lr."""
+        if self.dp:
+            return LocalRecipe(self.dp_optimizer, self.dp_lr, self.dp_momentum,
+                               self.dp_train_layers)
+        return LocalRecipe("adam", self.lr, 0.0, "all")
 
     def model(self) -> ModelConfig:
         """The ModelConfig every node builds: same config, same array names and shapes."""

@@ -87,6 +87,7 @@ HARNESS_KEYS: dict[str, str] = {
     "output-dir": "the --out folder",
     "local-epochs": "[training] local-epochs",
     "batch-size": "[training] batch-size",
+    "lr": "[training] lr",
     "image-size": "[model] image-size",
     "fusion": "[model] fusion",
     "model-size": "[model] model-size",
@@ -491,7 +492,7 @@ class SimulationConfig(_Section):
                 "output-dir": str(output_dir),
                 "local-epochs": self.training.local_epochs,
                 "batch-size": self.training.batch_size,
-                "lr": exp.run_config.get("lr", self.training.lr),  # a recipe may set it
+                "lr": self.training.lr,
                 "image-size": self.model.image_size,
                 "fusion": self.model.fusion,
                 "model-size": self.model.model_size,

@@ -800,12 +800,13 @@ class Runner:
                 ledger = store.open(data_identity(site.path), site_name=site.name,
                                     data_path=site.path, epsilon_budget=run.epsilon,
                                     eval_epsilon_budget=2.0, delta=run.delta)
-                out = local_train(model, site, state, epochs=epochs, lr=run.lr,
+                recipe = run.recipe()
+                out = local_train(model, site, state, epochs=epochs, lr=recipe.lr,
                                   batch_size=run.batch_size, dp=dp, ledger=ledger,
                                   save_ledger=store.save, run_id=0, server_round=1,
                                   rounds_left=1, device=device, seed=unit.seed,
-                                  optimizer=run.optimizer, momentum=run.momentum,
-                                  train_layers=run.train_layers)
+                                  optimizer=recipe.optimizer, momentum=recipe.momentum,
+                                  train_layers=recipe.train_layers)
             if out.refused or out.state is None:
                 raise SimulationError(f"local DP training at {site.name} refused: {out.reason}")
             with self._threads():

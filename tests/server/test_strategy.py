@@ -107,10 +107,12 @@ def test_build_strategy_passes_the_run_configs_settings():
 
 def test_train_config_carries_the_wire_keys():
     # Execute
-    cfg = train_config(run_config(local_epochs=2, lr=0.01, num_server_rounds=7))
-    # Assert
+    cfg = train_config(run_config(local_epochs=2, lr=0.01, num_server_rounds=7, dp=False))
+    private = train_config(run_config(lr=0.01, dp=True, dp_lr=0.5))
+    # Assert: the learning rate of the run's recipe (private rounds have their own)
     assert dict(cfg) == {wire.CFG_LOCAL_EPOCHS: 2, wire.CFG_LR: 0.01,
                          wire.CFG_PROXIMAL_MU: 0.0, wire.CFG_TOTAL_ROUNDS: 7}
+    assert private[wire.CFG_LR] == 0.5
 
 
 # ------------------------------------------------------------------ configure

@@ -34,11 +34,15 @@ def test_builtin_default_is_the_demo() -> None:
     # Execute
     cfg = load_config()
 
-    # Assert: five skewed synthetic hospitals; pooled, local-only, FedAvg, FedAvg + DP eps 8
+    # Assert: five skewed synthetic hospitals; pooled, local-only, the public model alone,
+    # local DP fine-tuning, FedAvg, FedAvg + DP eps 8, the federations from the public start
     assert cfg.sites.source == "synthetic" and cfg.sites.num_hospitals == 5
     assert cfg.sites.label_skew > 0
     exps = {e.name: e for e in cfg.experiments}
-    assert [e.kind for e in cfg.experiments] == ["pooled", "local", "federated", "federated"]
+    assert [e.kind for e in cfg.experiments] == [
+        "pooled", "local", "public", "local", "federated", "federated"]
+    assert cfg.public.enabled and exps["local-dp"].dp
+    assert cfg.uses_public(exps["fedavg"]) and cfg.uses_public(exps["fedavg-dp"])
     assert exps["fedavg"].strategy == "fedavg" and not exps["fedavg"].dp
     assert exps["fedavg-dp"].dp and exps["fedavg-dp"].epsilon == 8.0
     assert cfg.resources.client_cpus == 1
