@@ -517,8 +517,10 @@ class SimulationConfig(_Section):
         return RunConfig.parse(flat)
 
     def uses_public(self, exp: Experiment) -> bool:
-        """Whether `exp` starts from (or is) the public model."""
-        return self.public.enabled and (exp.kind in ("federated", "public")
+        """Whether `exp` starts from (or is) the public model: every experiment but local-only
+        without DP (what a hospital gets alone, with nothing public), so that pooled stays
+        the upper reference of the federations that start from it."""
+        return self.public.enabled and (exp.kind in ("federated", "public", "pooled")
                                         or (exp.kind == "local" and exp.dp))
 
     def fingerprint(self, exp: Experiment, seed: int) -> str:

@@ -8,7 +8,7 @@ Both use the same `train_epoch` and `evaluate` as the federated client.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,15 +55,20 @@ def train_central(
     cfg: CentralConfig,
     tokenizer: Tokenizer,
     on_epoch: EpochCallback | None = None,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[MedFuseModel, CentralResult]:
     """Train one model on the union of `sites`' train splits; test on each site's test split.
 
-    With one site this is the local-only baseline for that site.
+    With one site this is the local-only baseline for that site. `initial_state`: start
+    from these weights (the public model) instead of random ones.
     """
     start = time.perf_counter()
     device = pick_device(cfg.device)
     gen = seed_everything(cfg.seed)
-    model = MedFuseModel(model_cfg).to(device)
+    model = MedFuseModel(model_cfg)
+    if initial_state is not None:
+        model.load_state_dict(dict(initial_state), strict=True)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     train_set = ConcatDataset([s.train for s in sites])

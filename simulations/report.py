@@ -48,7 +48,6 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("IoU", "iou"),
     ("BLEU-4", "bleu4"),
     ("ROUGE-L", "rouge-l"),
-    ("empty reports", "empty-reports"),
 )
 EPS_COLUMN = "epsilon"
 TERMINAL_MAX_SITES = 20

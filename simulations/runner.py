@@ -683,10 +683,16 @@ class Runner:
             if self.lines:
                 self.echo(f"  {name} epoch {epoch}/{central.epochs}: train loss {loss:.3f}")
 
+        start = None
+        if self.cfg.uses_public(unit.experiment):
+            from shared_model.model_file import load_model_file
+
+            start = load_model_file(self._public_model(unit)).state
         try:
             with self._threads():
                 _, res = train_central(
-                    self.opened, model, central, Tokenizer(model.vocab_size), on_epoch=on_epoch
+                    self.opened, model, central, Tokenizer(model.vocab_size), on_epoch=on_epoch,
+                    initial_state=start,
                 )
         except (ValueError, RuntimeError) as exc:
             raise SimulationError(f"pooled training failed: {exc}") from exc
