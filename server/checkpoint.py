@@ -42,7 +42,7 @@ import torch
 
 from server.results import EVALUATE, Row, epsilon_spent, final_metrics, sites_of
 from shared_model import wire
-from shared_model.model_file import FORMAT  # one format for every model file
+from shared_model.model_file import FORMAT, payload  # one format for every model file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -350,17 +350,12 @@ def write_final(
     """`final/model.pt` (weights + config + labels + round + version) and the model card
     as JSON and Markdown. Returns the final folder."""
     folder = Path(output_dir) / FINAL_DIR
-    payload = {
-        "format": FORMAT,
-        "round": int(card["rounds"]),
-        "model": _to_torch(dict(arrays)),
-        "model_config": dict(card["model_config"]),
-        "run_config": dict(card["run_config"]),
-        "labels": list(card["labels"]),
-        "code_version": card["code_version"],
-        "created": time.time(),
-    }
-    atomic_write(folder / "model.pt", lambda fh: torch.save(payload, fh))
+    blob = payload(
+        _to_torch(dict(arrays)), card["model_config"], card["labels"],
+        round=int(card["rounds"]), run_config=dict(card["run_config"]),
+        code_version=card["code_version"], created=time.time(),
+    )
+    atomic_write(folder / "model.pt", lambda fh: torch.save(blob, fh))
     atomic_write_text(
         folder / "model_card.json",
         json.dumps(_finite(card), indent=2, allow_nan=False, default=_json_default) + "\n",
