@@ -271,7 +271,7 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     target = (cache or cache_root()) / synthetic_name(run)
     if target.is_dir():
         return target
-    from simulations.synth import SynthConfig, write_federation
+    from shared_model.synth import SynthConfig, write_federation
 
     try:
         synth_cfg = SynthConfig(

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Environment every Flower process needs offline (no update check, no telemetry, no Ray
-# usage stats). Written into every command a human copies; `simulations.flower_env`
+# usage stats). Written into every command a human copies; `server.supervisor`
 # builds the environment of every process medfuse starts from this same table.
 OFFLINE_ENV: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -1,63 +1,27 @@
-"""`medfuse`: the command line of every role.
+"""The researcher's commands: synthetic hospitals, a synthetic public archive, the
+pooled baseline (`medfuse simulate` lives in `simulations/simulate.py`).
 
-Researcher:   medfuse simulate        pooled, local-only and federated runs, tables, plots
-              medfuse train-pooled    pooled (centralised) baseline on the union of sites
-              medfuse data synth      write synthetic hospitals (format v1)
-Hospital IT:  medfuse data check      check a site folder before it joins a federation
-              medfuse privacy show    the site's privacy ledger: epsilon spent and left
-Coordinator:  medfuse provision       CA, TLS identity and SuperNode keys for a federation
-              medfuse deploy local    SuperLink + SuperNodes over TLS on this machine
+    medfuse data synth          synthetic hospitals in format v1
+    medfuse data synth-public   a synthetic stand-in for a public archive
+    medfuse train-pooled        pooled (centralised) baseline on the union of sites
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared_model.config import DEFAULT_LABELS, ModelConfig
-from simulations.deploy import deploy_app, provision_cmd
-from simulations.simulate import simulate
+from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
+from shared_model.config import ModelConfig
 
-app = typer.Typer(
-    name="medfuse",
-    help="Federated multimodal disease analysis with differential privacy.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-data_app = typer.Typer(help="Site data: synthesise and check.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-app.add_typer(deploy_app, name="deploy")
-app.command("provision")(provision_cmd)
-app.command("simulate")(simulate)
-privacy_app = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
-app.add_typer(privacy_app, name="privacy")
-
-console = Console()
-err = Console(stderr=True)
-
-LabelsOpt = Annotated[
-    str,
-    typer.Option("--labels", help="the federation's label set, comma separated"),
-]
 METRIC_COLUMNS = ("accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l")
 
 
-def parse_labels(text: str) -> tuple[str, ...]:
-    labels = tuple(x.strip() for x in text.split(",") if x.strip())
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise typer.BadParameter(f"need at least two distinct labels, got {text!r}")
-    return labels
-
-
-@data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="folder to write site-00, site-01, ... into")],
     sites: Annotated[int, typer.Option(min=1, help="number of hospitals")] = 5,
@@ -73,7 +37,7 @@ def data_synth(
     """Write synthetic hospitals in dataset format v1."""
     from pydantic import ValidationError
 
-    from simulations.synth import SynthConfig, write_federation
+    from shared_model.synth import SynthConfig, write_federation
 
     try:
         cfg = SynthConfig(
@@ -85,13 +49,11 @@ def data_synth(
         )
         paths = write_federation(out, cfg, overwrite=overwrite)
     except (ValidationError, FileExistsError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(exc)
     for p in paths:
         console.print(f"wrote {p}")
 
 
-@data_app.command("synth-public")
 def data_synth_public(
     out: Annotated[Path, typer.Option(help="folder to write the corpus into (one site folder)")],
     cases: Annotated[int, typer.Option(min=50, help="cases in the archive")] = 2000,
@@ -103,93 +65,15 @@ def data_synth_public(
     For a real public dataset, convert it to format v1 and pass its folder to pretrain."""
     from pydantic import ValidationError
 
-    from simulations.synth import PublicConfig, write_public
+    from shared_model.synth import PublicConfig, write_public
 
     try:
         path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size))
     except (ValidationError, FileExistsError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(exc)
     console.print(f"wrote {path} ({cases} cases; synthetic, not a real public dataset)")
 
 
-@app.command("pretrain")
-def pretrain_cmd(
-    public: Annotated[list[Path], typer.Option("--public", help="public folders (format v1)")],
-    out: Annotated[Path, typer.Option(help="the model file to write (e.g. public.pt)")],
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option()] = 2e-3,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
-    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
-    model_size: Annotated[str, typer.Option(help="small or large, as the run's")] = "small",
-    fusion: Annotated[str, typer.Option(help="concat, gated or bilinear, as the run's")] = "gated",
-    modality: Annotated[str, typer.Option(help="fused, image or text, as the run's")] = "fused",
-    image_size: Annotated[int, typer.Option(help="as the run's")] = 64,
-    labels: LabelsOpt = ",".join(DEFAULT_LABELS),
-) -> None:
-    """Train the model centrally (no DP) on public data; a federation starts from the file
-    with run config initial-model=FILE. The model settings must be the run's."""
-    import torch
-    from pydantic import ValidationError
-
-    from shared_model.dataset import SiteError, open_site
-    from shared_model.run_config import model_config_for
-    from shared_model.tokenizer import Tokenizer
-    from simulations.pooled import CentralConfig
-    from simulations.pretrain import pretrain
-
-    label_set = parse_labels(labels)
-    try:
-        central = CentralConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                device=device)
-        model = model_config_for(model_size, image_size, fusion, modality, len(label_set))
-        opened = [open_site(p, labels=label_set, model=model,
-                            tokenizer=Tokenizer(model.vocab_size)) for p in public]
-    except (ValidationError, SiteError, OSError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    torch.set_num_threads(threads)
-    console.print(f"pretraining on {sum(len(s.train) for s in opened)} public cases")
-    result = pretrain(opened, model, central, out,
-                      on_epoch=lambda e, loss: console.print(f"epoch {e}: train loss {loss:.4f}"))
-    acc = result.overall.get("accuracy", float("nan"))
-    console.print(f"wrote {out} (public test accuracy {acc:.3f}, {result.seconds:.0f} s); "
-                  f"start a federation from it with -c \"initial-model='{out.resolve()}'\"")
-
-
-@data_app.command("check")
-def data_check(
-    site_dirs: Annotated[list[Path], typer.Argument(help="one or more site folders")],
-    strict: Annotated[bool, typer.Option(help="any bad row makes the site unusable")] = False,
-    labels: LabelsOpt = ",".join(DEFAULT_LABELS),
-    image_size: Annotated[int, typer.Option(help="model input size")] = 64,
-) -> None:
-    """Check site folders: counts per label and split, formats, and every unusable row.
-
-    Exit code 0 when every site is usable, 1 otherwise (under --strict, any bad row).
-    """
-    from shared_model.dataset import check_site
-    from shared_model.tokenizer import Tokenizer
-    from simulations.data_check import exit_code, render_summary
-
-    model = ModelConfig(image_size=image_size, num_classes=len(parse_labels(labels)))
-    tokenizer = Tokenizer(model.vocab_size)
-    summaries = []
-    for site in site_dirs:
-        summary = check_site(
-            site, labels=parse_labels(labels), model=model, tokenizer=tokenizer, strict=strict
-        )
-        render_summary(summary, console)
-        summaries.append(summary)
-    raise typer.Exit(exit_code(summaries, strict))
-
-
-Modality = Literal["fused", "image", "text"]
-
-
-@app.command("train-pooled")
 def train_pooled(
     sites: Annotated[list[Path], typer.Option("--sites", help="site folders (repeat the option)")],
     modality: Annotated[
@@ -205,7 +89,7 @@ def train_pooled(
     ] = 1,
     fusion: Annotated[str, typer.Option(help="concat, gated or bilinear")] = "gated",
     image_size: Annotated[int, typer.Option()] = 64,
-    labels: LabelsOpt = ",".join(DEFAULT_LABELS),
+    labels: LabelsOpt = DEFAULT_LABELS_TEXT,
     out: Annotated[Path, typer.Option(help="JSON file for the metrics")] = Path(
         "pooled-results.json"
     ),
@@ -214,9 +98,9 @@ def train_pooled(
     import torch
     from pydantic import ValidationError
 
+    from shared_model.central import CentralConfig, train_central
     from shared_model.dataset import SiteError, open_site
     from shared_model.tokenizer import Tokenizer
-    from simulations.pooled import CentralConfig, train_central
 
     modality = modality or ["fused"]
     label_set = parse_labels(labels)
@@ -235,8 +119,7 @@ def train_pooled(
             for m in modality
         }
     except ValidationError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        fail(exc)
     torch.set_num_threads(threads)
     tokenizer = Tokenizer(next(iter(models.values())).vocab_size)
     opened = []
@@ -246,8 +129,7 @@ def train_pooled(
                 path, labels=label_set, model=next(iter(models.values())), tokenizer=tokenizer
             )
         except SiteError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
+            fail(exc, 1)
         bad = len(site.summary.bad_rows)
         console.print(
             f"{site.name}: {len(site.train)} train / {len(site.val)} val / {len(site.test)} test"
@@ -296,37 +178,6 @@ def train_pooled(
     console.print(f"metrics written to {out}")
 
 
-@privacy_app.command("show")
-def privacy_show(
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="a node's ledger store (its state-dir), or a folder of stores (default "
-            "$MEDFUSE_PRIVACY_STORE or ~/.medfuse/privacy; a simulation keeps one per "
-            "experiment in OUTPUT/experiments/NAME/seed-N/ledgers)"
-        ),
-    ] = None,
-) -> None:
-    """Print each ledger: every release from the site's data (training rounds, the count,
-    evaluations, non-private releases), epsilon spent and left per budget."""
-    from client.privacy import LedgerError, default_store_root, find_stores, render_ledger
-
-    root = state_dir or default_store_root()
-    stores = find_stores(root)
-    if not stores:
-        err.print(f"no privacy ledger store under {Path(root).expanduser()}")
-        raise typer.Exit(1)
-    failed = False
-    for store in stores:
-        for key in store.keys():
-            try:
-                console.print(render_ledger(store.load(key)))
-            except LedgerError as exc:
-                err.print(f"[red]error:[/red] {exc}")
-                failed = True
-    raise typer.Exit(1 if failed else 0)
-
-
 def metrics_table(
     title: str, rows: dict[str, dict[str, float]], overall: dict[str, float] | None
 ) -> Table:
@@ -349,13 +200,3 @@ def _epoch_done(progress: Progress, task: object, name: str, epoch: int, loss: f
     progress.update(task, completed=epoch, loss=loss)  # type: ignore[arg-type]
     if not progress.console.is_terminal:  # logs and CI: a line per epoch instead of a bar
         progress.console.print(f"{name} epoch {epoch}: train loss {loss:.4f}")
-
-
-def main() -> None:
-    # a line at a time also when stdout is a file or a pipe (logs of long runs)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    app()
-
-
-if __name__ == "__main__":
-    main()

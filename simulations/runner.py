@@ -12,13 +12,13 @@
       experiments.csv              what each experiment is (kind, strategy, dp, epsilon...)
       summary.md, plots/*.png, report.html
 
-Pooled and local-only baselines train here, in plain PyTorch (`simulations.pooled`).
+Pooled and local-only baselines train here, in plain PyTorch (`shared_model.central`).
 A federated experiment is a real `flwr run` of this project's ServerApp and ClientApp in
 Flower's simulation engine (Ray backend), on a simulation-mode SuperLink that this run
 starts from the project root on a free 127.0.0.1 port and stops at the end, also on an
 error or Ctrl-C (Flower's own `:local:` SuperLink would outlive the run and keep the
 working directory of whichever app started it). Every Flower process gets the offline
-environment of `simulations.flower_env` (no telemetry, no update check, no Ray usage
+environment of `server.supervisor` (no telemetry, no update check, no Ray usage
 stats, no runtime dependency installation).
 
 After a federated run, the final global model (`final/model.pt`) is tested here on each
@@ -55,9 +55,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from simulations import report
-from simulations.config import LEDGER_DIR, Experiment, SimulationConfig, dump_toml
-from simulations.flower_env import (
+from server.supervisor import (
     LOOPBACK,
     FlowerError,
     FlowerProcess,
@@ -70,6 +68,8 @@ from simulations.flower_env import (
     wait_until,
     write_connection,
 )
+from simulations import report
+from simulations.config import LEDGER_DIR, Experiment, SimulationConfig, dump_toml
 from simulations.partition import (
     PartitionError,
     label_skew,
@@ -163,7 +163,7 @@ def _write_stamp(folder: Path, stamp: dict) -> None:
 
 
 def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], None]) -> Path:
-    from simulations.synth import SynthConfig, write_federation
+    from shared_model.synth import SynthConfig, write_federation
 
     s = cfg.sites
     synth = SynthConfig(
@@ -639,7 +639,7 @@ class Runner:
     # ------------------------------------------------------------- baselines
 
     def _central(self, unit: Unit):
-        from simulations.pooled import CentralConfig
+        from shared_model.central import CentralConfig
 
         assert self.sites is not None
         model = self.cfg.run_config(unit.experiment, unit.seed, self.sites.root, Path("-")).model()
@@ -668,8 +668,8 @@ class Runner:
         return [(name, unit.seed, rnd, site, report.TEST + k, float(v)) for k, v in metrics.items()]
 
     def _pooled(self, unit: Unit, progress: Progress) -> list[Row]:
+        from shared_model.central import train_central
         from shared_model.tokenizer import Tokenizer
-        from simulations.pooled import train_central
 
         assert self.opened is not None
         model, central = self._central(unit)
@@ -703,8 +703,8 @@ class Runner:
         return rows
 
     def _local(self, unit: Unit, progress: Progress) -> list[Row]:
+        from shared_model.central import train_central
         from shared_model.tokenizer import Tokenizer
-        from simulations.pooled import train_central
 
         assert self.opened is not None
         model, central = self._central(unit)
@@ -742,7 +742,7 @@ class Runner:
     def _public_model(self, unit: Unit) -> Path:
         """The public model for this experiment's model config (built once, under
         OUT/public/)."""
-        from simulations.pretrain import cached_public_model
+        from server.pretrain import cached_public_model
 
         pub = self.cfg.public
         model, _ = self._central(unit)

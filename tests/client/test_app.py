@@ -251,7 +251,7 @@ def test_synthetic_federation_is_cached(tmp_path: Path, monkeypatch: pytest.Monk
     def no_write(*args: object, **kwargs: object) -> None:
         raise AssertionError("written twice")
 
-    monkeypatch.setattr("simulations.synth.write_federation", no_write)
+    monkeypatch.setattr("shared_model.synth.write_federation", no_write)
     assert synthetic_sites(run, cache=tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp folder left
 
@@ -260,7 +260,7 @@ def test_synthetic_federation_race_keeps_the_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: another ClientApp finishes writing the same federation while this one writes
-    import simulations.synth as synth
+    import shared_model.synth as synth
 
     run = RunConfig.parse({**pyproject_defaults(), "image-size": 32, "synth-sites": 2,
                            "synth-cases-per-site": 10})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deploy import LocalFederation
+from server.deploy import LocalFederation
 
 
 @pytest.fixture(scope="session")

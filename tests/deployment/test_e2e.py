@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import simulations.deploy as deploy
+import server.deploy as deploy
+from server.cli import deploy_app
+from server.deploy import DeployConfig, LocalFederation, Submission
 from server.provision import provision
 from server.results import RESULTS_FILE, read_rows
+from server.supervisor import free_port
 from shared_model import wire
-from simulations.deploy import DeployConfig, LocalFederation, Submission
-from simulations.flower_env import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_deploy_local_command_runs_over_tls_and_leaves_nothing_behind(
             "-c", "batch-size=16"]  # fmt: skip
     # Execute
     t0 = time.monotonic()
-    result = CliRunner().invoke(deploy.deploy_app, args)
+    result = CliRunner().invoke(deploy_app, args)
     seconds = time.monotonic() - t0
     # Assert
     assert result.exit_code == 0, result.output
@@ -182,7 +183,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_ctrl_c_stops_every_process(tmp_path: Path):
     # Prepare: `medfuse deploy local` in its own process, as a user runs it
     script = (
-        "from simulations.deploy import deploy_app\n"
+        "from server.cli import deploy_app\n"
         "deploy_app(['local', '--hospitals', '2', '--rounds', '1', '--cases-per-site', '20',"
         f" '--out', {str(tmp_path / 'out')!r}])\n"
     )

@@ -9,12 +9,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from medfuse import app as medfuse_app
+from server.cli import _parse_overrides
+from server.deploy import DeployConfig, site_names
 from server.provision import OFFLINE_ENV
-from simulations.deploy import DeployConfig, _parse_overrides, deploy_app, provision_cmd, site_names
-from simulations.flower_env import (
+from server.supervisor import (
     TAG_VAR,
     ProcessGroup,
     flower_env,
@@ -122,10 +123,7 @@ def test_site_names_are_safe_and_unique(tmp_path: Path):
 
 
 def test_commands_plug_into_the_medfuse_cli(tmp_path: Path):
-    # the two lines simulations/cli.py needs
-    app = typer.Typer()
-    app.add_typer(deploy_app, name="deploy")
-    app.command("provision")(provision_cmd)
+    app = medfuse_app  # the coordinator's commands, as medfuse.py composes them
     runner = CliRunner()
 
     first = runner.invoke(app, ["provision", "--out", str(tmp_path), "--hospitals", "a,b"])
@@ -139,7 +137,7 @@ def test_commands_plug_into_the_medfuse_cli(tmp_path: Path):
 
 
 def test_round_seconds_from_the_streamed_log():
-    from simulations.deploy import LocalFederation
+    from server.deploy import LocalFederation
 
     fed = object.__new__(LocalFederation)  # no processes: only the transcript matters
     fed.transcript = [

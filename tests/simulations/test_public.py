@@ -8,14 +8,13 @@ import torch
 
 from client.privacy import data_identity
 from server.app import initial_arrays
+from server.pretrain import pretrain
+from shared_model.central import CentralConfig
 from shared_model.config import DEFAULT_LABELS
 from shared_model.dataset import open_site
 from shared_model.model_file import ModelFileError, load_model_file, payload
 from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
-from shared_model.tokenizer import Tokenizer
-from simulations.pooled import CentralConfig
-from simulations.pretrain import pretrain
-from simulations.synth import (
+from shared_model.synth import (
     REPORT_STYLES,
     PublicConfig,
     SynthConfig,
@@ -24,6 +23,7 @@ from simulations.synth import (
     write_federation,
     write_public,
 )
+from shared_model.tokenizer import Tokenizer
 
 PX = 32
 

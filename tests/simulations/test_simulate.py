@@ -13,9 +13,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from server.supervisor import pids_with_env
 from simulations import report
 from simulations.config import load_config
-from simulations.flower_env import pids_with_env
 from simulations.simulate import simulate
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 
+from client.data_check import exit_code, render_summary
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.dataset import SiteSummary, check_site
-from simulations.data_check import exit_code, render_summary
 
 MODEL = ModelConfig(image_size=16)
 

@@ -24,20 +24,17 @@ import contextlib
 import json
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
-import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.provision import CONNECTION_NAME, Provisioned, node_config_string, provision
-from simulations.flower_env import (
+from server.supervisor import (
     LOOPBACK,
     FlowerError,
     FlowerProcess,
@@ -608,7 +605,7 @@ def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
     if cfg.sites:
         paths = [Path(s).resolve() for s in cfg.sites]
     else:
-        from simulations.synth import SynthConfig, write_federation
+        from shared_model.synth import SynthConfig, write_federation
 
         paths = write_federation(
             workdir / "sites",
@@ -625,8 +622,8 @@ def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
 def public_start(cfg: DeployConfig, run_config: Mapping[str, object], echo: Echo) -> Path:
     """The public model the federation starts from, cached beside the synthetic sites."""
     from client.site import cache_root
+    from server.pretrain import cached_public_model
     from shared_model.run_config import RunConfig, pyproject_defaults
-    from simulations.pretrain import cached_public_model
 
     run = RunConfig.parse({**pyproject_defaults(), **run_config})
     return cached_public_model(cache_root().parent / "public", run.model(), run.label_set,
@@ -688,132 +685,10 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
         echo("[deploy] every process stopped")
 
 
-# ------------------------------------------------------------------ typer commands
-
-deploy_app = typer.Typer(help="Run the real distributed path (SuperLink + SuperNodes).",
-                         no_args_is_help=True)  # fmt: skip
-
-
-@deploy_app.callback()
-def _deploy_group() -> None:
-    """Real Flower processes: a SuperLink and SuperNodes over TLS with node authentication."""
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]:
-    import tomllib
-
-    out: dict[str, str | int | float | bool] = {}
-    for item in items:
-        for m in re.finditer(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", item):
-            try:
-                out[m.group(1)] = tomllib.loads(f"v = {m.group(2)}")["v"]
-            except tomllib.TOMLDecodeError:
-                raise typer.BadParameter(f"-c {m.group(0)!r}: the value is not TOML") from None
-    return out
-
-
-@deploy_app.command("local")
-def deploy_local_cmd(
-    hospitals: Annotated[int, typer.Option(min=1, max=32, help="number of SuperNodes")] = 3,
-    rounds: Annotated[int, typer.Option(min=1, help="server rounds")] = 2,
-    sites: Annotated[
-        list[Path] | None, typer.Option("--sites", help="site folders (repeat); default synthetic")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="results, final model and logs")] = Path(
-        "runs/deploy-local"
-    ),
-    cases_per_site: Annotated[int, typer.Option(min=10, help="synthetic sites")] = 60,
-    image_size: Annotated[int, typer.Option(min=16)] = 32,
-    seed: Annotated[int, typer.Option()] = 0,
-    min_nodes: Annotated[
-        int | None, typer.Option(min=1, help="nodes a round needs (default: all but one)")
-    ] = None,
-    round_timeout: Annotated[float, typer.Option(help="seconds the server waits")] = 600.0,
-    run_config: Annotated[
-        list[str] | None, typer.Option("-c", "--run-config", help="'k=v ...' overrides")
-    ] = None,
-    keep_workdir: Annotated[bool, typer.Option(help="keep keys, database and state")] = False,
-    app: Annotated[Path, typer.Option(help="the Flower app folder to submit")] = PROJECT_DIR,
-    public: Annotated[
-        bool, typer.Option(help="start from a public model (synthetic public corpus, cached)")
-    ] = True,
-) -> None:
-    """Provision, start a SuperLink and N SuperNodes on 127.0.0.1 (TLS + node auth),
-    run the app with `flwr run`, print the per-site table, stop everything."""
-    try:
-        if sites:
-            hospitals = len(sites)
-        cfg = DeployConfig(
-            hospitals=hospitals,
-            rounds=rounds,
-            public=public,
-            sites=tuple(sites or ()),
-            out=out,
-            cases_per_site=cases_per_site,
-            image_size=image_size,
-            seed=seed,
-            min_nodes=min_nodes,
-            round_timeout=round_timeout,
-            run_config=_parse_overrides(run_config or []),
-            keep_workdir=keep_workdir,
-            app_dir=app.resolve(),
-        )
-    except ValidationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-    def _term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        deploy_local(cfg, echo=lambda line: typer.echo(line))
-    except KeyboardInterrupt:
-        typer.echo("[deploy] interrupted: every process was stopped", err=True)
-        raise typer.Exit(130) from None
-    except (DeployError, FlowerError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def provision_cmd(
-    out: Annotated[Path, typer.Option(help="folder to write ca/, coordinator/, hospitals/")],
-    hospitals: Annotated[str, typer.Option(help="hospital names, comma separated")],
-    superlink_host: Annotated[
-        list[str] | None,
-        typer.Option("--superlink-host", help="name or IP the hospitals use (repeat)"),
-    ] = None,
-    superlink_port: Annotated[int, typer.Option(help="the SuperLink's one TCP port")] = 9092,
-    epsilon_budget: Annotated[
-        float, typer.Option(help="the epsilon-budget written into each hospital's command")
-    ] = 8.0,
-    force: Annotated[bool, typer.Option(help="replace existing keys")] = False,
-) -> None:
-    """Make the federation's CA, the SuperLink's TLS identity and one key per hospital."""
-    from server.provision import ProvisionError
-
-    try:
-        p = provision(out, hospitals, superlink_host or [], superlink_port, force=force,
-                      epsilon_budget=epsilon_budget)  # fmt: skip
-    except ProvisionError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"CA (keep offline):  {p.ca_dir}")
-    typer.echo(f"coordinator:        {p.coordinator_dir}  (see README.txt)")
-    for name, folder in p.hospital_dirs.items():
-        typer.echo(f"hospital {name + ':':<10} {folder}  (send this folder to {name} only)")
-    typer.echo(f"register the hospitals: {p.coordinator_dir / 'register-supernodes.txt'}")
-
-
 __all__ = [
     "DeployConfig",
     "DeployError",
     "LocalFederation",
     "RunOutcome",
-    "deploy_app",
     "deploy_local",
-    "provision_cmd",
 ]

@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from server.checkpoint import atomic_write, atomic_write_text
+from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
 from shared_model.config import ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.model_file import payload
 from shared_model.tokenizer import Tokenizer
-from simulations.pooled import CentralConfig, CentralResult, EpochCallback, train_central
 
 
 def corpus_digest(folders: Sequence[Path]) -> str:
@@ -91,7 +91,7 @@ def cached_public_model(
     (`cases`, `seed`), written under `root` on first use. One file per (public data,
     model config, labels), so a changed setting builds a new one."""
     from shared_model.dataset import open_site
-    from simulations.synth import PublicConfig, write_public
+    from shared_model.synth import PublicConfig, write_public
 
     spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
             "seed": seed, "epochs": epochs, "batch": batch_size}

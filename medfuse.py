@@ -1,0 +1,54 @@
+"""`medfuse`: one command line, each role's commands from its own room.
+
+Hospital IT (client/cli.py):       data check, privacy show
+Coordinator (server/cli.py):       provision, pretrain, deploy local
+Researcher  (simulations/):        simulate, train-pooled, data synth, data synth-public
+
+Only the command definitions are imported here; each command imports what it runs when it
+runs, so a hospital's command never loads the simulation harness.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from client import cli as hospital
+from server import cli as coordinator
+from simulations import cli as research
+from simulations.simulate import simulate
+
+app = typer.Typer(
+    name="medfuse",
+    help="Federated multimodal disease analysis with differential privacy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data = typer.Typer(help="Site data: check (hospital), synthesise (researcher).",
+                   no_args_is_help=True)
+data.command("check")(hospital.data_check)
+data.command("synth")(research.data_synth)
+data.command("synth-public")(research.data_synth_public)
+app.add_typer(data, name="data")
+privacy = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
+privacy.command("show")(hospital.privacy_show)
+app.add_typer(privacy, name="privacy")
+
+app.command("provision")(coordinator.provision_cmd)
+app.command("pretrain")(coordinator.pretrain_cmd)
+app.add_typer(coordinator.deploy_app, name="deploy")
+
+app.command("simulate")(simulate)
+app.command("train-pooled")(research.train_pooled)
+
+
+def main() -> None:
+    # a line at a time also when stdout is a file or a pipe (logs of long runs)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""What every room's commands share: the consoles, the label-set option, one error exit.
+
+Each role's commands live in its own room (`client/cli.py`, `server/cli.py`,
+`simulations/cli.py`); `medfuse.py` composes them into one `medfuse` command.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from shared_model.config import DEFAULT_LABELS
+
+console = Console()
+err = Console(stderr=True)
+
+LabelsOpt = Annotated[
+    str,
+    typer.Option("--labels", help="the federation's label set, comma separated"),
+]
+DEFAULT_LABELS_TEXT = ",".join(DEFAULT_LABELS)
+
+
+def parse_labels(text: str) -> tuple[str, ...]:
+    labels = tuple(x.strip() for x in text.split(",") if x.strip())
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise typer.BadParameter(f"need at least two distinct labels, got {text!r}")
+    return labels
+
+
+def fail(message: object, code: int = 2) -> NoReturn:
+    """Print `error: message` on stderr and exit with `code` (2: bad input, 1: failed)."""
+    # plain text (an exception may hold brackets), never wrapped: logs are grepped
+    err.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
+    raise typer.Exit(code)
