@@ -24,14 +24,11 @@ and `final/model.pt` the same minus the strategy state, so
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +39,7 @@ import torch
 
 from server.results import EVALUATE, Row, epsilon_spent, final_metrics, sites_of
 from shared_model import wire
+from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import FORMAT, payload  # one format for every model file
 
 CHECKPOINT_DIR = "checkpoints"
@@ -75,44 +73,6 @@ def code_version() -> str:
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return f"medfuse {version} src:{digest.hexdigest()[:12]}"
-
-
-# ------------------------------------------------------------------ atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write `path` via a temporary file in the same folder, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the model from the team
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # ------------------------------------------------------------------ state <-> torch

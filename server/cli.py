@@ -20,6 +20,7 @@ from server.deploy import PROJECT_DIR, DeployConfig, DeployError, deploy_local
 from server.provision import provision
 from server.supervisor import FlowerError
 from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
+from shared_model.config import CENTRAL
 
 # ------------------------------------------------------------------ typer commands
 
@@ -143,11 +144,11 @@ def provision_cmd(
 def pretrain_cmd(
     public: Annotated[list[Path], typer.Option("--public", help="public folders (format v1)")],
     out: Annotated[Path, typer.Option(help="the model file to write (e.g. public.pt)")],
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option()] = 2e-3,
+    epochs: Annotated[int, typer.Option(min=1)] = CENTRAL.epochs,
+    batch_size: Annotated[int, typer.Option(min=1)] = CENTRAL.batch_size,
+    lr: Annotated[float, typer.Option()] = CENTRAL.lr,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = CENTRAL.device,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
     model_size: Annotated[str, typer.Option(help="small or large, as the run's")] = "small",
     fusion: Annotated[str, typer.Option(help="concat, gated or bilinear, as the run's")] = "gated",

@@ -21,11 +21,9 @@ Every process it started is stopped at the end, also on Ctrl-C, SIGTERM or failu
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,30 +33,28 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.provision import CONNECTION_NAME, Provisioned, node_config_string, provision
 from server.supervisor import (
+    COMPLETED,
+    FINISHED,
     LOOPBACK,
     FlowerError,
     FlowerProcess,
-    FlwrCli,
-    ProcessGroup,
+    Submission,
+    Supervisor,
     address,
     descendants,
     free_ports,
-    run_config_string,
-    submit_command,
     superlink_command,
     supernode_command,
     terminate,
-    wait_for_nodes,
-    wait_for_superlink,
     wait_until,
     write_connection,
+    write_run_config,
 )
+from shared_model.config import MANIFEST
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SUPERLINK = "superlink"
-STATUS_COMPLETED = "finished:completed"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_RESTARTED = "restarted"  # a run lost to a SuperLink restart: resubmit with resume
 _SITE_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 
 Echo = Callable[[str], None]
@@ -98,7 +94,7 @@ class DeployConfig(BaseModel):
                 f"--sites gives {len(self.sites)} folders but --hospitals is {self.hospitals}"
             )
         for s in self.sites:
-            if not (s / "manifest.csv").is_file():
+            if not (s / MANIFEST).is_file():
                 raise ValueError(f"--sites {s}: no manifest.csv there (run `medfuse data check`)")
         if self.min_nodes is not None and self.min_nodes > self.hospitals:
             raise ValueError(f"--min-nodes {self.min_nodes} exceeds --hospitals {self.hospitals}")
@@ -138,29 +134,7 @@ def site_names(sites: Sequence[Path]) -> list[str]:
     return names
 
 
-# ------------------------------------------------------------------ one run's submission
-
-
-@dataclass
-class Submission:
-    """One `flwr run ... --stream` process: its lines, its run id."""
-
-    proc: FlowerProcess
-    lines: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)  # time.monotonic() each line arrived
-    run_id: int | None = None
-    started: float = field(default_factory=time.monotonic)
-    _reader: threading.Thread | None = None
-
-    def done(self) -> bool:
-        return not self.proc.alive() and (self._reader is None or not self._reader.is_alive())
-
-    def first_seen(self, text: str) -> float | None:
-        """When the first line containing `text` arrived (monotonic), or None."""
-        for line, t in zip(list(self.lines), list(self.times), strict=False):
-            if text in line:
-                return t
-        return None
+# ------------------------------------------------------------------ the federation
 
 
 @dataclass
@@ -179,14 +153,12 @@ class RunOutcome:
 
     @property
     def completed(self) -> bool:
-        return self.status == STATUS_COMPLETED
+        return self.status == COMPLETED
 
 
-# ------------------------------------------------------------------ the federation
-
-
-class LocalFederation:
-    """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node authentication on."""
+class LocalFederation(Supervisor):
+    """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node authentication on; what
+    it adds to the `Supervisor`: provisioning, the nodes, restarts, resumed runs."""
 
     def __init__(
         self,
@@ -199,15 +171,11 @@ class LocalFederation:
         epsilon_budget: float | None = None,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        super().__init__(Path(workdir).resolve(), CONNECTION_NAME, app_dir=app_dir,
+                         logs_dir=logs_dir, echo=echo, extra_env=extra_env)  # fmt: skip
+        self.workdir = self.group.workdir
         self.sites = {n: Path(p).resolve() for n, p in sites.items()}
-        self.app_dir = Path(app_dir).resolve()
-        self._echo = echo
-        self.t0 = time.monotonic()
-        self.transcript: list[tuple[float, str]] = []  # (seconds since start, plain line)
         self.epsilon_budget = epsilon_budget
-        self.extra_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
-        self.group = ProcessGroup(self.workdir, logs_dir=logs_dir)
         ports = free_ports(1 + len(self.sites))
         self.port = ports[0]
         self.node_ports = dict(zip(self.sites, ports[1:], strict=True))
@@ -218,30 +186,12 @@ class LocalFederation:
         write_connection(
             self.group.flwr_home, CONNECTION_NAME, address(self.port), self.prov.ca_cert
         )
-        self.cli = FlwrCli(env=self.group.env(), connection=CONNECTION_NAME, cwd=self.app_dir)
         self.node_ids: dict[str, int] = {}
-        self.superlink: FlowerProcess | None = None
         self.nodes: dict[str, FlowerProcess] = {}
         self.held_down: set[str] = set()  # nodes a caller stopped on purpose: not restarted
         self.superlink_restarts = 0
         self.node_restarts: dict[str, int] = {n: 0 for n in self.sites}
         self._superlink_kids: set[int] = set()
-        self._submissions = 0
-
-    # -------------------------------------------------------------- output
-
-    def echo(self, line: str, plain: str | None = None) -> None:
-        """Pass a line on, keeping it (without colours) and its time in the transcript."""
-        self.transcript.append((time.monotonic() - self.t0, plain if plain is not None else line))
-        self._echo(line)
-
-    def say(self, message: str) -> None:
-        self.echo(f"[deploy {time.monotonic() - self.t0:5.0f}s] {message}")
-
-    def timeline(self, *markers: str) -> list[tuple[float, str]]:
-        """Transcript lines holding any of `markers` (all `[deploy` lines by default)."""
-        keys = markers or ("[deploy",)
-        return [(t, line) for t, line in self.transcript if any(k in line for k in keys)]
 
     def round_seconds(self) -> list[float]:
         """Wall time of each round as the ServerApp's log showed it: from the start of a
@@ -261,30 +211,21 @@ class LocalFederation:
 
     def start(self, timeout: float = 180.0) -> None:
         """SuperLink up, every key registered, every SuperNode online."""
-        self.start_superlink()
+        self.start_deployed_superlink()
         for name in self.sites:
             self.node_ids[name] = self.cli.register(self.prov.public_key(name), name)
-        self.say(
-            "registered "
-            + ", ".join(f"{n} (node {i})" for n, i in self.node_ids.items())
-        )
+        self.say("registered " + ", ".join(f"{n} (node {i})" for n, i in self.node_ids.items()))
         for name in self.sites:
             self.start_node(name)
         self.wait_online(timeout=timeout)
 
-    def start_superlink(self) -> FlowerProcess:
-        cmd = superlink_command(
-            port=self.port,
-            database=self.database,
-            ca_cert=self.prov.ca_cert,
-            cert=self.prov.superlink_cert,
-            key=self.prov.superlink_key,
-            auth=True,
-        )
-        self.superlink = self.group.start(SUPERLINK, cmd, extra_env=self.extra_env)
-        wait_for_superlink(self.cli, self.port, self.superlink)
+    def start_deployed_superlink(self) -> FlowerProcess:
+        cmd = superlink_command(port=self.port, database=self.database,
+                                ca_cert=self.prov.ca_cert, cert=self.prov.superlink_cert,
+                                key=self.prov.superlink_key, auth=True)  # fmt: skip
+        proc = self.start_superlink(cmd, self.port, timeout=60, name=SUPERLINK)
         self.say(f"SuperLink up on {address(self.port)} (TLS, node auth)")
-        return self.superlink
+        return proc
 
     def node_command(
         self,
@@ -318,12 +259,10 @@ class LocalFederation:
 
     def wait_online(self, names: Sequence[str] | None = None, timeout: float = 180.0) -> None:
         names = list(names or self.sites)
-        wait_for_nodes(
-            self.cli,
-            {self.node_ids[n] for n in names},
-            timeout=timeout,
-            alive=[self.nodes[n] for n in names] + ([self.superlink] if self.superlink else []),
-        )
+        wanted = {self.node_ids[n] for n in names}
+        alive = [self.nodes[n] for n in names] + ([self.superlink] if self.superlink else [])
+        wait_until(f"SuperNodes {sorted(wanted)} to be online",
+                   lambda: wanted <= self.cli.online_node_ids(), timeout, alive=alive)
         self.say(f"online: {', '.join(names)}")
 
     def node_status(self, name: str) -> str:
@@ -348,7 +287,8 @@ class LocalFederation:
         self.say("killed the SuperLink")
 
     def _remember_superlink_children(self) -> None:
-        if self.superlink is not None and self.superlink.alive():
+        if self.superlink_alive():
+            assert self.superlink is not None
             self._superlink_kids.update(descendants(self.superlink.pid))
 
     def restart_superlink(self) -> None:
@@ -360,164 +300,24 @@ class LocalFederation:
             self._superlink_kids.clear()
         self.superlink_restarts += 1
         self.say("restarting the SuperLink (same port, same database)")
-        self.start_superlink()
+        self.start_deployed_superlink()
         running = [n for n, p in self.nodes.items() if p.alive() and n not in self.held_down]
         self.wait_online(running, timeout=180)
 
     def bring_back_nodes(self, timeout: float = 180.0) -> None:
         """Restart every dead SuperNode (not held down) as soon as the SuperLink lets it in,
         and wait until all of them are online: a resumed run then starts with everyone."""
-        deadline = time.monotonic() + timeout
         wanted = [n for n in self.sites if n not in self.held_down]
-        while any(not self.nodes[n].alive() for n in wanted):
-            if time.monotonic() > deadline:
-                raise DeployError(f"SuperNodes did not come back within {timeout:.0f} s")
+
+        def all_running() -> bool:
             self._restart_dead_nodes()
-            time.sleep(1.0)
-        self.wait_online(wanted, timeout=max(10.0, deadline - time.monotonic()))
+            return all(self.nodes[n].alive() for n in wanted)
 
-    def close(self) -> None:
-        self.group.stop_all()
-
-    def __enter__(self) -> LocalFederation:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -------------------------------------------------------------- runs
-
-    def submit(self, run_config: Mapping[str, object]) -> Submission:
-        cmd = submit_command(self.app_dir, CONNECTION_NAME, run_config, stream=True)
-        self._submissions += 1
-        proc = self.group.start(f"flwr-run-{self._submissions}", cmd, cwd=self.app_dir,
-                                extra_env=self.extra_env)  # fmt: skip
-        sub = Submission(proc=proc)
-
-        def follow() -> None:
-            # the process writes to its own log file; follow it like `tail -f`
-            with proc.log_path.open("r", errors="replace") as fh:
-                pending = ""
-                while True:
-                    chunk = fh.read()
-                    if chunk:
-                        pending += chunk
-                        *complete, pending = pending.split("\n")
-                        for line in complete:
-                            self._on_line(sub, line)
-                    elif not proc.alive():
-                        if pending:
-                            self._on_line(sub, pending)
-                        return
-                    else:
-                        time.sleep(0.2)
-
-        sub._reader = threading.Thread(target=follow, name="flwr-run-follow", daemon=True)
-        sub._reader.start()
-        return sub
-
-    def _on_line(self, sub: Submission, line: str) -> None:
-        clean = _ANSI.sub("", line).rstrip()
-        if clean.startswith("$ "):  # the command line ProcessGroup writes first
-            return
-        sub.lines.append(clean)
-        sub.times.append(time.monotonic())
-        m = _RUN_ID.search(clean)
-        if m and sub.run_id is None:
-            sub.run_id = int(m.group(1))
-        self.echo(line.rstrip("\n"), clean)
-
-    def run_status(self, run_id: int) -> str:
-        info = self.cli.run_info(run_id)
-        return str(info["status"]) if info else "unknown"
-
-    def run(
-        self,
-        run_config: Mapping[str, object],
-        *,
-        max_resumes: int = 3,
-        timeout: float | None = None,
-        poll: float = 1.0,
-        on_tick: Callable[[LocalFederation, Submission], None] | None = None,
-    ) -> RunOutcome:
-        """Submit, supervise (restart dead nodes / SuperLink, resume), until the run ends."""
-        t0 = time.monotonic()
-        output_dir = Path(str(run_config.get("output-dir", "."))).resolve()
-        sub = self.submit(run_config)
-        run_ids: list[int] = []
-        resumes = 0
-        restarted_since_submit = False
-        while True:
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                raise DeployError(f"the run did not finish within {timeout:.0f} s")
-            time.sleep(poll)
-            if sub.run_id is not None and sub.run_id not in run_ids:
-                run_ids.append(sub.run_id)
-            if on_tick is not None:
-                on_tick(self, sub)
-            self._remember_superlink_children()
-
-            if self.superlink is None or not self.superlink.alive():
-                sub.proc.stop(timeout=5)
-                self.restart_superlink()
-                restarted_since_submit = True
-                continue
-            self._restart_dead_nodes()
-
-            if not sub.done():
-                continue
-            if sub.run_id is None:
-                raise DeployError(
-                    "flwr run did not start a run:\n" + "\n".join(sub.lines[-30:])
-                )
-            if restarted_since_submit:
-                # The restart orphaned the run (its ServerApp is gone): Flower marks it failed
-                # after a while; stop it now rather than wait.
-                status = self.run_status(sub.run_id)
-                if not status.startswith("finished"):
-                    self.cli.stop_run(sub.run_id)
-                    status = self._final_status(sub.run_id, timeout=60)
-            else:
-                status = self._final_status(sub.run_id)
-            if status == STATUS_COMPLETED:
-                break
-            if restarted_since_submit and resumes < max_resumes:
-                resumes += 1
-                self.say(
-                    f"run {sub.run_id} ended {status} after a SuperLink restart:"
-                    f" resubmitting with resume=true ({resumes}/{max_resumes})"
-                )
-                self.bring_back_nodes()
-                sub = self.submit({**run_config, "resume": True})
-                restarted_since_submit = False
-                continue
-            raise DeployError(
-                f"run {sub.run_id} ended {status}; logs in {self.group.logs_dir}\n"
-                + "\n".join(sub.lines[-40:])
-            )
-        return RunOutcome(
-            run_ids=run_ids,
-            status=status,
-            resumes=resumes,
-            seconds=time.monotonic() - t0,
-            output_dir=output_dir,
-            traffic=self.traffic(run_ids),
-            superlink_restarts=self.superlink_restarts,
-            node_restarts=dict(self.node_restarts),
-        )
-
-    def _final_status(self, run_id: int, timeout: float = 120.0) -> str:
-        """The run's status once Flower calls it finished (the stream may end earlier)."""
-        status = ["unknown"]
-
-        def finished() -> bool:
-            status[0] = self.run_status(run_id)
-            return status[0].startswith("finished")
-
-        with contextlib.suppress(FlowerError):
-            wait_until(f"run {run_id} to finish", finished, timeout, interval=2.0,
-                       alive=[self.superlink] if self.superlink else [])  # fmt: skip
-        return status[0]
+        try:
+            wait_until("the SuperNodes to come back", all_running, timeout)
+        except FlowerError:
+            raise DeployError(f"SuperNodes did not come back within {timeout:.0f} s") from None
+        self.wait_online(wanted, timeout=timeout)
 
     def _restart_dead_nodes(self) -> None:
         for name, proc in self.nodes.items():
@@ -535,14 +335,75 @@ class LocalFederation:
                 )
                 self.start_node(name)
 
-    def traffic(self, run_ids: Sequence[int]) -> dict[str, int]:
-        total = {"inbound-bytes": 0, "outbound-bytes": 0, "total-bytes": 0}
-        for rid in run_ids:
-            with contextlib.suppress(FlowerError):
-                info = self.cli.run_info(rid)
-                for k in total:
-                    total[k] += int((info or {}).get("network-traffic", {}).get(k, 0))
-        return total
+    # -------------------------------------------------------------- runs
+
+    def submit_config(self, run_config: Mapping[str, object]) -> Submission:
+        path = self.workdir / f"run-config-{self._submissions + 1}.toml"
+        return self.submit(write_run_config(path, run_config))
+
+    def run(
+        self,
+        run_config: Mapping[str, object],
+        *,
+        max_resumes: int = 3,
+        timeout: float | None = None,
+        poll: float = 1.0,
+        on_tick: Callable[[LocalFederation, Submission], None] | None = None,
+    ) -> RunOutcome:
+        """Submit, supervise (restart dead nodes / SuperLink, resume), until the run ends."""
+        t0 = time.monotonic()
+        output_dir = Path(str(run_config.get("output-dir", "."))).resolve()
+        sub = self.submit_config(run_config)
+        run_ids, resumes = [sub.run_id], 0
+        while True:
+            status = self._supervise(sub, t0, timeout, poll, on_tick)
+            if status == COMPLETED:
+                break
+            if status != _RESTARTED or resumes >= max_resumes:
+                raise DeployError(
+                    f"run {sub.run_id} ended {status}; logs in {self.group.logs_dir}\n"
+                    + "\n".join(sub.lines[-40:])
+                )
+            resumes += 1
+            self.say(f"run {sub.run_id} ended after a SuperLink restart: resubmitting with "
+                     f"resume=true ({resumes}/{max_resumes})")
+            self.bring_back_nodes()
+            sub = self.submit_config({**run_config, "resume": True})
+            run_ids.append(sub.run_id)
+        return RunOutcome(
+            run_ids=run_ids, status=status, resumes=resumes, seconds=time.monotonic() - t0,
+            output_dir=output_dir, traffic=self.traffic(run_ids),
+            superlink_restarts=self.superlink_restarts, node_restarts=dict(self.node_restarts),
+        )
+
+    def _supervise(self, sub: Submission, t0: float, timeout: float | None, poll: float,
+                   on_tick: Callable[[LocalFederation, Submission], None] | None) -> str:
+        """Watch one submission until Flower calls its run finished (its status), or until
+        the SuperLink died and was restarted (`_RESTARTED`: the run is lost, resume it)."""
+        next_status = 0.0
+        while True:
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise DeployError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+            if on_tick is not None:
+                on_tick(self, sub)
+            self._remember_superlink_children()
+            if not self.superlink_alive():
+                sub.follower.stop(timeout=5)
+                self.restart_superlink()
+                # the restart orphaned the run (its ServerApp is gone): stop it now rather
+                # than wait for Flower to mark it failed
+                if not self.run_status(sub.run_id).startswith(FINISHED):
+                    self.stop_run(sub.run_id)
+                    self.wait_finished(sub.run_id, timeout=60)
+                return _RESTARTED
+            self._restart_dead_nodes()
+            # the log stream ending is a hint; Flower's run status is the answer
+            if time.monotonic() >= next_status or not sub.streaming():
+                status = self.run_status(sub.run_id)
+                if status.startswith(FINISHED):
+                    return status
+                next_status = time.monotonic() + 5.0
 
 
 # ------------------------------------------------------------------ results
@@ -648,8 +509,8 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
         run_config = cfg.flower_run_config(out / "output")
         if cfg.public and "initial-model" not in run_config:
             run_config["initial-model"] = str(public_start(cfg, run_config, echo))
-        echo(f"[deploy] flwr run {cfg.app_dir} {CONNECTION_NAME} --stream -c "
-             f"{json.dumps(run_config_string(run_config))}")  # fmt: skip
+        echo(f"[deploy] flwr run {cfg.app_dir} {CONNECTION_NAME} -c "
+             + " ".join(f"{k}={v!r}" for k, v in run_config.items()))
         outcome = fed.run(run_config, max_resumes=cfg.max_resumes, timeout=cfg.run_timeout)
         print_final_table(outcome.output_dir, echo)
         t = outcome.traffic

@@ -17,10 +17,10 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from server.checkpoint import atomic_write, atomic_write_text
 from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
-from shared_model.config import ModelConfig
+from shared_model.config import MANIFEST, ModelConfig
 from shared_model.dataset import SiteData
+from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import payload
 from shared_model.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ def corpus_digest(folders: Sequence[Path]) -> str:
     """sha256 over the manifests of the public folders (what the model was trained on)."""
     h = hashlib.sha256()
     for folder in sorted(Path(f).resolve() for f in folders):
-        h.update((folder / "manifest.csv").read_bytes())
+        h.update((folder / MANIFEST).read_bytes())
     return h.hexdigest()
 
 
@@ -103,7 +103,7 @@ def cached_public_model(
         return target
     if not folders:
         corpus = root / f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}"
-        if not (corpus / "manifest.csv").is_file():
+        if not (corpus / MANIFEST).is_file():
             echo(f"writing the synthetic public corpus ({cases} cases) to {corpus}")
             shutil.rmtree(corpus, ignore_errors=True)
             write_public(corpus, PublicConfig(cases=cases, seed=seed,

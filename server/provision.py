@@ -34,7 +34,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
 import shlex
 from collections.abc import Sequence
@@ -45,6 +44,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared_model.files import PRIVATE, PUBLIC, atomic_write_bytes
 
 # Environment every Flower process needs offline (no update check, no telemetry, no Ray
 # usage stats). Written into every command a human copies; `server.supervisor`
@@ -268,20 +269,9 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
 
 
 def _write(path: Path, data: bytes | str, private: bool = False) -> Path:
-    """Write atomically; private files are created 0600 (never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically; private files are 0600 from the start (never world-readable)."""
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    try:
-        os.write(fd, raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600 if private else 0o644)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, raw, mode=PRIVATE if private else PUBLIC)
 
 
 # ------------------------------------------------------------------ commands for humans

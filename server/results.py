@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared_model import wire
+from shared_model.files import atomic_write_text
 
 Phase = Literal["train", "evaluate"]
 TRAIN: Phase = "train"
@@ -84,12 +85,7 @@ class ResultsWriter:
     def replace(self, rows: Iterable[Row]) -> None:
         """Rewrite the file to hold exactly `rows`, atomically (a resumed run restores the
         rows of its checkpoint, dropping any of rounds it will redo)."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write("".join(r.to_json() + "\n" for r in rows))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(r.to_json() + "\n" for r in rows))
 
 
 def read_rows(path: Path) -> list[Row]:

@@ -20,11 +20,13 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import weakref
@@ -32,7 +34,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+import tomli_w
+
 from server.provision import OFFLINE_ENV
+from shared_model.files import atomic_write_text
 
 LOOPBACK = "127.0.0.1"
 TAG_VAR = "MEDFUSE_PROCESS_TAG"  # inherited by every descendant: how stop_all finds them
@@ -122,29 +128,11 @@ def address(port: int, host: str = LOOPBACK) -> str:
 # ------------------------------------------------------------------ processes
 
 
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may hold spaces and parentheses
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
 def descendants(pid: int) -> list[int]:
-    kids = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    """Every living descendant of `pid` (children, grandchildren, ...)."""
+    with contextlib.suppress(psutil.Error):
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    return []
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -154,42 +142,36 @@ def tagged_pids(tag: str) -> list[int]:
 
 def pids_with_env(name: str, value: str) -> list[int]:
     """Processes of this user (other than this one) whose environment has `name=value`."""
-    needle = f"{name}={value}".encode()
     found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
-        try:
-            env = Path(entry.path, "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry.name))
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(name) == value:
+                found.append(proc.pid)
     return found
 
 
 def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def _signal(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def terminate(pids: Sequence[int], timeout: float = 10.0) -> None:
     """SIGTERM, wait up to `timeout`, then SIGKILL what is left."""
-    _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    left = [p for p in pids if _alive(p)]
-    _signal(left, signal.SIGKILL)
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, left = psutil.wait_procs(procs, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=timeout)
 
 
 @dataclass
@@ -392,6 +374,19 @@ def supernode_command(
     return cmd
 
 
+def simulation_superlink_command(port: int, host: str = LOOPBACK) -> list[str]:
+    """flower-superlink in simulation mode (Flower's simulation engine, Ray), loopback only."""
+    return [
+        flower_bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port),
+    ]  # fmt: skip
+
+
 def write_connection(
     flwr_home: Path,
     name: str,
@@ -401,16 +396,18 @@ def write_connection(
     insecure: bool = False,
 ) -> Path:
     """$FLWR_HOME/config.toml with one [superlink.NAME] connection, the default one."""
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]"]
-    lines.append(f'address = "{superlink}"')
+    entry: dict[str, object] = {"address": superlink}
     if insecure:
-        lines.append("insecure = true")
+        entry["insecure"] = True
     elif root_certificates is not None:
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    path = Path(flwr_home) / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
+    return atomic_write_text(Path(flwr_home) / "config.toml",
+                             tomli_w.dumps({"superlink": {"default": name, name: entry}}))
+
+
+def write_run_config(path: Path, run_config: Mapping[str, object]) -> Path:
+    """The run config as the TOML file `flwr run -c FILE.toml` reads (flat keys)."""
+    return atomic_write_text(Path(path), tomli_w.dumps(dict(run_config)))
 
 
 # ------------------------------------------------------------------ the flwr CLI
@@ -418,7 +415,7 @@ def write_connection(
 
 @dataclass(frozen=True)
 class FlwrCli:
-    """`flwr` calls against one connection, in one FLWR_HOME, offline."""
+    """`flwr` calls against one connection, in one FLWR_HOME, offline; JSON answers."""
 
     env: Mapping[str, str]
     connection: str
@@ -470,14 +467,24 @@ class FlwrCli:
     def online_node_ids(self) -> set[int]:
         return {int(n["node-id"]) for n in self.nodes() if n.get("status") == "online"}
 
-    def runs(self) -> list[dict]:
-        return list(self.call_json("ls", self.connection)["runs"])
+    def start_run(self, app_dir: Path, run_config_file: Path,
+                  federation_config: str | None = None, timeout: float = 300.0) -> int:
+        """`flwr run APP CONNECTION -c FILE.toml --format json`: the new run's id."""
+        args = ["run", str(app_dir), self.connection, "-c", str(run_config_file)]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        return int(self.call_json(*args, timeout=timeout)["run-id"])
 
     def run_info(self, run_id: int) -> dict | None:
         for r in self.call_json("ls", self.connection, "--run-id", str(run_id))["runs"]:
             if int(r["run-id"]) == run_id:
                 return r
         return None
+
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of the run (`pending`, `running`, `finished:completed`, ...)."""
+        info = self.run_info(run_id)
+        return str(info["status"]) if info else "unknown"
 
     def stop_run(self, run_id: int) -> None:
         self.call("stop", str(run_id), self.connection, check=False, timeout=30)
@@ -507,50 +514,179 @@ def wait_until(
         time.sleep(interval)
 
 
-def wait_for_superlink(cli: FlwrCli, port: int, proc: FlowerProcess, timeout: float = 60) -> None:
-    wait_until(f"the SuperLink on port {port}", lambda: port_open(port), timeout, alive=[proc],
-               interval=0.3)  # fmt: skip
-    wait_until("the SuperLink's Control API", lambda: cli.nodes() is not None, timeout,
-               alive=[proc])  # fmt: skip
+# ------------------------------------------------------------------ the supervisor
 
 
-def wait_for_nodes(
-    cli: FlwrCli,
-    node_ids: set[int],
-    timeout: float = 120,
-    alive: Sequence[FlowerProcess] = (),
-) -> None:
-    """Until every node id in `node_ids` is online at the SuperLink."""
-    wait_until(
-        f"SuperNodes {sorted(node_ids)} to be online",
-        lambda: node_ids <= cli.online_node_ids(),
-        timeout,
-        interval=1.0,
-        alive=alive,
-    )
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+FINISHED = "finished"  # every final status of a Flower run starts with it
+COMPLETED = "finished:completed"
 
 
-def submit_command(
-    app_dir: Path,
-    connection: str,
-    run_config: Mapping[str, object] | None = None,
-    stream: bool = True,
-) -> list[str]:
-    """`flwr run APP CONNECTION [--stream] [-c "k=v ..."]` (values as TOML)."""
-    cmd = [flower_bin("flwr"), "run", str(app_dir), connection]
-    if stream:
-        cmd.append("--stream")
-    if run_config:
-        cmd += ["-c", run_config_string(run_config)]
-    return cmd
+@dataclass
+class Submission:
+    """One submitted run: its id, and its log as `flwr log --stream` delivers it."""
+
+    run_id: int
+    follower: FlowerProcess
+    lines: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # time.monotonic() each line arrived
+    started: float = field(default_factory=time.monotonic)
+    _reader: threading.Thread | None = None
+
+    def streaming(self) -> bool:
+        return self.follower.alive() or (self._reader is not None and self._reader.is_alive())
+
+    def first_seen(self, text: str) -> float | None:
+        """When the first line containing `text` arrived (monotonic), or None."""
+        for line, t in zip(list(self.lines), list(self.times), strict=False):
+            if text in line:
+                return t
+        return None
 
 
-def run_config_string(run_config: Mapping[str, object]) -> str:
-    def toml(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        return json.dumps(str(v))
+class Supervisor:
+    """One SuperLink (simulation or deployment) and every process around it, offline.
 
-    return " ".join(f"{k}={toml(v)}" for k, v in run_config.items())
+    It starts the processes (tagged: `close()` stops them and whatever they spawned),
+    submits runs with `flwr run --format json` (the run id from Flower's JSON, never
+    from log text), follows each run's log with `flwr log --stream`, and asks Flower for
+    run states (`flwr ls --format json`). The harness (`simulations/runner.py`) and
+    `medfuse deploy local` (`server/deploy.py`) both run their Flower processes here.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        connection: str,
+        *,
+        app_dir: Path,
+        logs_dir: Path | None = None,
+        echo: Callable[[str], object] = print,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.group = ProcessGroup(Path(workdir), logs_dir=logs_dir)
+        self.connection = connection
+        self.app_dir = Path(app_dir).resolve()
+        self._echo = echo
+        self.t0 = time.monotonic()
+        self.transcript: list[tuple[float, str]] = []  # (seconds since start, line)
+        # one torch thread per Flower process: several share the machine's cores
+        self.extra_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra_env or {})}
+        self.cli = FlwrCli(env=self.group.env(self.extra_env), connection=connection,
+                           cwd=self.app_dir)
+        self.superlink: FlowerProcess | None = None
+        self.port = 0
+        self._submissions = 0
+
+    # -------------------------------------------------------------- output
+
+    def echo(self, line: str) -> None:
+        """Pass a line on, keeping it and its time in the transcript."""
+        self.transcript.append((time.monotonic() - self.t0, line))
+        self._echo(line)
+
+    def say(self, message: str) -> None:
+        self.echo(f"[deploy {time.monotonic() - self.t0:5.0f}s] {message}")
+
+    def timeline(self, *markers: str) -> list[tuple[float, str]]:
+        """Transcript lines holding any of `markers` (all `[deploy` lines by default)."""
+        keys = markers or ("[deploy",)
+        return [(t, line) for t, line in self.transcript if any(k in line for k in keys)]
+
+    # -------------------------------------------------------------- the SuperLink
+
+    def start_superlink(self, cmd: Sequence[str], port: int, timeout: float = 120.0,
+                        name: str = "superlink") -> FlowerProcess:
+        """Start it and wait until its one port serves the Control API."""
+        self.port = port
+        self.superlink = self.group.start(name, cmd, cwd=self.app_dir, extra_env=self.extra_env)
+        wait_until(f"the SuperLink on {address(port)}", lambda: port_open(port), timeout,
+                   interval=0.3, alive=[self.superlink])  # fmt: skip
+        wait_until("the SuperLink's Control API", lambda: self.cli.nodes() is not None,
+                   timeout, alive=[self.superlink])  # fmt: skip
+        return self.superlink
+
+    def superlink_alive(self) -> bool:
+        return self.superlink is not None and self.superlink.alive()
+
+    # -------------------------------------------------------------- runs
+
+    def submit(self, run_config_file: Path, *, federation_config: str | None = None,
+               show: bool = True) -> Submission:
+        """Start a run of the app and follow its log (echoed when `show`)."""
+        run_id = self.cli.start_run(self.app_dir, run_config_file, federation_config)
+        self._submissions += 1
+        cmd = [flower_bin("flwr"), "log", str(run_id), self.connection, "--stream"]
+        follower = self.group.start(f"run-{self._submissions:03d}-{run_id}", cmd,
+                                    cwd=self.app_dir, extra_env=self.extra_env)  # fmt: skip
+        sub = Submission(run_id=run_id, follower=follower)
+        sub._reader = threading.Thread(target=self._follow, args=(sub, show), daemon=True,
+                                       name=f"flwr-log-{run_id}")  # fmt: skip
+        sub._reader.start()
+        return sub
+
+    def _follow(self, sub: Submission, show: bool) -> None:
+        """Read the follower's log file as it grows (like `tail -f`), a line at a time."""
+        with sub.follower.log_path.open("r", errors="replace") as fh:
+            pending = ""
+            while True:
+                chunk = fh.read()
+                if chunk:
+                    pending += chunk
+                    *complete, pending = pending.split("\n")
+                    for line in complete:
+                        self._on_line(sub, line, show)
+                elif not sub.follower.alive():
+                    if pending:
+                        self._on_line(sub, pending, show)
+                    return
+                else:
+                    time.sleep(0.2)
+
+    def _on_line(self, sub: Submission, line: str, show: bool) -> None:
+        line = _COLOUR.sub("", line).rstrip()  # Flower colours its level names always
+        if line.startswith("$ "):  # the command line ProcessGroup writes first
+            return
+        sub.lines.append(line)
+        sub.times.append(time.monotonic())
+        if show:
+            self.echo(line)
+
+    def run_status(self, run_id: int) -> str:
+        return self.cli.run_status(run_id)
+
+    def wait_finished(self, run_id: int, timeout: float = 120.0) -> str:
+        """The run's status once Flower calls it finished, or the last one seen."""
+        status = ["unknown"]
+
+        def finished() -> bool:
+            status[0] = self.run_status(run_id)
+            return status[0].startswith(FINISHED)
+
+        with contextlib.suppress(FlowerError):
+            wait_until(f"run {run_id} to finish", finished, timeout, interval=1.0,
+                       alive=[self.superlink] if self.superlink else [])  # fmt: skip
+        return status[0]
+
+    def stop_run(self, run_id: int) -> None:
+        with contextlib.suppress(FlowerError):
+            self.cli.stop_run(run_id)
+
+    def traffic(self, run_ids: Sequence[int]) -> dict[str, int]:
+        """Bytes in and out of the SuperLink for these runs, as Flower counted them."""
+        total = {"inbound-bytes": 0, "outbound-bytes": 0, "total-bytes": 0}
+        for rid in run_ids:
+            with contextlib.suppress(FlowerError):
+                info = self.cli.run_info(rid)
+                for k in total:
+                    total[k] += int((info or {}).get("network-traffic", {}).get(k, 0))
+        return total
+
+    def close(self) -> None:
+        self.group.stop_all()
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

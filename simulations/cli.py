@@ -17,7 +17,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
-from shared_model.config import ModelConfig
+from shared_model.config import CENTRAL, ModelConfig
+from shared_model.files import atomic_write_text
 
 METRIC_COLUMNS = ("accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l")
 
@@ -79,11 +80,11 @@ def train_pooled(
     modality: Annotated[
         list[str] | None, typer.Option(help="fused, image or text; repeat to compare")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 12,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option()] = 2e-3,
+    epochs: Annotated[int, typer.Option(min=1)] = CENTRAL.epochs,
+    batch_size: Annotated[int, typer.Option(min=1)] = CENTRAL.batch_size,
+    lr: Annotated[float, typer.Option()] = CENTRAL.lr,
     seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = CENTRAL.device,
     threads: Annotated[
         int, typer.Option(min=1, help="torch CPU threads; >1 thrashes on a busy 2-core machine")
     ] = 1,
@@ -173,8 +174,7 @@ def train_pooled(
                 None,
             )
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, allow_nan=True))
+    atomic_write_text(out, json.dumps(results, indent=2, allow_nan=True))
     console.print(f"metrics written to {out}")
 
 

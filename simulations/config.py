@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -55,7 +56,7 @@ from pydantic import (
 )
 
 from client.site import sim_node_config_text
-from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.config import DEFAULT_LABELS, Fusion, Modality, ModelConfig, ModelSize
 from shared_model.run_config import (
     RunConfig,
     RunConfigError,
@@ -63,13 +64,13 @@ from shared_model.run_config import (
     device_name,
     pyproject_defaults,
 )
+from shared_model.validation import describe, messages
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
 LEDGER_DIR = "ledgers"  # each federated experiment's own ledger store, beside its outputs
 
 Kind = Literal["pooled", "local", "public", "federated"]
-Modality = Literal["fused", "image", "text"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]
 Scalar = bool | int | float | str
 
@@ -179,8 +180,8 @@ class SitesConfig(_Section):
 
 class ModelSection(_Section):
     image_size: int = Field(default_factory=lambda: int(_run_default("image-size")), ge=16, le=1024)
-    fusion: Literal["concat", "gated", "bilinear"] = "gated"
-    model_size: Literal["small", "large"] = "small"
+    fusion: Fusion = "gated"
+    model_size: ModelSize = "small"
     labels: str = ",".join(DEFAULT_LABELS)
 
     @model_validator(mode="after")
@@ -192,9 +193,7 @@ class ModelSection(_Section):
         try:
             preset(image_size=self.image_size, fusion=self.fusion, num_classes=len(labels))
         except ValidationError as exc:
-            raise ValueError(
-                "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-            ) from None
+            raise ValueError("; ".join(messages(exc))) from None
         return self
 
 
@@ -558,45 +557,17 @@ class SimulationConfig(_Section):
                     table.pop(key, None)
                 if not (table["kind"] == "local" and table.get("dp")):
                     table.pop("dp", None)
-        return dump_toml(data)
+        return tomli_w.dumps(data)
 
 
 # ---------------------------------------------------------------------- loading
 
 
 def _format_errors(exc: ValidationError, raw: Mapping[str, Any], source: str) -> str:
-    problems = []
     experiments = raw.get("experiment") if isinstance(raw, Mapping) else None
-    errors = exc.errors()
-    # a tuple whose items failed also reports "too short": only the items' errors matter
-    failed_items = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
-    failed_items |= {e["loc"][:1] for e in errors if len(e["loc"]) > 1}
-    for e in errors:
-        loc = list(e["loc"])
-        if e["type"] == "too_short" and tuple(loc) in failed_items:
-            continue
-        parts: list[str] = []
-        for i, p in enumerate(loc):
-            if isinstance(p, int):
-                label = f"[{p}]"
-                if (
-                    i > 0
-                    and loc[i - 1] == "experiment"
-                    and isinstance(experiments, list)
-                    and p < len(experiments)
-                    and isinstance(experiments[p], Mapping)
-                    and "name" in experiments[p]
-                ):
-                    label = f"[{p}] ({experiments[p]['name']})"
-                parts.append(label)
-            else:
-                parts.append(("." if parts else "") + str(p))
-        key = "".join(parts)
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        shown = "input" in e and loc and e["type"] not in ("missing",)
-        got = f" (got {e['input']!r})" if shown and not isinstance(e["input"], dict) else ""
-        problems.append(f"  {key}: {msg}{got}" if key else f"  {msg}")
-    return f"invalid simulation config ({source}):\n" + "\n".join(problems)
+    names = [e.get("name") if isinstance(e, Mapping) else None
+             for e in experiments] if isinstance(experiments, list) else []
+    return describe(exc, f"simulation config ({source})", {"experiment": names})
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "config") -> SimulationConfig:
@@ -692,53 +663,3 @@ def select_experiments(cfg: SimulationConfig, names: Sequence[str]) -> Simulatio
             update["modalities"] = tuple(dict.fromkeys(e.modality for e in exps))
         kept.append(spec.model_copy(update=update))
     return cfg.model_copy(update={"experiment": tuple(kept)})
-
-
-# ---------------------------------------------------------------------- TOML output
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-def dump_toml(data: Mapping[str, Any]) -> str:
-    """A small TOML writer for config tables: top-level scalars, then each top-level
-    mapping as a `[table]` and each list of mappings as `[[array of tables]]`; mappings
-    deeper down are written inline. None values are left out."""
-    head: list[str] = []
-    tail: list[str] = []
-
-    def body(table: Mapping[str, Any]) -> list[str]:
-        return [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-
-    for k, v in data.items():
-        if v is None:
-            continue
-        if isinstance(v, Mapping):
-            tail += ["", f"[{_toml_key(k)}]", *body(v)]
-        elif isinstance(v, list | tuple) and v and all(isinstance(x, Mapping) for x in v):
-            for item in v:
-                tail += ["", f"[[{_toml_key(k)}]]", *body(item)]
-        else:
-            head.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    return "\n".join(head + tail).strip("\n") + "\n"

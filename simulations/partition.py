@@ -29,7 +29,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-MANIFEST = "manifest.csv"
+from shared_model.config import MANIFEST
+
 BOX_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 OUT_COLUMNS = ("case_id", "image", "report", "label", "split", *BOX_COLUMNS)
 SPLIT_SHARES = (0.70, 0.15, 0.15)  # train, val, test of every new hospital

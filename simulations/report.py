@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from rich.table import Table
+
+from shared_model.files import atomic_write, atomic_write_text
 
 COLUMNS = ("experiment", "seed", "round", "site", "metric", "value")
 META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "epsilon_budget")
@@ -107,11 +108,7 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, frame.to_csv(index=False))
 
 
 def experiment_order(results: pd.DataFrame, meta: pd.DataFrame | None = None) -> list[str]:
@@ -558,11 +555,9 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format=Path(path).suffix[1:]))
     _pyplot().close(fig)
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------- the report
@@ -593,7 +588,7 @@ def write_report(
     summary = summarize(results, meta)
     md = summary_markdown(summary, title)
     summary_md = out_dir / SUMMARY_FILE
-    summary_md.write_text(md + ("\n" + "\n".join(notes) + "\n" if notes else ""), encoding="utf-8")
+    atomic_write_text(summary_md, md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     experiments = experiment_order(results, meta)
     main_plots = [
         (
@@ -614,7 +609,7 @@ def write_report(
         for exp in experiments
     ]
     report_html = out_dir / REPORT_FILE
-    report_html.write_text(_html(title, summary, main_plots, curve_plots, notes), encoding="utf-8")
+    atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,

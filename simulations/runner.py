@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -56,20 +55,20 @@ from rich.progress import (
 )
 
 from server.supervisor import (
-    LOOPBACK,
+    FINISHED,
     FlowerError,
-    FlowerProcess,
-    FlwrCli,
-    ProcessGroup,
+    Submission,
+    Supervisor,
     address,
-    flower_bin,
     free_port,
-    port_open,
-    wait_until,
+    simulation_superlink_command,
     write_connection,
+    write_run_config,
 )
+from shared_model.config import MANIFEST
+from shared_model.files import atomic_write_text
 from simulations import report
-from simulations.config import LEDGER_DIR, Experiment, SimulationConfig, dump_toml
+from simulations.config import LEDGER_DIR, Experiment, SimulationConfig
 from simulations.partition import (
     PartitionError,
     label_skew,
@@ -89,8 +88,6 @@ ROWS_FILE = "rows.csv"
 DONE_FILE = "done.json"
 RUN_CONFIG_FILE = "run-config.toml"
 STAMP_FILE = ".medfuse-sites.json"
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # ServerApp metrics that say nothing about the model (kept out of the long table)
 _SKIP_EVAL = {"epsilon", "delta", "data-error"}
 MAX_LISTED_SITES = 12  # more hospitals than this: one summary line per split
@@ -159,7 +156,7 @@ def _stamp_matches(folder: Path, stamp: dict) -> bool:
 
 
 def _write_stamp(folder: Path, stamp: dict) -> None:
-    (folder / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True))
+    atomic_write_text(folder / STAMP_FILE, json.dumps(stamp, indent=2, sort_keys=True))
 
 
 def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], None]) -> Path:
@@ -198,7 +195,7 @@ def _linked_folders(folders: Sequence[Path], root: Path) -> Path:
     for f in folders:
         if not Path(f).is_dir():
             raise SimulationError(f"site folder {str(f)!r} does not exist")
-        if not (Path(f) / "manifest.csv").is_file():
+        if not (Path(f) / MANIFEST).is_file():
             raise SimulationError(
                 f"site folder {str(f)!r} has no manifest.csv (a site is a folder holding "
                 "manifest.csv and the images it names, dataset format v1)"
@@ -348,87 +345,27 @@ def check_outside_app(out: Path, app_dir: Path = PROJECT_DIR) -> None:
         )
 
 
-class SimulationLink:
-    """A simulation-mode SuperLink of this run: own FLWR_HOME, free port, own logs."""
+def simulation_link(workdir: Path, timeout: float = 120.0) -> Supervisor:
+    """A simulation-mode SuperLink of this harness run (own FLWR_HOME, free port, logs)."""
+    link = Supervisor(workdir, CONNECTION, app_dir=PROJECT_DIR)
+    port = free_port()
+    write_connection(link.group.flwr_home, CONNECTION, address(port), None, insecure=True)
+    try:
+        link.start_superlink(simulation_superlink_command(port), port, timeout=timeout)
+    except FlowerError:
+        link.close()
+        raise
+    return link
 
-    def __init__(self, workdir: Path, echo: Callable[[str], None]) -> None:
-        self.group = ProcessGroup(workdir)
-        self.echo = echo
-        self.port = free_port()
-        self.extra_env = {
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
-        self.superlink: FlowerProcess | None = None
-        self.cli = FlwrCli(env=self.group.env(), connection=CONNECTION, cwd=PROJECT_DIR)
-        self.runs = 0
 
-    def start(self, timeout: float = 120.0) -> None:
-        write_connection(self.group.flwr_home, CONNECTION, address(self.port), None, insecure=True)
-        cmd = [
-            flower_bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation", "subprocess",
-            "--disable-runtime-dependency-installation",
-            "--host", LOOPBACK,
-            "--port", str(self.port),
-        ]  # fmt: skip
-        self.superlink = self.group.start(
-            "superlink", cmd, cwd=PROJECT_DIR, extra_env=self.extra_env
-        )
-        # one HTTP port serves the Control, Fleet and Runtime APIs; it opens once the
-        # application has started
-        wait_until(f"the simulation SuperLink on {address(self.port)}",
-                   lambda: port_open(self.port), timeout, interval=0.3,
-                   alive=[self.superlink])  # fmt: skip
-
-    def alive(self) -> bool:
-        return self.superlink is not None and self.superlink.alive()
-
-    def submit(
-        self, name: str, run_config_file: Path, num_nodes: int, cfg: SimulationConfig
-    ) -> FlowerProcess:
-        r = cfg.resources
-        federation = (
-            f"num-supernodes={num_nodes} client-resources-num-cpus={r.client_cpus} "
-            f"client-resources-num-gpus={r.client_gpus}"
-        )
-        if r.ray_cpus is not None:
-            federation += f" init-args-num-cpus={r.ray_cpus}"
-        cmd = [
-            flower_bin("flwr"),
-            "run",
-            str(PROJECT_DIR),
-            CONNECTION,
-            "--stream",
-            "--federation-config",
-            federation,
-            "-c",
-            str(run_config_file),
-        ]
-        self.runs += 1
-        safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-        return self.group.start(
-            f"run-{self.runs:03d}-{safe}", cmd, cwd=PROJECT_DIR, extra_env=self.extra_env
-        )
-
-    def status(self, run_id: int) -> str:
-        info = self.cli.run_info(run_id)
-        return str(info["status"]) if info else "unknown"
-
-    def stop_run(self, run_id: int) -> None:
-        with contextlib.suppress(FlowerError):
-            self.cli.stop_run(run_id)
-
-    def close(self) -> None:
-        self.group.stop_all()
-
-    def __enter__(self) -> SimulationLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def federation_config(num_nodes: int, cfg: SimulationConfig) -> str:
+    """`flwr run --federation-config`: the simulated nodes and their Ray resources."""
+    r = cfg.resources
+    text = (f"num-supernodes={num_nodes} client-resources-num-cpus={r.client_cpus} "
+            f"client-resources-num-gpus={r.client_gpus}")
+    if r.ray_cpus is not None:
+        text += f" init-args-num-cpus={r.ray_cpus}"
+    return text
 
 
 # ---------------------------------------------------------------------- the runner
@@ -454,7 +391,7 @@ class Runner:
         self.units = [Unit(e, s) for e in cfg.experiments for s in cfg.seeds]
         self.sites: PreparedSites | None = None
         self.opened: list | None = None
-        self.link: SimulationLink | None = None
+        self.link: Supervisor | None = None
         self._progress: Progress | None = None
 
     # ------------------------------------------------------------- output
@@ -524,10 +461,10 @@ class Runner:
         t0 = time.monotonic()
         outcome = Outcome(out=self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / CONFIG_FILE).write_text(
+        atomic_write_text(
+            self.out / CONFIG_FILE,
             "# The resolved simulation config: `medfuse simulate THIS_FILE` runs it again.\n"
             + self.cfg.to_toml(),
-            encoding="utf-8",
         )
         todo = [u for u in self.units if not self.is_done(u)]
         outcome.skipped = [u.title for u in self.units if u not in todo]
@@ -632,9 +569,7 @@ class Runner:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "rows": len(rows),
         }
-        tmp = folder / f".{DONE_FILE}.tmp"
-        tmp.write_text(json.dumps(done, indent=2))
-        os.replace(tmp, folder / DONE_FILE)
+        atomic_write_text(folder / DONE_FILE, json.dumps(done, indent=2))
 
     # ------------------------------------------------------------- baselines
 
@@ -830,94 +765,92 @@ class Runner:
     # ------------------------------------------------------------- federated
 
     def _federated(self, unit: Unit, folder: Path, progress: Progress) -> list[Row]:
+        """Submit the experiment to the simulation SuperLink, show its rounds as the
+        ServerApp writes them, and read its results and final model."""
         from server.results import RESULTS_FILE, read_rows
+
+        exp = unit.experiment
+        rounds = self.cfg.rounds_of(exp)
+        sub = self._submit(unit, folder)
+        task = progress.add_task(f"  {exp.name}", total=rounds, info=f"run {sub.run_id}")
+        try:
+            status = self._follow(unit, sub, folder, progress, task)
+        finally:
+            progress.remove_task(task)
+        results_path, final = folder / RESULTS_FILE, folder / "final" / "model.pt"
+        server_rows = read_rows(results_path) if results_path.exists() else []
+        last = max((r.round for r in server_rows), default=0)
+        if not final.is_file() or last < rounds:
+            raise SimulationError(
+                f"Flower run {sub.run_id} ended {status or 'early'} after {last} of {rounds} "
+                "round(s)" + ("" if final.is_file() else " without a final model")
+                + f"; log: {sub.follower.log_path}\n" + "\n".join(sub.lines[-30:])
+            )
+        return self._server_rows(unit, server_rows) + self._final_test(unit, final)
+
+    def _submit(self, unit: Unit, folder: Path) -> Submission:
+        """The experiment's run config as a file, and a run of the app on the SuperLink
+        (started on first use, restarted if it died)."""
         from shared_model.run_config import RunConfig
 
         assert self.sites is not None
         exp = unit.experiment
-        rounds = self.cfg.rounds_of(exp)
         flat = self.cfg.flower_run_config(
             exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder,
             initial_model=self._public_model(unit) if self.cfg.uses_public(exp) else None,
         )
         RunConfig.parse(flat)
-        rc_file = folder / RUN_CONFIG_FILE
-        rc_file.write_text(dump_toml(flat), encoding="utf-8")
-        if self.link is None or not self.link.alive():
-            if self.link is not None:
-                self.link.close()
-            self.echo("starting a simulation SuperLink (Flower simulation engine, Ray)")
-            self.link = SimulationLink(self.out / FLOWER_DIR, self.echo)
-            try:
-                self.link.start()
-            except FlowerError as exc:
-                raise SimulationError(f"the simulation SuperLink did not start: {exc}") from exc
-        link = self.link
-        proc = link.submit(f"{exp.name}-seed{unit.seed}", rc_file, len(self.sites.dirs), self.cfg)
-        task = progress.add_task(f"  {exp.name}", total=rounds, info="starting Flower")
-        results_path = folder / RESULTS_FILE
+        rc_file = write_run_config(folder / RUN_CONFIG_FILE, flat)
+        try:
+            if self.link is None or not self.link.superlink_alive():
+                if self.link is not None:
+                    self.link.close()
+                self.echo("starting a simulation SuperLink (Flower simulation engine, Ray)")
+                self.link = simulation_link(self.out / FLOWER_DIR)
+            return self.link.submit(
+                rc_file, federation_config=federation_config(len(self.sites.dirs), self.cfg),
+                show=False,
+            )
+        except FlowerError as exc:
+            raise SimulationError(f"{exp.name} did not start: {exc}") from exc
+
+    def _follow(self, unit: Unit, sub: Submission, folder: Path, progress: Progress,
+                task: TaskID) -> str:
+        """Until the run is finished (Flower's status), or the ServerApp has written every
+        round and the final model; the run's status ('' when not asked)."""
+        from server.results import RESULTS_FILE, read_rows
+
+        assert self.link is not None
+        link, exp = self.link, unit.experiment
+        rounds = self.cfg.rounds_of(exp)
+        results_path, final = folder / RESULTS_FILE, folder / "final" / "model.pt"
         deadline = time.monotonic() + self.cfg.resources.timeout
-        seen_round, size = 0, -1
-        run_id: int | None = None
-        final = folder / "final" / "model.pt"
-        status, next_check = "", 0.0
+        seen_round, size, status, next_check = 0, -1, "", 0.0
         while True:
             time.sleep(1.0)
-            if run_id is None:
-                run_id = self._run_id(proc)
             if results_path.exists() and results_path.stat().st_size != size:
                 size = results_path.stat().st_size
-                seen_round = self._show_round(
-                    unit, read_rows(results_path), seen_round, rounds, progress, task
-                )
-            if not proc.alive():
-                if run_id is None:
-                    raise SimulationError(
-                        f"flwr run did not start a run (exit {proc.returncode()}); log: "
-                        f"{proc.log_path}\n{_ANSI.sub('', proc.tail(30))}"
-                    )
-                # the ServerApp writes the final model last; the log stream may end before
-                # the run does, so without the model ask Flower (every few seconds)
-                if final.is_file() and seen_round >= rounds:
-                    break
-                if time.monotonic() >= next_check:
-                    with contextlib.suppress(FlowerError):
-                        status = link.status(run_id)
-                    next_check = time.monotonic() + 5.0
-                    if status.startswith("finished"):
-                        break
-            if not link.alive():
-                proc.stop()
+                seen_round = self._show_round(unit, read_rows(results_path), seen_round,
+                                              rounds, progress, task)  # fmt: skip
+            if final.is_file() and seen_round >= rounds:
+                return status  # the ServerApp writes the final model last
+            if time.monotonic() >= next_check:
+                with contextlib.suppress(FlowerError):
+                    status = link.run_status(sub.run_id)
+                if status.startswith(FINISHED):
+                    return status
+                next_check = time.monotonic() + 5.0
+            if not link.superlink_alive():
                 raise SimulationError(
                     f"the simulation SuperLink stopped during {exp.name}; its log: "
                     f"{link.superlink.log_path if link.superlink else '?'}"
                 )
             if time.monotonic() > deadline:
-                if run_id is not None:
-                    link.stop_run(run_id)
-                proc.stop()
+                link.stop_run(sub.run_id)
                 raise SimulationError(
                     f"{exp.name} did not finish within resources.timeout="
-                    f"{self.cfg.resources.timeout:.0f} s; log: {proc.log_path}"
+                    f"{self.cfg.resources.timeout:.0f} s; log: {sub.follower.log_path}"
                 )
-        progress.remove_task(task)
-        server_rows = read_rows(results_path) if results_path.exists() else []
-        last = max((r.round for r in server_rows), default=0)
-        if not final.is_file() or last < rounds:
-            raise SimulationError(
-                f"Flower run {run_id} ended {status or 'early'} after {last} of {rounds} "
-                "round(s)"
-                + ("" if final.is_file() else " without a final model")
-                + f"; log: {proc.log_path}\n{_ANSI.sub('', proc.tail(30))}"
-            )
-        rows = self._server_rows(unit, server_rows)
-        rows += self._final_test(unit, final)
-        return rows
-
-    @staticmethod
-    def _run_id(proc: FlowerProcess) -> int | None:
-        m = _RUN_ID.search(_ANSI.sub("", proc.log_text()))
-        return int(m.group(1)) if m else None
 
     def _show_round(
         self, unit: Unit, rows: list, seen: int, rounds: int, progress: Progress, task: TaskID

@@ -18,8 +18,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from simulations.config import DEFAULT_CONFIG, ConfigError, load_config
-
 CONFIG_SUFFIXES = (".toml", ".json")
 
 
@@ -84,6 +82,7 @@ def simulate(
 
     An experiment already finished in the output folder (same settings) is not run again.
     """
+    from simulations.config import DEFAULT_CONFIG, ConfigError, load_config
     from simulations.report import terminal_tables
     from simulations.runner import Runner, SimulationError
 

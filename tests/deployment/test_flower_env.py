@@ -20,10 +20,10 @@ from server.supervisor import (
     ProcessGroup,
     flower_env,
     free_ports,
-    run_config_string,
     superlink_command,
     supernode_command,
     write_connection,
+    write_run_config,
 )
 
 
@@ -66,11 +66,13 @@ def test_connection_config_is_what_flwr_reads(tmp_path: Path):
     assert Path(entry["root-certificates"]).is_absolute()
 
 
-def test_run_config_string_round_trips_through_flower():
+def test_run_config_file_round_trips_through_flower(tmp_path: Path):
     from flwr.common.config import parse_config_args
 
-    cfg = {"num-server-rounds": 2, "resume": True, "lr": 0.5, "output-dir": "/a b/c"}
-    assert parse_config_args([run_config_string(cfg)]) == cfg
+    cfg = {"num-server-rounds": 2, "resume": True, "lr": 0.5, "output-dir": "/a b/c",
+           "sim-node-config": 'allow-non-private = true, evaluation = "exact"'}
+    path = write_run_config(tmp_path / "run-config.toml", cfg)
+    assert parse_config_args([str(path)]) == cfg
     assert _parse_overrides(["batch-size=16 strategy='fedprox'", "dp=false"]) == {
         "batch-size": 16, "strategy": "fedprox", "dp": False
     }
