@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,9 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from rich.table import Table
+
+from shared_model.config import MANIFEST
+from shared_model.files import PRIVATE, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def data_identity(data_path: Path) -> DataIdentity:
     then finds the overlap). Reads every image once: milliseconds for a few hundred files.
     """
     folder = Path(data_path)
-    manifest = folder / "manifest.csv"
+    manifest = folder / MANIFEST
     try:
         images = pd.read_csv(manifest, usecols=["image"], dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
@@ -273,28 +275,6 @@ def _same_epsilon(a: float, b: float) -> bool:
 # ----------------------------------------------------------------- files
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader sees either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def read_ledger_file(path: Path) -> Ledger:
     """Parse and verify one ledger file (no index check: see `LedgerStore.load`)."""
     try:
@@ -351,7 +331,7 @@ class LedgerStore:
 
     def _write_index(self, index: dict[str, dict]) -> None:
         text = json.dumps({"version": 1, "ledgers": index}, indent=2, sort_keys=True)
-        atomic_write_text(self.root / INDEX_FILE, text + "\n")
+        atomic_write_text(self.root / INDEX_FILE, text + "\n", mode=PRIVATE)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -400,7 +380,7 @@ class LedgerStore:
         """Ledger first, then the index: a crash between leaves a ledger the index
         undercounts, which `load` refuses (safe: nothing is forgotten)."""
         path = self.ledger_path(ledger.key)
-        atomic_write_text(path, ledger.model_dump_json(indent=2) + "\n")
+        atomic_write_text(path, ledger.model_dump_json(indent=2) + "\n", mode=PRIVATE)
         index = self._index()
         index[ledger.key] = {"entries": len(ledger.entries), "head": ledger.head(),
                              "records": len(ledger.records)}

@@ -30,11 +30,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.privacy import default_store_root
+from shared_model.config import MANIFEST
 from shared_model.run_config import RunConfig, device_name
+from shared_model.validation import describe, messages
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
 CACHE_ENV = "MEDFUSE_CACHE"
 
 
@@ -166,12 +167,7 @@ def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
     try:
         return NodeConfig.model_validate(dict(node_config))
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "(node config)"
-            got = f" (got {e['input']!r})" if "input" in e and e["loc"] else ""
-            problems.append(f"  {key}: {e['msg']}{got}")
-        raise SiteConfigError("invalid node config:\n" + "\n".join(problems)) from None
+        raise SiteConfigError(describe(exc, "node config")) from None
 
 
 def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteChoice:
@@ -285,7 +281,7 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     except ValidationError as exc:
         raise SiteConfigError(
             "sites-dir='' asks for synthetic hospitals, but the run config does not fit "
-            f"them: {exc.errors()[0]['msg']}"
+            f"them: {messages(exc)[0]}"
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))

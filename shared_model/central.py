@@ -12,27 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import ConcatDataset, DataLoader
 
-from shared_model.config import ModelConfig
+from shared_model.config import CentralConfig, ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.model import MedFuseModel
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import evaluate, make_loss_fn, pick_device, seed_everything, train_epoch
-
-
-class CentralConfig(BaseModel):
-    """Hyper-parameters of a centrally trained (pooled or local-only) baseline."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    epochs: int = Field(12, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(2e-3, gt=0, le=1.0)
-    weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Fusion = Literal["concat", "gated", "bilinear"]
 Modality = Literal["fused", "image", "text"]
+ModelSize = Literal["small", "large"]
+MANIFEST = "manifest.csv"  # the file that makes a folder a site (dataset format v1)
 
 DEFAULT_LABELS: tuple[str, ...] = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
 
@@ -111,3 +113,19 @@ class ModelConfig(BaseModel):
         )
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
+
+
+class CentralConfig(BaseModel):
+    """Hyper-parameters of a centrally trained (pooled or local-only) baseline."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(12, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    device: str = "auto"
+
+
+CENTRAL = CentralConfig()  # the defaults, which the commands show as their own

@@ -32,9 +32,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shared_model.config import ModelConfig
+from shared_model.config import MANIFEST, ModelConfig
 
-MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("case_id", "image", "report", "label")
 BOX_COLUMNS: tuple[str, ...] = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 SPLITS: tuple[str, ...] = ("train", "val", "test")

@@ -15,8 +15,9 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared_model.config import ModelConfig
+from shared_model.config import Fusion, Modality, ModelConfig, ModelSize
 from shared_model.model import TrainLayers
+from shared_model.validation import describe
 
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
@@ -89,10 +90,10 @@ class RunConfig(BaseModel):
     secure_mode: bool
 
     # model
-    model_size: Literal["small", "large"]
+    model_size: ModelSize
     image_size: int = Field(ge=16, le=1024)
-    fusion: Literal["concat", "gated", "bilinear"]
-    modality: Literal["fused", "image", "text"]
+    fusion: Fusion
+    modality: Modality
     labels: str = Field(description="comma-separated label set every site must use")
     initial_model: str = Field(
         description="a medfuse model file the federation starts from ('' = random init)"
@@ -146,12 +147,7 @@ class RunConfig(BaseModel):
         try:
             return cls.model_validate(dict(flat))
         except ValidationError as exc:
-            problems = []
-            for e in exc.errors():
-                key = ".".join(str(p) for p in e["loc"]) or "(run config)"
-                got = f" (got {e['input']!r})" if "input" in e and key != "(run config)" else ""
-                problems.append(f"  {key}: {e['msg']}{got}")
-            raise RunConfigError("invalid run config:\n" + "\n".join(problems)) from None
+            raise RunConfigError(describe(exc, "run config")) from None
 
     def flat(self) -> dict[str, object]:
         """Back to Flower's flat form (kebab-case keys)."""

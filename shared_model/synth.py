@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared_model.config import DEFAULT_LABELS
+from shared_model.config import DEFAULT_LABELS, MANIFEST
 
 Box = tuple[float, float, float, float]
 Ellipse = tuple[float, float, float, float]  # cx, cy, semi-axis x, semi-axis y
@@ -872,7 +872,7 @@ def write_site(site_dir: Path, cfg: SynthConfig, index: int) -> Path:
             row.append(splits[k])
         rows.append(row)
     header = list(MANIFEST_COLUMNS) + (["split"] if style.writes_split else [])
-    with (site_dir / "manifest.csv").open("w", encoding="utf-8", newline="") as f:
+    with (site_dir / MANIFEST).open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
@@ -1060,7 +1060,7 @@ def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
         box = ["", "", "", ""] if case.box is None else [f"{v:.4f}" for v in case.box]
         rows.append([case_id, rel, case.report, DEFAULT_LABELS[int(recorded[k])], *box,
                      splits[k]])
-    with (site_dir / "manifest.csv").open("w", encoding="utf-8", newline="") as f:
+    with (site_dir / MANIFEST).open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([*MANIFEST_COLUMNS, "split"])
         writer.writerows(rows)
