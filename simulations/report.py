@@ -18,7 +18,6 @@ curves; without it the report still works from the long table alone.
 from __future__ import annotations
 
 import base64
-import html
 import math
 import re
 import time
@@ -618,34 +617,9 @@ def write_report(
     )
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c).replace('**', ''))}</td>" for c in r) + "</tr>"
-        for r in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(title: str, path: Path) -> str:
+def _plot(title: str, path: Path) -> dict[str, str]:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(title)} ({html.escape(PLOTS_DIR + '/' + path.name)})"
-        "</figcaption></figure>"
-    )
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f3f3f3; }
-figure { margin: 1em 0; } img { max-width: 100%; }
-figcaption { color: #666; font-size: 0.85em; }
-.note { color: #555; font-size: 0.9em; }
-"""
+    return {"title": title, "data": data, "file": f"{PLOTS_DIR}/{Path(path).name}"}
 
 
 def _html(
@@ -655,24 +629,17 @@ def _html(
     curve_plots: list[tuple[str, Path]],
     notes: Sequence[str],
 ) -> str:
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p class='note'>{html.escape(NOTES)}</p>",
-        *(f"<p class='note'>{html.escape(n)}</p>" for n in notes),
-        f"<p class='note'>written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
-        "<h2>Mean over hospitals</h2>",
-        _html_table(*mean_rows(summary)),
-        "<h2>Accuracy per hospital</h2>",
-        _html_table(*site_accuracy_rows(summary)),
-        "<h2>Plots</h2>",
-        *(_img(t, p) for t, p in main_plots),
-        "<h2>Learning curves per experiment</h2>",
-        *(_img(t, p) for t, p in curve_plots),
-        "<details><summary>Every metric per hospital</summary>",
-        _html_table(*detail_rows(summary)),
-        "</details>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    """report.html from its template (autoescaped: names and notes are text, not HTML)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("simulations", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+    )
+    return env.get_template("report.html.j2").render(
+        title=title, notes=[NOTES, *notes], written=time.strftime("%Y-%m-%d %H:%M:%S"),
+        mean=mean_rows(summary), per_site=site_accuracy_rows(summary),
+        detail=detail_rows(summary),
+        main_plots=[_plot(t, p) for t, p in main_plots],
+        curve_plots=[_plot(t, p) for t, p in curve_plots],
+    )
