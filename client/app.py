@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import DPSettings, DPSetupError, local_cases, local_train
+from client.local import DPSettings, DPSetupError, TrainOutcome, local_cases, local_train
 from client.privacy import (
     BudgetError,
     Ledger,
@@ -37,12 +37,19 @@ from client.privacy import (
     noise_for_budget,
 )
 from client.release import private_metrics
-from client.site import RoundAsk, SiteChoice, SiteConfigError, resolve_site, round_refusal
+from client.site import (
+    NodeConfig,
+    RoundAsk,
+    SiteChoice,
+    SiteConfigError,
+    resolve_site,
+    round_refusal,
+)
 from shared_model import wire
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import RunConfig
 from shared_model.tokenizer import Tokenizer
-from shared_model.train import pick_device, summarise
+from shared_model.train import CaseResults, pick_device, summarise
 
 # Opacus calls logging.basicConfig(); without this every flwr line is printed twice.
 logging.getLogger("flwr").propagate = False
@@ -68,6 +75,8 @@ class _Unusable(Exception):
 
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
+    """Check the round against the node's policy, train (privately unless the node allows
+    otherwise) with the ledger charged first, and reply with the update or the reason."""
     run = RunConfig.parse(context.run_config)
     cfg = _round_config(msg)
     server_round = int(cfg.get(wire.CFG_SERVER_ROUND, 1))
@@ -83,27 +92,17 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=run.batch_size,
         proximal_mu=float(cfg.get(wire.CFG_PROXIMAL_MU, run.proximal_mu)),
     )
-    why = round_refusal(choice.node, ask)
-    if not run.dp and not choice.node.allow_non_private:
-        why = ("the run asks for training without differential privacy (dp=false) and this "
-               "node does not allow it (node config allow-non-private=false)")
+    why = _policy_refusal(choice.node, ask, run)
     if why:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {why}")
-    dp = DPSettings(
-        enabled=run.dp,
-        noise_multiplier=run.noise_multiplier or None,  # 0 = derive from the budget
-        max_grad_norm=run.max_grad_norm,
-        accountant=run.accountant,
-        secure_mode=run.secure_mode,
-    )
     store = LedgerStore(choice.state_dir)
     try:
         with store.lock():
-            ledger = _ledger(store, choice, run)
             outcome = local_train(
                 run.model(), site, _state(msg), epochs=ask.local_epochs, lr=ask.lr,
-                batch_size=ask.batch_size, proximal_mu=ask.proximal_mu, dp=dp, ledger=ledger,
-                save_ledger=store.save, run_id=int(context.run_id), server_round=server_round,
+                batch_size=ask.batch_size, proximal_mu=ask.proximal_mu, dp=_dp_settings(run),
+                ledger=_ledger(store, choice, run), save_ledger=store.save,
+                run_id=int(context.run_id), server_round=server_round,
                 rounds_left=max(total_rounds - server_round + 1, 1), device=device,
                 seed=run.seed, optimizer=recipe.optimizer, momentum=recipe.momentum,
                 train_layers=recipe.train_layers,
@@ -112,16 +111,39 @@ def train(msg: Message, context: Context) -> Message:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
     except DPSetupError as exc:
         return _data_error(msg, choice.site_name, f"{choice.site_name}: {exc}")
-
     if outcome.refused:
         return _refused(msg, choice.site_name, outcome.reason, budget=True,
                         privacy=(outcome.epsilon, outcome.delta, outcome.epsilon_left))
-    assert outcome.state is not None
     log.info(
         "%s round %d: %d examples (released), loss %.4f (not released under DP), epsilon %.4g "
         "(delta %g, %.4g left)", choice.site_name, server_round, outcome.num_examples,
         outcome.train_loss, outcome.epsilon, outcome.delta, outcome.epsilon_left,
     )
+    return _update_reply(msg, choice.site_name, outcome, private=run.dp)
+
+
+def _policy_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
+    """Why this node refuses the round ('' when it does not)."""
+    if not run.dp and not node.allow_non_private:
+        return ("the run asks for training without differential privacy (dp=false) and this "
+                "node does not allow it (node config allow-non-private=false)")
+    return round_refusal(node, ask)
+
+
+def _dp_settings(run: RunConfig) -> DPSettings:
+    return DPSettings(
+        enabled=run.dp,
+        noise_multiplier=run.noise_multiplier or None,  # 0 = derive from the budget
+        max_grad_norm=run.max_grad_norm,
+        accountant=run.accountant,
+        secure_mode=run.secure_mode,
+    )
+
+
+def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
+                  private: bool) -> Message:
+    """The update and what is released with it (no train loss under DP)."""
+    assert outcome.state is not None
     values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: outcome.num_examples,
         wire.M_EPSILON: outcome.epsilon,
@@ -131,12 +153,12 @@ def train(msg: Message, context: Context) -> Message:
         wire.M_DATA_ERROR: 0,
         wire.M_REFUSED: 0,
     }
-    if not run.dp:  # a non-private release already gives everything away
+    if not private:  # a non-private release already gives everything away
         values[wire.M_TRAIN_LOSS] = outcome.train_loss
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(outcome.state),
         wire.METRICS: MetricRecord(_finite(values)),
-        wire.SITE: _site_record(choice.site_name, ""),
+        wire.SITE: _site_record(site_name, ""),
     })
     return Message(content, reply_to=msg)
 
@@ -173,26 +195,13 @@ def evaluate(msg: Message, context: Context) -> Message:
                                 f"at most {node.max_evaluations_per_run} evaluations per run "
                                 "(node config max-evaluations-per-run)")
             cases = local_cases(run.model(), site, _state(msg), device, split=split)
-            if node.evaluation == "exact":
-                metrics = summarise(cases, run.model().num_classes)
-                metrics[wire.M_NUM_EXAMPLES] = cases.n
-                metrics[wire.M_PRIVATE_METRICS] = 0
-                ledger.append("exact-evaluation", run_id=run_id, server_round=server_round,
-                              noise_multiplier=0.0, note=f"exact metrics of the {split} split")
-            else:
-                planned = min(node.max_evaluations_per_run - done,
-                              max(total_rounds - server_round + 1, 1))
-                try:
-                    z = noise_for_budget(ledger, 1.0, 1, planned, bucket="evaluation",
-                                         accountant=run.accountant)
-                except BudgetError as exc:
-                    return _refused(msg, choice.site_name,
-                                    f"{choice.site_name}: evaluation budget spent: {exc}")
-                metrics = private_metrics(cases, run.model().num_classes, z)
-                metrics[wire.M_PRIVATE_METRICS] = 1
-                ledger.append("evaluation", run_id=run_id, server_round=server_round,
-                              noise_multiplier=z, accountant=run.accountant,
-                              note=f"noised metrics of the {split} split")
+            rounds_left = max(total_rounds - server_round + 1, 1)
+            metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,
+                                       server_round=server_round,
+                                       planned=min(node.max_evaluations_per_run - done,
+                                                   rounds_left))
+            if isinstance(metrics, str):
+                return _refused(msg, choice.site_name, f"{choice.site_name}: {metrics}")
             store.save(ledger)  # on disk before anything leaves the site
     except LedgerError as exc:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
@@ -207,6 +216,32 @@ def evaluate(msg: Message, context: Context) -> Message:
         wire.SITE: _site_record(choice.site_name, ""),
     })
     return Message(content, reply_to=msg)
+
+
+def _charged_metrics(node: NodeConfig, ledger: Ledger, cases: CaseResults, run: RunConfig, *,
+                     split: str, run_id: int, server_round: int,
+                     planned: int) -> dict[str, float] | str:
+    """The metrics this node releases, with their ledger entry appended (the caller saves
+    it before replying); or why not (the evaluation budget is spent)."""
+    num_classes = run.model().num_classes
+    if node.evaluation == "exact":
+        metrics = summarise(cases, num_classes)
+        metrics[wire.M_NUM_EXAMPLES] = cases.n
+        metrics[wire.M_PRIVATE_METRICS] = 0
+        ledger.append("exact-evaluation", run_id=run_id, server_round=server_round,
+                      noise_multiplier=0.0, note=f"exact metrics of the {split} split")
+        return metrics
+    try:
+        z = noise_for_budget(ledger, 1.0, 1, planned, bucket="evaluation",
+                             accountant=run.accountant)
+    except BudgetError as exc:
+        return f"evaluation budget spent: {exc}"
+    metrics = private_metrics(cases, num_classes, z)
+    metrics[wire.M_PRIVATE_METRICS] = 1
+    ledger.append("evaluation", run_id=run_id, server_round=server_round,
+                  noise_multiplier=z, accountant=run.accountant,
+                  note=f"noised metrics of the {split} split")
+    return metrics
 
 
 def _ledger(store: LedgerStore, choice: SiteChoice, run: RunConfig) -> Ledger:

@@ -267,21 +267,18 @@ def local_train(
     momentum: float = 0.0,
     train_layers: TrainLayers = "all",
 ) -> TrainOutcome:
-    """Train the global model on this site's train split for `epochs` epochs.
-
-    `save_ledger(ledger)` writes the ledger (the ClientApp's store, under its lock); it is
-    called before this function returns anything that could leave the site. Returns the
-    full state dict (every tensor is shared: GroupNorm has no running statistics) as CPU
-    tensors, or a refusal when the round would pass the budget.
-    """
+    """Train the global model on this site's train split: plan the round's privacy cost,
+    make private, train, settle the ledger. `save_ledger(ledger)` (the ClientApp's store,
+    under its lock) runs before anything that could leave the site is returned: the full
+    state dict on the CPU (GroupNorm: no running statistics), or a refusal."""
     n = len(site.train)
     plan: RoundPlan | None = None
     if dp.enabled:
         released_n = released_count(ledger, n, run_id=run_id, server_round=server_round,
                                     accountant=dp.accountant)
         save_ledger(ledger)  # the count is drawn once: on disk before it can be used
-        planned = plan_round(ledger, released_n, batch_size=batch_size, epochs=epochs, dp=dp,
-                             run_id=run_id, rounds_left=rounds_left)
+        planned = plan_round(ledger, released_n, batch_size=batch_size, epochs=epochs,
+                             dp=dp, run_id=run_id, rounds_left=rounds_left)
         if isinstance(planned, str):
             return _refusal(ledger, dp.accountant, f"{site.name}: {planned}")
         plan = planned
@@ -289,21 +286,18 @@ def local_train(
     else:
         seed_everything(round_seed(seed, site.name, server_round))
 
-    model = MedFuseModel(model_cfg)
-    model.load_state_dict(dict(global_state), strict=True)
-    model.to(device).train()
-    freeze(model, train_layers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(optimizer, params, lr, momentum)
+    model = _global_model(model_cfg, global_state, device, train_layers)
+    opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr,
+                     momentum)
     net: torch.nn.Module = model
     engine: PrivacyEngine | None = None
     if plan is not None:
         net, opt, loader, engine = make_private(model, opt, site.train, plan, dp, ledger,
                                                 device)
     else:
-        gen = torch.Generator().manual_seed(round_seed(seed, site.name, server_round))
-        loader = DataLoader(site.train, batch_size=batch_size, shuffle=True, generator=gen)
-
+        loader = DataLoader(site.train, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(
+                                round_seed(seed, site.name, server_round)))
     after_step = None
     if proximal_mu > 0:
         after_step = proximal_pull(net, _to_device(global_state, device), proximal_mu, lr)
@@ -311,24 +305,47 @@ def local_train(
     state = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
 
     if plan is None:
-        log.warning("%s: trained WITHOUT differential privacy (dp=false): the ledger records "
-                    "this release as infinite epsilon", site.name)
-        ledger.append("non-private", run_id=run_id, server_round=server_round,
-                      noise_multiplier=0.0, note="trained with dp=false")
-        save_ledger(ledger)
-        return TrainOutcome(state=state, num_examples=n, train_loss=train_loss,
-                            epsilon=math.inf, delta=ledger.delta, epsilon_left=0.0)
-
+        return _non_private(ledger, save_ledger, state, n, train_loss, run_id=run_id,
+                            server_round=server_round, site=site.name)
     assert engine is not None
     settle(ledger, engine, plan, taken, run_id=run_id, server_round=server_round,
            accountant=dp.accountant, site=site.name)
     save_ledger(ledger)  # on disk before anything leaves the site
-    epsilon = ledger.epsilon("train", dp.accountant)
+    return _private(ledger, plan, state, train_loss, dp.accountant)
+
+
+def _private(ledger: Ledger, plan: RoundPlan, state: dict[str, torch.Tensor],
+             train_loss: float, accountant: AccountantName) -> TrainOutcome:
+    epsilon = ledger.epsilon("train", accountant)
     return TrainOutcome(
         state=state, num_examples=plan.released_n, train_loss=train_loss, epsilon=epsilon,
         delta=ledger.delta, epsilon_left=_budget_left(ledger, epsilon),
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
     )
+
+
+def _global_model(model_cfg: ModelConfig, global_state: Mapping[str, torch.Tensor],
+                  device: torch.device, train_layers: TrainLayers) -> MedFuseModel:
+    """The global model on `device`, in train mode, with only `train_layers` trainable."""
+    model = MedFuseModel(model_cfg)
+    model.load_state_dict(dict(global_state), strict=True)
+    model.to(device).train()
+    freeze(model, train_layers)
+    return model
+
+
+def _non_private(ledger: Ledger, save_ledger: Callable[[Ledger], object],
+                 state: dict[str, torch.Tensor], n: int, train_loss: float, *, run_id: int,
+                 server_round: int, site: str) -> TrainOutcome:
+    """A round without DP (only where the node allows it): the ledger records it as
+    infinite epsilon before the update can leave."""
+    log.warning("%s: trained WITHOUT differential privacy (dp=false): the ledger records "
+                "this release as infinite epsilon", site)
+    ledger.append("non-private", run_id=run_id, server_round=server_round,
+                  noise_multiplier=0.0, note="trained with dp=false")
+    save_ledger(ledger)
+    return TrainOutcome(state=state, num_examples=n, train_loss=train_loss,
+                        epsilon=math.inf, delta=ledger.delta, epsilon_left=0.0)
 
 
 def _refusal(ledger: Ledger, accountant: AccountantName, reason: str) -> TrainOutcome:

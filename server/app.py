@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -150,33 +151,46 @@ def clear_previous_run(out: Path) -> None:
         log(INFO, "resume=false: cleared the earlier run's outputs in %s", out)
 
 
+@dataclass
+class _Start:
+    """Where a run starts: round 0 from the initial model, or a checkpoint's round."""
+
+    arrays: ArrayRecord
+    offset: int = 0
+    rows: list[Row] = field(default_factory=list)
+    strategy_state: dict | None = None
+
+
+def _start(run: RunConfig, out: Path, results: ResultsWriter) -> _Start:
+    """The initial model, or with resume=true the latest checkpoint (its rows restored
+    into the results file); a fresh run clears what a previous one left."""
+    arrays = initial_arrays(run)
+    if not run.resume:
+        clear_previous_run(out)
+        return _Start(arrays)
+    ck = load_latest(out)
+    if ck is None:
+        log(WARNING, "resume=true but no checkpoint in %s: starting at round 1", out)
+        clear_previous_run(out)
+        return _Start(arrays)
+    check_resumable(ck, run, arrays)
+    results.replace(ck.rows)
+    log(INFO, "resume: continuing after round %d from %s", ck.round, ck.path)
+    return _Start(_arrays(ck.arrays), ck.round, list(ck.rows), ck.strategy_state)
+
+
 def run_federation(grid: Grid, run: RunConfig) -> Path:
-    """The whole run on a validated config; returns the output folder."""
+    """The whole run on a validated config: start (or resume), the rounds with a
+    checkpoint after each, the final model and its card; returns the output folder."""
     out = resolve_output_dir(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     version = code_version()
     log(INFO, "medfuse ServerApp (%s): strategy=%s, %d rounds; outputs in %s",
         version, run.strategy, run.num_server_rounds, out)
-
-    arrays = initial_arrays(run)
     random.seed(run.seed)  # Flower samples nodes with `random`: the same seed, the same picks
-    model_config = run.model()
-    offset, rows, state = 0, [], None
     results = ResultsWriter(out / RESULTS_FILE)
-    if run.resume:
-        ck = load_latest(out)
-        if ck is None:
-            log(WARNING, "resume=true but no checkpoint in %s: starting at round 1", out)
-            clear_previous_run(out)
-        else:
-            check_resumable(ck, run, arrays)
-            arrays, offset, rows, state = _arrays(ck.arrays), ck.round, list(ck.rows), \
-                ck.strategy_state
-            results.replace(rows)
-            log(INFO, "resume: continuing after round %d from %s", offset, ck.path)
-    else:
-        clear_previous_run(out)
-
+    start = _start(run, out, results)
+    rows = start.rows
     guarded: GuardedStrategy
 
     def on_round_end(rnd: int, global_arrays: ArrayRecord, new_rows: list[Row]) -> None:
@@ -186,49 +200,35 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
             log(INFO, "%s", line)
         log(INFO, "%s", round_line(rnd, new_rows))
         path = save_checkpoint(out, Checkpoint(
-            round=rnd,
-            arrays=_numpy(global_arrays),
-            model_config=model_config.model_dump(),
-            run_config=run.flat(),
-            strategy_state=guarded.state_for_checkpoint(),
-            rows=rows,
+            round=rnd, arrays=_numpy(global_arrays), model_config=run.model().model_dump(),
+            run_config=run.flat(), strategy_state=guarded.state_for_checkpoint(), rows=rows,
             code_version=version,
         ))
         log(INFO, "checkpoint: %s", path)
 
-    guarded = GuardedStrategy(
-        build_strategy(run),
-        max_norm=run.update_max_norm,
-        total_rounds=run.num_server_rounds,
-        round_offset=offset,
-        on_round_end=on_round_end,
-    )
-    if state:
-        guarded.load_checkpoint_state(state)
-
-    remaining = run.num_server_rounds - offset
+    guarded = GuardedStrategy(build_strategy(run), max_norm=run.update_max_norm,
+                              total_rounds=run.num_server_rounds, round_offset=start.offset,
+                              on_round_end=on_round_end)  # fmt: skip
+    if start.strategy_state:
+        guarded.load_checkpoint_state(start.strategy_state)
+    remaining = run.num_server_rounds - start.offset
     if remaining > 0:
-        guarded.start(
-            grid,
-            arrays,
-            num_rounds=remaining,
-            timeout=run.round_timeout,
-            train_config=train_config(run),
-            evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}),
-        )
+        guarded.start(grid, start.arrays, num_rounds=remaining, timeout=run.round_timeout,
+                      train_config=train_config(run),
+                      evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}))
     else:
         log(INFO, "resume: all %d rounds were already done", run.num_server_rounds)
+    final = guarded.global_arrays if guarded.global_arrays is not None else start.arrays
+    _finish(out, run, final, rows, max(guarded.last_round, start.offset), version)
+    return out
 
-    final = guarded.global_arrays if guarded.global_arrays is not None else arrays
-    card = build_model_card(
-        model_config=model_config.model_dump(),
-        run_config=run.flat(),
-        labels=run.label_set,
-        rounds=max(guarded.last_round, offset),
-        rows=rows,
-        strategy=run.strategy,
-        version=version,
-    )
+
+def _finish(out: Path, run: RunConfig, final: ArrayRecord, rows: list[Row], rounds: int,
+            version: str) -> None:
+    """The final model and its card, the privacy ledger and the closing line in the log."""
+    card = build_model_card(model_config=run.model().model_dump(), run_config=run.flat(),
+                            labels=run.label_set, rounds=rounds, rows=rows,
+                            strategy=run.strategy, version=version)  # fmt: skip
     folder = write_final(out, arrays=_numpy(final), card=card)
     if privacy_ledger(rows):
         for line in render(ledger_table(rows)).splitlines():
@@ -237,7 +237,6 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     log(INFO, "medfuse: done after %d rounds; mean accuracy %s; final model in %s; "
         "results in %s", card["rounds"], "-" if mean_acc is None else f"{mean_acc:.3f}",
         folder, out / RESULTS_FILE)
-    return out
 
 
 @app.main()
