@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import re
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,14 @@ from pydantic import ValidationError
 from server.deploy import PROJECT_DIR, DeployConfig, DeployError, deploy_local
 from server.provision import provision
 from server.supervisor import FlowerError
-from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
+from shared_model.cli_opts import (
+    DEFAULT_LABELS_TEXT,
+    LabelsOpt,
+    console,
+    fail,
+    parse_labels,
+    sigterm_as_interrupt,
+)
 from shared_model.config import CENTRAL
 
 # ------------------------------------------------------------------ typer commands
@@ -95,20 +101,14 @@ def deploy_local_cmd(
     except ValidationError as exc:
         fail(exc)
 
-    def _term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        deploy_local(cfg, echo=lambda line: typer.echo(line))
+        with sigterm_as_interrupt():
+            deploy_local(cfg, echo=lambda line: typer.echo(line))
     except KeyboardInterrupt:
         typer.echo("[deploy] interrupted: every process was stopped", err=True)
         raise typer.Exit(130) from None
     except (DeployError, FlowerError) as exc:
         fail(exc, 1)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def provision_cmd(

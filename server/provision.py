@@ -442,7 +442,8 @@ def provision(
     ca_days: int = 3650,
     cert_days: int = 825,
 ) -> Provisioned:
-    """Make the CA, the SuperLink certificate and one key pair per hospital under `out`."""
+    """Make the CA, the SuperLink certificate and one key pair per hospital under `out`:
+    check everything first, refuse to overwrite keys (unless `force`), then write."""
     names = parse_hospitals(hospitals)
     hosts = tuple(h.strip() for h in superlink_hosts if h.strip())
     subject_alt_names(hosts)  # validates before anything is written
@@ -450,65 +451,28 @@ def provision(
         raise ProvisionError(f"--superlink-port {superlink_port} is not a TCP port")
     if not epsilon_budget > 0:
         raise ProvisionError(f"--epsilon-budget must be > 0, got {epsilon_budget}")
-
     out = Path(out).resolve()
-    ca_dir = out / CA_DIR
-    coord = out / COORDINATOR_DIR
+    ca_dir, coord = out / CA_DIR, out / COORDINATOR_DIR
     hosp = {n: out / HOSPITALS_DIR / n for n in names}
-    secrets = [ca_dir / CA_KEY, coord / SUPERLINK_KEY, *(d / SUPERNODE_KEY for d in hosp.values())]
-    existing = [p for p in secrets if p.exists()]
-    if out.joinpath(HOSPITALS_DIR).is_dir():
-        existing += [
-            p / SUPERNODE_KEY
-            for p in sorted(out.joinpath(HOSPITALS_DIR).iterdir())
-            if (p / SUPERNODE_KEY).exists() and p / SUPERNODE_KEY not in existing
-        ]
-    if existing and not force:
-        listed = "\n  ".join(str(p) for p in existing)
-        raise ProvisionError(
-            f"refusing to overwrite existing keys in {out}:\n  {listed}\n"
-            "use --force to replace them (every participant then needs its new folder)"
-        )
-    if force:  # a forced run replaces the whole federation: no stale hospital stays behind
-        old = out / HOSPITALS_DIR
-        for p in sorted(old.iterdir()) if old.is_dir() else []:
-            if p.is_dir() and p.name not in hosp:
-                for f in p.iterdir():
-                    f.unlink()
-                p.rmdir()
-        stale = coord / PUBKEYS_DIR
-        if stale.is_dir():
-            for f in stale.glob("*.pub"):
-                f.unlink()
+    _refuse_or_clear(out, coord, hosp, force)
 
-    files: list[Path] = []
     ca_key, ca_cert = make_ca(days=ca_days)
     sl_key, sl_cert = make_server_cert(ca_key, ca_cert, hosts, days=cert_days)
     ca_pem = _pem_cert(ca_cert)
-
-    files.append(_write(ca_dir / CA_KEY, _pem_key(ca_key), private=True))
-    files.append(_write(ca_dir / CA_CERT, ca_pem))
-    files.append(_write(coord / CA_CERT, ca_pem))
-    files.append(_write(coord / SUPERLINK_CERT, _pem_cert(sl_cert)))
-    files.append(_write(coord / SUPERLINK_KEY, _pem_key(sl_key), private=True))
-
+    files = [
+        _write(ca_dir / CA_KEY, _pem_key(ca_key), private=True),
+        _write(ca_dir / CA_CERT, ca_pem),
+        _write(coord / CA_CERT, ca_pem),
+        _write(coord / SUPERLINK_CERT, _pem_cert(sl_cert)),
+        _write(coord / SUPERLINK_KEY, _pem_key(sl_key), private=True),
+    ]
     for name, folder in hosp.items():
-        private, public = make_node_keypair(f"medfuse-{name}")
-        files.append(_write(folder / SUPERNODE_KEY, private, private=True))
-        files.append(_write(folder / SUPERNODE_PUB, public))
-        files.append(_write(folder / CA_CERT, ca_pem))
-        readme = _hospital_readme(name, hosts, superlink_port, epsilon_budget)
-        files.append(_write(folder / README, readme))
-        files.append(_write(coord / PUBKEYS_DIR / f"{name}.pub", public))
-
+        files += _hospital_files(name, folder, coord, ca_pem, hosts, superlink_port,
+                                 epsilon_budget)
     regs = "".join(register_command(f"{PUBKEYS_DIR}/{n}.pub", n) + "\n" for n in names)
-    files.append(
-        _write(
-            coord / REGISTER_TXT,
-            "# run from this folder, with the SuperLink up and a [superlink."
-            f"{CONNECTION_NAME}] entry in $FLWR_HOME/config.toml\n" + regs,
-        )
-    )
+    files.append(_write(coord / REGISTER_TXT, "# run from this folder, with the SuperLink up "
+                        f"and a [superlink.{CONNECTION_NAME}] entry in $FLWR_HOME/config.toml\n"
+                        + regs))
     files.append(
         _write(coord / README, _coordinator_readme(names, hosts, superlink_port, bind_host))
     )
@@ -522,12 +486,46 @@ def provision(
         "superlink-cert-not-after": sl_cert.not_valid_after_utc.isoformat(),
     }
     files.append(_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n"))
-    return Provisioned(
-        out=out,
-        ca_dir=ca_dir,
-        coordinator_dir=coord,
-        hospital_dirs=hosp,
-        superlink_hosts=hosts,
-        superlink_port=superlink_port,
-        files=files,
-    )
+    return Provisioned(out=out, ca_dir=ca_dir, coordinator_dir=coord, hospital_dirs=hosp,
+                       superlink_hosts=hosts, superlink_port=superlink_port, files=files)
+
+
+def _refuse_or_clear(out: Path, coord: Path, hosp: dict[str, Path], force: bool) -> None:
+    """Existing keys stop provisioning unless `force`; a forced run replaces the whole
+    federation, so no stale hospital folder or registered key stays behind."""
+    secrets = [out / CA_DIR / CA_KEY, coord / SUPERLINK_KEY,
+               *(d / SUPERNODE_KEY for d in hosp.values())]
+    existing = [p for p in secrets if p.exists()]
+    old = out / HOSPITALS_DIR
+    if old.is_dir():
+        existing += [p / SUPERNODE_KEY for p in sorted(old.iterdir())
+                     if (p / SUPERNODE_KEY).exists() and p / SUPERNODE_KEY not in existing]
+    if existing and not force:
+        listed = "\n  ".join(str(p) for p in existing)
+        raise ProvisionError(
+            f"refusing to overwrite existing keys in {out}:\n  {listed}\n"
+            "use --force to replace them (every participant then needs its new folder)"
+        )
+    if not force:
+        return
+    for p in sorted(old.iterdir()) if old.is_dir() else []:
+        if p.is_dir() and p.name not in hosp:
+            for f in p.iterdir():
+                f.unlink()
+            p.rmdir()
+    for f in (coord / PUBKEYS_DIR).glob("*.pub"):
+        f.unlink()
+
+
+def _hospital_files(name: str, folder: Path, coord: Path, ca_pem: bytes,
+                    hosts: tuple[str, ...], port: int, epsilon_budget: float) -> list[Path]:
+    """One hospital's folder (its private key, never copied elsewhere) and its public key
+    in the coordinator's folder."""
+    private, public = make_node_keypair(f"medfuse-{name}")
+    return [
+        _write(folder / SUPERNODE_KEY, private, private=True),
+        _write(folder / SUPERNODE_PUB, public),
+        _write(folder / CA_CERT, ca_pem),
+        _write(folder / README, _hospital_readme(name, hosts, port, epsilon_budget)),
+        _write(coord / PUBKEYS_DIR / f"{name}.pub", public),
+    ]

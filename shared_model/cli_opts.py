@@ -6,6 +6,9 @@ Each role's commands live in its own room (`client/cli.py`, `server/cli.py`,
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
 import typer
@@ -36,3 +39,18 @@ def fail(message: object, code: int = 2) -> NoReturn:
     # plain text (an exception may hold brackets), never wrapped: logs are grepped
     err.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt while inside: a command stopped by a
+    scheduler or a closed terminal cleans up (stops its processes) as on Ctrl-C."""
+    def _term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -380,64 +380,58 @@ def _scan(
     frame = _read_manifest(site_dir)
     root = site_dir.resolve()
     has_split = "split" in frame.columns
-    allowed = ", ".join(labels)
-    first_row: dict[str, int] = {}
+    first_row: dict[str, int] = {}  # case_id -> the row it was first used in
     candidates: list[_Row] = []
-    total = 0
     for i, rec in enumerate(frame.to_dict("records")):
-        row_no = i + 2  # spreadsheet row: the header is row 1
-        if not any(v.strip() for v in rec.values()):
-            continue  # a blank line is no case; it still counts in the row numbers
-        total += 1
-        case_id = rec["case_id"].strip()
-        reasons: list[str] = []
-        if not case_id:
-            reasons.append("empty case_id")
-        elif case_id in first_row:
-            first = first_row[case_id]
-            reasons.append(f"duplicate case_id {case_id!r} (first used in row {first})")
-        else:
-            first_row[case_id] = row_no
-        label = rec["label"].strip()
-        if label not in labels:
-            shown = f"unknown label {label!r}" if label else "empty label"
-            reasons.append(f"{shown} (allowed: {allowed})")
-        split_value = rec["split"].strip() if has_split else ""
-        if split_value and split_value not in SPLITS:
-            reasons.append(
-                f"unknown split {split_value!r} (allowed: train, val, test, or empty for a "
-                "split by case_id hash)"
-            )
-        box_reason, box = _parse_box(rec)
-        if box_reason:
-            reasons.append(box_reason)
-        path_reason, path = _image_path(root, rec["image"])
-        if path_reason:
-            reasons.append(path_reason)
-        candidates.append(
-            _Row(
-                row_no=row_no,
-                case_id=case_id,
-                image=rec["image"].strip(),
-                report=rec["report"],
-                label_id=labels.index(label) if label in labels else -1,
-                split=split_value if split_value in SPLITS else hash_split(case_id),
-                hashed=not split_value,
-                box=box,
-                path=path,
-                reasons=reasons,
-            )
-        )
+        if any(v.strip() for v in rec.values()):  # a blank line is no case, but counts
+            candidates.append(_check_row(rec, i + 2, root, labels, has_split, first_row))
+    rows, bad, images = _decode(candidates, model, keep_images)
+    return _Scan(total_rows=len(candidates), rows=rows, bad_rows=bad, images=images)
 
-    # Decode in split order so that each split is a contiguous slice of one image tensor.
-    order = {s: k for k, s in enumerate(SPLITS)}
-    candidates.sort(key=lambda r: (order[r.split], r.row_no))
-    side = model.image_size
-    images = (
-        torch.empty((len(candidates), model.in_channels, side, side), dtype=torch.float32)
-        if keep_images
-        else None
+
+def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, ...],
+               has_split: bool, first_row: dict[str, int]) -> _Row:
+    """One manifest row (`row_no` as a spreadsheet counts: the header is row 1), with
+    every reason it is unusable; images are not read yet."""
+    case_id = rec["case_id"].strip()
+    reasons: list[str] = []
+    if not case_id:
+        reasons.append("empty case_id")
+    elif case_id in first_row:
+        reasons.append(f"duplicate case_id {case_id!r} (first used in row {first_row[case_id]})")
+    else:
+        first_row[case_id] = row_no
+    label = rec["label"].strip()
+    if label not in labels:
+        shown = f"unknown label {label!r}" if label else "empty label"
+        reasons.append(f"{shown} (allowed: {', '.join(labels)})")
+    split_value = rec["split"].strip() if has_split else ""
+    if split_value and split_value not in SPLITS:
+        reasons.append(f"unknown split {split_value!r} (allowed: train, val, test, or empty "
+                       "for a split by case_id hash)")
+    box_reason, box = _parse_box(rec)
+    if box_reason:
+        reasons.append(box_reason)
+    path_reason, path = _image_path(root, rec["image"])
+    if path_reason:
+        reasons.append(path_reason)
+    return _Row(
+        row_no=row_no, case_id=case_id, image=rec["image"].strip(), report=rec["report"],
+        label_id=labels.index(label) if label in labels else -1,
+        split=split_value if split_value in SPLITS else hash_split(case_id),
+        hashed=not split_value, box=box, path=path, reasons=reasons,
     )
+
+
+def _decode(candidates: list[_Row], model: ModelConfig, keep_images: bool
+            ) -> tuple[list[_Row], list[BadRow], torch.Tensor | None]:
+    """Decode the images in split order, so that each split is a contiguous slice of one
+    image tensor; (usable rows, bad rows by row number, images or None)."""
+    order = {s: k for k, s in enumerate(SPLITS)}
+    candidates = sorted(candidates, key=lambda r: (order[r.split], r.row_no))
+    side = model.image_size
+    images = (torch.empty((len(candidates), model.in_channels, side, side),
+                          dtype=torch.float32) if keep_images else None)
     rows: list[_Row] = []
     bad: list[BadRow] = []
     for row in candidates:
@@ -456,7 +450,7 @@ def _scan(
         else:
             rows.append(row)
     bad.sort(key=lambda b: b.row)
-    return _Scan(total_rows=total, rows=rows, bad_rows=bad, images=images)
+    return rows, bad, images
 
 
 def _read_manifest(site_dir: Path) -> pd.DataFrame:

@@ -99,36 +99,38 @@ def train_pooled(
     import torch
     from pydantic import ValidationError
 
-    from shared_model.central import CentralConfig, train_central
-    from shared_model.dataset import SiteError, open_site
-    from shared_model.tokenizer import Tokenizer
+    from shared_model.config import CentralConfig
 
-    modality = modality or ["fused"]
     label_set = parse_labels(labels)
     try:
-        central = CentralConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device
-        )
-        models = {
-            m: ModelConfig(
-                image_size=image_size,
-                num_classes=len(label_set),
-                modality=m,  # type: ignore[arg-type]
-                fusion=fusion,  # type: ignore[arg-type]
-                generation=m != "text",
-            )
-            for m in modality
-        }
+        central = CentralConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                device=device)
+        models = {m: ModelConfig(image_size=image_size, num_classes=len(label_set),
+                                 modality=m, fusion=fusion,  # type: ignore[arg-type]
+                                 generation=m != "text")
+                  for m in modality or ["fused"]}
     except ValidationError as exc:
         fail(exc)
     torch.set_num_threads(threads)
-    tokenizer = Tokenizer(next(iter(models.values())).vocab_size)
+    opened = _open_sites(sites, label_set, next(iter(models.values())))
+    results = {name: _pooled_one(name, cfg, central, opened) for name, cfg in models.items()}
+    if len(results) > 1:
+        console.print(metrics_table("pooled - modalities compared (all test cases)",
+                                    {k: v["overall"] for k, v in results.items()}, None))
+    atomic_write_text(out, json.dumps(results, indent=2, allow_nan=True))
+    console.print(f"metrics written to {out}")
+
+
+def _open_sites(paths: list[Path], labels: tuple[str, ...], model: ModelConfig) -> list:
+    """Open every site (exit 1 naming the first that cannot be used), a line each."""
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(model.vocab_size)
     opened = []
-    for path in sites:
+    for path in paths:
         try:
-            site = open_site(
-                path, labels=label_set, model=next(iter(models.values())), tokenizer=tokenizer
-            )
+            site = open_site(path, labels=labels, model=model, tokenizer=tokenizer)
         except SiteError as exc:
             fail(exc, 1)
         bad = len(site.summary.bad_rows)
@@ -137,45 +139,29 @@ def train_pooled(
             + (f", {bad} bad rows skipped" if bad else "")
         )
         opened.append(site)
+    return opened
 
-    results = {}
-    for name, model_cfg in models.items():
-        with Progress(
-            TextColumn(f"[bold]{name}[/bold] epoch {{task.completed}}/{{task.total}}"),
-            BarColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task(name, total=central.epochs, loss=float("nan"))
-            _, res = train_central(
-                opened,
-                model_cfg,
-                central,
-                tokenizer,
-                on_epoch=lambda e, loss, t=task, m=name: _epoch_done(progress, t, m, e, loss),
-            )
-        results[name] = {
-            "model": model_cfg.model_dump(),
-            "train": central.model_dump(),
-            "train_examples": res.train_examples,
-            "seconds": res.seconds,
-            "overall": res.overall,
-            "per_site": res.per_site,
-            "history": res.history,
-        }
-        console.print(metrics_table(f"pooled {name} - test", res.per_site, res.overall))
-        console.print(f"{name}: trained in {res.seconds:.0f} s")
-    if len(results) > 1:
-        console.print(
-            metrics_table(
-                "pooled - modalities compared (all test cases)",
-                {k: v["overall"] for k, v in results.items()},
-                None,
-            )
+
+def _pooled_one(name: str, model_cfg: ModelConfig, central, opened: list) -> dict:
+    """Train one modality on the pooled train splits, with a progress bar; its metrics."""
+    from shared_model.central import train_central
+    from shared_model.tokenizer import Tokenizer
+
+    with Progress(
+        TextColumn(f"[bold]{name}[/bold] epoch {{task.completed}}/{{task.total}}"),
+        BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(name, total=central.epochs, loss=float("nan"))
+        _, res = train_central(
+            opened, model_cfg, central, Tokenizer(model_cfg.vocab_size),
+            on_epoch=lambda e, loss: _epoch_done(progress, task, name, e, loss),
         )
-    atomic_write_text(out, json.dumps(results, indent=2, allow_nan=True))
-    console.print(f"metrics written to {out}")
+    console.print(metrics_table(f"pooled {name} - test", res.per_site, res.overall))
+    console.print(f"{name}: trained in {res.seconds:.0f} s")
+    return {"model": model_cfg.model_dump(), "train": central.model_dump(),
+            "train_examples": res.train_examples, "seconds": res.seconds,
+            "overall": res.overall, "per_site": res.per_site, "history": res.history}
 
 
 def metrics_table(

@@ -10,13 +10,14 @@ Registered in `simulations/cli.py` as `app.command("simulate")(simulate)`.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from shared_model.cli_opts import err, fail, sigterm_as_interrupt
 
 CONFIG_SUFFIXES = (".toml", ".json")
 
@@ -83,70 +84,51 @@ def simulate(
     An experiment already finished in the output folder (same settings) is not run again.
     """
     from simulations.config import DEFAULT_CONFIG, ConfigError, load_config
-    from simulations.report import terminal_tables
     from simulations.runner import Runner, SimulationError
 
     console = Console()
-    err = Console(stderr=True, soft_wrap=True)
     config, site_dirs = _split_paths(list(paths or []), sites)
     try:
-        cfg = load_config(
-            config,
-            sites=site_dirs or None,
-            out=out,
-            rounds=rounds,
-            seeds=seed or None,
-            only=only or None,
-        )
+        cfg = load_config(config, sites=site_dirs or None, out=out, rounds=rounds,
+                          seeds=seed or None, only=only or None)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(exc)
     if print_config:
         console.print(cfg.to_toml(), markup=False, highlight=False)
         return
     console.print(
-        f"[bold]{cfg.name}[/bold]: {len(cfg.experiments)} experiment(s) x "
+        f"[bold]{escape(cfg.name)}[/bold]: {len(cfg.experiments)} experiment(s) x "
         f"{len(cfg.seeds)} seed(s) on {cfg.sites.num_hospitals} hospitals; config "
         f"{config or DEFAULT_CONFIG}; output {cfg.out}",
-        highlight=False,
-        soft_wrap=True,
+        highlight=False, soft_wrap=True,
     )
-
-    def _term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        outcome = Runner(cfg, console=console, progress=progress).run()
+        with sigterm_as_interrupt():
+            outcome = Runner(cfg, console=console, progress=progress).run()
     except KeyboardInterrupt:
-        err.print(
-            f"interrupted: every Flower process was stopped; finished experiments "
-            f"are kept in {cfg.out} and are not run again next time",
-            highlight=False,
-            markup=False,
-        )
+        err.print(f"interrupted: every Flower process was stopped; finished experiments "
+                  f"are kept in {cfg.out} and are not run again next time",
+                  highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except SimulationError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        fail(exc, 1)
+    _print_outcome(console, outcome)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _print_outcome(console: Console, outcome) -> None:
+    """The summary tables, where the files are, and what failed (on stderr)."""
+    from simulations.report import terminal_tables
 
     assert outcome.files is not None
     console.print()
     for table in terminal_tables(outcome.files.summary):
         console.print(table)
     ran = f"{len(outcome.ran)} run, {len(outcome.skipped)} already finished"
-    console.print(
-        f"{ran}; {outcome.seconds:.0f} s. Long table: {outcome.results_csv}; "
-        f"summary: {outcome.files.summary_md}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if outcome.failed:
-        for name, why in outcome.failed.items():
-            err.print(f"[red]failed:[/red] {escape(name)}: {escape(why)}", highlight=False)
+    console.print(f"{ran}; {outcome.seconds:.0f} s. Long table: {outcome.results_csv}; "
+                  f"summary: {outcome.files.summary_md}", highlight=False, soft_wrap=True)
+    for name, why in outcome.failed.items():
+        err.print(f"[red]failed:[/red] {escape(name)}: {escape(why)}", highlight=False,
+                  soft_wrap=True)
     console.print(f"report: {outcome.files.report_html}", highlight=False, soft_wrap=True)
-    if outcome.failed:
-        raise typer.Exit(1)
