@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -270,17 +271,44 @@ def _open(node_config: Mapping, run: RunConfig) -> tuple[SiteChoice, SiteData, t
         device = pick_device(choice.device)
     except (ValueError, RuntimeError) as exc:
         raise _Unusable(choice.site_name, f"{choice.site_name}: {exc}") from None
-    model_cfg = run.model()
     try:
-        site = open_site(
-            choice.data_path, labels=run.label_set, model=model_cfg,
-            tokenizer=Tokenizer(model_cfg.vocab_size),
-        )
+        site = _opened_site(choice.data_path, run)
     except (SiteError, OSError) as exc:
         raise _Unusable(choice.site_name, f"{choice.site_name}: {exc}") from None
     if len(site.train) == 0:
         raise _Unusable(choice.site_name, f"{choice.site_name}: no training rows")
     return choice, dataclasses.replace(site, name=choice.site_name), device
+
+
+_SITES: dict[tuple, SiteData] = {}  # this process's opened sites, newest last
+_MAX_SITES = 8  # a simulation process serves several virtual nodes in turn
+
+
+def _folder_stamp(folder: Path) -> tuple:
+    """Every file's name, size and modification time: a changed folder, a new stamp."""
+    stamp = []
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            stamp.append((os.path.relpath(os.path.join(root, name), folder), st.st_size,
+                          st.st_mtime_ns))
+    return tuple(sorted(stamp))
+
+
+def _opened_site(path: Path, run: RunConfig) -> SiteData:
+    """`open_site`, once per process for the same folder contents and model settings:
+    decoding every image on every message would dominate a simulated round."""
+    model_cfg = run.model()
+    key = (str(Path(path).resolve()), run.label_set, model_cfg.model_dump_json(),
+           _folder_stamp(Path(path)))
+    site = _SITES.pop(key, None)
+    if site is None:
+        site = open_site(path, labels=run.label_set, model=model_cfg,
+                         tokenizer=Tokenizer(model_cfg.vocab_size))
+    _SITES[key] = site
+    while len(_SITES) > _MAX_SITES:
+        _SITES.pop(next(iter(_SITES)))
+    return site
 
 
 def _round_config(msg: Message) -> ConfigRecord:

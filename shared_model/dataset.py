@@ -1,4 +1,4 @@
-"""Opening one hospital's data (dataset format v1, see DESIGN.md).
+"""Opening one hospital's data (dataset format v1, docs/dataset-format.md).
 
 A site is a folder holding `manifest.csv` and the images it names. `open_site` reads ONE
 site folder, never another's: everything it returns (images, tokens) comes from that
@@ -11,8 +11,10 @@ through. A row that cannot be used is skipped and counted (or, with `strict=True
 whole site is refused); problems with the site as a whole (no folder, no manifest, missing
 columns, no usable training rows) raise `SiteError` with a message meant for a person.
 
-There are no module-level caches: a node opens its site once per process and keeps the
-`SiteData`; a cache here would outlive a changed folder and hide the change.
+There are no module-level caches here. The ClientApp keeps the sites it opened, per
+process, keyed by every file's name, size and modification time, so a changed folder is
+opened again; in deployment Flower starts a fresh ClientApp process per message, so
+there a site is decoded on every message.
 """
 
 from __future__ import annotations

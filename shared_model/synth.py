@@ -1,7 +1,7 @@
 """Synthetic hospitals: chest-radiograph-like images and free-text reports in format v1.
 
 `write_federation(out_dir, cfg)` writes `out_dir/site-00`, `site-01`, ... each a folder
-holding `manifest.csv` and the images it names (dataset format v1, DESIGN.md). The same
+holding `manifest.csv` and the images it names (dataset format v1, docs/dataset-format.md). The same
 `SynthConfig` gives byte-identical files: every random draw comes from a NumPy Generator
 seeded from (seed, site index, ...), and no encoder writes a timestamp.
 

@@ -392,3 +392,26 @@ def test_exact_evaluation_is_not_limited_per_run(
     for rnd in (1, 2):
         reply = app(_message("evaluate", global_state, rnd), _context(run_config, SIM_NODE))
         assert _scalars(reply)[wire.M_REFUSED] == 0
+
+
+def test_a_site_is_decoded_once_per_process_until_its_folder_changes(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare: a private copy of one site, so that changing it touches no other test
+    import os
+    import shutil
+
+    from client.app import _opened_site
+
+    site_dir = tmp_path / "site"
+    shutil.copytree(tiny_federation[0], site_dir)
+    run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    # Execute
+    first = _opened_site(site_dir, run)
+    again = _opened_site(site_dir, run)
+    image = next(p for p in sorted(site_dir.rglob("*")) if p.suffix in (".png", ".dcm"))
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed
+    changed = _opened_site(site_dir, run)
+    # Assert
+    assert again is first
+    assert changed is not first and len(changed.train) == len(first.train)
