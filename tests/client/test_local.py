@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, Subset
 
-from client.local import DPSettings, dp_plan, local_evaluate, local_train, released_count
+from client.local import (
+    DPSettings,
+    RoundPlan,
+    dp_plan,
+    local_evaluate,
+    local_train,
+    make_private,
+    released_count,
+)
 from client.privacy import Ledger, LedgerStore, data_identity
 from client.release import COUNT_NOISE
 from shared_model import wire
@@ -62,60 +69,66 @@ def _train(site, state, *, ledger, dp, server_round=1, rounds_left=1, seed=0, tm
     return local_train(CFG, site, state, dp=dp, ledger=ledger, save_ledger=store.save, **args)
 
 
-def _private(model, optimizer, loader, *, noise, clip, poisson=False):
+def _private(model, optimizer, data, tmp: Path, site: SiteData, *, noise, clip,
+             sample_rate=1.0):
+    """The product's own `make_private` (the ClientApp's path): a Poisson loader over
+    `data` at `sample_rate` (1.0: every case in every batch), gradients averaged over
+    the expected batch size."""
+    plan = RoundPlan(released_n=len(data), noise_multiplier=noise, sample_rate=sample_rate,
+                     steps=1, epsilon_after=math.inf)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = PrivacyEngine(accountant="rdp")
-        net, opt, dl = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                           noise_multiplier=noise, max_grad_norm=clip,
-                                           poisson_sampling=poisson)
+        net, opt, dl, engine = make_private(model, optimizer, data, plan,
+                                            DPSettings(max_grad_norm=clip),
+                                            _ledger(tmp, site), CPU)
     return engine, net, opt, dl
 
 
-def test_compare_to_vanilla(site: SiteData, init_state: dict) -> None:
-    # Prepare: the same model, SGD and fixed batches; DP with no noise and no clipping
+def test_compare_to_vanilla(tmp_path: Path, site: SiteData, init_state: dict) -> None:
+    # Prepare: the same model and SGD; DP with no noise and no clipping, every case in
+    # its one batch (sample rate 1), against one plain full batch
     data = Subset(site.train, range(16))
-    loader = DataLoader(data, batch_size=8, shuffle=False)
+    loader = DataLoader(data, batch_size=16, shuffle=False)
     plain = MedFuseModel(CFG)
     plain.load_state_dict(init_state)
     private = MedFuseModel(CFG)
     private.load_state_dict(init_state)
-    _, net, opt, dl = _private(private, torch.optim.SGD(private.parameters(), lr=0.05), loader,
-                               noise=0.0, clip=1e9)
+    _, net, opt, dl = _private(private, torch.optim.SGD(private.parameters(), lr=0.05), data,
+                               tmp_path, site, noise=0.0, clip=1e9)
     loss_fn = make_loss_fn(CFG)
     # Execute
     a = train_epoch(plain, torch.optim.SGD(plain.parameters(), lr=0.05), loader, loss_fn, CFG,
                     CPU)
     b = train_epoch(net, opt, dl, loss_fn, CFG, CPU)
     # Assert
-    assert (a.steps, a.examples) == (b.steps, b.examples) == (2, 16)
+    assert (a.steps, a.examples) == (b.steps, b.examples) == (1, 16)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     for name, tensor in plain.state_dict().items():
         torch.testing.assert_close(unwrap(net).state_dict()[name], tensor, rtol=1e-4, atol=1e-6,
                                    msg=name)
 
 
-def test_flat_clipping(site: SiteData, init_state: dict) -> None:
+def test_flat_clipping(tmp_path: Path, site: SiteData, init_state: dict) -> None:
     # noise 0, batch 1: the gradient the optimizer applies has norm exactly max_grad_norm
     clip = 1e-3
     model = MedFuseModel(CFG)
     model.load_state_dict(init_state)
-    loader = DataLoader(Subset(site.train, [0]), batch_size=1)
-    _, net, opt, dl = _private(model, torch.optim.SGD(model.parameters(), lr=0.0), loader,
-                               noise=0.0, clip=clip)
+    _, net, opt, dl = _private(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               Subset(site.train, [0]), tmp_path, site, noise=0.0, clip=clip)
     train_epoch(net, opt, dl, make_loss_fn(CFG), CFG, CPU)
     grads = [p.grad for p in net.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert float(norm) == pytest.approx(clip, rel=1e-4)
 
 
-def test_empty_poisson_batch_is_noised_and_counted(site: SiteData, init_state: dict) -> None:
+def test_empty_poisson_batch_is_noised_and_counted(tmp_path: Path, site: SiteData,
+                                                   init_state: dict) -> None:
     # Prepare: an empty batch shaped like Opacus' Poisson loader makes it
     model = MedFuseModel(CFG)
     model.load_state_dict(init_state)
     engine, net, opt, _ = _private(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                                   DataLoader(site.train, batch_size=8), noise=1.0, clip=1.0,
-                                   poisson=True)
+                                   site.train, tmp_path, site, noise=1.0, clip=1.0,
+                                   sample_rate=0.25)
     empty = [t[:0] for t in Batch.of(next(iter(DataLoader(site.train, batch_size=2))))]
     before = {k: v.clone() for k, v in unwrap(net).state_dict().items()}
     # Execute
@@ -255,7 +268,6 @@ def test_poisson_batches_are_not_replayable(tmp_path: Path, site: SiteData,
                                             init_state: dict) -> None:
     # the same round, asked twice with the same seeds: the sampled batches differ, so
     # subsampling amplification holds against the server
-    from client.local import RoundPlan, make_private
 
     plan = RoundPlan(released_n=len(site.train), noise_multiplier=1.0, sample_rate=0.25,
                      steps=4, epsilon_after=0.0)
