@@ -78,14 +78,10 @@ class _Unusable(Exception):
 def train(msg: Message, context: Context) -> Message:
     """Check the round against the node's policy, train (privately unless the node allows
     otherwise) with the ledger charged first, and reply with the update or the reason."""
-    run = RunConfig.parse(context.run_config)
-    cfg = _round_config(msg)
-    server_round = int(cfg.get(wire.CFG_SERVER_ROUND, 1))
-    total_rounds = int(cfg.get(wire.CFG_TOTAL_ROUNDS, run.num_server_rounds))
-    try:
-        choice, site, device = _open(context.node_config, run)
-    except _Unusable as exc:
-        return _data_error(msg, exc.site_name, str(exc))
+    begun = _begin(msg, context)
+    if isinstance(begun, Message):
+        return begun
+    run, cfg, choice, site, device, server_round, total_rounds = begun
     recipe = run.recipe()
     ask = RoundAsk(
         lr=float(cfg.get(wire.CFG_LR, recipe.lr)),
@@ -166,14 +162,10 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    run = RunConfig.parse(context.run_config)
-    cfg = _round_config(msg)
-    server_round = int(cfg.get(wire.CFG_SERVER_ROUND, 1))
-    total_rounds = int(cfg.get(wire.CFG_TOTAL_ROUNDS, run.num_server_rounds))
-    try:
-        choice, site, device = _open(context.node_config, run)
-    except _Unusable as exc:
-        return _data_error(msg, exc.site_name, str(exc))
+    begun = _begin(msg, context)
+    if isinstance(begun, Message):
+        return begun
+    run, cfg, choice, site, device, server_round, total_rounds = begun
     split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
         return _data_error(msg, choice.site_name, f"unknown {wire.CFG_EVAL_SPLIT}={split!r}")
@@ -309,6 +301,21 @@ def _opened_site(path: Path, run: RunConfig) -> SiteData:
     while len(_SITES) > _MAX_SITES:
         _SITES.pop(next(iter(_SITES)))
     return site
+
+
+def _begin(msg: Message, context: Context) -> Message | tuple[
+        RunConfig, ConfigRecord, SiteChoice, SiteData, torch.device, int, int]:
+    """What every message starts with: the run config, the round's config, this node's
+    opened site and device, the round and the rounds planned; or the data-error reply
+    when the site cannot be used."""
+    run = RunConfig.parse(context.run_config)
+    try:
+        choice, site, device = _open(context.node_config, run)
+    except _Unusable as exc:
+        return _data_error(msg, exc.site_name, str(exc))
+    cfg = _round_config(msg)
+    return (run, cfg, choice, site, device, int(cfg.get(wire.CFG_SERVER_ROUND, 1)),
+            int(cfg.get(wire.CFG_TOTAL_ROUNDS, run.num_server_rounds)))
 
 
 def _round_config(msg: Message) -> ConfigRecord:

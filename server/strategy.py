@@ -22,7 +22,7 @@ delegation the wrapper
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -339,27 +339,44 @@ class GuardedStrategy(Strategy):
                 records[wire.ARRAYS] = msg.content.array_records[wire.ARRAYS]
             msg.content = RecordDict(records)
 
+    def _each_reply(
+        self, rnd: int, phase: str, replies: Iterable[Message], replied: set[int]
+    ) -> Iterator[tuple[int, str, Message, dict[str, float] | None, str]]:
+        """(node, site, reply, its scalars or None for an error reply, the site's error or
+        the error reply's reason) per reply; the site's name and its metric rows recorded."""
+        for msg in replies:
+            node = self._sender(msg)
+            replied.add(node)
+            if msg.has_error():
+                yield (node, self._site(node), msg, None,
+                       f"error reply: {msg.error.reason} (code {msg.error.code})")
+                continue
+            name, error = _site_name(msg.content, node)
+            if name:
+                self.site_names[node] = name
+            site = self._site(node)
+            values = _scalars(msg.content.metric_records.get(wire.METRICS))
+            self._record(rnd, site, node, phase, values)
+            yield node, site, msg, values, error
+
+    def _in_fixed_order(self, kept: list[tuple[str, int, Message]], rnd: int,
+                        phase: str) -> list[Message]:
+        """The kept replies by site and node (the same sums on resume), holding only the
+        metric keys they all have (Flower's aggregation needs the same keys)."""
+        kept.sort(key=lambda t: (t[0], t[1]))
+        messages = [m for _, _, m in kept]
+        self._keep_common_metrics(messages, rnd, phase)
+        return messages
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
         replied: set[int] = set()
-        for msg in replies:
-            node = self._sender(msg)
-            replied.add(node)
-            if msg.has_error():
-                site = self._site(node)
-                reason = f"error reply: {msg.error.reason} (code {msg.error.code})"
-                norm = None
-            else:
-                name, error = _site_name(msg.content, node)
-                if name:
-                    self.site_names[node] = name
-                site = self._site(node)
-                self._record(rnd, site, node, TRAIN,
-                             _scalars(msg.content.metric_records.get(wire.METRICS)))
-                reason, norm = self._train_verdict(msg.content, error)
+        for node, site, msg, values, error in self._each_reply(rnd, TRAIN, replies, replied):
+            reason, norm = (error, None) if values is None else self._train_verdict(
+                msg.content, error)
             verdict = {M_UPDATE_ACCEPTED: 0.0 if reason else 1.0}
             if norm is not None:
                 verdict[M_UPDATE_NORM] = norm
@@ -374,10 +391,7 @@ class GuardedStrategy(Strategy):
         if not kept:
             log(WARNING, "round %d: no usable update; the global model stays as it was", rnd)
             return self.global_arrays, None
-
-        kept.sort(key=lambda t: (t[0], t[1]))  # a fixed order: the same sums on resume
-        messages = [m for _, _, m in kept]
-        self._keep_common_metrics(messages, rnd, TRAIN)
+        messages = self._in_fixed_order(kept, rnd, TRAIN)
         log(INFO, "round %d: aggregating %d update(s) from %s", rnd, len(messages),
             ", ".join(s for s, _, _ in kept))
         try:
@@ -409,19 +423,12 @@ class GuardedStrategy(Strategy):
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
         replied: set[int] = set()
-        for msg in replies:
-            node = self._sender(msg)
-            replied.add(node)
-            if msg.has_error():
+        for node, site, msg, values, error in self._each_reply(rnd, EVALUATE, replies,
+                                                               replied):
+            if values is None:
                 log(WARNING, "round %d: evaluation on node %d (%s) failed: %s",
-                    rnd, node, self._site(node), msg.error.reason)
+                    rnd, node, site, msg.error.reason)
                 continue
-            name, error = _site_name(msg.content, node)
-            if name:
-                self.site_names[node] = name
-            site = self._site(node)
-            values = _scalars(msg.content.metric_records.get(wire.METRICS))
-            self._record(rnd, site, node, EVALUATE, values)
             n = values.get(wire.M_NUM_EXAMPLES, 0.0)
             if values.get(wire.M_DATA_ERROR, 0.0) >= 0.5 or not n > 0:
                 log(WARNING, "round %d: evaluation on node %d (%s) left out: %s", rnd, node,
@@ -431,9 +438,7 @@ class GuardedStrategy(Strategy):
 
         metrics = None
         if kept:
-            kept.sort(key=lambda t: (t[0], t[1]))
-            messages = [m for _, _, m in kept]
-            self._keep_common_metrics(messages, rnd, EVALUATE)
+            messages = self._in_fixed_order(kept, rnd, EVALUATE)
             try:
                 metrics = self.strategy.aggregate_evaluate(rnd, messages)
             except InconsistentMessageReplies as exc:  # pragma: no cover - keys made common

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdam,
-    FedAvg,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-)
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN
 from server.strategy import STRATEGIES, GuardedStrategy, build_strategy, train_config
 from shared_model import wire
-from shared_model.run_config import RunConfig, pyproject_defaults
+from shared_model.run_config import RunConfig, StrategyName, pyproject_defaults
 from tests.server.fakes import (
     FakeGrid,
     array_record,
@@ -28,10 +21,7 @@ from tests.server.fakes import (
     train_reply,
 )
 
-EXPECTED = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-    "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "bulyan": Bulyan,
-}
+NAMES = typing.get_args(StrategyName)  # every strategy a run config may name
 
 
 def run_config(**overrides) -> RunConfig:
@@ -68,7 +58,7 @@ def configure(strategy: GuardedStrategy, ref, nodes, rnd: int = 1) -> list[Messa
 # ------------------------------------------------------------------ build_strategy
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", NAMES)
 def test_build_strategy_gives_flowers_own_class(name):
     # Prepare
     extra = {"proximal_mu": 0.1} if name == "fedprox" else {}
@@ -76,14 +66,15 @@ def test_build_strategy_gives_flowers_own_class(name):
     # Execute
     strategy = build_strategy(run)
     # Assert
-    assert type(strategy) is EXPECTED[name]
+    assert type(strategy).__module__.startswith("flwr.serverapp.strategy")
+    assert type(strategy).__name__.lower() == name
     assert strategy.weighted_by_key == wire.M_NUM_EXAMPLES
     assert strategy.arrayrecord_key == wire.ARRAYS
     assert strategy.configrecord_key == wire.CONFIG
 
 
 def test_every_run_config_strategy_name_is_built():
-    assert set(STRATEGIES) == set(EXPECTED)
+    assert set(STRATEGIES) == set(NAMES)
 
 
 def test_build_strategy_passes_the_run_configs_settings():
