@@ -30,13 +30,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.privacy import default_store_root
-from shared_model.config import MANIFEST
+from shared_model.config import MANIFEST, cache_root
 from shared_model.run_config import RunConfig, device_name
 from shared_model.validation import describe, messages
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "MEDFUSE_CACHE"
 
 
 class SiteConfigError(ValueError):
@@ -251,10 +250,8 @@ def synthetic_name(run: RunConfig) -> str:
     )
 
 
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    base = Path(env).expanduser() if env else Path("~/.cache/medfuse").expanduser()
-    return base / "synthetic"
+def synthetic_root() -> Path:
+    return cache_root() / "synthetic"
 
 
 def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
@@ -264,7 +261,7 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     sibling folder and renames it into place; whoever finds the target already there
     discards its copy (the same parameters give the same bytes).
     """
-    target = (cache or cache_root()) / synthetic_name(run)
+    target = (cache or synthetic_root()) / synthetic_name(run)
     if target.is_dir():
         return target
     from shared_model.synth import SynthConfig, write_federation

@@ -482,12 +482,12 @@ def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
 
 def public_start(cfg: DeployConfig, run_config: Mapping[str, object], echo: Echo) -> Path:
     """The public model the federation starts from, cached beside the synthetic sites."""
-    from client.site import cache_root
     from server.pretrain import cached_public_model
+    from shared_model.config import cache_root
     from shared_model.run_config import RunConfig, pyproject_defaults
 
     run = RunConfig.parse({**pyproject_defaults(), **run_config})
-    return cached_public_model(cache_root().parent / "public", run.model(), run.label_set,
+    return cached_public_model(cache_root() / "public", run.model(), run.label_set,
                                cases=cfg.public_cases, epochs=4,
                                echo=lambda m: echo(f"[deploy] {m}"))
 

@@ -7,6 +7,8 @@ network.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +17,14 @@ Fusion = Literal["concat", "gated", "bilinear"]
 Modality = Literal["fused", "image", "text"]
 ModelSize = Literal["small", "large"]
 MANIFEST = "manifest.csv"  # the file that makes a folder a site (dataset format v1)
+CACHE_ENV = "MEDFUSE_CACHE"
+
+
+def cache_root() -> Path:
+    """What medfuse builds once and reuses (synthetic sites, public models):
+    $MEDFUSE_CACHE, else ~/.cache/medfuse."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path("~/.cache/medfuse").expanduser()
 
 DEFAULT_LABELS: tuple[str, ...] = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
 

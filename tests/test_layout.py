@@ -1,0 +1,53 @@
+"""The import graph the layout promises: rooms by role, arrows one way, Flower in the glue."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOMS = ("client", "server", "shared_model", "simulations")
+# who may import whom (besides itself)
+ALLOWED = {
+    "shared_model": set(),
+    "client": {"shared_model"},
+    "server": {"shared_model"},
+    "simulations": {"client", "server", "shared_model"},
+}
+FLOWER_GLUE = {"client/app.py", "server/app.py", "server/strategy.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level package names imported anywhere in the file (also inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _files(room: str) -> list[Path]:
+    return sorted((ROOT / room).rglob("*.py"))
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_arrows_point_one_way(room: str):
+    wrong = {
+        str(f.relative_to(ROOT)): sorted((_imports(f) & set(ROOMS)) - ALLOWED[room] - {room})
+        for f in _files(room)
+    }
+    assert {f: w for f, w in wrong.items() if w} == {}
+
+
+def test_only_the_flower_glue_imports_flwr():
+    users = {str(f.relative_to(ROOT)) for room in ROOMS for f in _files(room)
+             if "flwr" in _imports(f)}
+    assert users <= FLOWER_GLUE, sorted(users - FLOWER_GLUE)
+
+
+def test_the_medfuse_command_composes_every_room():
+    assert {"client", "server", "simulations"} <= _imports(ROOT / "medfuse.py")
