@@ -1,6 +1,6 @@
 """`medfuse`: one command line, each role's commands from its own room.
 
-Hospital IT (client/cli.py):       data check, privacy show
+Hospital IT (client/cli.py):       data check, privacy show, audit
 Coordinator (server/cli.py):       provision, pretrain, deploy local
 Researcher  (simulations/):        simulate, train-pooled, data synth, data synth-public
 
@@ -35,6 +35,7 @@ app.add_typer(data, name="data")
 privacy = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
 privacy.command("show")(hospital.privacy_show)
 app.add_typer(privacy, name="privacy")
+app.command("audit")(hospital.audit)
 
 app.command("provision")(coordinator.provision_cmd)
 app.command("pretrain")(coordinator.pretrain_cmd)

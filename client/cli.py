@@ -2,6 +2,7 @@
 
     medfuse data check SITE...     every unusable row, counts per label and split
     medfuse privacy show           epsilon spent and left, every release from the data
+    medfuse audit MODEL SITE...    can someone with the model tell who was in the data?
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from typing import Annotated
 
 import typer
 
-from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, err, parse_labels
+from shared_model.cli_opts import (
+    DEFAULT_LABELS_TEXT,
+    LabelsOpt,
+    console,
+    err,
+    fail,
+    parse_labels,
+)
 
 
 def data_check(
@@ -69,3 +77,80 @@ def privacy_show(
                 err.print(f"[red]error:[/red] {exc}")
                 failed = True
     raise typer.Exit(1 if failed else 0)
+
+
+def audit(
+    model: Annotated[Path, typer.Argument(help="a medfuse model file (final/model.pt)")],
+    site_dirs: Annotated[list[Path], typer.Argument(help="the sites it was trained on")],
+    reference: Annotated[
+        list[Path] | None,
+        typer.Option("--reference", help="population folders for LiRA's reference models: "
+                     "data holding none of the sites' cases (public folders, fresh "
+                     "synthetic sites); repeat"),
+    ] = None,
+    references: Annotated[int, typer.Option(min=0, help="reference models (0: loss attack "
+                                                         "only)")] = 4,
+    reference_epochs: Annotated[int, typer.Option(min=1)] = 4,
+    start: Annotated[
+        Path | None, typer.Option(help="the model the audited one started from (its "
+                                       "initial-model), for the reference models")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="audit.csv, audit.json, roc.png")] = Path("audit"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Membership-inference audit: members (each site's train split) against non-members
+    (its val and test splits), a loss-threshold attack and offline LiRA; AUC and TPR at
+    1% and 0.1% FPR with 95% intervals, a ROC plot and a verdict. Nothing leaves the site."""
+    import json
+
+    from client.audit import audit_site, reference_models, results_table, roc_plot, verdict
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.files import atomic_write_text
+    from shared_model.model_file import ModelFileError, load_model_file
+    from shared_model.tokenizer import Tokenizer
+    from shared_model.train import pick_device
+
+    try:
+        mf = load_model_file(model)
+        tok = Tokenizer(mf.model_config.vocab_size)
+        sites = [open_site(d, labels=mf.labels, model=mf.model_config, tokenizer=tok)
+                 for d in site_dirs]
+        population = [open_site(d, labels=mf.labels, model=mf.model_config, tokenizer=tok)
+                      for d in reference or []]
+        initial = load_model_file(start).state if start else None
+        dev = pick_device(device)
+    except (ModelFileError, SiteError, OSError, ValueError) as exc:
+        fail(exc)
+    refs = []
+    if population and references:
+        console.print(f"training {references} reference models on {len(population)} "
+                      f"population folder(s) ({reference_epochs} epochs each)")
+        refs = reference_models(mf.model_config, population, references,
+                                initial_state=initial, epochs=reference_epochs, device=device)
+    results = []
+    for site in sites:
+        results += audit_site(mf.model_config, mf.state, site, references=refs, device=dev)
+    rows = results_table(results)
+    atomic_write_text(out / "audit.json", json.dumps(
+        {"model": str(model), "verdict": verdict(results), "results": rows}, indent=2) + "\n")
+    import pandas as pd
+
+    atomic_write_text(out / "audit.csv", pd.DataFrame(rows).to_csv(index=False))
+    roc_plot(results, out / "roc.png")
+    console.print(audit_table(rows))
+    console.print(verdict(results), highlight=False, soft_wrap=True)
+    console.print(f"written: {out / 'audit.csv'}, {out / 'audit.json'}, {out / 'roc.png'}")
+
+
+def audit_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="membership inference (higher = more leak; chance: AUC 0.5)")
+    for col in ("site", "attack", "members", "non-members", "AUC [95%]", "TPR@1%FPR",
+                "TPR@0.1%FPR"):
+        table.add_column(col, justify="left" if col in ("site", "attack") else "right")
+    for r in rows:
+        table.add_row(str(r["site"]), str(r["attack"]), str(r["members"]), str(r["nonmembers"]),
+                      f"{r['auc']:.3f} [{r['auc_ci_lo']:.2f}, {r['auc_ci_hi']:.2f}]",
+                      f"{r['tpr_at_1']:.1%}", f"{r['tpr_at_01']:.1%}")
+    return table

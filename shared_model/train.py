@@ -195,6 +195,25 @@ def evaluate_cases(
     )
 
 
+@torch.no_grad()
+def case_losses(model: nn.Module, dataset: Dataset, cfg: ModelConfig, device: torch.device,
+                batch_size: int = 64) -> np.ndarray:
+    """Each case's multitask loss, (N,) in case order, the report visible as in training:
+    what a membership-inference attack reads (a member's loss tends to be lower)."""
+    net = unwrap(model).to(device)
+    net.eval()
+    loss_fn = make_loss_fn(cfg)
+    losses: list[float] = []
+    for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batch = Batch.of(raw).to(device)
+        out = forward(net, batch, cfg)
+        for i in range(batch.size):
+            one = slice(i, i + 1)
+            case_out = ModelOutput(*(t[one] if t is not None else None for t in out))
+            losses.append(float(loss_fn(case_out, Batch(*(t[one] for t in batch)))[0]))
+    return np.asarray(losses, dtype=np.float64)
+
+
 def summarise(cases: CaseResults, num_classes: int) -> dict[str, float]:
     """The exact metrics of one split: loss, classification, localisation, generation."""
     if cases.n == 0:

@@ -5,6 +5,7 @@ starts a fresh ClientApp process per message), so the scenarios share two runs."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -41,6 +43,21 @@ def _epsilon(rows, site: str, rnd: int) -> float | None:
         if r.site == site and r.round == rnd and r.phase == "train" and r.metric == wire.M_EPSILON:
             return r.value
     return None
+
+
+def _working(node, since: float) -> bool:
+    """The SuperNode runs a ClientApp (Flower starts one per message) started after the
+    monotonic time `since`: the node is working on a message sent after that moment."""
+    wall_since = time.time() - (time.monotonic() - since)
+    try:
+        kids = psutil.Process(node.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for kid in kids:
+        with contextlib.suppress(psutil.Error):
+            if "flwr-clientapp" in " ".join(kid.cmdline()) and kid.create_time() > wall_since:
+                return True
+    return False
 
 
 def _wait_exit(proc, timeout: float = 60) -> int | None:
@@ -104,8 +121,8 @@ def test_faults_node_kill_superlink_restart_and_intruders(
             bad["no-ca"] = f.group.start("no-ca", f.node_command(
                 "h0", root_cert=None, port=free_port()))  # fmt: skip
         r2 = sub.first_seen("global round 2/2 (train)")
-        if "node" not in when and r2 is not None and now - r2 > 4:  # h1 is training
-            f.kill_node("h1")
+        if "node" not in when and r2 is not None and _working(f.nodes["h1"], since=r2):
+            f.kill_node("h1")  # h1 is training: its ClientApp of round 2 is running
             when["node"] = now
         if ("node" in when and "superlink" not in when
                 and sub.first_seen("round 2: aggregating")):  # fmt: skip
@@ -167,16 +184,13 @@ def test_faults_node_kill_superlink_restart_and_intruders(
 def _processes_mentioning(text: str) -> list[int]:
     """Pids whose command line or environment mentions `text`."""
     found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
-        for what in ("cmdline", "environ"):
-            try:
-                if text.encode() in Path(entry.path, what).read_bytes():
-                    found.append(int(entry.name))
-                    break
-            except OSError:
-                pass
+        with contextlib.suppress(psutil.Error):
+            env = " ".join(f"{k}={v}" for k, v in proc.environ().items())
+            if text in " ".join(proc.cmdline()) or text in env:
+                found.append(proc.pid)
     return found
 
 
