@@ -274,6 +274,8 @@ class ExperimentSpec(_Section):
     epsilons: tuple[float, ...] | None = Field(None, min_length=1)
     rounds: int | None = Field(None, ge=1, le=10_000)
     run_config: dict[str, Scalar] = Field(default_factory=dict)
+    audit: bool = Field(False, description="membership-inference audit of the final model "
+                                           "(pooled and federated experiments)")
 
     @field_validator("name")
     @classmethod
@@ -311,6 +313,9 @@ class ExperimentSpec(_Section):
                     f"dp=true: the {self.kind} baseline trains centrally without DP; "
                     "use a federated (or local) experiment with dp = true"
                 )
+        if self.audit and self.kind not in ("pooled", "federated"):
+            raise ValueError(f"audit=true: pooled and federated experiments only (kind="
+                             f"{self.kind!r} has one model per hospital or none of its own)")
         if "modality" in given and self.modalities is not None:
             raise ValueError("give modality or modalities, not both")
         if self.epsilon is not None and self.epsilons is not None:
@@ -353,6 +358,7 @@ class ExperimentSpec(_Section):
                         epsilon=e,
                         rounds=self.rounds,
                         run_config=dict(self.run_config),
+                        audit=self.audit,
                     )
                 )
         return out
@@ -372,6 +378,7 @@ class Experiment(BaseModel):
     epsilon: float | None  # None with dp: the run config's default budget
     rounds: int | None
     run_config: dict[str, Scalar]
+    audit: bool = False
 
     @property
     def label(self) -> str:
@@ -526,7 +533,8 @@ class SimulationConfig(_Section):
         """What decides one experiment's result: same fingerprint, same experiment, so a
         finished one is not run again; anything else changed and it runs afresh."""
         payload: dict[str, Any] = {
-            "experiment": exp.model_dump(mode="json"),
+            # `audit` counts only when on: turning it on runs the experiment again
+            "experiment": exp.model_dump(mode="json", exclude=set() if exp.audit else {"audit"}),
             "seed": seed,
             "sites": self.sites.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),

@@ -37,6 +37,7 @@ META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "e
 ALL_SITES = "all"
 MEAN = "mean"
 TEST = "test/"
+AUDIT = "audit/"  # membership-inference audit of the final model, per site
 EVAL = "eval/"
 TRAIN_LOSS = "train/loss"
 EPSILON = "train/epsilon"
@@ -294,10 +295,38 @@ NOTES = (
 )
 
 
-def summary_markdown(summary: Summary, title: str = "medfuse simulation") -> str:
+def audit_rows(results: pd.DataFrame, order: Sequence[str] = ()
+               ) -> tuple[list[str], list[list[str]]]:
+    """The membership-inference audit per audited experiment (loss attack): mean AUC over
+    hospitals, the widest 95% interval, the strongest hospital's lower bound, the mean TPR
+    at 1% FPR. No rows when nothing was audited."""
+    headers = ["experiment", "hospitals", "AUC (mean)", "95% interval (widest)",
+               "strongest lower bound", "TPR at 1% FPR (mean)"]
+    audit = results[results["metric"].str.startswith(AUDIT + "loss-")]
+    rows = []
+    names = list(dict.fromkeys([*order, *audit["experiment"].tolist()]))
+    for exp in names:
+        mine = audit[audit["experiment"] == exp]
+        if mine.empty:
+            continue
+
+        def values(key: str, frame: pd.DataFrame = mine) -> pd.Series:
+            return frame[frame["metric"] == f"{AUDIT}loss-{key}"]["value"]
+
+        rows.append([exp, str(values("auc").size), f"{values('auc').mean():.3f}",
+                     f"[{values('auc-lo').min():.2f}, {values('auc-hi').max():.2f}]",
+                     f"{values('auc-lo').max():.3f}", f"{values('tpr@1%fpr').mean():.1%}"])
+    return headers, rows
+
+
+def summary_markdown(summary: Summary, title: str = "medfuse simulation",
+                     audit: tuple[list[str], list[list[str]]] | None = None) -> str:
     parts = [f"# {title}", "", NOTES, "", "## Mean over hospitals", ""]
     parts += [markdown_table(*mean_rows(summary)), ""]
     parts += ["## Accuracy per hospital", "", markdown_table(*site_accuracy_rows(summary)), ""]
+    if audit and audit[1]:
+        parts += ["## Membership inference (loss attack; chance: AUC 0.5)", "",
+                  markdown_table(*audit), ""]
     parts += ["## Every metric per hospital", "", markdown_table(*detail_rows(summary)), ""]
     return "\n".join(parts)
 
@@ -585,7 +614,8 @@ def write_report(
     for old in plots_dir.glob("*.png"):
         old.unlink()
     summary = summarize(results, meta)
-    md = summary_markdown(summary, title)
+    audit = audit_rows(results, summary.experiments)
+    md = summary_markdown(summary, title, audit)
     summary_md = out_dir / SUMMARY_FILE
     atomic_write_text(summary_md, md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     experiments = experiment_order(results, meta)
@@ -608,7 +638,7 @@ def write_report(
         for exp in experiments
     ]
     report_html = out_dir / REPORT_FILE
-    atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes))
+    atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,
@@ -628,6 +658,7 @@ def _html(
     main_plots: list[tuple[str, Path]],
     curve_plots: list[tuple[str, Path]],
     notes: Sequence[str],
+    audit: tuple[list[str], list[list[str]]] | None = None,
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
     import jinja2
@@ -640,6 +671,7 @@ def _html(
         title=title, notes=[NOTES, *notes], written=time.strftime("%Y-%m-%d %H:%M:%S"),
         mean=mean_rows(summary), per_site=site_accuracy_rows(summary),
         detail=detail_rows(summary),
+        audit=audit if audit and audit[1] else None,
         main_plots=[_plot(t, p) for t, p in main_plots],
         curve_plots=[_plot(t, p) for t, p in curve_plots],
     )

@@ -625,7 +625,7 @@ class Runner:
             start = load_model_file(self._public_model(unit)).state
         try:
             with self._threads():
-                _, res = train_central(
+                trained, res = train_central(
                     self.opened, model, central, Tokenizer(model.vocab_size), on_epoch=on_epoch,
                     initial_state=start,
                 )
@@ -635,6 +635,8 @@ class Runner:
             rows += self._test_rows(unit, central.epochs, site, metrics)
             rows.append((name, unit.seed, central.epochs, site, report.EPSILON, math.inf))
         progress.remove_task(task)
+        if unit.experiment.audit:
+            rows += self._audit_rows(unit, model, trained.state_dict(), central.epochs)
         return rows
 
     def _local(self, unit: Unit, progress: Progress) -> list[Row]:
@@ -915,4 +917,30 @@ class Runner:
                 metrics, n = local_evaluate(model, site, state, device, split="test")
                 if n:
                     rows += self._test_rows(unit, rnd, site.name, metrics)
+        if unit.experiment.audit:
+            rows += self._audit_rows(unit, model, state, rnd)
+        return rows
+
+    def _audit_rows(self, unit: Unit, model, state, rnd: int) -> list[Row]:
+        """The loss-threshold membership attack on every hospital (members: its train
+        split; non-members: val and test), as audit/* rows, and its ROC plot."""
+        from client.audit import audit_site, roc_plot, verdict
+        from shared_model.train import pick_device
+
+        assert self.opened is not None
+        device = pick_device(self.cfg.resources.device)
+        results = []
+        with self._threads():
+            for site in self.opened:
+                if len(site.train) >= 2 and len(site.val) + len(site.test) >= 2:
+                    results += audit_site(model, state, site, device=device)
+        roc_plot(results, unit.folder(self.out) / "audit-roc.png",
+                 title=f"membership inference: {unit.experiment.name}")
+        self.echo(f"  {unit.experiment.name} audit: {verdict(results)}")
+        rows: list[Row] = []
+        for r in results:
+            for key, value in (("auc", r.auc), ("auc-lo", r.auc_ci[0]), ("auc-hi", r.auc_ci[1]),
+                               ("tpr@1%fpr", r.tpr_at_1), ("tpr@0.1%fpr", r.tpr_at_01)):
+                rows.append((unit.experiment.name, unit.seed, rnd, r.site,
+                             f"{report.AUDIT}{r.attack}-{key}", float(value)))
         return rows

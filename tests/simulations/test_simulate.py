@@ -158,7 +158,8 @@ def _flower_processes(flwr_home: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_sites_two_rounds_end_to_end(tmp_path: Path, tiny_federation: list[Path]) -> None:
-    # Prepare: pooled, local-only and FedAvg with DP (epsilon 8) on two site folders
+    # Prepare: pooled, local-only and FedAvg with DP (epsilon 8) on two site folders,
+    # the membership-inference audit on the federated model
     cfg = _config(
         tmp_path / "e2e.toml",
         BASELINES
@@ -168,6 +169,7 @@ name = "fedavg-dp"
 kind = "federated"
 dp = true
 epsilon = 8.0
+audit = true
 """,
     )
     out = tmp_path / "out"
@@ -201,6 +203,12 @@ epsilon = 8.0
     assert len(list((out / "plots").glob("*.png"))) == 6
     assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
     assert _flower_processes(out / "flower" / "flwr-home") == []
+    # the audit: one AUC per hospital, in the report, with its ROC plot
+    auc = fed[fed["metric"] == "audit/loss-auc"]
+    assert set(auc["site"]) == sites and auc["value"].between(0, 1).all()
+    assert "Membership inference" in (out / "report.html").read_text(encoding="utf-8")
+    assert "## Membership inference" in md
+    assert (out / "experiments" / "fedavg-dp" / "seed-0" / "audit-roc.png").is_file()
 
     # Execute: the same output folder again
     t0 = time.monotonic()
