@@ -56,9 +56,34 @@ from shared_model.train import CaseResults, pick_device, summarise
 logging.getLogger("flwr").propagate = False
 log = logging.getLogger(__name__)
 
+
+
+def central_clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Flower's `fixedclipping_mod` when the server runs client-level DP with client-side
+    clipping (its wrapper sends the clipping norm in the round's config); otherwise the
+    message passes untouched. A reply without an update (a refusal, a data error) passes
+    as it is: there is nothing to clip."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if not any(KEY_CLIPPING_NORM in c for c in msg.content.config_records.values()):
+        return call_next(msg, ctxt)
+    inner: dict[str, Message] = {}
+
+    def capture(m: Message, c: Context) -> Message:
+        inner["reply"] = call_next(m, c)
+        return inner["reply"]
+
+    out = fixedclipping_mod(msg, ctxt, capture)
+    reply = inner.get("reply")
+    if reply is not None and not reply.has_error() and not reply.content.array_records:
+        return reply
+    return out
+
+
 # Flower mods that touch updates (clipping, local DP) belong on @app.train only: on
 # @app.evaluate they error or hang the run.
-TRAIN_MODS: list = []
+TRAIN_MODS: list = [central_clipping_mod]
 
 app = ClientApp()
 
@@ -143,6 +168,7 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
     assert outcome.state is not None
     values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: outcome.num_examples,
+        wire.M_UNIT_WEIGHT: 1,
         wire.M_EPSILON: outcome.epsilon,
         wire.M_DELTA: outcome.delta,
         wire.M_BUDGET_LEFT: outcome.epsilon_left,
@@ -198,7 +224,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             store.save(ledger)  # on disk before anything leaves the site
     except LedgerError as exc:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
-    values: dict[str, float | int] = {wire.M_DATA_ERROR: 0, wire.M_REFUSED: 0, **metrics}
+    values: dict[str, float | int] = {wire.M_DATA_ERROR: 0, wire.M_REFUSED: 0,
+                                     wire.M_UNIT_WEIGHT: 1, **metrics}
     values |= {
         wire.M_EPSILON: ledger.epsilon("train", run.accountant),
         wire.M_EVAL_EPSILON: ledger.epsilon("evaluation", run.accountant),

@@ -206,7 +206,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
         ))
         log(INFO, "checkpoint: %s", path)
 
-    guarded = GuardedStrategy(build_strategy(run), max_norm=run.update_max_norm,
+    guarded = GuardedStrategy(build_strategy(run, start.offset), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
                               on_round_end=on_round_end)  # fmt: skip
     if start.strategy_state:

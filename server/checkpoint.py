@@ -37,7 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.results import EVALUATE, Row, epsilon_spent, final_metrics, sites_of
+from server.results import (
+    EVALUATE,
+    Row,
+    central_epsilon,
+    epsilon_spent,
+    final_metrics,
+    sites_of,
+)
 from shared_model import wire
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import FORMAT, payload  # one format for every model file
@@ -224,11 +231,26 @@ def build_model_card(
             "metrics_are_private_releases": private_metrics,
             "epsilon_covers": PRIVACY_COVERS,
             "released_without_dp": list(RELEASED_WITHOUT_DP),
+            "central_dp": _central_dp_card(run_config, rows),
         },
         "final_metrics": final_metrics(rows),
         "model_config": dict(model_config),
         "run_config": dict(run_config),
     }
+
+
+def _central_dp_card(run_config: Mapping[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
+    """Client-level DP of the federation (a whole hospital's contribution), beside each
+    site's sample-level epsilon (one patient's)."""
+    mode = run_config.get("central-dp", "off")
+    if mode == "off":
+        return {"mode": "off"}
+    return {"mode": mode, "noise_multiplier": run_config.get("central-noise"),
+            "clipping_norm": run_config.get("central-clip"),
+            "epsilon": central_epsilon(rows), "delta": run_config.get("delta"),
+            "covers": "everything the federation's model holds about any one hospital's "
+                      "data, against whoever receives the model (not against the server, "
+                      "which adds the noise)"}
 
 
 # What a site's epsilon covers and what it does not: the same list as docs/privacy.md.

@@ -122,8 +122,18 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+FEDERATION = "federation"  # the site name of rows about the federation as a whole
+
+
 def sites_of(rows: Iterable[Row]) -> list[str]:
-    return sorted({r.site for r in rows})
+    return sorted({r.site for r in rows if r.site != FEDERATION})
+
+
+def central_epsilon(rows: Iterable[Row]) -> float | None:
+    """The federation's client-level epsilon after its last released round (None
+    without central DP)."""
+    spent = [r.value for r in rows if r.site == FEDERATION and r.metric == wire.M_CENTRAL_EPSILON]
+    return max(spent) if spent else None
 
 
 def privacy_ledger(rows: Iterable[Row]) -> dict[str, dict[int, float]]:

@@ -51,7 +51,7 @@ from flwr.serverapp.strategy import (
 )
 
 from server.checks import inspect_update
-from server.results import EVALUATE, M_UPDATE_ACCEPTED, M_UPDATE_NORM, TRAIN, Row
+from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, M_UPDATE_NORM, TRAIN, Row
 from shared_model import wire
 from shared_model.run_config import RunConfig
 
@@ -73,15 +73,56 @@ STRATEGIES: dict[str, type[Strategy]] = {
 _STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t")
 
 
-def build_strategy(run: RunConfig) -> Strategy:
-    """Flower's strategy named by `run.strategy`, with the run config's sampling settings."""
+def build_strategy(run: RunConfig, rounds_done: int = 0) -> Strategy:
+    """Flower's strategy named by `run.strategy`, with the run config's sampling settings;
+    wrapped in Flower's client-level DP when `central-dp` is on."""
+    inner = _flower_strategy(run)
+    return inner if run.central_dp == "off" else central_dp(run, inner, rounds_done)
+
+
+def central_dp(run: RunConfig, inner: Strategy, rounds_done: int = 0) -> Strategy:
+    """Flower's fixed-clipping DP wrapper (the server clips, or each node does) with
+    Flower's RDP accountant: every round a Gaussian release by each hospital, no
+    amplification by sampling. A resumed run composes the rounds already released."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    # Flower draws the central noise from numpy's global generator, which the ServerApp
+    # seeded with the run seed for the initial model: anyone who knows the run config could
+    # replay the noise and subtract it from the model. Reseed it from the OS (256 bits).
+    np.random.seed(np.random.SeedSequence().generate_state(8))
+    m = run.central_sample
+    accountant = RdpAccountant(PrivacyConfig(
+        target_delta=run.delta, population_size=m,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    ))
+    if rounds_done:
+        accountant.compose(GaussianPrivacyEvent(run.central_noise, m, m), rounds_done)
+    cls = (DifferentialPrivacyServerSideFixedClipping if run.central_dp == "server"
+           else DifferentialPrivacyClientSideFixedClipping)
+    return cls(inner, noise_multiplier=run.central_noise, clipping_norm=run.central_clip,
+               num_sampled_clients=m, accountant=accountant)
+
+
+def _flower_strategy(run: RunConfig) -> Strategy:
     common: dict[str, Any] = dict(
         fraction_train=run.fraction_train,
         fraction_evaluate=run.fraction_evaluate,
         min_train_nodes=run.min_train_nodes,
         min_evaluate_nodes=run.min_evaluate_nodes,
         min_available_nodes=run.min_available_nodes,
-        weighted_by_key=wire.M_NUM_EXAMPLES,
+        # client-level DP needs FedAvg's plain mean: equal weights, not the site sizes
+        weighted_by_key=wire.M_UNIT_WEIGHT if run.central_dp != "off" else wire.M_NUM_EXAMPLES,
         arrayrecord_key=wire.ARRAYS,
         configrecord_key=wire.CONFIG,
     )
@@ -404,7 +445,14 @@ class GuardedStrategy(Strategy):
             log(WARNING, "round %d: %s produced no aggregate; the global model stays as it "
                 "was", rnd, type(self.strategy).__name__)
             return self.global_arrays, metrics
+        self._record_central_epsilon(rnd)
         return self._in_global_dtypes(arrays), metrics
+
+    def _record_central_epsilon(self, rnd: int) -> None:
+        """With client-level DP on: the federation's epsilon after this round's release."""
+        spent = getattr(self.strategy, "privacy_spent", lambda: None)()
+        if spent is not None:
+            self._record(rnd, FEDERATION, 0, TRAIN, {wire.M_CENTRAL_EPSILON: spent.epsilon})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

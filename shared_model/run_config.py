@@ -88,6 +88,12 @@ class RunConfig(BaseModel):
     )
     accountant: Literal["rdp", "prv"]
     secure_mode: bool
+    # client-level central DP (Flower's wrappers) on top of the sites' sample-level DP
+    central_dp: Literal["off", "server", "client"] = Field(
+        description="who clips each hospital's update before the server adds noise")
+    central_noise: float = Field(gt=0.0, description="central Gaussian noise multiplier")
+    central_clip: float = Field(gt=0.0, description="L2 bound of one hospital's update")
+    central_clients: int = Field(ge=0, description="hospitals per round; 0 = min-train-nodes")
 
     # model
     model_size: ModelSize
@@ -122,6 +128,16 @@ class RunConfig(BaseModel):
             )
         if self.strategy == "fedprox" and self.proximal_mu == 0.0:
             raise ValueError("strategy='fedprox' needs proximal-mu > 0 (0 is plain FedAvg)")
+        if self.central_dp != "off" and self.strategy != "fedavg":
+            raise ValueError(
+                f"central-dp={self.central_dp!r} needs strategy='fedavg': Flower's accountant "
+                f"of client-level DP assumes FedAvg's mean, and {self.strategy} is not it "
+                "(a robust aggregator or a server optimizer changes the sensitivity)")
+        if self.central_dp != "off" and self.fraction_train < 1.0:
+            raise ValueError(
+                f"central-dp={self.central_dp!r} needs fraction-train=1.0: the accountant "
+                "counts every round as a release by each hospital (no amplification by "
+                "sampling, which a coordinator could fake)")
         self.model()  # the model part must make a valid ModelConfig too
         return self
 
@@ -148,6 +164,11 @@ class RunConfig(BaseModel):
             return cls.model_validate(dict(flat))
         except ValidationError as exc:
             raise RunConfigError(describe(exc, "run config")) from None
+
+    @property
+    def central_sample(self) -> int:
+        """Hospitals in each round's central-DP mean (the noise is scaled to it)."""
+        return self.central_clients or self.min_train_nodes
 
     def flat(self) -> dict[str, object]:
         """Back to Flower's flat form (kebab-case keys)."""

@@ -91,6 +91,7 @@ def train_reply(
     """A train reply exactly as the ClientApp contract describes it."""
     metrics = MetricRecord({
         wire.M_NUM_EXAMPLES: num_examples,
+        wire.M_UNIT_WEIGHT: 1,
         wire.M_TRAIN_LOSS: 0.5,
         wire.M_EPSILON: epsilon,
         wire.M_DELTA: 1e-5,
@@ -115,7 +116,7 @@ def evaluate_reply(
         wire.M_NUM_EXAMPLES: num_examples, wire.M_LOSS: 1.0 - accuracy,
         wire.M_ACCURACY: accuracy, wire.M_MACRO_F1: accuracy / 2, wire.M_AUROC: 0.5,
         wire.M_IOU: 0.1, wire.M_BLEU4: 0.0, wire.M_ROUGE_L: 0.2, wire.M_EPSILON: epsilon,
-        wire.M_DELTA: 1e-5,
+        wire.M_DELTA: 1e-5, wire.M_UNIT_WEIGHT: 1,
     }
     if data_error:
         values[wire.M_DATA_ERROR] = 1.0

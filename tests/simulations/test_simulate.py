@@ -170,6 +170,12 @@ kind = "federated"
 dp = true
 epsilon = 8.0
 audit = true
+
+[[experiment]]
+name = "fedavg-central"
+kind = "federated"
+dp = false
+run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
 """,
     )
     out = tmp_path / "out"
@@ -181,7 +187,13 @@ audit = true
     assert code == 0, output
     results = report.read_results(out / "results.csv")
     assert list(results.columns) == list(report.COLUMNS)
-    assert set(results["experiment"]) == {"pooled", "local-only", "fedavg-dp"}
+    assert set(results["experiment"]) == {"pooled", "local-only", "fedavg-dp", "fedavg-central"}
+    central = results[(results["experiment"] == "fedavg-central")
+                      & (results["metric"] == "train/central-epsilon")]
+    assert list(central["round"]) == [1, 2] and central["value"].is_monotonic_increasing
+    card = json.loads((out / "experiments" / "fedavg-central" / "seed-0" / "final"
+                       / "model_card.json").read_text())
+    assert card["privacy"]["central_dp"]["epsilon"] == central["value"].max()
     fed = results[results["experiment"] == "fedavg-dp"]
     sites = {p.name for p in tiny_federation}
     assert set(fed[fed["metric"] == "eval/accuracy"]["round"]) == {1, 2}
@@ -200,7 +212,7 @@ audit = true
     assert "| fedavg-dp |" in md and "| pooled |" in md and "| local-only |" in md
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 5000
-    assert len(list((out / "plots").glob("*.png"))) == 6
+    assert len(list((out / "plots").glob("*.png"))) == 7  # 3 overviews, a curve each
     assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
     assert _flower_processes(out / "flower" / "flwr-home") == []
     # the audit: one AUC per hospital, in the report, with its ROC plot
@@ -216,7 +228,7 @@ audit = true
 
     # Assert: every experiment was finished, none ran again (no Flower started)
     assert code == 0, output
-    assert "0 run, 3 already finished" in output
+    assert "0 run, 4 already finished" in output
     assert "starting a simulation SuperLink" not in output
     assert time.monotonic() - t0 < 60
 
