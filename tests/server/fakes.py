@@ -19,6 +19,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from shared_model import wire
+from shared_model.run_config import RunConfig, pyproject_defaults
 
 Node = Callable[[Message], Message]
 
@@ -67,6 +68,13 @@ class FakeGrid(Grid):
                 raise Crash(f"coordinator crashed before round {rnd}")
         self.sent.extend(messages)
         return [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+
+
+def run_config(**overrides) -> RunConfig:
+    """The pyproject defaults with `overrides` (snake_case keys), validated."""
+    flat = pyproject_defaults()
+    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return RunConfig.parse(flat)
 
 
 def numpy_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -12,16 +12,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.app import central_clipping_mod
 from server.strategy import FEDERATION, GuardedStrategy, build_strategy
 from shared_model import wire
-from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
-from tests.server.fakes import FakeGrid, array_record, numpy_arrays, train_reply
+from shared_model.run_config import RunConfigError
+from tests.server.fakes import FakeGrid, array_record, numpy_arrays, run_config, train_reply
 
 CLIP = 0.5
-
-
-def run_config(**overrides) -> RunConfig:
-    flat = pyproject_defaults()
-    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return RunConfig.parse(flat)
 
 
 def ref_state() -> dict[str, np.ndarray]:

@@ -12,22 +12,17 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN
 from server.strategy import STRATEGIES, GuardedStrategy, build_strategy, train_config
 from shared_model import wire
-from shared_model.run_config import RunConfig, StrategyName, pyproject_defaults
+from shared_model.run_config import StrategyName
 from tests.server.fakes import (
     FakeGrid,
     array_record,
     evaluate_reply,
     numpy_arrays,
+    run_config,
     train_reply,
 )
 
 NAMES = typing.get_args(StrategyName)  # every strategy a run config may name
-
-
-def run_config(**overrides) -> RunConfig:
-    flat = pyproject_defaults()
-    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
-    return RunConfig.parse(flat)
 
 
 def global_state() -> dict[str, np.ndarray]:
