@@ -538,29 +538,29 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     if meta is not None and not meta.empty and "series" in meta.columns:
         series = dict(zip(meta["experiment"], meta["series"], strict=False))
     points: dict[str, list[tuple[float, float, str]]] = {}
-    refs: list[tuple[str, float]] = []
+    refs: list[tuple[str, float, str]] = []
     if mean is not None:
         for exp in summary.experiments:
             eps, acc = float(mean.at[exp, EPS_COLUMN]), float(mean.at[exp, "accuracy"])
             if math.isnan(acc):
                 continue
-            if math.isfinite(eps):
+            if math.isfinite(eps) and eps > 0:
                 points.setdefault(series.get(exp, exp), []).append((eps, acc, exp))
-            else:
-                refs.append((exp, acc))
+            else:  # no DP (infinite), or nothing spent (the public model alone): a line
+                refs.append((exp, acc, "no DP" if math.isinf(eps) else "no site data"))
     for name, pts in points.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} (DP)")
         for _e, a, exp in pts:
             ax.annotate(exp, (_e, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
     styles = ["--", ":", "-.", (0, (5, 2, 1, 2))]
-    for i, (exp, acc) in enumerate(refs):
+    for i, (exp, acc, what) in enumerate(refs):
         ax.axhline(
             acc,
             ls=styles[i % len(styles)],
             color=f"C{(i + len(points)) % 10}",
             lw=1.2,
-            label=f"{exp} (no DP)",
+            label=f"{exp} ({what})",
         )
     if points:
         ax.set_xscale("log")
