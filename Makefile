@@ -30,6 +30,9 @@ demo: install
 test: install lint
 	$(PY) -m pytest -q --durations=15
 
+bench: install
+	$(VENV)/bin/medfuse bench --out runs/bench
+
 lint: install
 	$(VENV)/bin/ruff check .
 

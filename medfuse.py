@@ -2,7 +2,7 @@
 
 Hospital IT (client/cli.py):       data check, privacy show, audit
 Coordinator (server/cli.py):       provision, pretrain, deploy local
-Researcher  (simulations/):        simulate, train-pooled, data synth, data synth-public
+Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
 Only the command definitions are imported here; each command imports what it runs when it
 runs, so a hospital's command never loads the simulation harness.
@@ -43,6 +43,7 @@ app.add_typer(coordinator.deploy_app, name="deploy")
 
 app.command("simulate")(simulate)
 app.command("train-pooled")(research.train_pooled)
+app.command("bench")(research.bench)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -103,6 +104,7 @@ class _Unusable(Exception):
 def train(msg: Message, context: Context) -> Message:
     """Check the round against the node's policy, train (privately unless the node allows
     otherwise) with the ledger charged first, and reply with the update or the reason."""
+    t0 = time.perf_counter()
     begun = _begin(msg, context)
     if isinstance(begun, Message):
         return begun
@@ -141,7 +143,8 @@ def train(msg: Message, context: Context) -> Message:
         "(delta %g, %.4g left)", choice.site_name, server_round, outcome.num_examples,
         outcome.train_loss, outcome.epsilon, outcome.delta, outcome.epsilon_left,
     )
-    return _update_reply(msg, choice.site_name, outcome, private=run.dp)
+    return _update_reply(msg, choice.site_name, outcome, private=run.dp,
+                         seconds=time.perf_counter() - t0)
 
 
 def _policy_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
@@ -163,7 +166,7 @@ def _dp_settings(run: RunConfig) -> DPSettings:
 
 
 def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
-                  private: bool) -> Message:
+                  private: bool, seconds: float) -> Message:
     """The update and what is released with it (no train loss under DP)."""
     assert outcome.state is not None
     values: dict[str, float | int] = {
@@ -175,6 +178,7 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
         wire.M_BUDGET_SPENT: 0,
         wire.M_DATA_ERROR: 0,
         wire.M_REFUSED: 0,
+        wire.M_SECONDS: seconds,
     }
     if not private:  # a non-private release already gives everything away
         values[wire.M_TRAIN_LOSS] = outcome.train_loss
@@ -188,6 +192,9 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the asked split and release what the node's policy
+    allows (noised and charged, exact, or nothing)."""
+    t0 = time.perf_counter()
     begun = _begin(msg, context)
     if isinstance(begun, Message):
         return begun
@@ -230,6 +237,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         wire.M_EPSILON: ledger.epsilon("train", run.accountant),
         wire.M_EVAL_EPSILON: ledger.epsilon("evaluation", run.accountant),
         wire.M_DELTA: ledger.delta,
+        wire.M_SECONDS: time.perf_counter() - t0,
     }
     content = RecordDict({
         wire.METRICS: MetricRecord(_finite(values)),

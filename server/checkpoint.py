@@ -261,7 +261,8 @@ PRIVACY_COVERS = (
 )
 RELEASED_WITHOUT_DP = (
     "that a site took part in a round, its name, and when it replied (timing follows the "
-    "size of the site and of its Poisson batches)",
+    "size of the site and of its Poisson batches), and the seconds it says the message "
+    "took (`seconds`: the same information, without the network and polling)",
     "why a site did not take part (budget spent, data unusable, a round it refuses)",
     "the epsilon, delta and budget figures themselves (computed from what was released)",
     "exact evaluation metrics where a site's node config says evaluation='exact' (its "

@@ -161,7 +161,7 @@ def epsilon_spent(rows: Iterable[Row], metric: str = wire.M_EPSILON) -> dict[str
 def final_metrics(rows: Iterable[Row]) -> dict[str, dict[str, float]]:
     """site -> its evaluate metrics from the last round it was evaluated, plus 'mean'
     (the unweighted mean over sites of each metric)."""
-    rows = list(rows)
+    rows = [r for r in rows if r.site != FEDERATION]
     last: dict[str, int] = {}
     for r in rows:
         if r.phase == EVALUATE:

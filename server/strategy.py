@@ -22,6 +22,7 @@ delegation the wrapper
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -55,6 +56,7 @@ from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, M_UPDATE_NOR
 from shared_model import wire
 from shared_model.run_config import RunConfig
 
+ROUND_SECONDS = "round-seconds"  # wall time of a round at the server (site `federation`)
 RoundHook = Callable[[int, ArrayRecord, list[Row]], None]
 """Called after each round's evaluation: (global round, new global arrays, its rows)."""
 
@@ -312,6 +314,7 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self._global_round(server_round)
         log(INFO, "medfuse: global round %d/%d (train)", rnd, self.total_rounds)
+        self._round_started = time.monotonic()
         self._set_global(arrays)
         self._rows = []
         cfg = ConfigRecord(dict(config))
@@ -493,6 +496,9 @@ class GuardedStrategy(Strategy):
                 log(WARNING, "round %d: evaluation metrics not aggregated: %s", rnd, exc)
 
         self.last_round = rnd
+        started = getattr(self, "_round_started", None)
+        if started is not None:  # train to evaluated, as the server saw it
+            self._record(rnd, FEDERATION, 0, EVALUATE, {ROUND_SECONDS: time.monotonic() - started})
         # replies arrive in any order: rows go out by phase, site and node (stable sort)
         rows = sorted(self._rows, key=lambda r: (r.phase != TRAIN, r.site, r.node_id))
         self._rows = []

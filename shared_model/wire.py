@@ -22,6 +22,7 @@ CFG_EVAL_SPLIT = "eval-split"  # "val" or "test": which split the sites evaluate
 
 # MetricRecord keys in replies
 M_NUM_EXAMPLES = "num-examples"
+M_SECONDS = "seconds"  # the node's own compute time for this message (released without DP)
 M_UNIT_WEIGHT = "unit-weight"  # always 1: the equal weights client-level DP averages with
 M_CENTRAL_EPSILON = "central-epsilon"  # the federation's client-level epsilon so far
 M_TRAIN_LOSS = "train-loss"

@@ -4,6 +4,7 @@ pooled baseline (`medfuse simulate` lives in `simulations/simulate.py`).
     medfuse data synth          synthetic hospitals in format v1
     medfuse data synth-public   a synthetic stand-in for a public archive
     medfuse train-pooled        pooled (centralised) baseline on the union of sites
+    medfuse bench               what DP and the federation cost, measured here
 """
 
 from __future__ import annotations
@@ -162,6 +163,19 @@ def _pooled_one(name: str, model_cfg: ModelConfig, central, opened: list) -> dic
     return {"model": model_cfg.model_dump(), "train": central.model_dump(),
             "train_examples": res.train_examples, "seconds": res.seconds,
             "overall": res.overall, "per_site": res.per_site, "history": res.history}
+
+
+def bench(
+    out: Annotated[Path, typer.Option(help="bench.json and the data it measured on")] = Path(
+        "runs/bench"),
+    quick: Annotated[bool, typer.Option(help="fewer repeats (noisier)")] = False,
+) -> None:
+    """Measure what privacy and the federation cost on this machine: DP-SGD step time over
+    a plain step (all layers and fewer), array bytes per round over 2 x the model; print
+    each figure beside its goal and write bench.json."""
+    from simulations.bench import run_bench
+
+    run_bench(out, quick=quick, echo=lambda line: console.print(line, highlight=False))
 
 
 def metrics_table(

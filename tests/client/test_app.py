@@ -31,7 +31,7 @@ from shared_model.tokenizer import Tokenizer
 # under DP: no training loss (a crafted model turns it into a label count)
 TRAIN_KEYS = {
     wire.M_NUM_EXAMPLES, wire.M_UNIT_WEIGHT, wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT,
-    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR, wire.M_REFUSED,
+    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR, wire.M_REFUSED, wire.M_SECONDS,
 }
 
 

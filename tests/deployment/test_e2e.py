@@ -130,7 +130,7 @@ def test_faults_node_kill_superlink_restart_and_intruders(
             f.kill_superlink()
 
     cfg = DeployConfig(
-        hospitals=2, rounds=2, min_nodes=1, round_timeout=300, app_dir=deploy.PROJECT_DIR,
+        hospitals=2, rounds=2, min_nodes=1, round_timeout=150, app_dir=deploy.PROJECT_DIR,
         # large budget: the resumed round 2 trains again at h0
         run_config={"batch-size": 16, "epsilon": 1000.0, "noise-multiplier": 1.0},
     )  # fmt: skip

@@ -19,7 +19,7 @@ from server.checkpoint import (
     write_final,
 )
 from server.results import EVALUATE, Row
-from server.strategy import GuardedStrategy, build_strategy
+from server.strategy import ROUND_SECONDS, GuardedStrategy, build_strategy
 from shared_model import wire
 from shared_model.run_config import RunConfig, pyproject_defaults
 from tests.server.fakes import Crash, FakeGrid, array_record, deterministic_site, numpy_arrays
@@ -148,7 +148,9 @@ def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(
     assert last.round == 2
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name])
-    assert resumed_rows == straight_rows
+    timed = (ROUND_SECONDS, wire.M_SECONDS)  # wall times differ from run to run
+    assert ([r for r in resumed_rows if r.metric not in timed]
+            == [r for r in straight_rows if r.metric not in timed])
     assert load_latest(tmp_path / "crashed").round == 4
     moved = max(float(np.abs(straight[k] - state()[k]).max()) for k in straight)
     assert moved > 0.01  # the rounds did change the model

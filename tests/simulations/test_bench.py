@@ -1,0 +1,30 @@
+"""`medfuse bench` measures and writes its figures (never a timed assertion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.bench import bytes_figures, run_bench
+
+
+@pytest.mark.slow
+def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
+    lines: list[str] = []
+    run_bench(tmp_path, quick=True, image_size=32, echo=lines.append)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("dp_step_ratio", "dp_step_ratio_no_embeddings", "dp_step_ratio_heads",
+                "bytes_per_round_ratio", "sim_round_overhead"):
+        assert data[key]["value"] > 0 and data[key]["settings"], key
+    assert data["dp_step_ratio"]["goal"].startswith("<= 2")
+    assert any(line.startswith("dp_step_ratio") for line in lines)
+
+
+def test_bytes_count_each_stored_parameter_once():
+    (fig,) = bytes_figures(32)
+    s = fig.settings
+    # the state dict holds aliases of the DPLSTM weights: more bytes than the parameters
+    assert s["state_dict_bytes"] >= s["parameter_bytes"] > 0
+    assert fig.value == 3 * s["state_dict_bytes"] / (2 * s["parameter_bytes"])
