@@ -1,6 +1,6 @@
 """`medfuse`: one command line, each role's commands from its own room.
 
-Hospital IT (client/cli.py):       data check, privacy show, audit
+Hospital IT (client/cli.py):       data check, privacy show, audit, predict
 Coordinator (server/cli.py):       provision, pretrain, deploy local
 Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
@@ -36,6 +36,7 @@ privacy = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
 privacy.command("show")(hospital.privacy_show)
 app.add_typer(privacy, name="privacy")
 app.command("audit")(hospital.audit)
+app.command("predict")(hospital.predict)
 
 app.command("provision")(coordinator.provision_cmd)
 app.command("pretrain")(coordinator.pretrain_cmd)

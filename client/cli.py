@@ -3,6 +3,7 @@
     medfuse data check SITE...     every unusable row, counts per label and split
     medfuse privacy show           epsilon spent and left, every release from the data
     medfuse audit MODEL SITE...    can someone with the model tell who was in the data?
+    medfuse predict MODEL SITE     predictions with attention maps, a gallery
 """
 
 from __future__ import annotations
@@ -154,3 +155,52 @@ def audit_table(rows: list[dict]):
                       f"{r['auc']:.3f} [{r['auc_ci_lo']:.2f}, {r['auc_ci_hi']:.2f}]",
                       f"{r['tpr_at_1']:.1%}", f"{r['tpr_at_01']:.1%}")
     return table
+
+
+def predict(
+    model: Annotated[Path, typer.Argument(help="a medfuse model file (final/model.pt)")],
+    site_dir: Annotated[Path | None, typer.Argument(help="a site folder (format v1)")] = None,
+    image: Annotated[Path | None, typer.Option(help="one image instead of a site")] = None,
+    report: Annotated[str, typer.Option(help="its report: text, or a file holding it")] = "",
+    out: Annotated[Path, typer.Option(help="predictions.csv, cases/*.png, index.html")] = Path(
+        "predictions"),
+    labels: LabelsOpt = "",
+    limit: Annotated[int | None, typer.Option(min=1, help="at most this many cases")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """The model on your own cases: class probabilities, lesion box, a generated
+    description, the image attention map and the report's words shaded by attention;
+    predictions.csv, one PNG per case and an index.html gallery. Nothing leaves here."""
+    from client.predict import case_from_file, cases_of_site, predict, write_outputs
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.model_file import ModelFileError, check_matches, load_model_file
+    from shared_model.tokenizer import Tokenizer
+    from shared_model.train import pick_device
+
+    if (site_dir is None) == (image is None):
+        fail("give a site folder or --image FILE (one of them)")
+    try:
+        mf = load_model_file(model)
+        if labels:
+            check_matches(mf, mf.model_config, parse_labels(labels))
+        if image is not None:
+            text = Path(report).read_text(encoding="utf-8") if report and Path(
+                report).is_file() else report
+            cases = [case_from_file(image, text, mf)]
+        else:
+            site = open_site(site_dir, labels=mf.labels, model=mf.model_config,
+                             tokenizer=Tokenizer(mf.model_config.vocab_size))
+            cases = cases_of_site(site)
+        dev = pick_device(device)
+    except (ModelFileError, SiteError, OSError, ValueError) as exc:
+        fail(exc)
+    cases = cases[:limit] if limit else cases
+    console.print(f"predicting {len(cases)} case(s) with {model} on {dev}")
+    preds = predict(mf, cases, dev)
+    files = write_outputs(preds, cases, out, mf.labels)
+    known = [p for p in preds if p.true_label]
+    if known:
+        right = sum(p.label == p.true_label for p in known)
+        console.print(f"accuracy on the labelled cases: {right}/{len(known)} "
+                      f"({right / len(known):.3f})")
+    console.print(f"written: {files['csv']}, {out / 'cases'}/, {files['index']}")
