@@ -10,6 +10,9 @@ Figures (each with the settings it was measured under):
 - `sim_round_overhead`: a round's wall time at the server over the slowest hospital's own
   compute that round (its train and evaluate seconds, which each node reports), in a small
   simulation through Flower's engine; the median over rounds after the first.
+- `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
+  hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
+  process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
 - `bytes_per_round_ratio`: the array bytes one site receives and sends in a round with
   medfuse's messages (the global model in the train message, the update back, the model
   again in the evaluate message) over 2 x the model's parameter bytes (one model down, one
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 GOALS = {"dp_step_ratio": ("<=", 2.0), "bytes_per_round_ratio": ("<=", 1.05),
-         "sim_round_overhead": ("<=", 1.10)}
+         "sim_round_overhead": ("<=", 1.10), "hospitals_max": (">=", 200)}
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,123 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
         "first_round_ratio": round(ratios[0], 3) if ratios else None})]
 
 
+SCALE_CONFIG = """
+name = "bench: {n} hospitals"
+seeds = [0]
+[sites]
+source = "synthetic"
+count = {n}
+cases-per-site = 20
+seed = 0
+[model]
+image-size = 32
+[training]
+rounds = 1
+[resources]
+client-cpus = 1
+[[experiment]]
+name = "fedavg"
+kind = "federated"
+dp = true
+epsilon = 8.0
+run-config = {{ fraction-train = {frac}, fraction-evaluate = {frac} }}
+"""
+
+
+class _PeakMemory:
+    """The peak resident memory of this process and all its descendants (Flower's
+    SuperLink, Ray's workers, the ServerApp), sampled twice a second."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> _PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
+                      sampled: int = 4) -> list[Figure]:
+    """Simulated federations of growing size (20-case hospitals, 32 px, one DP round in
+    which `sampled` hospitals train and evaluate): peak memory of the whole process tree
+    and round time, and a plot of both against the number of hospitals."""
+    from rich.console import Console
+
+    from server.results import FEDERATION, read_rows
+    from server.strategy import ROUND_SECONDS
+    from simulations.config import load_config
+    from simulations.runner import Runner
+
+    points = []
+    for n in counts:
+        cfg_file = out / f"scale-{n}.toml"
+        cfg_file.write_text(SCALE_CONFIG.format(n=n, frac=min(1.0, sampled / n)),
+                            encoding="utf-8")
+        cfg = load_config(cfg_file, out=out / f"scale-{n}")
+        t0 = time.perf_counter()
+        with _PeakMemory() as mem:
+            outcome = Runner(cfg, console=Console(quiet=True), progress=False).run()
+        rows = read_rows(out / f"scale-{n}" / "experiments" / "fedavg" / "seed-0"
+                         / "results.jsonl") if not outcome.failed else []
+        round_s = next((r.value for r in rows if r.site == FEDERATION
+                        and r.metric == ROUND_SECONDS), math.nan)
+        points.append({"hospitals": n, "peak_gb": mem.peak / 1e9, "round_s": round_s,
+                       "total_s": time.perf_counter() - t0, "failed": bool(outcome.failed)})
+    _scale_plot(points, out / "bench-hospitals.png")
+    ok = [p for p in points if not p["failed"]]
+    top = max(ok, key=lambda p: p["hospitals"]) if ok else None
+    return [Figure("hospitals_max", float(top["hospitals"]) if top else 0.0, {
+        "points": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
+                   for p in points],
+        "sampled_per_round": sampled, "cases_per_site": 20, "image_size": 32,
+        "peak_gb_at_max": round(top["peak_gb"], 3) if top else None,
+        "plot": str(out / "bench-hospitals.png")})]
+
+
+def _scale_plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shared_model.files import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = [p["hospitals"] for p in points]
+    ax.plot(xs, [p["peak_gb"] for p in points], "o-", label="peak memory (GB)")
+    ax.set_xlabel("simulated hospitals")
+    ax.set_ylabel("peak memory of the process tree (GB)")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p["round_s"] for p in points], "s--", color="C1", label="round time (s)")
+    ax2.set_ylabel("round time (s)")
+    fig.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
+    plt.close(fig)
+
+
 def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
               echo: Callable[[str], object] = print) -> list[Figure]:
     """Every figure, printed as it is measured, then bench.json under `out`."""
@@ -232,6 +352,7 @@ def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
         lambda: dp_step_figures(image_size=image_size, repeats=3 if quick else 10,
                                 workdir=out / "data"),
         lambda: sim_round_figures(out, rounds=2 if quick else 4),
+        lambda: hospitals_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),
     ]
     for measure in steps:
         for fig in measure():

@@ -16,10 +16,13 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
     run_bench(tmp_path, quick=True, image_size=32, echo=lines.append)
     data = json.loads((tmp_path / "bench.json").read_text())
     for key in ("dp_step_ratio", "dp_step_ratio_no_embeddings", "dp_step_ratio_heads",
-                "bytes_per_round_ratio", "sim_round_overhead"):
+                "bytes_per_round_ratio", "sim_round_overhead", "hospitals_max"):
         assert data[key]["value"] > 0 and data[key]["settings"], key
     assert data["dp_step_ratio"]["goal"].startswith("<= 2")
     assert any(line.startswith("dp_step_ratio") for line in lines)
+    assert data["hospitals_max"]["value"] == 8  # quick: 4 and 8 hospitals
+    assert all(p["peak_gb"] > 0 for p in data["hospitals_max"]["settings"]["points"])
+    assert (tmp_path / "bench-hospitals.png").is_file()
 
 
 def test_bytes_count_each_stored_parameter_once():
