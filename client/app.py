@@ -49,7 +49,7 @@ from client.site import (
 )
 from shared_model import wire
 from shared_model.dataset import SiteData, SiteError, open_site
-from shared_model.run_config import RunConfig
+from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import CaseResults, pick_device, summarise
 
@@ -82,9 +82,56 @@ def central_clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
     return out
 
 
+def _epsilon_now(choice: SiteChoice) -> float | None:
+    """The training epsilon already spent on this data (None before its first release);
+    read from the store without hashing the data again (the ledger notes its folders)."""
+    folder = str(choice.data_path.resolve())
+    try:
+        for ledger in LedgerStore(choice.state_dir).ledgers():
+            if folder in ledger.data_paths:
+                return ledger.epsilon("train")
+    except (LedgerError, OSError):
+        return None
+    return None
+
+
+def audit_log_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Append to the node's audit log (beside its ledger store) what this message brought
+    and what the node sent back: array names, shapes, dtypes, bytes and a digest, every
+    metric, the epsilon before and after. Written before the reply leaves the node."""
+    from shared_model import audit_log
+
+    try:
+        choice = resolve_site(ctxt.node_config, RunConfig.parse(ctxt.run_config))
+    except (SiteConfigError, RunConfigError):
+        return call_next(msg, ctxt)  # the handler answers with the reason
+    before = _epsilon_now(choice)
+    reply = call_next(msg, ctxt)
+
+    def arrays(m: Message) -> dict | None:
+        records = list(m.content.array_records.values()) if not m.has_error() else []
+        return audit_log.arrays_summary(
+            {k: v.numpy() for k, v in records[0].items()}) if records else None
+
+    metrics = {} if reply.has_error() else {
+        k: v for rec in reply.content.metric_records.values() for k, v in rec.items()}
+    audit_log.append(choice.state_dir / audit_log.LOG_FILE, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "who": choice.site_name,
+        "what": f"{msg.metadata.message_type} run {ctxt.run_id}",
+        "received": {"arrays": arrays(msg), "config": {
+            k: v for rec in msg.content.config_records.values() for k, v in rec.items()}},
+        "arrays": arrays(reply), "metrics": metrics,
+        "error": reply.error.reason if reply.has_error() else "",
+        "epsilon_before": before, "epsilon_after": metrics.get(wire.M_EPSILON),
+    })
+    return reply
+
+
 # Flower mods that touch updates (clipping, local DP) belong on @app.train only: on
-# @app.evaluate they error or hang the run.
-TRAIN_MODS: list = [central_clipping_mod]
+# @app.evaluate they error or hang the run. The audit log sees every message first and
+# last (outermost), so it records the update as it leaves, after any clipping.
+TRAIN_MODS: list = [audit_log_mod, central_clipping_mod]
+EVALUATE_MODS: list = [audit_log_mod]
 
 app = ClientApp()
 
@@ -190,7 +237,7 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=EVALUATE_MODS)
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the asked split and release what the node's policy
     allows (noised and charged, exact, or nothing)."""

@@ -204,3 +204,45 @@ def predict(
         console.print(f"accuracy on the labelled cases: {right}/{len(known)} "
                       f"({right / len(known):.3f})")
     console.print(f"written: {files['csv']}, {out / 'cases'}/, {files['index']}")
+
+
+def _log_path(path: Path) -> Path:
+    from shared_model.audit_log import LOG_FILE
+
+    return path / LOG_FILE if path.is_dir() else path
+
+
+def audit_log_show(
+    path: Annotated[Path, typer.Argument(help="an audit log, or the folder holding one (a "
+                                              "node's state-dir, a run's output-dir)")],
+    last: Annotated[int, typer.Option(min=1, help="the last N entries")] = 50,
+) -> None:
+    """Print what crossed the network, one line per message, after verifying the log."""
+    from rich.table import Table
+
+    from shared_model.audit_log import AuditLogError, rows_for_display, verify
+
+    try:
+        entries = verify(_log_path(path))
+    except (AuditLogError, OSError) as exc:
+        fail(exc, 1)
+    table = Table(title=f"{_log_path(path)}: {len(entries)} entries (verified)")
+    for col in ("#", "time", "who", "what", "arrays", "metrics"):
+        table.add_column(col, overflow="fold")
+    for r in rows_for_display(entries[-last:]):
+        table.add_row(str(r.seq), r.time, r.who, r.what, r.arrays, r.metrics)
+    console.print(table)
+
+
+def audit_log_verify(
+    path: Annotated[Path, typer.Argument(help="an audit log or the folder holding one")],
+) -> None:
+    """Check every entry's digest and link and the head file: exit 1 on an edited,
+    reordered or truncated log."""
+    from shared_model.audit_log import AuditLogError, verify
+
+    try:
+        entries = verify(_log_path(path))
+    except (AuditLogError, OSError) as exc:
+        fail(exc, 1)
+    console.print(f"{_log_path(path)}: {len(entries)} entries, every digest and link checks")

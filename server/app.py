@@ -62,6 +62,7 @@ from server.results import (
 )
 from server.strategy import GuardedStrategy, build_strategy, train_config
 from shared_model import wire
+from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFileError, check_matches, load_model_file
@@ -208,7 +209,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
 
     guarded = GuardedStrategy(build_strategy(run, start.offset), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
-                              on_round_end=on_round_end)  # fmt: skip
+                              on_round_end=on_round_end,
+                              audit_log=out / AUDIT_LOG)  # fmt: skip
     if start.strategy_state:
         guarded.load_checkpoint_state(start.strategy_state)
     remaining = run.num_server_rounds - start.offset

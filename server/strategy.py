@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +210,7 @@ class GuardedStrategy(Strategy):
         total_rounds: int,
         round_offset: int = 0,
         on_round_end: RoundHook | None = None,
+        audit_log: Path | None = None,
     ) -> None:
         super().__init__()
         if max_norm <= 0:
@@ -218,6 +220,7 @@ class GuardedStrategy(Strategy):
         self.total_rounds = total_rounds
         self.round_offset = round_offset
         self.on_round_end = on_round_end
+        self.audit_log = audit_log  # the coordinator's audit log of every reply
         self._sent: list[Message] = []  # the last configure_* messages, to name dropped nodes
         self.global_arrays: ArrayRecord | None = None
         self.last_round = round_offset
@@ -403,6 +406,23 @@ class GuardedStrategy(Strategy):
             self._record(rnd, site, node, phase, values)
             yield node, site, msg, values, error
 
+    def _audit(self, rnd: int, phase: str, node: int, site: str, msg: Message,
+               values: dict[str, float] | None, verdict: str) -> None:
+        """One entry per reply in the coordinator's audit log: what the node sent (array
+        names, shapes, bytes, digest; every metric) and what the server did with it."""
+        if self.audit_log is None:
+            return
+        from shared_model import audit_log
+
+        records = [] if msg.has_error() else list(msg.content.array_records.values())
+        audit_log.append(self.audit_log, {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "who": f"{site} (node {node})",
+            "what": f"{phase} round {rnd}",
+            "arrays": audit_log.arrays_summary({k: v.numpy() for k, v in records[0].items()})
+            if records else None,
+            "metrics": values or {}, "verdict": verdict,
+        })
+
     def _in_fixed_order(self, kept: list[tuple[str, int, Message]], rnd: int,
                         phase: str) -> list[Message]:
         """The kept replies by site and node (the same sums on resume), holding only the
@@ -425,6 +445,7 @@ class GuardedStrategy(Strategy):
             if norm is not None:
                 verdict[M_UPDATE_NORM] = norm
             self._record(rnd, site, node, TRAIN, verdict)
+            self._audit(rnd, TRAIN, node, site, msg, values, reason or "accepted")
             if reason:
                 log(WARNING, "round %d: update from node %d (%s) left out: %s",
                     rnd, node, site, reason)
@@ -476,6 +497,7 @@ class GuardedStrategy(Strategy):
         replied: set[int] = set()
         for node, site, msg, values, error in self._each_reply(rnd, EVALUATE, replies,
                                                                replied):
+            self._audit(rnd, EVALUATE, node, site, msg, values, error or "received")
             if values is None:
                 log(WARNING, "round %d: evaluation on node %d (%s) failed: %s",
                     rnd, node, site, msg.error.reason)

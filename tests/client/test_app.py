@@ -415,3 +415,33 @@ def test_a_site_is_decoded_once_per_process_until_its_folder_changes(
     # Assert
     assert again is first
     assert changed is not first and len(changed.train) == len(first.train)
+
+
+def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+):
+    # Prepare / Execute: a train and an evaluate message through the ClientApp
+    from shared_model import audit_log
+
+    run_config = _run_config(tiny_federation, tmp_path)
+    trained = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    app(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
+    log_file = tmp_path / "store" / audit_log.LOG_FILE
+    entries = audit_log.verify(log_file)
+    # Assert: what left the node is what the log says left (digest of the very arrays)
+    train, evaluate = entries
+    sent = {k: v.numpy() for k, v in trained.content.array_records[wire.ARRAYS].items()}
+    assert train["arrays"]["sha256"] == audit_log.arrays_summary(sent)["sha256"]
+    assert train["received"]["arrays"]["count"] == len(global_state)
+    assert train["metrics"][wire.M_EPSILON] == train["epsilon_after"] > 0
+    assert train["epsilon_before"] is None  # the data's first release
+    assert evaluate["arrays"] is None and "accuracy" in evaluate["metrics"]
+    assert evaluate["epsilon_before"] == pytest.approx(train["epsilon_after"])
+    # an edited value, then a cut log: both are refused by verify
+    lines = log_file.read_text().splitlines()
+    log_file.write_text(lines[0].replace('"who": "', '"who": "x') + "\n" + lines[1] + "\n")
+    with pytest.raises(audit_log.AuditLogError, match="changed"):
+        audit_log.verify(log_file)
+    log_file.write_text(lines[0] + "\n")
+    with pytest.raises(audit_log.AuditLogError, match="truncated"):
+        audit_log.verify(log_file)

@@ -137,3 +137,26 @@ def test_a_fresh_run_replaces_the_earlier_runs_outputs(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "latest", "round-0001.pt"]
     assert {r.round for r in read_rows(out / "results.jsonl")} == {1}
+
+
+def test_the_coordinators_audit_log_holds_every_reply_and_what_was_done_with_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from medfuse import app as medfuse_app
+    from shared_model import audit_log
+
+    out = tmp_path / "run"
+    main(grid(), context(**{"output-dir": str(out)}))
+    entries = audit_log.verify(out / audit_log.LOG_FILE)
+    # 3 rounds x 2 sites x (train + evaluate)
+    assert len(entries) == 12
+    trains = [e for e in entries if e["what"].startswith("train")]
+    assert all(e["verdict"] == "accepted" and e["arrays"]["count"] > 0 for e in trains)
+    assert all(e["arrays"] is None for e in entries if e["what"].startswith("evaluate"))
+    shown = CliRunner().invoke(medfuse_app, ["audit-log", "show", str(out)])
+    checked = CliRunner().invoke(medfuse_app, ["audit-log", "verify", str(out)])
+    assert shown.exit_code == 0 and "site-00" in shown.output
+    assert checked.exit_code == 0 and "12 entries" in checked.output
+    (out / audit_log.LOG_FILE).write_text("")  # emptied
+    refused = CliRunner().invoke(medfuse_app, ["audit-log", "verify", str(out)])
+    assert refused.exit_code == 1 and "truncated" in refused.output
