@@ -1,6 +1,7 @@
 """`medfuse`: one command line, each role's commands from its own room.
 
-Hospital IT (client/cli.py):       data check, privacy show, audit, predict, audit-log
+Hospital IT (client/cli.py):       data check, privacy show, audit, predict,
+                                   personalise, audit-log
 Coordinator (server/cli.py):       provision, pretrain, deploy local
 Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
@@ -37,6 +38,7 @@ privacy.command("show")(hospital.privacy_show)
 app.add_typer(privacy, name="privacy")
 app.command("audit")(hospital.audit)
 app.command("predict")(hospital.predict)
+app.command("personalise")(hospital.personalise)
 audit_log = typer.Typer(help="What crossed the network: show or verify a node's or a run's "
                         "audit log.", no_args_is_help=True)
 audit_log.command("show")(hospital.audit_log_show)

@@ -69,3 +69,30 @@ def test_predict_refuses_what_is_not_a_medfuse_model_or_has_other_labels(
     assert not_model.exit_code == 2 and "not a medfuse model file" in not_model.output
     assert other.exit_code == 2 and "labels" in other.output
     assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_personalise_fine_tunes_with_dp_charged_to_the_ledger_and_refuses_past_the_budget(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    from client.privacy import LedgerStore
+    from shared_model.model_file import load_model_file
+
+    model = _model_file(tmp_path / "model.pt")
+    site = str(tiny_federation[1])
+    store = tmp_path / "store"
+    out = tmp_path / "personal.pt"
+    ok = CliRunner().invoke(app, ["personalise", str(model), site, "--out", str(out),
+                                  "--epochs", "1", "--epsilon-budget", "20",
+                                  "--state-dir", str(store)])
+    assert ok.exit_code == 0, ok.output
+    assert "global" in ok.output and "personalised" in ok.output
+    personal = load_model_file(out)
+    assert personal.meta["source"] == "personalise" and 0 < personal.meta["epsilon"] <= 20
+    (ledger,) = LedgerStore(store).ledgers()
+    assert [e.kind for e in ledger.entries].count("dp-sgd") == 1
+    # the same data with a budget below what is already spent: refused, nothing written
+    again = CliRunner().invoke(app, ["personalise", str(model), site, "--out",
+                                     str(tmp_path / "again.pt"), "--epochs", "1",
+                                     "--epsilon-budget", "1", "--state-dir", str(store)])
+    assert again.exit_code in (1, 2) and "budget" in again.output
+    assert not (tmp_path / "again.pt").exists()
