@@ -39,6 +39,7 @@ import torch
 
 from server.results import (
     EVALUATE,
+    TRAIN,
     Row,
     central_epsilon,
     epsilon_spent,
@@ -236,7 +237,57 @@ def build_model_card(
         "final_metrics": final_metrics(rows),
         "model_config": dict(model_config),
         "run_config": dict(run_config),
+        "input": _input_spec(model_config),
+        "site_sizes": _site_sizes(rows),
+        "started_from": _started_from(run_config),
+        "intended_use": INTENDED_USE,
+        "limits": list(LIMITS),
     }
+
+
+INTENDED_USE = (
+    "research and evaluation of federated, privacy-preserving disease analysis on chest "
+    "images with reports; not a medical device, not for clinical decisions")
+LIMITS = (
+    "trained and evaluated only on the sites listed; its metrics say nothing about other "
+    "scanners, populations or label definitions",
+    "the metrics of sites that evaluate under DP are noised releases (see privacy)",
+    "generated descriptions are written from the image alone and are not reports",
+)
+
+
+def _input_spec(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What an image must be to be read as in training (dataset format v1)."""
+    from shared_model.dataset import IMAGE_EXTENSIONS, PIXEL_MEAN, PIXEL_STD
+
+    return {"image_size": model_config.get("image_size"),
+            "channels": model_config.get("in_channels"),
+            "formats": list(IMAGE_EXTENSIONS),
+            "bit_depth": "scaled by the file's own depth (8/16-bit PNG, DICOM BitsStored)",
+            "normalisation": f"(x - {PIXEL_MEAN}) / {PIXEL_STD} on [0, 1], the same at "
+                             "every site", "report_tokens": model_config.get("max_report_tokens")}
+
+
+def _site_sizes(rows: Sequence[Row]) -> dict[str, float]:
+    """Each site's training-split size as it released it (noised under DP)."""
+    sizes: dict[str, float] = {}
+    for r in rows:
+        if r.phase == TRAIN and r.metric == wire.M_NUM_EXAMPLES:
+            sizes[r.site] = r.value
+    return sizes
+
+
+def _started_from(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The public model the federation started from (its corpus digest), or random."""
+    path = run_config.get("initial-model") or ""
+    if not path:
+        return {"initial_model": "random initialisation"}
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a moved or unreadable file: the path is still worth recording
+        return {"initial_model": path}
+    return {"initial_model": path, "corpus_sha256": meta.get("corpus_sha256"),
+            "source": meta.get("source")}
 
 
 def _central_dp_card(run_config: Mapping[str, Any], rows: Sequence[Row]) -> dict[str, Any]:
@@ -293,6 +344,11 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         f"- differential privacy: {'on' if card['privacy']['dp'] else 'off'}, "
         f"budget epsilon={card['privacy']['epsilon_budget_per_site']} per site, "
         f"delta={card['privacy']['delta']}",
+        f"- started from: {card.get('started_from', {}).get('initial_model', '-')}",
+        f"- input: {card.get('input', {}).get('image_size')} px, "
+        f"{card.get('input', {}).get('normalisation', '')}",
+        f"- intended use: {card.get('intended_use', INTENDED_USE)}",
+        *[f"- limit: {item}" for item in card.get("limits", ())],
         "",
         "## Privacy",
         "",

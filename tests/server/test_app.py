@@ -160,3 +160,16 @@ def test_the_coordinators_audit_log_holds_every_reply_and_what_was_done_with_it(
     (out / audit_log.LOG_FILE).write_text("")  # emptied
     refused = CliRunner().invoke(medfuse_app, ["audit-log", "verify", str(out)])
     assert refused.exit_code == 1 and "truncated" in refused.output
+
+
+def test_the_model_card_describes_the_bundle(tmp_path):
+    out = tmp_path / "run"
+    main(grid(), context(**{"output-dir": str(out)}))
+    card = json.loads((out / "final" / "model_card.json").read_text())
+    assert card["input"]["image_size"] == card["model_config"]["image_size"]
+    assert "normalisation" in card["input"] and card["input"]["formats"]
+    assert set(card["site_sizes"]) == {"site-00", "site-01"}
+    assert card["started_from"]["initial_model"] == "random initialisation"
+    assert "not a medical device" in card["intended_use"] and card["limits"]
+    md = (out / "final" / "model_card.md").read_text()
+    assert "intended use" in md and "started from" in md
