@@ -2,7 +2,7 @@
 
 Hospital IT (client/cli.py):       data check, privacy show, audit, predict,
                                    personalise, audit-log
-Coordinator (server/cli.py):       provision, pretrain, deploy local
+Coordinator (server/cli.py):       provision, pretrain, deploy local, dashboard
 Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
 Only the command definitions are imported here; each command imports what it runs when it
@@ -48,6 +48,7 @@ app.add_typer(audit_log, name="audit-log")
 app.command("provision")(coordinator.provision_cmd)
 app.command("pretrain")(coordinator.pretrain_cmd)
 app.add_typer(coordinator.deploy_app, name="deploy")
+app.command("dashboard")(coordinator.dashboard)
 
 app.command("simulate")(simulate)
 app.command("train-pooled")(research.train_pooled)

@@ -3,6 +3,7 @@
     medfuse provision      CA, the SuperLink's TLS identity, one key per hospital
     medfuse pretrain       central training on public data: the model a federation starts from
     medfuse deploy local   a SuperLink and SuperNodes over TLS with node auth on 127.0.0.1
+    medfuse dashboard DIR  a live page of a run on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def deploy_local_cmd(
     public: Annotated[
         bool, typer.Option(help="start from a public model (synthetic public corpus, cached)")
     ] = True,
+    dashboard: Annotated[bool, typer.Option(help="serve the live dashboard of the run on "
+                                                 "127.0.0.1 while it goes")] = False,
 ) -> None:
     """Provision, start a SuperLink and N SuperNodes on 127.0.0.1 (TLS + node auth),
     run the app with `flwr run`, print the per-site table, stop everything."""
@@ -101,6 +104,11 @@ def deploy_local_cmd(
     except ValidationError as exc:
         fail(exc)
 
+    if dashboard:
+        from server.dashboard import serve_in_background
+
+        _, url = serve_in_background((cfg.out / "output").resolve())
+        typer.echo(f"[deploy] dashboard: {url}")
     try:
         with sigterm_as_interrupt():
             deploy_local(cfg, echo=lambda line: typer.echo(line))
@@ -182,3 +190,35 @@ def pretrain_cmd(
     acc = result.overall.get("accuracy", float("nan"))
     console.print(f"wrote {out} (public test accuracy {acc:.3f}, {result.seconds:.0f} s); "
                   f"start a federation from it with -c \"initial-model='{out.resolve()}'\"")
+
+
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="a ServerApp output-dir (results.jsonl); "
+                                                 "in a simulation: experiments/NAME/seed-S")],
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: a free one)")] = 8765,
+) -> None:
+    """Serve a live page on 127.0.0.1 that follows the run: rounds done and planned,
+    accuracy per site, epsilon against budget, updates accepted or left out and why."""
+    import time
+
+    from server.dashboard import serve_in_background, state, summary_line
+
+    if not run_dir.is_dir():
+        fail(f"{run_dir} is not a folder (give the run's output-dir)")
+    try:
+        server, url = serve_in_background(run_dir, port)
+    except OSError as exc:
+        fail(f"cannot listen on 127.0.0.1:{port}: {exc}")
+    console.print(f"dashboard of {run_dir}: {url}  (Ctrl-C to stop)")
+    last = ""
+    try:
+        with sigterm_as_interrupt():
+            while True:
+                line = summary_line(state(run_dir))
+                if line != last:
+                    console.print(line)
+                    last = line
+                time.sleep(2)
+    except KeyboardInterrupt:
+        server.shutdown()
+        raise typer.Exit(0) from None

@@ -1,0 +1,89 @@
+"""The coordinator's live dashboard: its state comes from the run's own files, it serves
+on 127.0.0.1, and in headless Chromium the page shows the rounds and sites and follows a
+run as it goes (a screenshot is kept)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server.app import main
+from server.dashboard import serve_in_background, state
+from tests.server.test_app import context, grid
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run(out: Path) -> None:
+    main(grid(), context(**{"output-dir": str(out)}))
+
+
+def test_state_is_read_from_the_runs_own_files(tmp_path: Path):
+    out = tmp_path / "run"
+    empty = state(out)
+    _run(out)
+    done = state(out)
+    assert empty["rounds_done"] == 0 and empty["sites"] == {}
+    assert done["rounds_done"] == done["rounds_planned"] == 3 and done["finished"]
+    assert set(done["sites"]) == {"site-00", "site-01"}
+    site = done["sites"]["site-00"]
+    assert [r for r, _ in site["accuracy"]] == [1, 2, 3] and site["verdict"] == "accepted"
+    assert len(done["round_seconds"]) == 3
+
+
+def test_it_serves_the_page_and_the_state_on_loopback(tmp_path: Path):
+    out = tmp_path / "run"
+    _run(out)
+    server, url = serve_in_background(out)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        data = json.loads(urllib.request.urlopen(url + "api/state", timeout=10).read())
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "nothing", timeout=10)
+    finally:
+        server.shutdown()
+    assert "medfuse dashboard" in page and "<script>" in page
+    assert "<script src" not in page and "<link" not in page  # no CDN: everything inline
+    assert data["rounds_done"] == 3
+
+
+def _chromium(*args: str, timeout: float = 60) -> str:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-default-apps", "--virtual-time-budget=5000"]
+    done = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed here")
+def test_the_page_follows_a_run_in_headless_chromium(tmp_path: Path):
+    # Prepare: the dashboard of a folder where no run has written yet
+    out = tmp_path / "run"
+    out.mkdir()
+    server, url = serve_in_background(out)
+    shots = Path(os.environ.get("MEDFUSE_TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        before = _chromium("--dump-dom", url)
+        # Execute: the run happens while the dashboard serves
+        _run(out)
+        after = _chromium("--dump-dom", url)
+        _chromium(f"--screenshot={shots / 'dashboard.png'}", "--window-size=1000,800", url)
+    finally:
+        server.shutdown()
+    # Assert: the page drew the state, then followed the run to its end
+    assert "round 0 of ?" in before and "site-00" not in before
+    assert "round 3 of 3" in after and "finished" in after
+    assert "site-00" in after and "site-01" in after and "accepted" in after
+    assert (shots / "dashboard.png").read_bytes().startswith(b"\x89PNG")
+    print(f"\nscreenshot: {shots / 'dashboard.png'}")
