@@ -219,14 +219,9 @@ def mean_auc(results: Sequence[AttackResult], attack: str) -> float:
 
 def roc_plot(results: Sequence[AttackResult], path, title: str = "membership inference"):
     """ROC curves on log-log axes (where low-FPR leaks show), chance as the diagonal."""
-    import matplotlib
+    from shared_model.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from shared_model.files import atomic_write
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = pyplot().subplots(figsize=(5.5, 5))
     for r in results:
         fpr = np.maximum(np.asarray(r.fpr), 1e-4)
         tpr = np.maximum(np.asarray(r.tpr), 1e-4)
@@ -241,6 +236,4 @@ def roc_plot(results: Sequence[AttackResult], path, title: str = "membership inf
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -274,6 +274,7 @@ def personalise(
 
     from client.local import DPSettings, local_evaluate, local_train
     from client.privacy import LedgerError, LedgerStore, data_identity, default_store_root
+    from client.site import NodeConfig
     from shared_model.dataset import SiteError, open_site
     from shared_model.files import atomic_write
     from shared_model.model_file import ModelFileError, load_model_file, payload
@@ -289,7 +290,8 @@ def personalise(
         with store.lock():
             ledger = store.open(data_identity(site.path), site_name=site.name,
                                 data_path=site.path, epsilon_budget=epsilon_budget,
-                                eval_epsilon_budget=2.0, delta=delta)
+                                eval_epsilon_budget=NodeConfig().eval_epsilon_budget,
+                                delta=delta)
             outcome = local_train(
                 mf.model_config, site, mf.state, epochs=epochs, lr=lr, batch_size=batch_size,
                 dp=DPSettings(), ledger=ledger, save_ledger=store.save,

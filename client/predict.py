@@ -124,17 +124,14 @@ def _safe(case_id: str) -> str:
 def case_png(pred: Prediction, image: torch.Tensor, path: Path) -> Path:
     """The image with the attention heat map and the predicted box; the report's words
     shaded by attention; the predicted class and the generated description as titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from shared_model.files import atomic_write
+    from shared_model.figures import pyplot, save_png
 
     grey = (image[0].cpu().numpy() * PIXEL_STD + PIXEL_MEAN).clip(0, 1)  # (S, S)
     side = grey.shape[-1]
-    fig, (ax, tx) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    fig, (ax, tx) = pyplot().subplots(1, 2, figsize=(9, 4.2),
+                                      gridspec_kw={"width_ratios": [1, 1.2]})
     ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
     if pred.image_attention is not None:
         ax.imshow(pred.image_attention, cmap="inferno", alpha=0.45,
@@ -161,9 +158,7 @@ def case_png(pred: Prediction, image: torch.Tensor, path: Path) -> Path:
     tx.set_title("report, shaded by attention", fontsize=9)
     fig.text(0.02, 0.02, f"generated: {pred.description or '(none)'}"[:160], fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    atomic_write(path, lambda fh: fig.savefig(fh, dpi=80, format="png"))
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=80)
 
 
 def write_outputs(preds: Sequence[Prediction], cases: Sequence[Case], out: Path,

@@ -317,14 +317,9 @@ def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
 
 
 def _scale_plot(points: list[dict], path: Path) -> None:
-    import matplotlib
+    from shared_model.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from shared_model.files import atomic_write
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = pyplot().subplots(figsize=(6, 3.6))
     xs = [p["hospitals"] for p in points]
     ax.plot(xs, [p["peak_gb"] for p in points], "o-", label="peak memory (GB)")
     ax.set_xlabel("simulated hospitals")
@@ -334,8 +329,7 @@ def _scale_plot(points: list[dict], path: Path) -> None:
     ax2.set_ylabel("round time (s)")
     fig.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,

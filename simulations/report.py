@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from shared_model.files import atomic_write, atomic_write_text
+from shared_model.figures import pyplot, save_png
+from shared_model.files import atomic_write_text
 
 COLUMNS = ("experiment", "seed", "round", "site", "metric", "value")
 META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "epsilon_budget")
@@ -372,15 +373,6 @@ def terminal_tables(summary: Summary) -> list[Table]:
 # ---------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _ticker():
     import matplotlib.ticker
 
@@ -411,7 +403,7 @@ def _curve(results: pd.DataFrame, exp: str, metric: str) -> tuple[pd.Series, pd.
 def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
     """Training loss and per-round accuracy against round (or epoch) for one experiment:
     the mean over hospitals in bold, each hospital thin."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, ylabel in (
         (axes[0], TRAIN_LOSS, "training loss"),
@@ -456,12 +448,12 @@ def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{exp}: learning curves")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path: Path) -> Path:
     """Every experiment's mean training loss and per-round accuracy, one line each."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, ylabel in (
         (axes[0], TRAIN_LOSS, "training loss (mean)"),
@@ -483,13 +475,13 @@ def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path
         ax.grid(alpha=0.3)
     fig.suptitle("learning curves, all experiments")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = "accuracy") -> Path:
     """Final test accuracy of each hospital under each experiment (bars; dots when there
     are many hospitals)."""
-    plt = _pyplot()
+    plt = pyplot()
     sites, exps = summary.sites, summary.experiments
     table = summary.per_site.pivot_table(
         index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
@@ -525,13 +517,13 @@ def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = "accuracy
         ax.legend(fontsize=8, ncol=min(4, len(exps)))
     ax.set_title(f"final test {metric} per hospital")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None = None) -> Path:
     """Mean test accuracy against the privacy spent (epsilon, log scale); one line per
     series of DP experiments, dashed lines for the experiments without DP."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     mean = summary.mean.set_index("experiment") if not summary.mean.empty else None
     series = {}
@@ -579,13 +571,10 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
         ax.legend(fontsize=8, loc="lower right")
     ax.set_title("privacy-utility")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
-    atomic_write(path, lambda fh: fig.savefig(fh, dpi=100, format=Path(path).suffix[1:]))
-    _pyplot().close(fig)
-    return Path(path)
+
 
 
 # ---------------------------------------------------------------------- the report

@@ -1,0 +1,30 @@
+"""Matplotlib for files, the one way: a headless backend, atomic PNG writes.
+
+Every plot medfuse writes (the simulation report, the audit's ROC, the prediction
+pictures, the benchmark) goes through these two functions, so none of them needs a
+display and none leaves half a PNG behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shared_model.files import atomic_write
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (imported on first use: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Write `fig` to `path` atomically as PNG and close it."""
+    atomic_write(Path(path), lambda fh: fig.savefig(fh, dpi=dpi, format="png"))
+    pyplot().close(fig)
+    return Path(path)
