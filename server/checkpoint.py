@@ -314,6 +314,7 @@ RELEASED_WITHOUT_DP = (
     "that a site took part in a round, its name, and when it replied (timing follows the "
     "size of the site and of its Poisson batches), and the seconds it says the message "
     "took (`seconds`: the same information, without the network and polling)",
+    "`unit-weight`, always 1 (the equal weights client-level DP averages with)",
     "why a site did not take part (budget spent, data unusable, a round it refuses)",
     "the epsilon, delta and budget figures themselves (computed from what was released)",
     "exact evaluation metrics where a site's node config says evaluation='exact' (its "
