@@ -39,6 +39,7 @@ from client.privacy import (
     noise_for_budget,
 )
 from client.release import private_metrics
+from client.secure import secure_aggregation_mod
 from client.site import (
     NodeConfig,
     RoundAsk,
@@ -118,19 +119,30 @@ def audit_log_mod(msg: Message, ctxt: Context, call_next) -> Message:
     audit_log.append(choice.state_dir / audit_log.LOG_FILE, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "who": choice.site_name,
         "what": f"{msg.metadata.message_type} run {ctxt.run_id}",
-        "received": {"arrays": arrays(msg), "config": {
-            k: v for rec in msg.content.config_records.values() for k, v in rec.items()}},
+        "received": {"arrays": arrays(msg), "config": _config_summary(msg)},
         "arrays": arrays(reply), "metrics": metrics,
+        "config": {} if reply.has_error() else _config_summary(reply),
         "error": reply.error.reason if reply.has_error() else "",
         "epsilon_before": before, "epsilon_after": metrics.get(wire.M_EPSILON),
     })
     return reply
 
 
-# Flower mods that touch updates (clipping, local DP) belong on @app.train only: on
+def _config_summary(msg: Message) -> dict:
+    """A message's config values for the audit log; bytes (keys, ciphertexts, masked
+    vectors of secure aggregation) as their size and digest."""
+    from shared_model import audit_log
+
+    return {k: audit_log.scalar_or_digest(v)
+            for rec in msg.content.config_records.values() for k, v in rec.items()}
+
+
+# Flower mods that touch updates (clipping, masking) belong on @app.train only: on
 # @app.evaluate they error or hang the run. The audit log sees every message first and
-# last (outermost), so it records the update as it leaves, after any clipping.
-TRAIN_MODS: list = [audit_log_mod, central_clipping_mod]
+# last (outermost), so it records what leaves: the update after clipping, or under secure
+# aggregation the masked vector. Clipping sits inside the masking: a node clips its own
+# update, then masks it.
+TRAIN_MODS: list = [audit_log_mod, secure_aggregation_mod, central_clipping_mod]
 EVALUATE_MODS: list = [audit_log_mod]
 
 app = ClientApp()

@@ -60,7 +60,7 @@ from server.results import (
     round_line,
     round_table,
 )
-from server.strategy import GuardedStrategy, build_strategy, train_config
+from server.strategy import GuardedStrategy, build_strategy, train_config, training_grid
 from shared_model import wire
 from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
@@ -215,8 +215,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
         guarded.load_checkpoint_state(start.strategy_state)
     remaining = run.num_server_rounds - start.offset
     if remaining > 0:
-        guarded.start(grid, start.arrays, num_rounds=remaining, timeout=run.round_timeout,
-                      train_config=train_config(run),
+        guarded.start(training_grid(grid, run), start.arrays, num_rounds=remaining,
+                      timeout=run.round_timeout, train_config=train_config(run),
                       evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}))
     else:
         log(INFO, "resume: all %d rounds were already done", run.num_server_rounds)

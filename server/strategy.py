@@ -117,6 +117,22 @@ def central_dp(run: RunConfig, inner: Strategy, rounds_done: int = 0) -> Strateg
                num_sampled_clients=m, accountant=accountant)
 
 
+def weight_key(run: RunConfig) -> str:
+    """The reply metric the mean is weighted by: the site sizes, except that client-level
+    DP needs FedAvg's plain mean (equal weights)."""
+    return wire.M_UNIT_WEIGHT if run.central_dp != "off" else wire.M_NUM_EXAMPLES
+
+
+def training_grid(grid: Grid, run: RunConfig) -> Grid:
+    """The Grid the strategy trains through: Flower's own, or with secure-aggregation=true
+    the same Grid with each round's training under Flower's SecAgg+ (server/secure.py)."""
+    if not run.secure_aggregation:
+        return grid
+    from server.secure import SecAggSettings, SecureAggregationGrid
+
+    return SecureAggregationGrid(grid, SecAggSettings.of(run), weight_key(run))
+
+
 def _flower_strategy(run: RunConfig) -> Strategy:
     common: dict[str, Any] = dict(
         fraction_train=run.fraction_train,
@@ -124,8 +140,7 @@ def _flower_strategy(run: RunConfig) -> Strategy:
         min_train_nodes=run.min_train_nodes,
         min_evaluate_nodes=run.min_evaluate_nodes,
         min_available_nodes=run.min_available_nodes,
-        # client-level DP needs FedAvg's plain mean: equal weights, not the site sizes
-        weighted_by_key=wire.M_UNIT_WEIGHT if run.central_dp != "off" else wire.M_NUM_EXAMPLES,
+        weighted_by_key=weight_key(run),
         arrayrecord_key=wire.ARRAYS,
         configrecord_key=wire.CONFIG,
     )

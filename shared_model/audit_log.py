@@ -51,6 +51,19 @@ def arrays_summary(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
             "sha256": h.hexdigest(), "arrays": items}
 
 
+def scalar_or_digest(value: Any) -> Any:
+    """A config value as the log keeps it: bytes (or a list of them) as size and sha256."""
+    if isinstance(value, bytes):
+        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        h = hashlib.sha256()
+        for b in value:
+            h.update(b)
+        return {"count": len(value), "bytes": sum(len(b) for b in value),
+                "sha256": h.hexdigest()}
+    return value
+
+
 def _digest(entry: Mapping[str, Any]) -> str:
     body = {k: v for k, v in entry.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True,

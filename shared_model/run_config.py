@@ -94,6 +94,15 @@ class RunConfig(BaseModel):
     central_noise: float = Field(gt=0.0, description="central Gaussian noise multiplier")
     central_clip: float = Field(gt=0.0, description="L2 bound of one hospital's update")
     central_clients: int = Field(ge=0, description="hospitals per round; 0 = min-train-nodes")
+    # secure aggregation (Flower's SecAgg+)
+    secure_aggregation: bool
+    secagg_shares: float = Field(gt=0.0, le=1.0, description="share of the round's "
+                                 "hospitals each hospital splits its keys among")
+    secagg_threshold: float = Field(gt=0.0, le=1.0, description="share of the key parts "
+                                    "that rebuilds a dropped hospital's mask")
+    secagg_clip: float = Field(gt=0.0, description="update coordinates clipped to +-clip")
+    secagg_bits: int = Field(ge=8, le=28, description="quantisation bits per coordinate")
+    secagg_max_weight: int = Field(ge=1, description="the most examples an update weighs")
 
     # model
     model_size: ModelSize
@@ -138,6 +147,8 @@ class RunConfig(BaseModel):
                 f"central-dp={self.central_dp!r} needs fraction-train=1.0: the accountant "
                 "counts every round as a release by each hospital (no amplification by "
                 "sampling, which a coordinator could fake)")
+        if self.secure_aggregation:
+            _check_secure_aggregation(self)
         self.model()  # the model part must make a valid ModelConfig too
         return self
 
@@ -173,6 +184,28 @@ class RunConfig(BaseModel):
     def flat(self) -> dict[str, object]:
         """Back to Flower's flat form (kebab-case keys)."""
         return self.model_dump(by_alias=True)
+
+
+# Strategies that need each hospital's update on its own: under SecAgg+ the server has the sum.
+NEEDS_EACH_UPDATE = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
+
+
+def _check_secure_aggregation(run: RunConfig) -> None:
+    """The combinations SecAgg+ cannot serve, refused before any round with the reason."""
+    if run.strategy in NEEDS_EACH_UPDATE:
+        raise ValueError(
+            f"secure-aggregation=true cannot run strategy={run.strategy!r}: it ranks or "
+            "trims the hospitals' updates one by one, and under SecAgg+ the server only ever "
+            "has their sum (use fedavg, fedprox, fedadam or fedyogi)")
+    if run.central_dp == "server":
+        raise ValueError(
+            "secure-aggregation=true cannot run central-dp='server': the server would clip "
+            "each hospital's update, which it never sees; use central-dp='client' (each "
+            "node clips its own update before masking it)")
+    if run.min_train_nodes < 2:
+        raise ValueError(
+            f"secure-aggregation=true needs min-train-nodes >= 2 (it is "
+            f"{run.min_train_nodes}): the sum of one hospital's update is that update")
 
 
 def model_config_for(model_size: str, image_size: int, fusion: str, modality: str,

@@ -19,6 +19,10 @@ CFG_LR = "lr"
 CFG_PROXIMAL_MU = "proximal-mu"
 CFG_TOTAL_ROUNDS = "num-server-rounds"
 CFG_EVAL_SPLIT = "eval-split"  # "val" or "test": which split the sites evaluate on
+# secure aggregation: the legacy FitIns carries the array names and how to weigh the update
+CFG_ARRAY_KEYS = "array-keys"  # the arrays' names in order, comma-joined (legacy has none)
+CFG_WEIGHT_KEY = "weight-key"  # the reply metric the mean is weighted by
+CFG_MAX_WEIGHT = "max-weight"  # the most examples one update may weigh
 
 # MetricRecord keys in replies
 M_NUM_EXAMPLES = "num-examples"

@@ -1,0 +1,228 @@
+"""Secure aggregation: Flower's SecAgg+ workflow and mod, medfuse's bridge on both sides.
+
+The transport is in-process (a Grid that hands each message to the real ClientApp, one
+Context per node kept across messages as a SuperNode keeps it); everything else is the
+product: Flower's protocol, the ClientApp's handler with its ledger, the server's round.
+Training is non-private here so that the plain run and the secure run train the same
+updates and the aggregates can be compared exactly, up to the quantisation step."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
+from flwr.serverapp import Grid
+
+from client.app import app
+from server.secure import SecAggSettings, secure_round
+from shared_model import wire
+from shared_model.model import MedFuseModel
+from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
+from shared_model.synth import SynthConfig, write_federation
+
+NODES = (101, 202, 303)
+SETTINGS = SecAggSettings(shares=1.0, threshold=0.66, clip=2.0, bits=24, max_weight=100)
+
+
+class _Run:
+    run_id = 4242
+
+
+class LoopbackGrid(Grid):
+    """Delivers every message to the ClientApp in this process and keeps what came back.
+    `drop(node, msg)` true: that node never answers that message (it died)."""
+
+    def __init__(self, contexts: dict[int, Context],
+                 drop: Callable[[int, Message], bool] = lambda n, m: False) -> None:
+        self.contexts, self.drop = contexts, drop
+        self.replies: list[tuple[int, Message, Message]] = []  # (node, sent, reply)
+
+    def set_run(self, run):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return _Run()
+
+    def create_message(self, *a, **k):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None):
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.drop(node, msg):
+                continue
+            reply = app(copy.deepcopy(msg), self.contexts[node])  # as if it crossed a wire
+            self.replies.append((node, msg, reply))
+            out.append(reply)
+        return out
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_federation(tmp_path_factory.mktemp("secagg-sites"),
+                            SynthConfig(sites=3, cases_per_site=24, seed=11, image_size=32))
+
+
+def _run_config(sites: list[Path], store: Path) -> dict:
+    flat = pyproject_defaults()
+    flat.update({
+        "sites-dir": str(sites[0].parent), "image-size": 32, "batch-size": 8, "dp": False,
+        "num-server-rounds": 1, "secure-aggregation": True,
+        "sim-node-config": f"allow-non-private=true, state-dir={str(store)!r}",
+    })
+    return flat
+
+
+def _contexts(run_config: dict) -> dict[int, Context]:
+    return {nid: Context(run_id=4242, node_id=nid, state=RecordDict(), run_config=run_config,
+                         node_config={"partition-id": i, "num-partitions": len(NODES)})
+            for i, nid in enumerate(NODES)}
+
+
+def _global() -> dict[str, torch.Tensor]:
+    run = RunConfig.parse({**pyproject_defaults(), "image-size": 32})
+    torch.manual_seed(0)
+    return MedFuseModel(run.model()).state_dict()
+
+
+def _train_messages(state: dict[str, torch.Tensor]) -> list[Message]:
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(state),
+        wire.CONFIG: ConfigRecord({wire.CFG_SERVER_ROUND: 1, wire.CFG_LOCAL_EPOCHS: 1,
+                                   wire.CFG_LR: 2e-3, wire.CFG_PROXIMAL_MU: 0.0,
+                                   wire.CFG_TOTAL_ROUNDS: 1}),
+    })
+    return [Message(content, dst_node_id=nid, message_type="train", group_id="1")
+            for nid in NODES]
+
+
+def _plain_updates(run_config: dict, state) -> dict[int, tuple[int, dict[str, np.ndarray]]]:
+    """Each node's (examples, update) on the plain path, as the server would see them."""
+    grid = LoopbackGrid(_contexts(run_config))
+    grid.send_and_receive(_train_messages(state))
+    out = {}
+    for node, _, reply in grid.replies:
+        trained = reply.content.array_records[wire.ARRAYS].to_numpy_ndarrays()
+        n = int(reply.content.metric_records[wire.METRICS][wire.M_NUM_EXAMPLES])
+        out[node] = (n, {k: t - state[k].numpy() for k, t in zip(state, trained, strict=True)})
+    return out
+
+
+def _fedavg(updates: dict[int, tuple[int, dict[str, np.ndarray]]], nodes) -> dict:
+    total = sum(updates[n][0] for n in nodes)
+    return {k: sum(updates[n][0] * updates[n][1][k].astype(np.float64) for n in nodes) / total
+            for k in next(iter(updates.values()))[1]}
+
+
+def _bound(updates, nodes) -> float:
+    """The quantisation error the protocol allows on the mean: one step per node on its
+    weighted coordinate (stochastic rounding), divided by the total weight."""
+    step = 2 * SETTINGS.clip / (2**SETTINGS.bits - 1)
+    weights = [updates[n][0] / SETTINGS.max_weight for n in nodes]
+    return len(nodes) * step / sum(weights) + 1e-6
+
+
+def _secure(run_config: dict, state, drop=lambda n, m: False):
+    grid = LoopbackGrid(_contexts(run_config), drop=drop)
+    t0 = time.perf_counter()
+    replies = secure_round(grid, _train_messages(state), SETTINGS, wire.M_NUM_EXAMPLES,
+                           timeout=60)
+    print(f"secure round, {len(NODES)} nodes in process: {time.perf_counter() - t0:.1f} s")
+    return grid, replies
+
+
+def test_the_server_sees_masked_vectors_and_their_sum_is_fedavg(three_sites, tmp_path):
+    # Prepare: what each node's update is, trained on the plain path
+    state = _global()
+    updates = _plain_updates(_run_config(three_sites, tmp_path / "plain"), state)
+    # Execute
+    grid, replies = _secure(_run_config(three_sites, tmp_path / "secure"), state)
+    # Assert: the strategy gets one reply per node, each with the same aggregate
+    assert {r.metadata.src_node_id for r in replies} == set(NODES)
+    assert all(wire.ARRAYS in r.content.array_records for r in replies)
+    new = replies[0].content.array_records[wire.ARRAYS].to_numpy_ndarrays()
+    mean = _fedavg(updates, NODES)
+    bound = _bound(updates, NODES)
+    for (k, g), n in zip(state.items(), new, strict=True):
+        assert np.abs((n - g.numpy()) - mean[k]).max() <= bound, k
+    biggest = max(np.abs(m).max() for m in mean.values())
+    assert bound < biggest / 100  # the comparison is sharp enough to mean something
+    # the attack: a curious server decodes each node's masked vector as if it were its
+    # update; what it gets is uncorrelated with that update
+    masked = [(node, reply) for node, sent, reply in grid.replies
+              if Key.MASKED_PARAMETERS in reply.content.config_records[RECORD_KEY_CONFIGS]]
+    assert {node for node, _ in masked} == set(NODES)
+    for node, reply in masked:
+        raw = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+        vectors = [bytes_to_ndarray(b) for b in raw][1:]  # [0] is the weight factor
+        decoded = np.concatenate([v.ravel() for v in vectors]).astype(np.float64)
+        truth = np.concatenate([updates[node][1][k].ravel() for k in state])
+        assert decoded.size == truth.size
+        assert abs(np.corrcoef(decoded, truth)[0, 1]) < 0.05, node
+        # nor does any reply carry the update in the clear
+        assert not reply.content.array_records or not any(
+            len(r) for r in reply.content.array_records.values())
+
+
+def test_a_node_lost_mid_round_does_not_stop_it(three_sites, tmp_path):
+    # Prepare: node 303 takes part in the key exchange, then dies before sending its vector
+    state = _global()
+    updates = _plain_updates(_run_config(three_sites, tmp_path / "plain"), state)
+    lost = 303
+
+    def dies_before_masking(node: int, msg: Message) -> bool:
+        stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
+        return node == lost and stage in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+
+    # Execute
+    _, replies = _secure(_run_config(three_sites, tmp_path / "secure"), state,
+                         drop=dies_before_masking)
+    # Assert: the two others' masks cancel (the lost node's are rebuilt from its shares)
+    survivors = [n for n in NODES if n != lost]
+    assert {r.metadata.src_node_id for r in replies} == set(survivors)
+    new = replies[0].content.array_records[wire.ARRAYS].to_numpy_ndarrays()
+    mean = _fedavg(updates, survivors)
+    bound = _bound(updates, survivors)
+    for (k, g), n in zip(state.items(), new, strict=True):
+        assert np.abs((n - g.numpy()) - mean[k]).max() <= bound, k
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"strategy": "krum"}, "strategy='krum'"),
+    ({"strategy": "fedmedian"}, "strategy='fedmedian'"),
+    ({"central-dp": "server"}, "central-dp='server'"),
+    ({"min-train-nodes": 1, "min-available-nodes": 1}, "min-train-nodes >= 2"),
+])
+def test_impossible_combinations_are_refused_at_start(override, named):
+    with pytest.raises(RunConfigError, match="secure-aggregation=true") as exc:
+        RunConfig.parse({**pyproject_defaults(), "secure-aggregation": True, **override})
+    assert named in str(exc.value)
+
+
+def test_client_side_central_dp_and_fedprox_combine_with_it():
+    for override in ({"central-dp": "client"}, {"strategy": "fedprox", "proximal-mu": 0.01}):
+        run = RunConfig.parse({**pyproject_defaults(), "secure-aggregation": True, **override})
+        assert run.secure_aggregation
