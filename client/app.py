@@ -183,7 +183,8 @@ def train(msg: Message, context: Context) -> Message:
         with store.lock():
             outcome = local_train(
                 run.model(), site, _state(msg), epochs=ask.local_epochs, lr=ask.lr,
-                batch_size=ask.batch_size, proximal_mu=ask.proximal_mu, dp=_dp_settings(run),
+                batch_size=ask.batch_size, proximal_mu=ask.proximal_mu,
+                dp=_dp_settings(run, choice.node),
                 ledger=_ledger(store, choice, run), save_ledger=store.save,
                 run_id=int(context.run_id), server_round=server_round,
                 rounds_left=max(total_rounds - server_round + 1, 1), device=device,
@@ -214,13 +215,14 @@ def _policy_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
     return round_refusal(node, ask)
 
 
-def _dp_settings(run: RunConfig) -> DPSettings:
+def _dp_settings(run: RunConfig, node: NodeConfig) -> DPSettings:
     return DPSettings(
         enabled=run.dp,
         noise_multiplier=run.noise_multiplier or None,  # 0 = derive from the budget
         max_grad_norm=run.max_grad_norm,
         accountant=run.accountant,
         secure_mode=run.secure_mode,
+        reserve=node.epsilon_reserve,
     )
 
 

@@ -65,6 +65,9 @@ class DPSettings:
     max_grad_norm: float = 1.0
     accountant: AccountantName = "rdp"
     secure_mode: bool = False
+    # training epsilon this release may not spend: what the hospital keeps for its own
+    # later releases (node config epsilon-reserve; medfuse personalise spends it)
+    reserve: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ def plan_round(ledger: Ledger, released_n: int, *, batch_size: int, epochs: int,
                 f"{released_n} cases: one case could be released outright with probability "
                 "delta. Use a delta below 1/n (1e-5 or less for sites under 10,000 cases)")
     sample_rate, steps = dp_plan(released_n, batch_size, epochs)
+    cap = ledger.epsilon_budget - dp.reserve
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
     else:
@@ -161,18 +165,19 @@ def plan_round(ledger: Ledger, released_n: int, *, batch_size: int, epochs: int,
         sigma = same_run[-1].noise_multiplier if same_run else 0.0
         if not same_run or ledger.cost_with(
             (sigma, sample_rate, steps), "train", dp.accountant
-        ) > ledger.epsilon_budget:
+        ) > cap:
             try:
                 sigma = noise_for_budget(ledger, sample_rate, steps, rounds_left,
-                                         accountant=dp.accountant)
+                                         accountant=dp.accountant, target=cap)
             except BudgetError as exc:
                 return f"privacy budget spent: {exc}"
     cost = ledger.cost_with((sigma, sample_rate, steps), "train", dp.accountant)
-    if cost > ledger.epsilon_budget:
+    if cost > cap:
         spent = ledger.epsilon("train", dp.accountant)
+        kept = f", less the {dp.reserve:g} this node keeps in reserve" if dp.reserve else ""
         return (f"privacy budget spent: this round ({steps} steps, noise {sigma:.4g}, sample "
                 f"rate {sample_rate:.4g}) would bring epsilon from {spent:.4g} to "
-                f"{cost:.4g}, above the site's budget of {ledger.epsilon_budget:g} "
+                f"{cost:.4g}, above the site's budget of {ledger.epsilon_budget:g}{kept} "
                 f"(delta {ledger.delta:g})")
     return RoundPlan(released_n, sigma, sample_rate, steps, cost)
 

@@ -524,6 +524,7 @@ def noise_for_budget(
     accountant: AccountantName = "rdp",
     rel_tol: float = 5e-3,
     max_noise: float = MAX_USEFUL_NOISE,
+    target: float | None = None,
 ) -> float:
     """The smallest noise multiplier such that the bucket's history plus `rounds_left`
     releases of `steps_per_round` steps stays within the bucket's budget. Rounded up, so
@@ -532,8 +533,9 @@ def noise_for_budget(
     `BudgetError` when the history alone is at or past the budget, or when what is left
     would need a noise multiplier above `max_noise`: any sliver of budget "fits" with
     enough noise, but a release that is all noise is worth nothing to the federation and
-    would only spend the last of the budget, so the site says its budget is spent."""
-    target = ledger.budget(bucket)
+    would only spend the last of the budget, so the site says its budget is spent.
+    `target`: a lower epsilon to plan for than the bucket's budget (a node's reserve)."""
+    target = ledger.budget(bucket) if target is None else min(target, ledger.budget(bucket))
     history = ledger.history(bucket)
     planned = steps_per_round * max(rounds_left, 1)
 

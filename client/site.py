@@ -63,6 +63,9 @@ class NodeConfig(BaseModel):
     site_name: str | None = Field(None, min_length=1, description="default: the folder name")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     epsilon_budget: float | None = Field(None, gt=0.0, description="only lower than the run's")
+    epsilon_reserve: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="training epsilon federated rounds may "
+        "not spend: kept for this hospital's own later releases (medfuse personalise)")
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="only lower than the run's")
     state_dir: str | None = Field(None, description="the ledger store (default ~/.medfuse/privacy)")
     threads: int = Field(1, ge=1, le=1024, description="torch threads of this ClientApp")

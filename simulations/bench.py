@@ -10,6 +10,9 @@ Figures (each with the settings it was measured under):
 - `sim_round_overhead`: a round's wall time at the server over the slowest hospital's own
   compute that round (its train and evaluate seconds, which each node reports), in a small
   simulation through Flower's engine; the median over rounds after the first.
+- `secagg_round_extra_s`: the seconds a round takes longer with secure aggregation
+  (Flower's SecAgg+: four exchanges with every node instead of one) than the same DP
+  FedAvg round without it, in the same simulation; the median over rounds after the first.
 - `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
   hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
   process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
@@ -179,28 +182,23 @@ name = "fedavg-dp"
 kind = "federated"
 dp = true
 epsilon = 8.0
+[[experiment]]
+name = "fedavg-dp-secagg"
+kind = "federated"
+dp = true
+epsilon = 8.0
+run-config = {{ secure-aggregation = true }}
 """
 
 
-def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size: int = 32,
-                      rounds: int = 3) -> list[Figure]:
-    """A small simulation through Flower's engine: each round's wall time at the server
-    over the slowest hospital's own compute (its train + evaluate seconds) that round."""
-    from rich.console import Console
-
+def _round_times(path: Path) -> list[tuple[float, float]]:
+    """(wall time at the server, slowest hospital's own compute) of each round."""
     from server.results import FEDERATION, read_rows
     from server.strategy import ROUND_SECONDS
     from shared_model import wire
-    from simulations.config import load_config
-    from simulations.runner import Runner
 
-    cfg_file = out / "sim.toml"
-    cfg_file.write_text(SIM_CONFIG.format(sites=sites, cases=cases, image_size=image_size,
-                                          rounds=rounds), encoding="utf-8")
-    cfg = load_config(cfg_file, out=out / "sim")
-    Runner(cfg, console=Console(quiet=True), progress=False).run()
-    rows = read_rows(out / "sim" / "experiments" / "fedavg-dp" / "seed-0" / "results.jsonl")
-    ratios, walls, computes = [], [], []
+    rows = read_rows(path)
+    out = []
     for rnd in sorted({r.round for r in rows}):
         wall = [r.value for r in rows if r.round == rnd and r.site == FEDERATION
                 and r.metric == ROUND_SECONDS]
@@ -209,16 +207,42 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
             if r.round == rnd and r.metric == wire.M_SECONDS and r.site != FEDERATION:
                 per_site[r.site] = per_site.get(r.site, 0.0) + r.value
         if wall and per_site:
-            walls.append(wall[0])
-            computes.append(max(per_site.values()))
-            ratios.append(wall[0] / max(per_site.values()))
+            out.append((wall[0], max(per_site.values())))
+    return out
+
+
+def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size: int = 32,
+                      rounds: int = 3) -> list[Figure]:
+    """A small simulation through Flower's engine: each round's wall time at the server
+    over the slowest hospital's own compute (its train + evaluate seconds) that round."""
+    from rich.console import Console
+
+    from simulations.config import load_config
+    from simulations.runner import Runner
+
+    cfg_file = out / "sim.toml"
+    cfg_file.write_text(SIM_CONFIG.format(sites=sites, cases=cases, image_size=image_size,
+                                          rounds=rounds), encoding="utf-8")
+    cfg = load_config(cfg_file, out=out / "sim")
+    Runner(cfg, console=Console(quiet=True), progress=False).run()
+    runs = out / "sim" / "experiments"
+    plain = _round_times(runs / "fedavg-dp" / "seed-0" / "results.jsonl")
+    secure = _round_times(runs / "fedavg-dp-secagg" / "seed-0" / "results.jsonl")
+    ratios = [wall / compute for wall, compute in plain]
     # the first round pays for starting the ClientApps (imports, the first decode)
     steady = ratios[1:] or ratios
-    return [Figure("sim_round_overhead", statistics.median(steady), {
-        "hospitals": sites, "cases_per_site": cases, "image_size": image_size,
-        "rounds": rounds, "round_wall_s": [round(w, 2) for w in walls],
-        "slowest_site_compute_s": [round(c, 2) for c in computes],
-        "first_round_ratio": round(ratios[0], 3) if ratios else None})]
+    extra = [s[0] - p[0] for p, s in zip(plain, secure, strict=False)]
+    settings = {"hospitals": sites, "cases_per_site": cases, "image_size": image_size,
+                "rounds": rounds}
+    return [
+        Figure("sim_round_overhead", statistics.median(steady), {
+            **settings, "round_wall_s": [round(w, 2) for w, _ in plain],
+            "slowest_site_compute_s": [round(c, 2) for _, c in plain],
+            "first_round_ratio": round(ratios[0], 3) if ratios else None}),
+        Figure("secagg_round_extra_s", statistics.median(extra[1:] or extra), {
+            **settings, "secure_round_wall_s": [round(w, 2) for w, _ in secure],
+            "plain_round_wall_s": [round(w, 2) for w, _ in plain]}),
+    ]
 
 
 SCALE_CONFIG = """

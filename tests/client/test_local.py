@@ -174,6 +174,23 @@ def test_derived_noise_spends_the_budget_over_the_planned_rounds(
     assert 2.9 < last.epsilon <= 3.0
 
 
+def test_the_reserve_is_left_for_the_hospitals_own_release(
+    tmp_path: Path, site: SiteData, init_state: dict
+) -> None:
+    # Prepare: a budget of 3, of which the node keeps 1 (node config epsilon-reserve)
+    ledger = _ledger(tmp_path, site, budget=3.0)
+    federated = DPSettings(reserve=1.0)
+    # Execute: the federation's last planned round, then the hospital's own fine-tuning
+    fed = _train(site, init_state, ledger=ledger, dp=federated, rounds_left=1)
+    again = _train(site, fed.state, ledger=ledger, dp=federated, server_round=2, rounds_left=1)
+    own = _train(site, fed.state, ledger=ledger, dp=DPSettings(), run_id=8, rounds_left=1)
+    # Assert: the federation spent up to 2, and a round more stayed within it (all noise
+    # or refused); the hospital spent the rest
+    assert not fed.refused and 1.9 < fed.epsilon <= 2.0
+    assert again.refused or again.epsilon <= 2.0
+    assert not own.refused and 2.9 < own.epsilon <= 3.0
+
+
 def test_refusal_at_budget(tmp_path: Path, site: SiteData, init_state: dict) -> None:
     ledger = _ledger(tmp_path, site, budget=0.5)
     released_count(ledger, len(site.train), run_id=7, server_round=1, accountant="rdp")

@@ -61,7 +61,7 @@ def _wait_exit(proc, timeout: float = 60) -> int | None:
     return proc.returncode()
 
 
-def test_deploy_local_command_runs_over_tls_and_leaves_nothing_behind(
+def test_deploy_local_runs_secure_aggregation_over_tls_and_leaves_nothing_behind(
     two_sites: dict[str, Path], tmp_path: Path
 ):
     # Prepare
@@ -69,7 +69,7 @@ def test_deploy_local_command_runs_over_tls_and_leaves_nothing_behind(
     sites = [str(two_sites[k]) for k in ("h0", "h1")]
     args = ["local", "--rounds", "1", "--image-size", "32", "--out", str(out),
             "--app", str(deploy.PROJECT_DIR), "--sites", sites[0], "--sites", sites[1],
-            "-c", "batch-size=16"]  # fmt: skip
+            "--min-nodes", "2", "-c", "batch-size=16 secure-aggregation=true"]  # fmt: skip
     # Execute
     t0 = time.monotonic()
     result = CliRunner().invoke(deploy_app, args)
@@ -77,6 +77,9 @@ def test_deploy_local_command_runs_over_tls_and_leaves_nothing_behind(
     # Assert
     assert result.exit_code == 0, result.output
     assert "finished:completed" in result.output
+    # the round's training went through Flower's SecAgg+ between the SuperNodes
+    assert "round 1: secure aggregation (SecAgg+) with 2 hospitals" in result.output
+    assert "Secure aggregation completed" in result.output
     assert "final model, per site" in result.output
     assert "every process stopped" in result.output
     assert "still alive" not in result.output
@@ -84,7 +87,7 @@ def test_deploy_local_command_runs_over_tls_and_leaves_nothing_behind(
     assert len(_accepted(rows, 1)) == 2
     assert (out / "output" / "final" / "model.pt").is_file()
     assert (out / "logs" / "superlink.log").is_file()
-    print(f"\ndeploy local, 2 hospitals, 1 round: {seconds:.1f} s")
+    print(f"\ndeploy local, 2 hospitals, 1 secure round: {seconds:.1f} s")
     keys = ("[deploy", "global round", "aggregat", "site", "h0", "h1", "mean")
     print("\n".join(line for line in result.output.splitlines() if any(k in line for k in keys)))
 
