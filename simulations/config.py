@@ -276,6 +276,11 @@ class ExperimentSpec(_Section):
     run_config: dict[str, Scalar] = Field(default_factory=dict)
     audit: bool = Field(False, description="membership-inference audit of the final model "
                                            "(pooled and federated experiments)")
+    personalise_epsilon: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="federated DP only: each hospital keeps this much of its epsilon out of "
+        "the federation (node config epsilon-reserve), then fine-tunes the final model on "
+        "its own train split with DP-SGD spending it; the report compares both per site")
 
     @field_validator("name")
     @classmethod
@@ -316,6 +321,10 @@ class ExperimentSpec(_Section):
         if self.audit and self.kind not in ("pooled", "federated"):
             raise ValueError(f"audit=true: pooled and federated experiments only (kind="
                              f"{self.kind!r} has one model per hospital or none of its own)")
+        if self.personalise_epsilon is not None and not (self.kind == "federated"
+                                                         and self.dp):
+            raise ValueError("personalise-epsilon: federated experiments with dp = true only "
+                             "(the hospital spends what it kept of its budget)")
         if "modality" in given and self.modalities is not None:
             raise ValueError("give modality or modalities, not both")
         if self.epsilon is not None and self.epsilons is not None:
@@ -359,6 +368,7 @@ class ExperimentSpec(_Section):
                         rounds=self.rounds,
                         run_config=dict(self.run_config),
                         audit=self.audit,
+                        personalise_epsilon=self.personalise_epsilon,
                     )
                 )
         return out
@@ -379,6 +389,7 @@ class Experiment(BaseModel):
     rounds: int | None
     run_config: dict[str, Scalar]
     audit: bool = False
+    personalise_epsilon: float | None = None
 
     @property
     def label(self) -> str:
@@ -478,10 +489,11 @@ class SimulationConfig(_Section):
         # its own (a fresh ledger store beside its outputs), evaluation metrics are exact
         # (the tables need them), and a dp=false experiment may train. `run-config` may
         # set sim-node-config to simulate what deployed hospitals release instead.
-        flat["sim-node-config"] = sim_node_config_text(
-            {"allow-non-private": True, "evaluation": "exact",
-             "state-dir": str(Path(output_dir) / LEDGER_DIR)}
-        )
+        node: dict[str, Any] = {"allow-non-private": True, "evaluation": "exact",
+                                "state-dir": str(Path(output_dir) / LEDGER_DIR)}
+        if exp.personalise_epsilon is not None:
+            node["epsilon-reserve"] = exp.personalise_epsilon
+        flat["sim-node-config"] = sim_node_config_text(node)
         flat.update(self.training.run_config)
         flat.update(exp.run_config)
         n = self.sites.num_hospitals
@@ -533,8 +545,10 @@ class SimulationConfig(_Section):
         """What decides one experiment's result: same fingerprint, same experiment, so a
         finished one is not run again; anything else changed and it runs afresh."""
         payload: dict[str, Any] = {
-            # `audit` counts only when on: turning it on runs the experiment again
-            "experiment": exp.model_dump(mode="json", exclude=set() if exp.audit else {"audit"}),
+            # `audit` and `personalise_epsilon` count only when on: turning one on runs the
+            # experiment again, and experiments finished before they existed stay finished
+            "experiment": exp.model_dump(mode="json", exclude={
+                k for k in ("audit", "personalise_epsilon") if not getattr(exp, k)}),
             "seed": seed,
             "sites": self.sites.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),

@@ -39,6 +39,7 @@ ALL_SITES = "all"
 MEAN = "mean"
 TEST = "test/"
 AUDIT = "audit/"  # membership-inference audit of the final model, per site
+PERSONALISED = "personalised/"  # the final model fine-tuned at each site (DP), its test
 EVAL = "eval/"
 TRAIN_LOSS = "train/loss"
 EPSILON = "train/epsilon"
@@ -320,14 +321,80 @@ def audit_rows(results: pd.DataFrame, order: Sequence[str] = ()
     return headers, rows
 
 
+def _final_site_values(results: pd.DataFrame, metric: str) -> pd.Series:
+    """metric's value per (experiment, site) at its last round, mean over seeds."""
+    rows = results[results["metric"] == metric]
+    if rows.empty:
+        return pd.Series(dtype=float)
+    last = rows[rows["round"] == rows.groupby(["experiment", "seed"])["round"].transform("max")]
+    return last.groupby(["experiment", "site"])["value"].mean()
+
+
+def personalised_rows(results: pd.DataFrame, order: Sequence[str] = ()
+                      ) -> tuple[list[str], list[list[str]]]:
+    """Per personalised experiment and hospital: the federation's final model and the
+    hospital's DP fine-tuned copy on its test split, and the epsilon the personalised
+    model has cost that hospital in all (federation and its own release)."""
+    headers = ["experiment", "hospital", "global accuracy", "personalised accuracy",
+               "change", "epsilon in all"]
+    mine = _final_site_values(results, PERSONALISED + "accuracy")
+    if mine.empty:
+        return headers, []
+    glob = _final_site_values(results, TEST + "accuracy")
+    eps = _final_site_values(results, PERSONALISED + "epsilon")
+    rows = []
+    names = list(dict.fromkeys([*order, *mine.index.get_level_values(0)]))
+    for exp in names:
+        if exp not in mine.index.get_level_values(0):
+            continue
+        changes = []
+        for site, after in mine[exp].items():
+            before = glob.get((exp, site), math.nan)
+            changes.append(after - before)
+            rows.append([exp, str(site), f"{before:.3f}", f"{after:.3f}",
+                         f"{after - before:+.3f}", f"{eps.get((exp, site), math.nan):.2f}"])
+        rows.append([exp, "mean", f"{glob[exp].mean():.3f}", f"{mine[exp].mean():.3f}",
+                     f"{np.nanmean(changes):+.3f}", f"{eps[exp].mean():.2f}"])
+    return headers, rows
+
+
+def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
+    """Global vs personalised test accuracy per hospital, one panel per experiment."""
+    mine = _final_site_values(results, PERSONALISED + "accuracy")
+    if mine.empty:
+        return None
+    glob = _final_site_values(results, TEST + "accuracy")
+    plt = pyplot()
+    exps = list(dict.fromkeys(mine.index.get_level_values(0)))
+    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 3.8), squeeze=False)
+    for ax, exp in zip(axes[0], exps, strict=True):
+        sites = list(mine[exp].index)
+        x = np.arange(len(sites))
+        ax.bar(x - 0.2, [glob.get((exp, s), np.nan) for s in sites], 0.4, label="global")
+        ax.bar(x + 0.2, mine[exp].to_numpy(dtype=float), 0.4, label="personalised")
+        ax.set_xticks(x, sites, fontsize=8)
+        ax.set_ylim(0, 1.0)
+        ax.set_ylabel("test accuracy")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(exp, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("the federation's model and each hospital's DP fine-tuned copy")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def summary_markdown(summary: Summary, title: str = "medfuse simulation",
-                     audit: tuple[list[str], list[list[str]]] | None = None) -> str:
+                     audit: tuple[list[str], list[list[str]]] | None = None,
+                     personalised: tuple[list[str], list[list[str]]] | None = None) -> str:
     parts = [f"# {title}", "", NOTES, "", "## Mean over hospitals", ""]
     parts += [markdown_table(*mean_rows(summary)), ""]
     parts += ["## Accuracy per hospital", "", markdown_table(*site_accuracy_rows(summary)), ""]
     if audit and audit[1]:
         parts += ["## Membership inference (loss attack; chance: AUC 0.5)", "",
                   markdown_table(*audit), ""]
+    if personalised and personalised[1]:
+        parts += ["## Personalised at each hospital (DP fine-tuning of the final model)", "",
+                  markdown_table(*personalised), ""]
     parts += ["## Every metric per hospital", "", markdown_table(*detail_rows(summary)), ""]
     return "\n".join(parts)
 
@@ -604,7 +671,8 @@ def write_report(
         old.unlink()
     summary = summarize(results, meta)
     audit = audit_rows(results, summary.experiments)
-    md = summary_markdown(summary, title, audit)
+    personalised = personalised_rows(results, summary.experiments)
+    md = summary_markdown(summary, title, audit, personalised)
     summary_md = out_dir / SUMMARY_FILE
     atomic_write_text(summary_md, md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     experiments = experiment_order(results, meta)
@@ -614,6 +682,8 @@ def write_report(
             plot_per_site_accuracy(summary, plots_dir / "per-site-accuracy.png"),
         ),
         ("privacy-utility", plot_privacy_utility(summary, plots_dir / "privacy-utility.png", meta)),
+        *([("global vs personalised", fig)] if (fig := plot_personalised(
+            results, plots_dir / "personalised.png")) is not None else []),
         (
             "learning curves, all experiments",
             plot_overview_curves(results, experiments, plots_dir / "learning-curves.png"),
@@ -627,7 +697,8 @@ def write_report(
         for exp in experiments
     ]
     report_html = out_dir / REPORT_FILE
-    atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit))
+    atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit,
+                                         personalised))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,
@@ -648,6 +719,7 @@ def _html(
     curve_plots: list[tuple[str, Path]],
     notes: Sequence[str],
     audit: tuple[list[str], list[list[str]]] | None = None,
+    personalised: tuple[list[str], list[list[str]]] | None = None,
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
     import jinja2
@@ -661,6 +733,7 @@ def _html(
         mean=mean_rows(summary), per_site=site_accuracy_rows(summary),
         detail=detail_rows(summary),
         audit=audit if audit and audit[1] else None,
+        personalised=personalised if personalised and personalised[1] else None,
         main_plots=[_plot(t, p) for t, p in main_plots],
         curve_plots=[_plot(t, p) for t, p in curve_plots],
     )

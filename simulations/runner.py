@@ -919,6 +919,53 @@ class Runner:
                     rows += self._test_rows(unit, rnd, site.name, metrics)
         if unit.experiment.audit:
             rows += self._audit_rows(unit, model, state, rnd)
+        if unit.experiment.personalise_epsilon is not None:
+            rows += self._personalise_rows(unit, state, rnd)
+        return rows
+
+    def _personalise_rows(self, unit: Unit, state, rnd: int) -> list[Row]:
+        """Each hospital fine-tunes the final model on its own train split with DP-SGD
+        (`medfuse personalise`'s step), charged to the experiment's ledger, spending the
+        epsilon its node kept out of the federation; personalised/* rows: its test metrics
+        here and its total epsilon."""
+        import secrets
+
+        from client.local import DPSettings, local_evaluate, local_train
+        from client.privacy import LedgerStore, data_identity
+        from shared_model.run_config import RunConfig
+        from shared_model.train import pick_device
+
+        assert self.opened is not None
+        exp, folder = unit.experiment, unit.folder(self.out)
+        run = RunConfig.parse(self.cfg.flower_run_config(
+            exp, seed=unit.seed, sites_dir=self.sites.root, output_dir=folder))
+        model, recipe = run.model(), run.recipe()
+        device = pick_device(self.cfg.resources.device)
+        store = LedgerStore(folder / LEDGER_DIR)
+        rows: list[Row] = []
+        for site in self.opened:
+            with self._threads(), store.lock():
+                ledger = store.open(data_identity(site.path), site_name=site.name,
+                                    data_path=site.path, epsilon_budget=run.epsilon,
+                                    eval_epsilon_budget=2.0, delta=run.delta)
+                out = local_train(
+                    model, site, state, epochs=self.cfg.training.local_epochs, lr=recipe.lr,
+                    batch_size=run.batch_size, ledger=ledger, save_ledger=store.save,
+                    dp=DPSettings(max_grad_norm=run.max_grad_norm, accountant=run.accountant),
+                    run_id=secrets.randbits(31), server_round=1, rounds_left=1,
+                    device=device, seed=unit.seed, optimizer=recipe.optimizer,
+                    momentum=recipe.momentum, train_layers=recipe.train_layers)
+            if out.refused or out.state is None:
+                self.echo(f"  {exp.name} {site.name}: personalisation refused: {out.reason}")
+                continue
+            with self._threads():
+                metrics, n = local_evaluate(model, site, out.state, device, split="test")
+            rows += [(exp.name, unit.seed, rnd, site.name, report.PERSONALISED + k, float(v))
+                     for k, v in metrics.items()]
+            rows.append((exp.name, unit.seed, rnd, site.name,
+                         report.PERSONALISED + "epsilon", out.epsilon))
+            self.echo(f"  {exp.name} {site.name}: personalised test accuracy "
+                      f"{metrics.get('accuracy', math.nan):.3f}, epsilon {out.epsilon:.2f}")
         return rows
 
     def _audit_rows(self, unit: Unit, model, state, rnd: int) -> list[Row]:

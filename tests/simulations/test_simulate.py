@@ -159,7 +159,8 @@ def _flower_processes(flwr_home: Path) -> list[int]:
 @pytest.mark.slow
 def test_two_sites_two_rounds_end_to_end(tmp_path: Path, tiny_federation: list[Path]) -> None:
     # Prepare: pooled, local-only and FedAvg with DP (epsilon 8) on two site folders,
-    # the membership-inference audit on the federated model
+    # the membership-inference audit on the federated model, and each hospital keeping 2
+    # of its 8 for fine-tuning the final model on its own
     cfg = _config(
         tmp_path / "e2e.toml",
         BASELINES
@@ -170,6 +171,7 @@ kind = "federated"
 dp = true
 epsilon = 8.0
 audit = true
+personalise-epsilon = 2.0
 
 [[experiment]]
 name = "fedavg-central"
@@ -199,20 +201,26 @@ run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
     assert set(fed[fed["metric"] == "eval/accuracy"]["round"]) == {1, 2}
     assert set(fed[fed["metric"] == "test/accuracy"]["site"]) == sites
     eps = fed[fed["metric"] == "train/epsilon"]["value"]
-    assert len(eps) == 4 and (eps > 0).all() and (eps <= 8.0 + 1e-6).all()
+    assert len(eps) == 4 and (eps > 0).all() and (eps <= 6.0 + 1e-6).all()  # 2 kept
     # each simulated hospital kept its privacy ledger in the experiment's own store
     from client.privacy import LedgerStore
 
     store = LedgerStore(out / "experiments" / "fedavg-dp" / "seed-0" / "ledgers")
     ledgers = store.ledgers()
     assert sorted(n for led in ledgers for n in led.site_names) == sorted(sites)
-    assert all([e.kind for e in led.entries].count("dp-sgd") == 2 for led in ledgers)
+    # two federated rounds and the hospital's own fine-tuning, all on the same ledger
+    assert all([e.kind for e in led.entries].count("dp-sgd") == 3 for led in ledgers)
+    personal = fed[fed["metric"] == "personalised/epsilon"]
+    assert set(personal["site"]) == sites
+    assert (personal["value"] > eps.max()).all() and (personal["value"] <= 8.0 + 1e-6).all()
+    assert set(fed[fed["metric"] == "personalised/accuracy"]["site"]) == sites
     # summary, non-empty plots, report
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert "| fedavg-dp |" in md and "| pooled |" in md and "| local-only |" in md
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 5000
-    assert len(list((out / "plots").glob("*.png"))) == 7  # 3 overviews, a curve each
+    # 3 overviews and global-vs-personalised, a curve each
+    assert len(list((out / "plots").glob("*.png"))) == 8
     assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
     assert _flower_processes(out / "flower" / "flwr-home") == []
     # the audit: one AUC per hospital, in the report, with its ROC plot
@@ -220,6 +228,7 @@ run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
     assert set(auc["site"]) == sites and auc["value"].between(0, 1).all()
     assert "Membership inference" in (out / "report.html").read_text(encoding="utf-8")
     assert "## Membership inference" in md
+    assert "## Personalised at each hospital" in md and "| fedavg-dp | mean |" in md
     assert (out / "experiments" / "fedavg-dp" / "seed-0" / "audit-roc.png").is_file()
 
     # Execute: the same output folder again
