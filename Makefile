@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,16 @@ $(STAMP): pyproject.toml scripts/offline-env.sh
 demo: install
 	$(VENV)/bin/medfuse simulate
 
-test: install lint
+test: install lint browser
 	$(PY) -m pytest -q --durations=15
+
+# Headless Chromium for the dashboard's browser test: Debian's package, installed when this
+# runs as root with apt-get; elsewhere the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -qq chromium >/dev/null 2>&1 \
+	       || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } \
+	  || echo "chromium is not installed (needs root and apt-get): the dashboard's browser test will be skipped"
 
 bench: install
 	$(VENV)/bin/medfuse bench --out runs/bench

@@ -58,9 +58,20 @@ def _finite(v: float) -> float | None:
     return v if isinstance(v, int | float) and math.isfinite(v) else None
 
 
+def followed(out: Path) -> Path:
+    """The run folder to show: `out` itself when it is a ServerApp's output folder; in a
+    simulation's output folder, the federated experiment written to last (the one running,
+    or the last one run)."""
+    if (out / RESULTS_FILE).is_file() or not (out / "experiments").is_dir():
+        return out
+    runs = sorted(out.glob(f"experiments/*/seed-*/{RESULTS_FILE}"),
+                  key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else out
+
+
 def state(out: Path) -> dict[str, Any]:
     """Everything the page shows, from the run's own files."""
-    out = Path(out)
+    out = followed(Path(out))
     rows = read_rows(out / RESULTS_FILE) if (out / RESULTS_FILE).is_file() else []
     run = _run_config(out)
     sites: dict[str, dict[str, Any]] = {}

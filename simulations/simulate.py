@@ -77,6 +77,9 @@ def simulate(
         bool, typer.Option("--print-config", help="print the resolved config and stop")
     ] = False,
     progress: Annotated[bool, typer.Option(help="progress bars in a terminal")] = True,
+    dashboard: Annotated[bool, typer.Option(
+        help="serve a live page on 127.0.0.1 that follows the federated experiment running "
+        "(`medfuse dashboard OUT` shows it later)")] = False,
 ) -> None:
     """Run pooled, local-only and federated experiments on simulated hospitals; write
     results.csv, summary.md, plots and report.html.
@@ -102,6 +105,12 @@ def simulate(
         f"{config or DEFAULT_CONFIG}; output {cfg.out}",
         highlight=False, soft_wrap=True,
     )
+    if dashboard:
+        from server.dashboard import serve_in_background
+
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        _, url = serve_in_background(cfg.out.resolve())
+        console.print(f"dashboard: {url}", highlight=False)
     try:
         with sigterm_as_interrupt():
             outcome = Runner(cfg, console=console, progress=progress).run()

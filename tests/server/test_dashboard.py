@@ -38,6 +38,20 @@ def test_state_is_read_from_the_runs_own_files(tmp_path: Path):
     assert len(done["round_seconds"]) == 3
 
 
+def test_in_a_simulation_folder_it_follows_the_experiment_written_last(tmp_path: Path):
+    # Prepare: a simulation's output folder with two federated experiments' runs
+    sim = tmp_path / "sim"
+    first, second = (sim / "experiments" / name / "seed-0" for name in ("fedavg", "fedprox"))
+    _run(first)
+    _run(second)
+    os.utime(first / "results.jsonl")  # the first is the one being written now
+    # Execute
+    shown = state(sim)
+    # Assert
+    assert shown["run_dir"] == str(first) and shown["rounds_done"] == 3
+    assert state(tmp_path / "nothing-yet")["sites"] == {}
+
+
 def test_it_serves_the_page_and_the_state_on_loopback(tmp_path: Path):
     out = tmp_path / "run"
     _run(out)
@@ -65,7 +79,8 @@ def _chromium(*args: str, timeout: float = 60) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed here")
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed here "
+                    "(`make browser` installs it as root with apt-get)")
 def test_the_page_follows_a_run_in_headless_chromium(tmp_path: Path):
     # Prepare: the dashboard of a folder where no run has written yet
     out = tmp_path / "run"
