@@ -245,6 +245,10 @@ class ResourcesSection(_Section):
     client_cpus: int = Field(1, ge=1, le=1024, description="CPUs per simulated hospital (Ray)")
     client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated hospital (Ray)")
     ray_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
+    ray_address: str | None = Field(
+        None, min_length=1, description="an existing Ray cluster to run the simulated "
+        "hospitals on (what `ray start --head` prints, e.g. 10.0.0.5:6379); default: a Ray "
+        "instance on this machine")
     central_threads: int = Field(
         1,
         ge=1,
@@ -259,6 +263,13 @@ class ResourcesSection(_Section):
     @classmethod
     def _device(cls, value: str) -> str:
         return device_name(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesSection:
+        if self.ray_address is not None and self.ray_cpus is not None:
+            raise ValueError("ray-cpus and ray-address: the cluster's nodes say how many CPUs "
+                             "they give (`ray start --num-cpus`); drop ray-cpus")
+        return self
 
 
 class ExperimentSpec(_Section):
@@ -631,6 +642,7 @@ def load_config(
     rounds: int | None = None,
     seeds: Sequence[int] | None = None,
     only: Sequence[str] | None = None,
+    ray_address: str | None = None,
 ) -> SimulationConfig:
     """The config from `path` (default: the built-in one), with command-line overrides.
 
@@ -653,6 +665,8 @@ def load_config(
         raw["training"] = {**(raw.get("training") or {}), "rounds": rounds}
     if seeds:
         raw["seeds"] = list(seeds)
+    if ray_address is not None:
+        raw["resources"] = {**(raw.get("resources") or {}), "ray-address": ray_address}
     cfg = parse_config(raw, source)
     if only:
         cfg = select_experiments(cfg, only)

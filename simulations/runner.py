@@ -345,9 +345,18 @@ def check_outside_app(out: Path, app_dir: Path = PROJECT_DIR) -> None:
         )
 
 
-def simulation_link(workdir: Path, timeout: float = 120.0) -> Supervisor:
-    """A simulation-mode SuperLink of this harness run (own FLWR_HOME, free port, logs)."""
-    link = Supervisor(workdir, CONNECTION, app_dir=PROJECT_DIR)
+def simulation_link(workdir: Path, timeout: float = 120.0,
+                    ray_address: str | None = None) -> Supervisor:
+    """A simulation-mode SuperLink of this harness run (own FLWR_HOME, free port, logs).
+    With `ray_address`, Flower's Ray backend joins that cluster: `ray.init()` reads
+    RAY_ADDRESS (Flower 1.42's federation config has no address key for its init-args)."""
+    # "local": a Ray instance of this run, even when `ray start` left a cluster running here
+    extra = {"RAY_ADDRESS": ray_address or "local"}
+    if ray_address and ray_address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
+        # a cluster of several machines: Ray's own rule for this node's address (the one
+        # that routes towards the cluster), not the loopback of single-machine runs
+        extra["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    link = Supervisor(workdir, CONNECTION, app_dir=PROJECT_DIR, extra_env=extra)
     port = free_port()
     write_connection(link.group.flwr_home, CONNECTION, address(port), None, insecure=True)
     try:
@@ -363,7 +372,7 @@ def federation_config(num_nodes: int, cfg: SimulationConfig) -> str:
     r = cfg.resources
     text = (f"num-supernodes={num_nodes} client-resources-num-cpus={r.client_cpus} "
             f"client-resources-num-gpus={r.client_gpus}")
-    if r.ray_cpus is not None:
+    if r.ray_cpus is not None:  # not with a cluster: its nodes say what they give
         text += f" init-args-num-cpus={r.ray_cpus}"
     return text
 
@@ -808,7 +817,8 @@ class Runner:
                 if self.link is not None:
                     self.link.close()
                 self.echo("starting a simulation SuperLink (Flower simulation engine, Ray)")
-                self.link = simulation_link(self.out / FLOWER_DIR)
+                self.link = simulation_link(self.out / FLOWER_DIR,
+                                            ray_address=self.cfg.resources.ray_address)
             return self.link.submit(
                 rc_file, federation_config=federation_config(len(self.sites.dirs), self.cfg),
                 show=False,

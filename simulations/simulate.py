@@ -77,6 +77,9 @@ def simulate(
         bool, typer.Option("--print-config", help="print the resolved config and stop")
     ] = False,
     progress: Annotated[bool, typer.Option(help="progress bars in a terminal")] = True,
+    ray_address: Annotated[str | None, typer.Option(
+        help="run the simulated hospitals on this existing Ray cluster (`ray start --head` "
+        "prints its address); the config's [resources] ray-address")] = None,
     dashboard: Annotated[bool, typer.Option(
         help="serve a live page on 127.0.0.1 that follows the federated experiment running "
         "(`medfuse dashboard OUT` shows it later)")] = False,
@@ -93,7 +96,7 @@ def simulate(
     config, site_dirs = _split_paths(list(paths or []), sites)
     try:
         cfg = load_config(config, sites=site_dirs or None, out=out, rounds=rounds,
-                          seeds=seed or None, only=only or None)
+                          seeds=seed or None, only=only or None, ray_address=ray_address)
     except ConfigError as exc:
         fail(exc)
     if print_config:
