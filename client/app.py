@@ -48,7 +48,7 @@ from client.site import (
     resolve_site,
     round_refusal,
 )
-from shared_model import wire
+from shared_model import compression, wire
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.tokenizer import Tokenizer
@@ -179,10 +179,11 @@ def train(msg: Message, context: Context) -> Message:
     if why:
         return _refused(msg, choice.site_name, f"{choice.site_name}: {why}")
     store = LedgerStore(choice.state_dir)
+    start = _state(msg)
     try:
         with store.lock():
             outcome = local_train(
-                run.model(), site, _state(msg), epochs=ask.local_epochs, lr=ask.lr,
+                run.model(), site, start, epochs=ask.local_epochs, lr=ask.lr,
                 batch_size=ask.batch_size, proximal_mu=ask.proximal_mu,
                 dp=_dp_settings(run, choice.node),
                 ledger=_ledger(store, choice, run), save_ledger=store.save,
@@ -204,7 +205,9 @@ def train(msg: Message, context: Context) -> Message:
         outcome.train_loss, outcome.epsilon, outcome.delta, outcome.epsilon_left,
     )
     return _update_reply(msg, choice.site_name, outcome, private=run.dp,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0,
+                         arrays=compression.encode(outcome.state, start, run.update_dtype),
+                         encoding=compression.encoding_of(run.update_dtype))
 
 
 def _policy_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
@@ -226,9 +229,10 @@ def _dp_settings(run: RunConfig, node: NodeConfig) -> DPSettings:
     )
 
 
-def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
-                  private: bool, seconds: float) -> Message:
-    """The update and what is released with it (no train loss under DP)."""
+def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *, private: bool,
+                  seconds: float, arrays: dict[str, torch.Tensor], encoding: str) -> Message:
+    """The update (`arrays`, in `encoding`) and what is released with it (no train loss
+    under DP)."""
     assert outcome.state is not None
     values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: outcome.num_examples,
@@ -243,10 +247,12 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *,
     }
     if not private:  # a non-private release already gives everything away
         values[wire.M_TRAIN_LOSS] = outcome.train_loss
+    site = _site_record(site_name, "")
+    site[wire.SITE_UPDATE] = encoding
     content = RecordDict({
-        wire.ARRAYS: ArrayRecord(outcome.state),
+        wire.ARRAYS: ArrayRecord(arrays),
         wire.METRICS: MetricRecord(_finite(values)),
-        wire.SITE: _site_record(site_name, ""),
+        wire.SITE: site,
     })
     return Message(content, reply_to=msg)
 

@@ -55,6 +55,7 @@ from flwr.serverapp.strategy import (
 from server.checks import inspect_update
 from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, M_UPDATE_NORM, TRAIN, Row
 from shared_model import wire
+from shared_model.compression import decode
 from shared_model.run_config import RunConfig
 
 ROUND_SECONDS = "round-seconds"  # wall time of a round at the server (site `federation`)
@@ -357,6 +358,27 @@ class GuardedStrategy(Strategy):
             log(WARNING, "round %d: no reply from node %d (%s) by the round timeout; the "
                 "round goes on without it", rnd, node, self._site(node))
 
+    def _decoded(self, reply: Message) -> tuple[Message, str]:
+        """The reply with its trained weights, when it carries a compressed update (the
+        global model of this round added back: shared_model/compression.py); or the reply
+        as it is and why it cannot be decoded."""
+        if reply.has_error() or self._reference is None:
+            return reply, ""
+        site = reply.content.config_records.get(wire.SITE)
+        encoding = str(site.get(wire.SITE_UPDATE, "")) if site is not None else ""
+        arrays = reply.content.array_records.get(wire.ARRAYS)
+        if not encoding or arrays is None:
+            return reply, ""
+        try:
+            weights = decode({k: v.numpy() for k, v in arrays.items()}, self._reference,
+                             encoding)
+        except (KeyError, TypeError, ValueError) as exc:
+            return reply, f"update cannot be decoded: {exc}"
+        content = RecordDict(dict(reply.content.items()))
+        content.array_records[wire.ARRAYS] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        return Message(content=content, metadata=reply.metadata), ""
+
     def _train_verdict(self, content: RecordDict, error: str) -> tuple[str | None, float | None]:
         """(why this reply is left out or None, update norm or None)."""
         metrics = content.metric_records.get(wire.METRICS)
@@ -453,14 +475,15 @@ class GuardedStrategy(Strategy):
         rnd = self._global_round(server_round)
         kept: list[tuple[str, int, Message]] = []
         replied: set[int] = set()
-        for node, site, msg, values, error in self._each_reply(rnd, TRAIN, replies, replied):
-            reason, norm = (error, None) if values is None else self._train_verdict(
-                msg.content, error)
+        for node, site, reply, values, error in self._each_reply(rnd, TRAIN, replies, replied):
+            msg, undecodable = self._decoded(reply)
+            reason, norm = (error, None) if values is None else (
+                (undecodable, None) if undecodable else self._train_verdict(msg.content, error))
             verdict = {M_UPDATE_ACCEPTED: 0.0 if reason else 1.0}
             if norm is not None:
                 verdict[M_UPDATE_NORM] = norm
             self._record(rnd, site, node, TRAIN, verdict)
-            self._audit(rnd, TRAIN, node, site, msg, values, reason or "accepted")
+            self._audit(rnd, TRAIN, node, site, reply, values, reason or "accepted")
             if reason:
                 log(WARNING, "round %d: update from node %d (%s) left out: %s",
                     rnd, node, site, reason)

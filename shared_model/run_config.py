@@ -15,6 +15,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared_model.compression import UpdateDtype
 from shared_model.config import Fusion, Modality, ModelConfig, ModelSize
 from shared_model.model import TrainLayers
 from shared_model.validation import describe
@@ -60,6 +61,8 @@ class RunConfig(BaseModel):
     trimmed_beta: float = Field(gt=0.0, lt=0.5, description="fedtrimmedavg cut fraction")
     byzantine_nodes: int = Field(ge=0, description="krum / bulyan: tolerated malicious nodes")
     update_max_norm: float = Field(gt=0.0, description="L2 bound of an update; larger is dropped")
+    update_dtype: UpdateDtype = Field(
+        description="what a train reply carries: float32 weights, or the update in 16 bits")
 
     # local training
     local_epochs: int = Field(ge=1, le=100)
@@ -149,6 +152,12 @@ class RunConfig(BaseModel):
                 "sampling, which a coordinator could fake)")
         if self.secure_aggregation:
             _check_secure_aggregation(self)
+        if self.update_dtype != "float32" and (self.secure_aggregation
+                                               or self.central_dp != "off"):
+            raise ValueError(
+                f"update-dtype={self.update_dtype!r} needs secure-aggregation=false and "
+                "central-dp='off': SecAgg+ quantises the update itself, and Flower's "
+                "client-level DP clips the trained weights' difference as it leaves the node")
         self.model()  # the model part must make a valid ModelConfig too
         return self
 

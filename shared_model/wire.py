@@ -51,3 +51,4 @@ M_EMPTY_REPORTS = "empty-reports"  # share of generated reports with no word
 SITE = "site"
 SITE_NAME = "site-name"
 SITE_ERROR = "error"
+SITE_UPDATE = "update"  # what the train reply's arrays are: "" weights, "delta-float16"...

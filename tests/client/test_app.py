@@ -112,7 +112,9 @@ def test_train_reply_holds_only_arrays_and_scalars(
     assert scalars[wire.M_BUDGET_SPENT] == 0 and scalars[wire.M_DATA_ERROR] == 0
     assert scalars[wire.M_NUM_EXAMPLES] > 0
     site = dict(content.config_records[wire.SITE])
-    assert site == {wire.SITE_NAME: tiny_federation[0].name, wire.SITE_ERROR: ""}
+    # the arrays are the trained weights (update-dtype float32: no compressed update)
+    assert site == {wire.SITE_NAME: tiny_federation[0].name, wire.SITE_ERROR: "",
+                    wire.SITE_UPDATE: ""}
 
 
 def test_ledger_carries_over_rounds_and_restarts(

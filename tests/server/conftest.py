@@ -4,6 +4,7 @@ and which building a Message needs) and a handler that collects the flwr logger'
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -34,3 +35,12 @@ def flwr_log():
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def three_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three small synthetic hospitals (24 cases, 32 px) for rounds through the ClientApp."""
+    from shared_model.synth import SynthConfig, write_federation
+
+    return write_federation(tmp_path_factory.mktemp("three-sites"),
+                            SynthConfig(sites=3, cases_per_site=24, seed=11, image_size=32))

@@ -30,7 +30,6 @@ from server.secure import SecAggSettings, secure_round
 from shared_model import wire
 from shared_model.model import MedFuseModel
 from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
-from shared_model.synth import SynthConfig, write_federation
 
 NODES = (101, 202, 303)
 SETTINGS = SecAggSettings(shares=1.0, threshold=0.66, clip=2.0, bits=24, max_weight=100)
@@ -78,12 +77,6 @@ class LoopbackGrid(Grid):
             self.replies.append((node, msg, reply))
             out.append(reply)
         return out
-
-
-@pytest.fixture(scope="module")
-def three_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_federation(tmp_path_factory.mktemp("secagg-sites"),
-                            SynthConfig(sites=3, cases_per_site=24, seed=11, image_size=32))
 
 
 def _run_config(sites: list[Path], store: Path) -> dict:
