@@ -59,6 +59,8 @@ from shared_model.compression import decode
 from shared_model.run_config import RunConfig
 
 ROUND_SECONDS = "round-seconds"  # wall time of a round at the server (site `federation`)
+BYTES_SENT = "bytes-sent"  # array bytes the server sent a site in a phase (the model)
+BYTES_RECEIVED = "bytes-received"  # array bytes of the site's reply (its update)
 RoundHook = Callable[[int, ArrayRecord, list[Row]], None]
 """Called after each round's evaluation: (global round, new global arrays, its rows)."""
 
@@ -195,6 +197,13 @@ def _site_name(content: RecordDict, node_id: int) -> tuple[str | None, str]:
     return (str(name) if name else None), (str(error) if error else "")
 
 
+def _array_bytes(msg: Message) -> int:
+    if msg.has_error():
+        return 0
+    return int(sum(a.numpy().nbytes for rec in msg.content.array_records.values()
+                   for a in rec.values()))
+
+
 def _scalars(metrics: MetricRecord | None) -> dict[str, float]:
     """The scalar metrics of a record (lists are not results rows)."""
     if metrics is None:
@@ -238,6 +247,7 @@ class GuardedStrategy(Strategy):
         self.on_round_end = on_round_end
         self.audit_log = audit_log  # the coordinator's audit log of every reply
         self._sent: list[Message] = []  # the last configure_* messages, to name dropped nodes
+        self._traffic: dict[int, dict[str, int]] = {}  # node -> array bytes of this phase
         self.global_arrays: ArrayRecord | None = None
         self.last_round = round_offset
         self.site_names: dict[int, str] = {}
@@ -427,10 +437,14 @@ class GuardedStrategy(Strategy):
         self, rnd: int, phase: str, replies: Iterable[Message], replied: set[int]
     ) -> Iterator[tuple[int, str, Message, dict[str, float] | None, str]]:
         """(node, site, reply, its scalars or None for an error reply, the site's error or
-        the error reply's reason) per reply; the site's name and its metric rows recorded."""
+        the error reply's reason) per reply; the site's name and its metric rows recorded,
+        with the array bytes each way (under SecAgg+ the reply's are the aggregate's)."""
+        sent = {m.metadata.dst_node_id: _array_bytes(m) for m in self._sent}
         for msg in replies:
             node = self._sender(msg)
             replied.add(node)
+            self._traffic[node] = {BYTES_SENT: sent.get(node, 0),
+                                   BYTES_RECEIVED: _array_bytes(msg)}
             if msg.has_error():
                 yield (node, self._site(node), msg, None,
                        f"error reply: {msg.error.reason} (code {msg.error.code})")
@@ -440,8 +454,11 @@ class GuardedStrategy(Strategy):
                 self.site_names[node] = name
             site = self._site(node)
             values = _scalars(msg.content.metric_records.get(wire.METRICS))
-            self._record(rnd, site, node, phase, values)
+            self._record(rnd, site, node, phase, {**values, **self._traffic.pop(node)})
             yield node, site, msg, values, error
+        for node, traffic in self._traffic.items():  # error replies: the bytes all the same
+            self._record(rnd, self._site(node), node, phase, traffic)
+        self._traffic = {}
 
     def _audit(self, rnd: int, phase: str, node: int, site: str, msg: Message,
                values: dict[str, float] | None, verdict: str) -> None:

@@ -383,6 +383,37 @@ def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
     return save_png(fig, path)
 
 
+def plot_round_times(results: pd.DataFrame, path: Path) -> Path | None:
+    """Each federated experiment's round wall time at the server against the slowest
+    hospital's own compute that round (its train and evaluate seconds): the gap is what
+    the federation costs. None when no experiment was federated."""
+    walls = results[(results["metric"] == EVAL + "round-seconds")
+                    & (results["site"] == "federation")]
+    if walls.empty:
+        return None
+    own = results[results["metric"].isin(["train/seconds", EVAL + "seconds"])
+                  & (results["site"] != "federation")]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    for i, (exp, rows) in enumerate(walls.groupby("experiment", sort=False)):
+        wall = rows.groupby("round")["value"].mean()
+        line = ax.plot(wall.index, wall.to_numpy(), marker="o", ms=3, label=f"{exp}: round")
+        mine = own[own["experiment"] == exp]
+        if not mine.empty:
+            slowest = (mine.groupby(["seed", "round", "site"])["value"].sum()
+                       .groupby("round").max())
+            ax.plot(slowest.index, slowest.to_numpy(), ls="--", color=line[0].get_color(),
+                    label=f"{exp}: slowest hospital's compute" if i < 6 else None)
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("round time at the server and the hospitals' own compute")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def summary_markdown(summary: Summary, title: str = "medfuse simulation",
                      audit: tuple[list[str], list[list[str]]] | None = None,
                      personalised: tuple[list[str], list[list[str]]] | None = None) -> str:
@@ -684,6 +715,8 @@ def write_report(
         ("privacy-utility", plot_privacy_utility(summary, plots_dir / "privacy-utility.png", meta)),
         *([("global vs personalised", fig)] if (fig := plot_personalised(
             results, plots_dir / "personalised.png")) is not None else []),
+        *([("round time", fig)] if (fig := plot_round_times(
+            results, plots_dir / "round-times.png")) is not None else []),
         (
             "learning curves, all experiments",
             plot_overview_curves(results, experiments, plots_dir / "learning-curves.png"),

@@ -9,14 +9,14 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from server.app import main, resolve_output_dir
+from server.app import initial_arrays, main, resolve_output_dir
 from server.checkpoint import load_latest
 from server.results import FEDERATION, read_rows
-from server.strategy import ROUND_SECONDS
+from server.strategy import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS
 from shared_model import wire
 from shared_model.config import ModelConfig
 from shared_model.model import MedFuseModel
-from shared_model.run_config import RunConfigError, pyproject_defaults
+from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
 from tests.server.fakes import Crash, FakeGrid, deterministic_site
 
 
@@ -80,6 +80,14 @@ def test_a_run_writes_results_checkpoints_and_the_final_model(tmp_path):
     assert sorted(r.round for r in timed) == sorted({r.round for r in rows}) and all(
         r.value > 0 for r in timed)
     assert {r.phase for r in rows} == {"train", "evaluate"}
+    # and counted the array bytes each way: the model down in both phases, the update up
+    model_bytes = sum(v.numpy().nbytes for v in initial_arrays(
+        RunConfig.parse(context().run_config)).values())
+    for phase in ("train", "evaluate"):
+        sent = [r.value for r in rows if r.phase == phase and r.metric == BYTES_SENT]
+        assert sent == [model_bytes] * 6, phase
+    up = [r.value for r in rows if r.phase == "train" and r.metric == BYTES_RECEIVED]
+    assert len(up) == 6 and all(v > 0 for v in up)
     final = torch.load(out / "final" / "model.pt", weights_only=True)
     model = MedFuseModel(ModelConfig(**final["model_config"]))
     model.load_state_dict(final["model"])  # every tensor, strict
