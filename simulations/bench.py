@@ -13,6 +13,11 @@ Figures (each with the settings it was measured under):
 - `secagg_round_extra_s`: the seconds a round takes longer with secure aggregation
   (Flower's SecAgg+: four exchanges with every node instead of one) than the same DP
   FedAvg round without it, in the same simulation; the median over rounds after the first.
+- `deploy_round_overhead_s`: seconds per round beyond the slowest hospital's own compute
+  (its train and evaluate seconds) in `medfuse deploy local` (real SuperLink and
+  SuperNodes, TLS, node auth; 2 hospitals, 60 cases, 32 px); the median over rounds, with
+  what one ClientApp process takes to start (`import client.app`: Flower starts one per
+  message) beside it.
 - `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
   hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
   process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
@@ -39,6 +44,7 @@ from pathlib import Path
 import torch
 
 GOALS = {"dp_step_ratio": ("<=", 2.0), "bytes_per_round_ratio": ("<=", 1.05),
+         "deploy_round_overhead_s": ("<=", 8.0),
          "sim_round_overhead": ("<=", 1.10), "hospitals_max": (">=", 200)}
 
 
@@ -193,22 +199,9 @@ run-config = {{ secure-aggregation = true }}
 
 def _round_times(path: Path) -> list[tuple[float, float]]:
     """(wall time at the server, slowest hospital's own compute) of each round."""
-    from server.results import FEDERATION, read_rows
-    from server.strategy import ROUND_SECONDS
-    from shared_model import wire
+    from server.results import read_rows
 
-    rows = read_rows(path)
-    out = []
-    for rnd in sorted({r.round for r in rows}):
-        wall = [r.value for r in rows if r.round == rnd and r.site == FEDERATION
-                and r.metric == ROUND_SECONDS]
-        per_site: dict[str, float] = {}
-        for r in rows:
-            if r.round == rnd and r.metric == wire.M_SECONDS and r.site != FEDERATION:
-                per_site[r.site] = per_site.get(r.site, 0.0) + r.value
-        if wall and per_site:
-            out.append((wall[0], max(per_site.values())))
-    return out
+    return round_overheads(read_rows(path))
 
 
 def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size: int = 32,
@@ -243,6 +236,57 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
             **settings, "secure_round_wall_s": [round(w, 2) for w, _ in secure],
             "plain_round_wall_s": [round(w, 2) for w, _ in plain]}),
     ]
+
+
+def round_overheads(rows) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """(round wall time at the server, slowest hospital's own compute) per round of a
+    ServerApp's results rows."""
+    from server.results import FEDERATION
+    from server.strategy import ROUND_SECONDS
+    from shared_model import wire
+
+    out = []
+    for rnd in sorted({r.round for r in rows}):
+        wall = [r.value for r in rows if r.round == rnd and r.site == FEDERATION
+                and r.metric == ROUND_SECONDS]
+        own: dict[str, float] = {}
+        for r in rows:
+            if r.round == rnd and r.metric == wire.M_SECONDS and r.site != FEDERATION:
+                own[r.site] = own.get(r.site, 0.0) + r.value
+        if wall and own:
+            out.append((wall[0], max(own.values())))
+    return out
+
+
+def _clientapp_start_s() -> float:
+    """Wall seconds of a fresh Python importing the ClientApp (what each message costs a
+    deployed node before any work: Flower starts one process per message)."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import client.app"], check=True,
+                   capture_output=True)
+    return time.perf_counter() - t0
+
+
+def deploy_figures(out: Path, rounds: int = 3) -> list[Figure]:
+    """`medfuse deploy local` with 2 hospitals: the seconds each round takes beyond the
+    slowest hospital's own compute."""
+    from server.deploy import DeployConfig, deploy_local
+    from server.results import RESULTS_FILE, read_rows
+
+    cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / "deploy", min_nodes=2,
+                       public=False, run_config={"batch-size": 16})
+    outcome = deploy_local(cfg, echo=lambda line: None)
+    times = round_overheads(read_rows(outcome.output_dir / RESULTS_FILE))
+    extra = [wall - own for wall, own in times]
+    start = statistics.median(_clientapp_start_s() for _ in range(3))
+    return [Figure("deploy_round_overhead_s", statistics.median(extra[1:] or extra), {
+        "hospitals": 2, "cases_per_site": cfg.cases_per_site, "image_size": cfg.image_size,
+        "rounds": rounds, "round_wall_s": [round(w, 2) for w, _ in times],
+        "slowest_site_compute_s": [round(c, 2) for _, c in times],
+        "messages_per_round": 2, "clientapp_start_s": round(start, 2)})]
 
 
 SCALE_CONFIG = """
@@ -370,6 +414,8 @@ def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
         lambda: dp_step_figures(image_size=image_size, repeats=3 if quick else 10,
                                 workdir=out / "data"),
         lambda: sim_round_figures(out, rounds=2 if quick else 4),
+        # a real deployment takes minutes: the full bench only
+        *([] if quick else [lambda: deploy_figures(out)]),
         lambda: hospitals_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),
     ]
     for measure in steps:

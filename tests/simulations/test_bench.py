@@ -35,3 +35,17 @@ def test_bytes_count_each_stored_parameter_once():
     # the state dict holds aliases of the DPLSTM weights: more bytes than the parameters
     assert s["state_dict_bytes"] >= s["parameter_bytes"] > 0
     assert fig.value == 3 * s["state_dict_bytes"] / (2 * s["parameter_bytes"])
+
+
+def test_round_overheads_are_wall_time_against_the_slowest_sites_own_seconds():
+    from server.results import FEDERATION, Row
+    from server.strategy import ROUND_SECONDS
+    from shared_model import wire
+    from simulations.bench import round_overheads
+
+    rows = [Row(1, FEDERATION, 0, "evaluate", ROUND_SECONDS, 30.0),
+            Row(1, "a", 1, "train", wire.M_SECONDS, 4.0),
+            Row(1, "a", 1, "evaluate", wire.M_SECONDS, 1.0),
+            Row(1, "b", 2, "train", wire.M_SECONDS, 6.0),
+            Row(2, "a", 1, "train", wire.M_SECONDS, 2.0)]  # round 2: no wall time yet
+    assert round_overheads(rows) == [(30.0, 6.0)]
