@@ -101,12 +101,12 @@ def _global() -> dict[str, torch.Tensor]:
     return MedFuseModel(run.model()).state_dict()
 
 
-def _train_messages(state: dict[str, torch.Tensor]) -> list[Message]:
+def _train_messages(state: dict[str, torch.Tensor], **extra) -> list[Message]:
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(state),
         wire.CONFIG: ConfigRecord({wire.CFG_SERVER_ROUND: 1, wire.CFG_LOCAL_EPOCHS: 1,
                                    wire.CFG_LR: 2e-3, wire.CFG_PROXIMAL_MU: 0.0,
-                                   wire.CFG_TOTAL_ROUNDS: 1}),
+                                   wire.CFG_TOTAL_ROUNDS: 1, **extra}),
     })
     return [Message(content, dst_node_id=nid, message_type="train", group_id="1")
             for nid in NODES]
@@ -138,11 +138,11 @@ def _bound(updates, nodes) -> float:
     return len(nodes) * step / sum(weights) + 1e-6
 
 
-def _secure(run_config: dict, state, drop=lambda n, m: False):
+def _secure(run_config: dict, state, drop=lambda n, m: False, **config):
     grid = LoopbackGrid(_contexts(run_config), drop=drop)
     t0 = time.perf_counter()
-    replies = secure_round(grid, _train_messages(state), SETTINGS, wire.M_NUM_EXAMPLES,
-                           timeout=60)
+    replies = secure_round(grid, _train_messages(state, **config), SETTINGS,
+                           wire.M_NUM_EXAMPLES, timeout=60)
     print(f"secure round, {len(NODES)} nodes in process: {time.perf_counter() - t0:.1f} s")
     return grid, replies
 
@@ -201,6 +201,28 @@ def test_a_node_lost_mid_round_does_not_stop_it(three_sites, tmp_path):
     bound = _bound(updates, survivors)
     for (k, g), n in zip(state.items(), new, strict=True):
         assert np.abs((n - g.numpy()) - mean[k]).max() <= bound, k
+
+
+def test_each_node_clips_its_update_before_masking_it(three_sites, tmp_path):
+    # Prepare: the clipping norm Flower's client-side DP wrapper sends with each round
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    state = _global()
+    clip = 1e-3
+    # Execute
+    _, replies = _secure(_run_config(three_sites, tmp_path), state,
+                         **{KEY_CLIPPING_NORM: clip})
+    # Assert: the mean of updates clipped to `clip` has a norm of at most `clip`, plus the
+    # quantisation error (at most one step per node and coordinate; unclipped, the mean
+    # update's norm is in the units)
+    new = replies[0].content.array_records[wire.ARRAYS].to_numpy_ndarrays()
+    norm = np.sqrt(sum(float(np.sum((n.astype(np.float64) - g.numpy()) ** 2))
+                       for n, g in zip(new, state.values(), strict=True)))
+    coords = sum(g.numel() for g in state.values())
+    weight = sum(int(r.content.metric_records[wire.METRICS][wire.M_NUM_EXAMPLES])
+                 for r in replies) / SETTINGS.max_weight
+    step = 2 * SETTINGS.clip / (2**SETTINGS.bits - 1)
+    assert 0 < norm <= clip + np.sqrt(coords) * len(NODES) * step / weight, norm
 
 
 @pytest.mark.parametrize("override, named", [
