@@ -24,7 +24,8 @@ Figures (each with the settings it was measured under):
 - `bytes_per_round_ratio`: the array bytes one site receives and sends in a round with
   medfuse's messages (the global model in the train message, the update back, the model
   again in the evaluate message) over 2 x the model's parameter bytes (one model down, one
-  update up). Counted from the ArrayRecords the apps build, not from a network trace.
+  update up); also with the update sent in 16 bits (run config `update-dtype`). Counted
+  from the ArrayRecords the apps build, not from a network trace.
 
 Timing is noisy on a shared machine: a figure here is a measurement, never a test.
 """
@@ -163,10 +164,13 @@ def bytes_figures(image_size: int = 64) -> list[Figure]:
             seen.add(p.data_ptr())
             param_bytes += p.numel() * p.element_size()
     per_round = 3 * state_bytes  # train down, update up, evaluate down
-    return [Figure("bytes_per_round_ratio", per_round / (2 * param_bytes), {
-        "state_dict_bytes": state_bytes, "parameter_bytes": param_bytes,
-        "state_dict_keys": len(model.state_dict()), "messages_with_arrays": 3,
-        "parameters": sum(p.numel() for p in model.parameters())})]
+    settings = {"state_dict_bytes": state_bytes, "parameter_bytes": param_bytes,
+                "state_dict_keys": len(model.state_dict()), "messages_with_arrays": 3,
+                "parameters": sum(p.numel() for p in model.parameters())}
+    half_up = 2 * state_bytes + state_bytes // 2  # update-dtype float16 / bfloat16
+    return [Figure("bytes_per_round_ratio", per_round / (2 * param_bytes), settings),
+            Figure("bytes_per_round_ratio_16bit_update", half_up / (2 * param_bytes),
+                   {**settings, "update_dtype": "float16"})]
 
 
 SIM_CONFIG = """

@@ -327,3 +327,25 @@ def test_loss_falls_on_a_fixed_batch() -> None:
         losses.append(float(loss.detach()))
     # Assert
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_state_holds_each_tensor_once_and_older_files_still_load() -> None:
+    # Prepare: DPLSTM registers each LSTM weight under two names
+    torch.manual_seed(0)
+    model = MedFuseModel(ModelConfig.small(image_size=32))
+    params = dict(model.named_parameters())  # one name per tensor
+    # Execute
+    state = model.state_dict()
+    wrapped = GradSampleModule(model).state_dict()  # Opacus' wrapper: the same, prefixed
+    # Assert: every tensor once (what is saved and sent), all of them there
+    assert len({t.data_ptr() for t in state.values()}) == len(state)
+    assert sum(t.numel() for t in state.values()) == sum(p.numel() for p in params.values())
+    assert set(wrapped) == {f"_module.{k}" for k in state}
+    # a state with both names (files written before) loads strictly, into the same weights
+    full = {**state, **{alias: state[name] for alias, name in model._aliases.items()}}
+    assert len(full) == len(state) + 12
+    other = MedFuseModel(ModelConfig.small(image_size=32))
+    other.load_state_dict(full, strict=True)
+    other.load_state_dict(state, strict=True)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -30,11 +30,12 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
 
 
 def test_bytes_count_each_stored_parameter_once():
-    (fig,) = bytes_figures(32)
+    fig, half = bytes_figures(32)
     s = fig.settings
-    # the state dict holds aliases of the DPLSTM weights: more bytes than the parameters
-    assert s["state_dict_bytes"] >= s["parameter_bytes"] > 0
-    assert fig.value == 3 * s["state_dict_bytes"] / (2 * s["parameter_bytes"])
+    # the state dict holds each DPLSTM weight once (not under its two names)
+    assert s["state_dict_bytes"] == s["parameter_bytes"] > 0
+    assert fig.value == 3 * s["state_dict_bytes"] / (2 * s["parameter_bytes"]) == 1.5
+    assert half.value == 1.25
 
 
 def test_round_overheads_are_wall_time_against_the_slowest_sites_own_seconds():
