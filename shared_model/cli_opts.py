@@ -44,11 +44,14 @@ def fail(message: object, code: int = 2) -> NoReturn:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise KeyboardInterrupt while inside: a command stopped by a
-    scheduler or a closed terminal cleans up (stops its processes) as on Ctrl-C."""
+    scheduler or a closed terminal cleans up (stops its processes) as on Ctrl-C. SIGINT
+    too, even where it was inherited as ignored (a shell starts background jobs so, and
+    Python then leaves it ignored): `kill -INT` stops such a run cleanly."""
     def _term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     old = {s: signal.signal(s, _term) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
