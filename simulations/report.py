@@ -377,7 +377,7 @@ def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel("test accuracy")
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(exp, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("the federation's model and each hospital's DP fine-tuned copy")
     fig.tight_layout()
     return save_png(fig, path)
