@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from shared_model import wire
+from shared_model.compression import apply_update
 from shared_model.run_config import RunConfig
 
 MODULUS_BITS = 32  # Flower's modulus: every masked sum is taken mod 2**32
@@ -168,12 +169,11 @@ def _legacy_context(grid: Grid, rnd: int, arrays: ArrayRecord, strategy: _OneRou
 
 
 def mean_update_applied(global_arrays: ArrayRecord, update: Parameters) -> ArrayRecord:
-    """global + the unmasked mean update, array by array, in the global's dtypes."""
-    out: dict[str, Array] = {}
-    for name, delta in zip(global_arrays.keys(), to_ndarrays(update), strict=True):
-        g = global_arrays[name].numpy()
-        out[name] = Array(np.ascontiguousarray((g.astype(np.float64) + delta).astype(g.dtype)))
-    return ArrayRecord(out)
+    """global + the unmasked mean update, in the global's names order and dtypes."""
+    names = list(global_arrays.keys())
+    weights = apply_update({k: global_arrays[k].numpy() for k in names},
+                           dict(zip(names, to_ndarrays(update), strict=True)))
+    return ArrayRecord({k: Array(np.ascontiguousarray(weights[k])) for k in names})
 
 
 def _reply(msg: Message, fitres: FitRes, new_global: ArrayRecord) -> Message:

@@ -198,10 +198,11 @@ def _site_name(content: RecordDict, node_id: int) -> tuple[str | None, str]:
 
 
 def _array_bytes(msg: Message) -> int:
+    """The array bytes a message carries, from shapes and dtypes (nothing deserialised)."""
     if msg.has_error():
         return 0
-    return int(sum(a.numpy().nbytes for rec in msg.content.array_records.values()
-                   for a in rec.values()))
+    return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize
+                   for rec in msg.content.array_records.values() for a in rec.values()))
 
 
 def _scalars(metrics: MetricRecord | None) -> dict[str, float]:

@@ -49,16 +49,27 @@ def decode(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
         return dict(arrays)
     if encoding not in ("delta-float16", "delta-bfloat16"):
         raise ValueError(f"unknown update encoding {encoding!r}")
-    out = {}
+    deltas, out = {}, {}
     for name, ref in reference.items():
         a = arrays[name]
         if ref.dtype.kind != "f":
-            out[name] = a
-            continue
-        if encoding == "delta-bfloat16":
-            delta = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(
+            out[name] = a  # travelled as its value
+        elif encoding == "delta-bfloat16":
+            deltas[name] = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(
                 torch.bfloat16).float().numpy()
         else:
-            delta = a.astype(np.float32)
-        out[name] = (ref.astype(np.float32) + delta).astype(ref.dtype)
+            deltas[name] = a
+    out.update(apply_update({k: reference[k] for k in deltas}, deltas))
+    return {k: out[k] for k in reference}
+
+
+def apply_update(reference: Mapping[str, np.ndarray],
+                 deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """reference + delta, array by array, in the reference's dtypes (integers rounded):
+    how a server turns an update back into weights (a 16-bit update here, the unmasked
+    mean of SecAgg+ in server/secure.py)."""
+    out = {}
+    for name, ref in reference.items():
+        total = ref.astype(np.float64) + np.asarray(deltas[name], dtype=np.float64)
+        out[name] = (np.rint(total) if ref.dtype.kind in "iu" else total).astype(ref.dtype)
     return out
