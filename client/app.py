@@ -147,6 +147,10 @@ EVALUATE_MODS: list = [audit_log_mod]
 
 app = ClientApp()
 
+# What every message starts with (`_begin`): run config, round config, the site chosen, its
+# opened data, the device, the server round and the rounds planned.
+_Begun = tuple[RunConfig, ConfigRecord, SiteChoice, SiteData, torch.device, int, int]
+
 
 class _Unusable(Exception):
     """This node cannot take part in this message; `str()` is the message for a person."""
@@ -162,11 +166,25 @@ class _Unusable(Exception):
 @app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
     """Check the round against the node's policy, train (privately unless the node allows
-    otherwise) with the ledger charged first, and reply with the update or the reason."""
+    otherwise) with the ledger charged first, and reply with the update or the reason.
+    When the server asks (`evaluate-first`), the model the message carries is evaluated
+    first, exactly as an evaluate message would, and the reply holds both."""
     t0 = time.perf_counter()
     begun = _begin(msg, context)
     if isinstance(begun, Message):
         return begun
+    evaluation: dict[str, float | int] | str | None = None
+    if int(begun[1].get(wire.CFG_EVALUATE_FIRST, 0)):  # one message a round
+        try:
+            evaluation = _evaluation(begun, int(context.run_id), _state(msg))
+        except _NoEvaluation as exc:
+            log.warning("%s", exc)
+            evaluation = str(exc)
+    return _with_evaluation(_train(msg, context, begun, t0), evaluation)
+
+
+def _train(msg: Message, context: Context, begun: _Begun, t0: float) -> Message:
+    """The training part of a train message (after any evaluation of its arrays)."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
     recipe = run.recipe()
     ask = RoundAsk(
@@ -265,52 +283,86 @@ def evaluate(msg: Message, context: Context) -> Message:
     begun = _begin(msg, context)
     if isinstance(begun, Message):
         return begun
+    site_name = begun[2].site_name
+    try:
+        values = _evaluation(begun, int(context.run_id), _state(msg))
+    except _NoEvaluation as exc:
+        return (_data_error if exc.data_error else _refused)(msg, site_name, str(exc))
+    values[wire.M_SECONDS] = time.perf_counter() - t0
+    content = RecordDict({
+        wire.METRICS: MetricRecord(_finite(values)),
+        wire.SITE: _site_record(site_name, ""),
+    })
+    return Message(content, reply_to=msg)
+
+
+class _NoEvaluation(Exception):
+    """This node releases no evaluation for this message; `str()` is the reason for a
+    person, `data_error` when the data (not the node's policy) is why."""
+
+    def __init__(self, message: str, *, data_error: bool = False) -> None:
+        super().__init__(message)
+        self.data_error = data_error
+
+
+def _evaluation(begun: _Begun, run_id: int,
+                state: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """Evaluate `state` on the asked split and return what the node's policy releases
+    (noised and charged, or exact and recorded), the ledger saved first; `_NoEvaluation`
+    with the reason when it releases nothing. Shared by the evaluate message and the
+    evaluation inside a train message: the same policy, cap and ledger."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
     split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
-        return _data_error(msg, choice.site_name, f"unknown {wire.CFG_EVAL_SPLIT}={split!r}")
+        raise _NoEvaluation(f"unknown {wire.CFG_EVAL_SPLIT}={split!r}", data_error=True)
     node = choice.node
     if node.evaluation == "off":
-        return _refused(msg, choice.site_name, f"{choice.site_name}: this node releases no "
-                        "evaluation metrics (node config evaluation='off')")
+        raise _NoEvaluation(f"{choice.site_name}: this node releases no evaluation metrics "
+                            "(node config evaluation='off')")
     data = site.val if split == "val" else site.test
     if len(data) == 0:
-        return _data_error(msg, choice.site_name, f"{choice.site_name}: no {split} rows")
+        raise _NoEvaluation(f"{choice.site_name}: no {split} rows", data_error=True)
     store = LedgerStore(choice.state_dir)
-    run_id = int(context.run_id)
     try:
         with store.lock():
             ledger = _ledger(store, choice, run)
             done = sum(1 for e in ledger.entries if e.bucket == "evaluation"
                        and e.run_id == run_id and not e.note.startswith("inherited"))
             if node.evaluation == "dp" and done >= node.max_evaluations_per_run:
-                return _refused(msg, choice.site_name, f"{choice.site_name}: this node answers "
-                                f"at most {node.max_evaluations_per_run} evaluations per run "
-                                "(node config max-evaluations-per-run)")
-            cases = local_cases(run.model(), site, _state(msg), device, split=split)
+                raise _NoEvaluation(f"{choice.site_name}: this node answers at most "
+                                    f"{node.max_evaluations_per_run} evaluations per run "
+                                    "(node config max-evaluations-per-run)")
+            cases = local_cases(run.model(), site, state, device, split=split)
             rounds_left = max(total_rounds - server_round + 1, 1)
             metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,
                                        server_round=server_round,
                                        planned=min(node.max_evaluations_per_run - done,
                                                    rounds_left))
             if isinstance(metrics, str):
-                return _refused(msg, choice.site_name, f"{choice.site_name}: {metrics}")
+                raise _NoEvaluation(f"{choice.site_name}: {metrics}")
             store.save(ledger)  # on disk before anything leaves the site
     except LedgerError as exc:
-        return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
+        raise _NoEvaluation(f"{choice.site_name}: {exc}") from None
     values: dict[str, float | int] = {wire.M_DATA_ERROR: 0, wire.M_REFUSED: 0,
                                      wire.M_UNIT_WEIGHT: 1, **metrics}
-    values |= {
+    return values | {
         wire.M_EPSILON: ledger.epsilon("train", run.accountant),
         wire.M_EVAL_EPSILON: ledger.epsilon("evaluation", run.accountant),
         wire.M_DELTA: ledger.delta,
-        wire.M_SECONDS: time.perf_counter() - t0,
     }
-    content = RecordDict({
-        wire.METRICS: MetricRecord(_finite(values)),
-        wire.SITE: _site_record(choice.site_name, ""),
-    })
-    return Message(content, reply_to=msg)
+
+
+def _with_evaluation(reply: Message, evaluation: dict[str, float | int] | str | None
+                     ) -> Message:
+    """A train reply with the evaluation of the model it started from (its own record),
+    or the reason there is none (in the site record)."""
+    if evaluation is None:
+        return reply
+    if isinstance(evaluation, str):
+        reply.content.config_records[wire.SITE][wire.SITE_EVALUATION_ERROR] = evaluation
+    else:
+        reply.content.metric_records[wire.EVALUATION] = MetricRecord(_finite(evaluation))
+    return reply
 
 
 def _charged_metrics(node: NodeConfig, ledger: Ledger, cases: CaseResults, run: RunConfig, *,
@@ -405,8 +457,7 @@ def _opened_site(path: Path, run: RunConfig) -> SiteData:
     return site
 
 
-def _begin(msg: Message, context: Context) -> Message | tuple[
-        RunConfig, ConfigRecord, SiteChoice, SiteData, torch.device, int, int]:
+def _begin(msg: Message, context: Context) -> Message | _Begun:
     """What every message starts with: the run config, the round's config, this node's
     opened site and device, the round and the rounds planned; or the data-error reply
     when the site cannot be used."""

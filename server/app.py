@@ -51,6 +51,8 @@ from server.checkpoint import (
     write_final,
 )
 from server.results import (
+    EVALUATE,
+    FEDERATION,
     RESULTS_FILE,
     ResultsWriter,
     Row,
@@ -197,9 +199,14 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     def on_round_end(rnd: int, global_arrays: ArrayRecord, new_rows: list[Row]) -> None:
         rows.extend(new_rows)
         results.append(new_rows)
-        for line in render(round_table(rnd, run.num_server_rounds, new_rows)).splitlines():
-            log(INFO, "%s", line)
-        log(INFO, "%s", round_line(rnd, new_rows))
+        # a round's evaluation may arrive with the next round's train replies
+        # (evaluate-with-train): show each round whose evaluation came in, else this one
+        shown = sorted({r.round for r in new_rows if r.phase == EVALUATE
+                        and r.site != FEDERATION}) or [rnd]
+        for k in shown:
+            for line in render(round_table(k, run.num_server_rounds, rows)).splitlines():
+                log(INFO, "%s", line)
+            log(INFO, "%s", round_line(k, rows))
         path = save_checkpoint(out, Checkpoint(
             round=rnd, arrays=_numpy(global_arrays), model_config=run.model().model_dump(),
             run_config=run.flat(), strategy_state=guarded.state_for_checkpoint(), rows=rows,
@@ -209,8 +216,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
 
     guarded = GuardedStrategy(build_strategy(run, start.offset), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
-                              on_round_end=on_round_end,
-                              audit_log=out / AUDIT_LOG)  # fmt: skip
+                              on_round_end=on_round_end, audit_log=out / AUDIT_LOG,
+                              evaluate_in_train=run.evaluates_in_train)  # fmt: skip
     if start.strategy_state:
         guarded.load_checkpoint_state(start.strategy_state)
     remaining = run.num_server_rounds - start.offset

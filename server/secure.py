@@ -39,6 +39,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from server.grid import DelegatingGrid
 from shared_model import wire
 from shared_model.compression import apply_update
 from shared_model.run_config import RunConfig
@@ -69,36 +70,13 @@ class SecAggSettings:
         )
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """Flower's Grid, except that a round's train messages go through SecAgg+."""
 
     def __init__(self, grid: Grid, settings: SecAggSettings, weight_key: str) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings
         self.weight_key = weight_key
-
-    # -- Flower's Grid, delegated
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # type: ignore[no-untyped-def]
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

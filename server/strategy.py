@@ -127,13 +127,17 @@ def weight_key(run: RunConfig) -> str:
 
 
 def training_grid(grid: Grid, run: RunConfig) -> Grid:
-    """The Grid the strategy trains through: Flower's own, or with secure-aggregation=true
-    the same Grid with each round's training under Flower's SecAgg+ (server/secure.py)."""
+    """The Grid the strategy trains through: Flower's own, with replies pulled promptly
+    (server/grid.py), and with secure-aggregation=true each round's training under
+    Flower's SecAgg+ (server/secure.py)."""
+    from server.grid import PromptGrid
+
+    prompt = PromptGrid(grid)
     if not run.secure_aggregation:
-        return grid
+        return prompt
     from server.secure import SecAggSettings, SecureAggregationGrid
 
-    return SecureAggregationGrid(grid, SecAggSettings.of(run), weight_key(run))
+    return SecureAggregationGrid(prompt, SecAggSettings.of(run), weight_key(run))
 
 
 def _flower_strategy(run: RunConfig) -> Strategy:
@@ -175,7 +179,8 @@ def _flower_strategy(run: RunConfig) -> Strategy:
 
 
 def train_config(run: RunConfig) -> ConfigRecord:
-    """The ConfigRecord every train message carries (server-round is added per round)."""
+    """The ConfigRecord every train message carries (server-round is added per round, and
+    evaluate-first from round 2 when the run evaluates inside train messages)."""
     return ConfigRecord(
         {
             wire.CFG_LOCAL_EPOCHS: run.local_epochs,
@@ -183,6 +188,7 @@ def train_config(run: RunConfig) -> ConfigRecord:
             # the proximal term is FedProx's; FedProx itself sets it from its proximal_mu
             wire.CFG_PROXIMAL_MU: run.proximal_mu if run.strategy == "fedprox" else 0.0,
             wire.CFG_TOTAL_ROUNDS: run.num_server_rounds,
+            wire.CFG_EVAL_SPLIT: run.eval_split,
         }
     )
 
@@ -225,7 +231,10 @@ class GuardedStrategy(Strategy):
     max_norm : L2 bound of an update (new - global) over all arrays; larger is left out.
     total_rounds : the run's planned rounds (sent to clients as num-server-rounds).
     round_offset : rounds finished before this start (a resumed run's checkpoint round).
-    on_round_end : called after each round's evaluation with its rows.
+    on_round_end : called at the end of each round with its rows.
+    evaluate_in_train : ask each train message of round r+1 to evaluate the model it
+        carries (round r's) first; its metrics are recorded as round r's evaluation, and
+        only the final round sends evaluate messages.
     """
 
     def __init__(
@@ -237,6 +246,7 @@ class GuardedStrategy(Strategy):
         round_offset: int = 0,
         on_round_end: RoundHook | None = None,
         audit_log: Path | None = None,
+        evaluate_in_train: bool = False,
     ) -> None:
         super().__init__()
         if max_norm <= 0:
@@ -247,6 +257,9 @@ class GuardedStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round_end = on_round_end
         self.audit_log = audit_log  # the coordinator's audit log of every reply
+        # round r+1's train message evaluates round r's model; only the last round's model
+        # gets an evaluate message of its own
+        self.evaluate_in_train = evaluate_in_train
         self._sent: list[Message] = []  # the last configure_* messages, to name dropped nodes
         self._traffic: dict[int, dict[str, int]] = {}  # node -> array bytes of this phase
         self.global_arrays: ArrayRecord | None = None
@@ -350,6 +363,8 @@ class GuardedStrategy(Strategy):
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
         cfg[wire.CFG_TOTAL_ROUNDS] = self.total_rounds
+        if self.evaluate_in_train and rnd > 1:  # the arrays are round rnd-1's model
+            cfg[wire.CFG_EVALUATE_FIRST] = 1
         self._sent = list(self.strategy.configure_train(rnd, arrays, cfg, grid))
         return self._sent
 
@@ -462,14 +477,16 @@ class GuardedStrategy(Strategy):
         self._traffic = {}
 
     def _audit(self, rnd: int, phase: str, node: int, site: str, msg: Message,
-               values: dict[str, float] | None, verdict: str) -> None:
+               values: dict[str, float] | None, verdict: str, *,
+               with_arrays: bool = True) -> None:
         """One entry per reply in the coordinator's audit log: what the node sent (array
         names, shapes, bytes, digest; every metric) and what the server did with it."""
         if self.audit_log is None:
             return
         from shared_model import audit_log
 
-        records = [] if msg.has_error() else list(msg.content.array_records.values())
+        records = ([] if msg.has_error() or not with_arrays
+                   else list(msg.content.array_records.values()))
         audit_log.append(self.audit_log, {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "who": f"{site} (node {node})",
             "what": f"{phase} round {rnd}",
@@ -494,6 +511,8 @@ class GuardedStrategy(Strategy):
         kept: list[tuple[str, int, Message]] = []
         replied: set[int] = set()
         for node, site, reply, values, error in self._each_reply(rnd, TRAIN, replies, replied):
+            if values is not None:
+                self._evaluation_in(rnd - 1, node, site, reply)
             msg, undecodable = self._decoded(reply)
             reason, norm = (error, None) if values is None else (
                 (undecodable, None) if undecodable else self._train_verdict(msg.content, error))
@@ -528,6 +547,22 @@ class GuardedStrategy(Strategy):
         self._record_central_epsilon(rnd)
         return self._in_global_dtypes(arrays), metrics
 
+    def _evaluation_in(self, rnd: int, node: int, site: str, reply: Message) -> None:
+        """Record the evaluation of round `rnd`'s model a train reply carries (asked with
+        `evaluate-first`), or log why the site released none."""
+        metrics = reply.content.metric_records.get(wire.EVALUATION)
+        if metrics is not None:
+            values = _scalars(metrics)
+            self._record(rnd, site, node, EVALUATE, values)
+            self._audit(rnd, EVALUATE, node, site, reply, values,
+                        "received with the next round's train reply", with_arrays=False)
+            return
+        record = reply.content.config_records.get(wire.SITE)
+        why = record.get(wire.SITE_EVALUATION_ERROR, "") if record is not None else ""
+        if why:
+            log(WARNING, "round %d: evaluation on node %d (%s) not released: %s",
+                rnd, node, site, why)
+
     def _record_central_epsilon(self, rnd: int) -> None:
         """With client-level DP on: the federation's epsilon after this round's release."""
         spent = getattr(self.strategy, "privacy_spent", lambda: None)()
@@ -539,6 +574,9 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self._global_round(server_round)
         self.global_arrays = arrays
+        if self.evaluate_in_train and rnd < self.total_rounds:
+            self._sent = []  # the next round's train messages evaluate this model
+            return []
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
         cfg[wire.CFG_TOTAL_ROUNDS] = self.total_rounds

@@ -72,6 +72,10 @@ class RunConfig(BaseModel):
     eval_split: Literal["val", "test"] = Field(
         description="split each site evaluates the global model on every round"
     )
+    evaluate_with_train: bool = Field(
+        description="evaluate round r's global model inside round r+1's train message "
+        "(one message a round); the final model in an evaluate message of its own"
+    )
 
     # differential privacy (sample-level, at every site)
     dp: bool
@@ -184,6 +188,14 @@ class RunConfig(BaseModel):
             return cls.model_validate(dict(flat))
         except ValidationError as exc:
             raise RunConfigError(describe(exc, "run config")) from None
+
+    @property
+    def evaluates_in_train(self) -> bool:
+        """Whether round r+1's train message evaluates round r's model. Not under SecAgg+,
+        whose four exchanges carry only the masked update: evaluation keeps its own
+        message there."""
+        return (self.evaluate_with_train and not self.secure_aggregation
+                and self.fraction_evaluate > 0)
 
     @property
     def central_sample(self) -> int:

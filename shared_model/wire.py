@@ -11,6 +11,7 @@ from __future__ import annotations
 ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
+EVALUATION = "evaluation"  # in a train reply: the evaluation metrics of the incoming model
 
 # ConfigRecord keys the server sends with each train/evaluate message
 CFG_SERVER_ROUND = "server-round"
@@ -19,6 +20,9 @@ CFG_LR = "lr"
 CFG_PROXIMAL_MU = "proximal-mu"
 CFG_TOTAL_ROUNDS = "num-server-rounds"
 CFG_EVAL_SPLIT = "eval-split"  # "val" or "test": which split the sites evaluate on
+# 1 in a train message: evaluate its arrays (the previous round's global model) before
+# training, and reply with both (run config evaluate-with-train: one message a round)
+CFG_EVALUATE_FIRST = "evaluate-first"
 # secure aggregation: the legacy FitIns carries the array names and how to weigh the update
 CFG_ARRAY_KEYS = "array-keys"  # the arrays' names in order, comma-joined (legacy has none)
 CFG_WEIGHT_KEY = "weight-key"  # the reply metric the mean is weighted by
@@ -51,4 +55,5 @@ M_EMPTY_REPORTS = "empty-reports"  # share of generated reports with no word
 SITE = "site"
 SITE_NAME = "site-name"
 SITE_ERROR = "error"
+SITE_EVALUATION_ERROR = "evaluation-error"  # why a train reply carries no evaluation
 SITE_UPDATE = "update"  # what the train reply's arrays are: "" weights, "delta-float16"...

@@ -8,24 +8,27 @@ Figures (each with the settings it was measured under):
   batch; also with fewer trained layers (`no-embeddings`, `heads`: fewer per-sample
   gradients). Medians over repeated steps after a warm-up.
 - `sim_round_overhead`: a round's wall time at the server over the slowest hospital's own
-  compute that round (its train and evaluate seconds, which each node reports), in a small
-  simulation through Flower's engine; the median over rounds after the first.
+  compute that round (the seconds each node reports for its messages), in a small
+  simulation through Flower's engine; the median over the rounds between the first
+  (ClientApps start) and the last (it also evaluates the final model). A round is one
+  train message, which also evaluates the model it carries (`evaluate-with-train`).
 - `secagg_round_extra_s`: the seconds a round takes longer with secure aggregation
-  (Flower's SecAgg+: four exchanges with every node instead of one) than the same DP
-  FedAvg round without it, in the same simulation; the median over rounds after the first.
+  (Flower's SecAgg+: four exchanges with every node, and evaluation in a message of its
+  own) than the same DP FedAvg round without it, in the same simulation; the median over
+  rounds after the first.
 - `deploy_round_overhead_s`: seconds per round beyond the slowest hospital's own compute
-  (its train and evaluate seconds) in `medfuse deploy local` (real SuperLink and
-  SuperNodes, TLS, node auth; 2 hospitals, 60 cases, 32 px); the median over rounds, with
-  what one ClientApp process takes to start (`import client.app`: Flower starts one per
-  message) beside it.
+  in `medfuse deploy local` (real SuperLink and SuperNodes, TLS, node auth; 2 hospitals,
+  60 cases, 32 px); the median over the middle rounds, with what one ClientApp process
+  takes to start (`import client.app`: Flower starts one per message) and the SuperNode's
+  fixed poll beside it.
 - `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
   hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
   process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
-- `bytes_per_round_ratio`: the array bytes one site receives and sends in a round with
-  medfuse's messages (the global model in the train message, the update back, the model
-  again in the evaluate message) over 2 x the model's parameter bytes (one model down, one
-  update up); also with the update sent in 16 bits (run config `update-dtype`). Counted
-  from the ArrayRecords the apps build, not from a network trace.
+- `bytes_per_round_ratio`: the array bytes one site received and sent per round in the
+  same simulation (`bytes-sent` + `bytes-received` rows, counted from the ArrayRecords the
+  apps built, not from a network trace; the median over the rounds before the last) over
+  2 x the model's parameter bytes (one model down, one update up); also with the update
+  sent in 16 bits (run config `update-dtype`).
 
 Timing is noisy on a shared machine: a figure here is a measurement, never a test.
 """
@@ -43,6 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# Flower 1.42's SuperNode waits this long before it looks for a new message again when it
+# found none (`flwr/supernode/start_client_internal.py`): a deployed round pays most of it,
+# since the next round's message is never there the moment a node has replied.
+SUPERNODE_POLL_S = 3.0
 
 GOALS = {"dp_step_ratio": ("<=", 2.0), "bytes_per_round_ratio": ("<=", 1.05),
          "deploy_round_overhead_s": ("<=", 8.0),
@@ -150,27 +158,40 @@ def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
     return figures
 
 
-def bytes_figures(image_size: int = 64) -> list[Figure]:
-    """Array bytes per site and round with medfuse's messages, over 2 x parameter bytes."""
+def parameter_bytes(image_size: int = 64) -> dict[str, int]:
+    """The model's bytes: its state dict as sent, and its parameters, each stored tensor
+    once."""
     from shared_model.config import ModelConfig
     from shared_model.model import MedFuseModel
 
     model = MedFuseModel(ModelConfig.small(image_size=image_size))
-    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     seen: set[int] = set()
-    param_bytes = 0
+    params = 0
     for p in model.parameters():  # each stored tensor once
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
-            param_bytes += p.numel() * p.element_size()
-    per_round = 3 * state_bytes  # train down, update up, evaluate down
-    settings = {"state_dict_bytes": state_bytes, "parameter_bytes": param_bytes,
-                "state_dict_keys": len(model.state_dict()), "messages_with_arrays": 3,
-                "parameters": sum(p.numel() for p in model.parameters())}
-    half_up = 2 * state_bytes + state_bytes // 2  # update-dtype float16 / bfloat16
-    return [Figure("bytes_per_round_ratio", per_round / (2 * param_bytes), settings),
-            Figure("bytes_per_round_ratio_16bit_update", half_up / (2 * param_bytes),
-                   {**settings, "update_dtype": "float16"})]
+            params += p.numel() * p.element_size()
+    return {"state_dict_bytes": sum(t.numel() * t.element_size()
+                                    for t in model.state_dict().values()),
+            "parameter_bytes": params, "state_dict_keys": len(model.state_dict()),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def round_bytes(rows) -> list[float]:  # type: ignore[no-untyped-def]
+    """Array bytes one site received and sent per round (all phases; the mean over the
+    sites), for every round but the last, which also carries the final evaluation."""
+    from server.strategy import BYTES_RECEIVED, BYTES_SENT
+
+    last = max((r.round for r in rows), default=0)
+    out = []
+    for rnd in range(1, last):
+        per_site: dict[str, float] = {}
+        for r in rows:
+            if r.round == rnd and r.metric in (BYTES_SENT, BYTES_RECEIVED):
+                per_site[r.site] = per_site.get(r.site, 0.0) + r.value
+        if per_site:
+            out.append(statistics.fmean(per_site.values()))
+    return out
 
 
 SIM_CONFIG = """
@@ -198,22 +219,23 @@ kind = "federated"
 dp = true
 epsilon = 8.0
 run-config = {{ secure-aggregation = true }}
+[[experiment]]
+name = "fedavg-dp-fp16"
+kind = "federated"
+dp = true
+epsilon = 8.0
+run-config = {{ update-dtype = "float16" }}
 """
 
 
-def _round_times(path: Path) -> list[tuple[float, float]]:
-    """(wall time at the server, slowest hospital's own compute) of each round."""
-    from server.results import read_rows
-
-    return round_overheads(read_rows(path))
-
-
 def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size: int = 32,
-                      rounds: int = 3) -> list[Figure]:
+                      rounds: int = 4) -> list[Figure]:
     """A small simulation through Flower's engine: each round's wall time at the server
-    over the slowest hospital's own compute (its train + evaluate seconds) that round."""
+    over the slowest hospital's own compute that round; what SecAgg+ adds to a round; the
+    array bytes per site and round, as sent, in float32 and with 16-bit updates."""
     from rich.console import Console
 
+    from server.results import read_rows
     from simulations.config import load_config
     from simulations.runner import Runner
 
@@ -223,22 +245,35 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
     cfg = load_config(cfg_file, out=out / "sim")
     Runner(cfg, console=Console(quiet=True), progress=False).run()
     runs = out / "sim" / "experiments"
-    plain = _round_times(runs / "fedavg-dp" / "seed-0" / "results.jsonl")
-    secure = _round_times(runs / "fedavg-dp-secagg" / "seed-0" / "results.jsonl")
+    rows = {name: read_rows(runs / name / "seed-0" / "results.jsonl")
+            for name in ("fedavg-dp", "fedavg-dp-secagg", "fedavg-dp-fp16")}
+    plain = round_overheads(rows["fedavg-dp"])
+    secure = round_overheads(rows["fedavg-dp-secagg"])
     ratios = [wall / compute for wall, compute in plain]
-    # the first round pays for starting the ClientApps (imports, the first decode)
-    steady = ratios[1:] or ratios
+    # the first round pays for starting the ClientApps (imports, the first decode); the
+    # last one also sends the final model's evaluate message
+    steady = ratios[1:-1] or ratios
     extra = [s[0] - p[0] for p, s in zip(plain, secure, strict=False)]
     settings = {"hospitals": sites, "cases_per_site": cases, "image_size": image_size,
                 "rounds": rounds}
+    model = parameter_bytes(image_size)
+    two_models = 2 * model["parameter_bytes"]
+    sent = {name: round_bytes(rows[name]) for name in ("fedavg-dp", "fedavg-dp-fp16")}
     return [
         Figure("sim_round_overhead", statistics.median(steady), {
             **settings, "round_wall_s": [round(w, 2) for w, _ in plain],
             "slowest_site_compute_s": [round(c, 2) for _, c in plain],
-            "first_round_ratio": round(ratios[0], 3) if ratios else None}),
+            "first_round_ratio": round(ratios[0], 3) if ratios else None,
+            "last_round_ratio": round(ratios[-1], 3) if ratios else None}),
         Figure("secagg_round_extra_s", statistics.median(extra[1:] or extra), {
             **settings, "secure_round_wall_s": [round(w, 2) for w, _ in secure],
             "plain_round_wall_s": [round(w, 2) for w, _ in plain]}),
+        Figure("bytes_per_round_ratio", statistics.median(sent["fedavg-dp"]) / two_models, {
+            **settings, **model, "bytes_per_site_and_round": sent["fedavg-dp"]}),
+        Figure("bytes_per_round_ratio_16bit_update",
+               statistics.median(sent["fedavg-dp-fp16"]) / two_models, {
+                   **settings, **model, "update_dtype": "float16",
+                   "bytes_per_site_and_round": sent["fedavg-dp-fp16"]}),
     ]
 
 
@@ -274,7 +309,7 @@ def _clientapp_start_s() -> float:
     return time.perf_counter() - t0
 
 
-def deploy_figures(out: Path, rounds: int = 3) -> list[Figure]:
+def deploy_figures(out: Path, rounds: int = 5) -> list[Figure]:
     """`medfuse deploy local` with 2 hospitals: the seconds each round takes beyond the
     slowest hospital's own compute."""
     from server.deploy import DeployConfig, deploy_local
@@ -286,11 +321,15 @@ def deploy_figures(out: Path, rounds: int = 3) -> list[Figure]:
     times = round_overheads(read_rows(outcome.output_dir / RESULTS_FILE))
     extra = [wall - own for wall, own in times]
     start = statistics.median(_clientapp_start_s() for _ in range(3))
-    return [Figure("deploy_round_overhead_s", statistics.median(extra[1:] or extra), {
+    # rounds after the first and before the last: one train message each (the last also
+    # sends the final model's evaluate message)
+    return [Figure("deploy_round_overhead_s", statistics.median(extra[1:-1] or extra), {
         "hospitals": 2, "cases_per_site": cfg.cases_per_site, "image_size": cfg.image_size,
         "rounds": rounds, "round_wall_s": [round(w, 2) for w, _ in times],
         "slowest_site_compute_s": [round(c, 2) for _, c in times],
-        "messages_per_round": 2, "clientapp_start_s": round(start, 2)})]
+        "messages_per_round": 1, "last_round_extra_s": round(extra[-1], 2) if extra else None,
+        "clientapp_start_s": round(start, 2),
+        "supernode_poll_s": SUPERNODE_POLL_S})]
 
 
 SCALE_CONFIG = """
@@ -414,10 +453,9 @@ def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
     torch.set_num_threads(1)
     figures: list[Figure] = []
     steps: list[Callable[[], list[Figure]]] = [
-        lambda: bytes_figures(image_size),
         lambda: dp_step_figures(image_size=image_size, repeats=3 if quick else 10,
                                 workdir=out / "data"),
-        lambda: sim_round_figures(out, rounds=2 if quick else 4),
+        lambda: sim_round_figures(out, rounds=3 if quick else 5),
         # a real deployment takes minutes: the full bench only
         *([] if quick else [lambda: deploy_figures(out)]),
         lambda: hospitals_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),

@@ -16,8 +16,8 @@ ALLOWED = {
     "server": {"shared_model"},
     "simulations": {"client", "server", "shared_model"},
 }
-FLOWER_GLUE = {"client/app.py", "client/secure.py", "server/app.py", "server/secure.py",
-               "server/strategy.py"}
+FLOWER_GLUE = {"client/app.py", "client/secure.py", "server/app.py", "server/grid.py",
+               "server/secure.py", "server/strategy.py"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -447,3 +447,54 @@ def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
     log_file.write_text(lines[0] + "\n")
     with pytest.raises(audit_log.AuditLogError, match="truncated"):
         audit_log.verify(log_file)
+
+
+def _train_and_evaluate(state: dict, server_round: int, total: int) -> Message:
+    """A train message that asks the node to evaluate the model it carries first."""
+    msg = _message("train", state, server_round, total)
+    cfg = msg.content.config_records[wire.CONFIG]
+    cfg[wire.CFG_EVALUATE_FIRST] = 1
+    cfg[wire.CFG_EVAL_SPLIT] = "test"
+    return msg
+
+
+def test_a_train_message_evaluates_the_model_it_carries_as_an_evaluate_message_would(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: exact evaluation, so that the two paths can be compared number for number
+    node = f"state-dir={str(tmp_path / 'store')!r}, evaluation='exact'"
+    ctx = _context(_run_config(tiny_federation, tmp_path, **{"sim-node-config": node}), SIM_NODE)
+    alone = _message("evaluate", global_state, 2, 3)
+    alone.content.config_records[wire.CONFIG][wire.CFG_EVAL_SPLIT] = "test"
+    # Execute
+    reply = app(_train_and_evaluate(global_state, 2, 3), ctx)
+    separate = _scalars(app(alone, ctx))
+    # Assert: the update and, in a record of its own, the evaluation of the incoming model
+    assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.EVALUATION, wire.SITE}
+    assert set(_scalars(reply)) == TRAIN_KEYS  # the train part is unchanged
+    inside = dict(reply.content.metric_records[wire.EVALUATION])
+    for key in (wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_IOU, wire.M_NUM_EXAMPLES):
+        assert inside[key] == pytest.approx(separate[key]), key
+    kinds = [e.kind for e in _only_ledger(tmp_path).entries]
+    assert kinds.count("exact-evaluation") == 2 and "dp-sgd" in kinds
+
+
+def test_evaluations_inside_train_messages_count_towards_the_nodes_cap(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: DP evaluation (the default), at most 2 evaluations per run
+    node = f"state-dir={str(tmp_path / 'store')!r}, max-evaluations-per-run=2"
+    ctx = _context(_run_config(tiny_federation, tmp_path, **{"sim-node-config": node}), SIM_NODE)
+    # Execute: three rounds that each ask for an evaluation, then an evaluate message
+    replies = [app(_train_and_evaluate(global_state, rnd, 4), ctx) for rnd in (1, 2, 3)]
+    last = app(_message("evaluate", global_state, 4, 4), ctx)
+    # Assert: two evaluations released (noised), the third and fourth refused with the
+    # reason; every round still trained
+    assert [wire.EVALUATION in r.content.metric_records for r in replies] == [True, True, False]
+    assert all(r.content.metric_records[wire.EVALUATION][wire.M_PRIVATE_METRICS] == 1
+               for r in replies[:2])
+    why = replies[2].content.config_records[wire.SITE][wire.SITE_EVALUATION_ERROR]
+    assert "max-evaluations-per-run" in why
+    assert all(wire.ARRAYS in r.content.array_records for r in replies)
+    assert _scalars(last)[wire.M_REFUSED] == 1
+    assert [e.kind for e in _only_ledger(tmp_path).entries].count("evaluation") == 2

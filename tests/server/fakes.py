@@ -40,6 +40,7 @@ class FakeGrid(Grid):
         self.nodes = dict(nodes)
         self.crash_before_round = crash_before_round
         self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def set_run(self, run):  # pragma: no cover - not used by strategies
         raise NotImplementedError
@@ -54,20 +55,26 @@ class FakeGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver at once (each node answers in-process); the replies wait for a pull."""
         messages = list(messages)
         for msg in messages:
             rnd = int(msg.content.config_records[wire.CONFIG][wire.CFG_SERVER_ROUND])
             if self.crash_before_round is not None and rnd >= self.crash_before_round:
                 raise Crash(f"coordinator crashed before round {rnd}")
-        self.sent.extend(messages)
-        return [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+        ids = []
+        for msg in messages:
+            self.sent.append(msg)
+            msg.metadata.__dict__["_message_id"] = f"fake-{len(self.sent)}"  # as Flower's grid
+            self._replies[msg.metadata.message_id] = self.nodes[msg.metadata.dst_node_id](msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_config(**overrides) -> RunConfig:
@@ -116,10 +123,10 @@ def train_reply(
     return Message(content, reply_to=instruction)
 
 
-def evaluate_reply(
-    instruction: Message, *, site: str, num_examples: int, accuracy: float,
-    epsilon: float = 1.0, data_error: bool = False,
-) -> Message:
+def evaluation_values(*, num_examples: int, accuracy: float, epsilon: float = 1.0,
+                      data_error: bool = False) -> dict[str, float]:
+    """The metrics an evaluation releases (an evaluate reply's, or a train reply's
+    evaluation record)."""
     values = {
         wire.M_NUM_EXAMPLES: num_examples, wire.M_LOSS: 1.0 - accuracy,
         wire.M_ACCURACY: accuracy, wire.M_MACRO_F1: accuracy / 2, wire.M_AUROC: 0.5,
@@ -128,6 +135,15 @@ def evaluate_reply(
     }
     if data_error:
         values[wire.M_DATA_ERROR] = 1.0
+    return values
+
+
+def evaluate_reply(
+    instruction: Message, *, site: str, num_examples: int, accuracy: float,
+    epsilon: float = 1.0, data_error: bool = False,
+) -> Message:
+    values = evaluation_values(num_examples=num_examples, accuracy=accuracy, epsilon=epsilon,
+                               data_error=data_error)
     content = RecordDict({
         wire.METRICS: MetricRecord(values),
         wire.SITE: ConfigRecord({wire.SITE_NAME: site, wire.SITE_ERROR: ""}),
@@ -141,15 +157,23 @@ def deterministic_site(index: int, num_examples: int) -> Node:
     round always give the same reply, whatever order or process the messages come in."""
     site = f"site-{index:02d}"
 
+    def score(arrays: Mapping[str, np.ndarray]) -> float:
+        return float(np.mean([np.tanh(np.abs(a).mean()) for a in arrays.values()]))
+
     def node(msg: Message) -> Message:
         cfg = msg.content.config_records[wire.CONFIG]
         rnd = int(cfg[wire.CFG_SERVER_ROUND])
-        if msg.metadata.message_type == MessageType.EVALUATE:
-            arrays = numpy_arrays(msg.content.array_records[wire.ARRAYS])
-            score = float(np.mean([np.tanh(np.abs(a).mean()) for a in arrays.values()]))
-            return evaluate_reply(msg, site=site, num_examples=num_examples,
-                                  accuracy=score, epsilon=0.5 * rnd)
         arrays = numpy_arrays(msg.content.array_records[wire.ARRAYS])
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return evaluate_reply(msg, site=site, num_examples=num_examples,
+                                  accuracy=score(arrays), epsilon=0.5 * rnd)
+        reply = train_step(msg, arrays, rnd)
+        if int(cfg.get(wire.CFG_EVALUATE_FIRST, 0)):  # the incoming model: round rnd - 1's
+            reply.content.metric_records[wire.EVALUATION] = MetricRecord(evaluation_values(
+                num_examples=num_examples, accuracy=score(arrays), epsilon=0.5 * (rnd - 1)))
+        return reply
+
+    def train_step(msg: Message, arrays: dict[str, np.ndarray], rnd: int) -> Message:
         rng = np.random.default_rng([index, rnd])
         new = {}
         for name, a in arrays.items():

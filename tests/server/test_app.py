@@ -80,12 +80,18 @@ def test_a_run_writes_results_checkpoints_and_the_final_model(tmp_path):
     assert sorted(r.round for r in timed) == sorted({r.round for r in rows}) and all(
         r.value > 0 for r in timed)
     assert {r.phase for r in rows} == {"train", "evaluate"}
-    # and counted the array bytes each way: the model down in both phases, the update up
+    # every round's model was evaluated: rounds 1 and 2 inside the next round's train
+    # message (evaluate-with-train), the final one in an evaluate message of its own
+    evaluated = {(r.round, r.site) for r in rows if r.phase == "evaluate"
+                 and r.metric == wire.M_ACCURACY}
+    assert evaluated == {(k, s) for k in (1, 2, 3) for s in ("site-00", "site-01")}
+    # and counted the array bytes each way: the model down once a round (and once more for
+    # the final evaluation), the update up
     model_bytes = sum(v.numpy().nbytes for v in initial_arrays(
         RunConfig.parse(context().run_config)).values())
-    for phase in ("train", "evaluate"):
+    for phase, messages in (("train", 6), ("evaluate", 2)):
         sent = [r.value for r in rows if r.phase == phase and r.metric == BYTES_SENT]
-        assert sent == [model_bytes] * 6, phase
+        assert sent == [model_bytes] * messages, phase
     up = [r.value for r in rows if r.phase == "train" and r.metric == BYTES_RECEIVED]
     assert len(up) == 6 and all(v > 0 for v in up)
     final = torch.load(out / "final" / "model.pt", weights_only=True)

@@ -47,6 +47,7 @@ class LoopbackGrid(Grid):
                  drop: Callable[[int, Message], bool] = lambda n, m: False) -> None:
         self.contexts, self.drop = contexts, drop
         self.replies: list[tuple[int, Message, Message]] = []  # (node, sent, reply)
+        self._waiting: dict[str, Message] = {}  # message id -> reply, until pulled
 
     def set_run(self, run):  # pragma: no cover - not used
         raise NotImplementedError
@@ -61,22 +62,24 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None):
-        out = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = f"loop-{len(self.replies)}-{len(ids)}"
+            ids.append(msg.metadata.message_id)
             if self.drop(node, msg):
                 continue
             reply = app(copy.deepcopy(msg), self.contexts[node])  # as if it crossed a wire
             self.replies.append((node, msg, reply))
-            out.append(reply)
-        return out
+            self._waiting[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._waiting.pop(i) for i in list(message_ids) if i in self._waiting]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def _run_config(sites: list[Path], store: Path) -> dict:

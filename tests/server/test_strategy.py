@@ -97,7 +97,8 @@ def test_train_config_carries_the_wire_keys():
     private = train_config(run_config(lr=0.01, dp=True, dp_lr=0.5))
     # Assert: the learning rate of the run's recipe (private rounds have their own)
     assert dict(cfg) == {wire.CFG_LOCAL_EPOCHS: 2, wire.CFG_LR: 0.01,
-                         wire.CFG_PROXIMAL_MU: 0.0, wire.CFG_TOTAL_ROUNDS: 7}
+                         wire.CFG_PROXIMAL_MU: 0.0, wire.CFG_TOTAL_ROUNDS: 7,
+                         wire.CFG_EVAL_SPLIT: "test"}
     assert private[wire.CFG_LR] == 0.5
 
 

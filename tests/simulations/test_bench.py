@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.bench import bytes_figures, run_bench
+from simulations.bench import parameter_bytes, round_bytes, run_bench
 
 
 @pytest.mark.slow
@@ -21,7 +21,10 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
     # the secure run finished every round beside the plain one (the difference may be
     # either sign on a noisy machine: a measurement, not an assertion)
     secure = data["secagg_round_extra_s"]["settings"]
-    assert len(secure["secure_round_wall_s"]) == len(secure["plain_round_wall_s"]) == 2
+    assert len(secure["secure_round_wall_s"]) == len(secure["plain_round_wall_s"]) == 3
+    # one model down and one update up per round: the update in 16 bits is smaller
+    assert 0 < data["bytes_per_round_ratio_16bit_update"]["value"] < data[
+        "bytes_per_round_ratio"]["value"]
     assert data["dp_step_ratio"]["goal"].startswith("<= 2")
     assert any(line.startswith("dp_step_ratio") for line in lines)
     assert data["hospitals_max"]["value"] == 8  # quick: 4 and 8 hospitals
@@ -30,12 +33,22 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
 
 
 def test_bytes_count_each_stored_parameter_once():
-    fig, half = bytes_figures(32)
-    s = fig.settings
+    s = parameter_bytes(32)
     # the state dict holds each DPLSTM weight once (not under its two names)
     assert s["state_dict_bytes"] == s["parameter_bytes"] > 0
-    assert fig.value == 3 * s["state_dict_bytes"] / (2 * s["parameter_bytes"]) == 1.5
-    assert half.value == 1.25
+
+
+def test_round_bytes_are_each_sites_traffic_before_the_final_round():
+    from server.results import Row
+    from server.strategy import BYTES_RECEIVED, BYTES_SENT
+
+    rows = [Row(1, "a", 1, "train", BYTES_SENT, 100.0),
+            Row(1, "a", 1, "train", BYTES_RECEIVED, 50.0),
+            Row(1, "b", 2, "train", BYTES_SENT, 100.0),
+            Row(1, "b", 2, "train", BYTES_RECEIVED, 30.0),
+            Row(2, "a", 1, "train", BYTES_SENT, 100.0),
+            Row(2, "a", 1, "evaluate", BYTES_SENT, 100.0)]  # last round: the final evaluation
+    assert round_bytes(rows) == [140.0]
 
 
 def test_round_overheads_are_wall_time_against_the_slowest_sites_own_seconds():
