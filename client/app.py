@@ -24,8 +24,17 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.local import DPSettings, DPSetupError, TrainOutcome, local_cases, local_train
@@ -48,7 +57,7 @@ from client.site import (
     resolve_site,
     round_refusal,
 )
-from shared_model import compression, wire
+from shared_model import compression, packing, wire
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.tokenizer import Tokenizer
@@ -81,6 +90,32 @@ def central_clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
     if reply is not None and not reply.has_error() and not reply.content.array_records:
         return reply
     return out
+
+
+def packed_arrays_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """The model arrays travel packed into one array (`shared_model/packing.py`: Flower
+    moves every array as an object of its own, one remote call each): unpack what comes
+    in, pack what goes out. Outermost, so that every other mod and the handler see the
+    arrays by name."""
+    if wire.PACKED in msg.content.array_records:
+        layout = msg.content.config_records.get(wire.PACKED_LAYOUT) or {}
+        arrays = packing.unpack(
+            msg.content.array_records[wire.PACKED][wire.PACKED].numpy(), layout)
+        content = RecordDict({k: v for k, v in msg.content.items()
+                              if k not in (wire.PACKED, wire.PACKED_LAYOUT)})
+        content[wire.ARRAYS] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        msg.content = content
+    reply = call_next(msg, ctxt)
+    if reply.has_error() or not reply.content.array_records.get(wire.ARRAYS):
+        return reply
+    buf, layout = packing.pack({k: v.numpy() for k, v in
+                                reply.content.array_records[wire.ARRAYS].items()})
+    content = RecordDict({k: v for k, v in reply.content.items() if k != wire.ARRAYS})
+    content[wire.PACKED] = ArrayRecord({wire.PACKED: Array(buf)})
+    content[wire.PACKED_LAYOUT] = ConfigRecord(layout)
+    reply.content = content
+    return reply
 
 
 def _epsilon_now(choice: SiteChoice) -> float | None:
@@ -138,12 +173,14 @@ def _config_summary(msg: Message) -> dict:
 
 
 # Flower mods that touch updates (clipping, masking) belong on @app.train only: on
-# @app.evaluate they error or hang the run. The audit log sees every message first and
-# last (outermost), so it records what leaves: the update after clipping, or under secure
+# @app.evaluate they error or hang the run. Outermost, the arrays are unpacked on the way
+# in and packed on the way out (the same bytes). The audit log sees every message next,
+# first and last, so it records what leaves: the update after clipping, or under secure
 # aggregation the masked vector. Clipping sits inside the masking: a node clips its own
 # update, then masks it.
-TRAIN_MODS: list = [audit_log_mod, secure_aggregation_mod, central_clipping_mod]
-EVALUATE_MODS: list = [audit_log_mod]
+TRAIN_MODS: list = [packed_arrays_mod, audit_log_mod, secure_aggregation_mod,
+                    central_clipping_mod]
+EVALUATE_MODS: list = [packed_arrays_mod, audit_log_mod]
 
 app = ClientApp()
 

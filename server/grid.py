@@ -1,20 +1,34 @@
-"""The Grid the ServerApp's strategy talks through: Flower's own, answered promptly.
+"""How the ServerApp's messages travel: Flower's Grid, packed and answered promptly.
 
-Flower 1.42's deployed Grid (`flwr/superlink/grid/http_grid.py`) waits 3 s between two
-looks for replies; a round pays that once per message exchange, on top of the SuperNodes'
-own polling. `PromptGrid` pushes the same messages and pulls the replies every
-`PULL_INTERVAL` seconds instead, through the Grid's public `push_messages` /
-`pull_messages`; everything else is Flower's Grid unchanged. Flower's SecAgg+ workflow
-(`server/secure.py`) uses the same `send_and_receive`, so its four exchanges gain too.
+Two costs of Flower 1.42's deployed path that medfuse removes at its own edge:
+
+- Flower's deployed Grid (`flwr/superlink/grid/http_grid.py`) waits 3 s between two looks
+  for replies. `WireGrid.send_and_receive` pushes the same messages and pulls the
+  replies every `PULL_INTERVAL` seconds through the Grid's public `push_messages` /
+  `pull_messages`.
+- Flower moves each array of a message as an object of its own (one remote call per
+  array at every hand-off); the model has 69. `WireGrid` sends a message's model arrays
+  packed into one (`shared_model/packing.py`) and unpacks the replies, which the
+  ClientApp packs the same way (`client/app.py`, `packed_arrays_mod`).
+
+The strategy sees Flower's Grid semantics unchanged (all replies, or those in by
+`timeout`), with the arrays by name. Flower's SecAgg+ workflow (`server/secure.py`) sends
+through the same `send_and_receive`: its messages carry no model arrays, only the prompt
+pulls apply.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
+
+from shared_model import packing, wire
 
 PULL_INTERVAL = 0.1  # seconds between two looks for replies (Flower's deployed Grid: 3)
 
@@ -52,21 +66,55 @@ class DelegatingGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-class PromptGrid(DelegatingGrid):
-    """Flower's Grid with replies pulled every `PULL_INTERVAL` s (the same semantics as
-    Flower's `send_and_receive`: all replies, or those in by `timeout`)."""
+class WireGrid(DelegatingGrid):
+    """Flower's Grid with the model arrays packed both ways and replies pulled every
+    `PULL_INTERVAL` s."""
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
+        pending = set(self.push_messages(packed(m) for m in messages))
         pending.discard("")
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             pulled = list(self.pull_messages(pending))
-            replies.extend(pulled)
+            replies.extend(unpacked(m) for m in pulled)
             pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(PULL_INTERVAL)
         return replies
+
+
+def packed(msg: Message) -> Message:
+    """The message with its model arrays (record `wire.ARRAYS`) as one packed array."""
+    if msg.has_error() or not msg.content.array_records.get(wire.ARRAYS):
+        return msg
+    buf, layout = packing.pack({k: v.numpy() for k, v in
+                                msg.content.array_records[wire.ARRAYS].items()})
+    content = RecordDict({k: v for k, v in msg.content.items() if k != wire.ARRAYS})
+    content[wire.PACKED] = ArrayRecord({wire.PACKED: Array(buf)})
+    content[wire.PACKED_LAYOUT] = ConfigRecord(layout)  # type: ignore[arg-type]
+    msg.content = content
+    return msg
+
+
+def unpacked(msg: Message) -> Message:
+    """The reply with its packed arrays back under `wire.ARRAYS`; a reply whose packing
+    does not hold together loses its arrays (the strategy then leaves it out) and is
+    logged with its node."""
+    if msg.has_error() or wire.PACKED not in msg.content.array_records:
+        return msg
+    content = RecordDict({k: v for k, v in msg.content.items()
+                          if k not in (wire.PACKED, wire.PACKED_LAYOUT)})
+    try:
+        layout = msg.content.config_records.get(wire.PACKED_LAYOUT) or {}
+        arrays = packing.unpack(msg.content.array_records[wire.PACKED][wire.PACKED].numpy(),
+                                layout)  # type: ignore[arg-type]
+        content[wire.ARRAYS] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        log(WARNING, "reply from node %d: packed arrays cannot be read (%s); dropped",
+            msg.metadata.src_node_id, exc)
+    msg.content = content
+    return msg

@@ -127,17 +127,17 @@ def weight_key(run: RunConfig) -> str:
 
 
 def training_grid(grid: Grid, run: RunConfig) -> Grid:
-    """The Grid the strategy trains through: Flower's own, with replies pulled promptly
-    (server/grid.py), and with secure-aggregation=true each round's training under
-    Flower's SecAgg+ (server/secure.py)."""
-    from server.grid import PromptGrid
+    """The Grid the strategy trains through: Flower's own, with the model arrays packed
+    and replies pulled promptly (server/grid.py), and with secure-aggregation=true each
+    round's training under Flower's SecAgg+ (server/secure.py)."""
+    from server.grid import WireGrid
 
-    prompt = PromptGrid(grid)
+    wire_grid = WireGrid(grid)
     if not run.secure_aggregation:
-        return prompt
+        return wire_grid
     from server.secure import SecAggSettings, SecureAggregationGrid
 
-    return SecureAggregationGrid(prompt, SecAggSettings.of(run), weight_key(run))
+    return SecureAggregationGrid(wire_grid, SecAggSettings.of(run), weight_key(run))
 
 
 def _flower_strategy(run: RunConfig) -> Strategy:

@@ -12,6 +12,9 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 EVALUATION = "evaluation"  # in a train reply: the evaluation metrics of the incoming model
+# on the wire only: ARRAYS packed into one array (`shared_model/packing.py`), its layout
+PACKED = "packed"  # ArrayRecord holding one array, also named PACKED
+PACKED_LAYOUT = "packed-layout"  # ConfigRecord: packing.NAMES, DTYPES, SHAPES
 
 # ConfigRecord keys the server sends with each train/evaluate message
 CFG_SERVER_ROUND = "server-round"

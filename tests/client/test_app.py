@@ -21,6 +21,7 @@ from client.app import app
 from client.privacy import INDEX_FILE, LedgerStore, default_store_root, history_epsilon
 from client.release import COUNT_NOISE
 from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
+from server.grid import unpacked
 from shared_model import wire
 from shared_model.config import DEFAULT_LABELS
 from shared_model.dataset import open_site
@@ -84,6 +85,11 @@ def global_state() -> dict[str, torch.Tensor]:
 SIM_NODE = {"partition-id": 0, "num-partitions": 2}
 
 
+def _call(msg: Message, ctx: Context) -> Message:
+    """The ClientApp as the server sees it: the reply's arrays unpacked (server/grid.py)."""
+    return unpacked(app(msg, ctx))
+
+
 def _scalars(reply: Message) -> dict:
     return dict(reply.content.metric_records[wire.METRICS])
 
@@ -95,7 +101,7 @@ def test_train_reply_holds_only_arrays_and_scalars(
     ctx = _context(_run_config(tiny_federation, tmp_path), SIM_NODE)
     # Execute
     start = time.perf_counter()
-    reply = app(_message("train", global_state), ctx)
+    reply = _call(_message("train", global_state), ctx)
     seconds = time.perf_counter() - start
     print(f"one DP round on a tiny site: {seconds:.2f} s")
     # Assert
@@ -122,9 +128,9 @@ def test_ledger_carries_over_rounds_and_restarts(
 ) -> None:
     run_config = _run_config(tiny_federation, tmp_path)
     # Execute: round 1, then round 2 on a fresh Context (a restarted node: state wiped)
-    r1 = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    r1 = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
     new_state = r1.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    r2 = app(_message("train", new_state, 2), _context(run_config, SIM_NODE))
+    r2 = _call(_message("train", new_state, 2), _context(run_config, SIM_NODE))
     # Assert: the reply's epsilon is the cumulative total over the ledger's history,
     # as an independent RDP analysis computes it
     ledger = _only_ledger(tmp_path)
@@ -146,7 +152,7 @@ def test_site_stops_at_its_budget_and_says_so(
     # Prepare: round 1 at noise 1.0; then the node lowers its budget to between what one
     # and what two such rounds cost
     run_config = _run_config(tiny_federation, tmp_path)
-    ok = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    ok = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
     ledger = _only_ledger(tmp_path)
     count, entry = ledger.entries
     one = _scalars(ok)[wire.M_EPSILON]
@@ -154,7 +160,7 @@ def test_site_stops_at_its_budget_and_says_so(
                            (entry.noise_multiplier, entry.sample_rate, 2 * entry.steps)], 1e-5)
     node = {**SIM_NODE, "epsilon-budget": (one + two) / 2}
     # Execute
-    reply = app(_message("train", global_state, 2), _context(run_config, node))
+    reply = _call(_message("train", global_state, 2), _context(run_config, node))
     # Assert: no update, the budget flag, the epsilon spent so far and a reason
     scalars = _scalars(reply)
     assert wire.ARRAYS not in reply.content.array_records
@@ -169,7 +175,7 @@ def test_site_stops_at_its_budget_and_says_so(
 def test_missing_data_path_is_a_data_error_reply(tmp_path: Path, global_state: dict,
                                                  tiny_federation: list[Path]) -> None:
     node = {"data-path": str(tmp_path / "nowhere"), "state-dir": str(tmp_path / "state")}
-    reply = app(_message("train", global_state),
+    reply = _call(_message("train", global_state),
                 _context(_run_config(tiny_federation, tmp_path), node))
     scalars = _scalars(reply)
     assert scalars[wire.M_DATA_ERROR] == 1 and scalars[wire.M_NUM_EXAMPLES] == 0
@@ -186,14 +192,14 @@ def test_unusable_site_is_a_data_error_reply(tmp_path: Path, global_state: dict,
     node = {"data-path": str(bad), "state-dir": str(tmp_path / "state")}
     run_config = _run_config(tiny_federation, tmp_path)
     for kind in ("train", "evaluate"):
-        reply = app(_message(kind, global_state), _context(run_config, node))
+        reply = _call(_message(kind, global_state), _context(run_config, node))
         assert _scalars(reply)[wire.M_DATA_ERROR] == 1
         assert reply.content.config_records[wire.SITE][wire.SITE_ERROR]
     assert not (tmp_path / "state" / INDEX_FILE).exists()
 
 
 def test_evaluate_reply(tiny_federation: list[Path], tmp_path: Path, global_state: dict) -> None:
-    reply = app(_message("evaluate", global_state),
+    reply = _call(_message("evaluate", global_state),
                 _context(_run_config(tiny_federation, tmp_path), SIM_NODE))
     content = reply.content
     assert set(content.keys()) == {wire.METRICS, wire.SITE}
@@ -289,7 +295,7 @@ def test_dp_false_from_the_federation_is_refused_by_default(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ) -> None:
     run_config = _run_config(tiny_federation, tmp_path, dp=False)
-    reply = app(_message("train", global_state), _context(run_config, SIM_NODE))
+    reply = _call(_message("train", global_state), _context(run_config, SIM_NODE))
     scalars = _scalars(reply)
     assert scalars[wire.M_REFUSED] == 1 and wire.ARRAYS not in reply.content.array_records
     assert "allow-non-private" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
@@ -301,12 +307,12 @@ def test_an_allowed_non_private_round_spends_the_budget_for_good(
 ) -> None:
     store = f"state-dir={str(tmp_path / 'store')!r}, allow-non-private=true"
     plain = _run_config(tiny_federation, tmp_path, dp=False, **{"sim-node-config": store})
-    reply = app(_message("train", global_state), _context(plain, SIM_NODE))
+    reply = _call(_message("train", global_state), _context(plain, SIM_NODE))
     assert _scalars(reply)[wire.M_REFUSED] == 0 and wire.M_TRAIN_LOSS in _scalars(reply)
     assert [e.kind for e in _only_ledger(tmp_path).entries] == ["non-private"]
     # a later private run on the same data finds nothing left to spend
     private = _run_config(tiny_federation, tmp_path, **{"sim-node-config": store})
-    later = app(_message("train", global_state, 1), _context(private, SIM_NODE))
+    later = _call(_message("train", global_state, 1), _context(private, SIM_NODE))
     assert _scalars(later)[wire.M_BUDGET_SPENT] == 1
     assert math.isinf(_scalars(later)[wire.M_EPSILON])
 
@@ -322,8 +328,8 @@ def test_a_crafted_train_round_recovers_no_label_count(
     msg = _message("train", crafted)
     msg.content.config_records[wire.CONFIG][wire.CFG_LR] = 0.0
     # Execute
-    refused = app(msg, _context(run_config, SIM_NODE))
-    honest = app(_message("train", crafted), _context(run_config, SIM_NODE))
+    refused = _call(msg, _context(run_config, SIM_NODE))
+    honest = _call(_message("train", crafted), _context(run_config, SIM_NODE))
     # Assert: lr=0 is outside what the node accepts; a round it accepts releases no loss,
     # and its count is the one noised count the ledger charged
     assert _scalars(refused)[wire.M_REFUSED] == 1
@@ -351,7 +357,7 @@ def test_crafted_evaluations_recover_no_label_counts(
         crafted["classifier.weight"].zero_()
         crafted["classifier.bias"].fill_(-50.0)
         crafted["classifier.bias"][c] = 50.0
-        reply = app(_message("evaluate", crafted), _context(run_config, SIM_NODE))
+        reply = _call(_message("evaluate", crafted), _context(run_config, SIM_NODE))
         replies.append(_scalars(reply))
         if _scalars(reply)[wire.M_REFUSED] == 0:
             s = _scalars(reply)
@@ -371,7 +377,7 @@ def test_exact_evaluation_is_the_nodes_choice_and_recorded(
 ) -> None:
     node = f"state-dir={str(tmp_path / 'store')!r}, evaluation='exact'"
     run_config = _run_config(tiny_federation, tmp_path, **{"sim-node-config": node})
-    scalars = _scalars(app(_message("evaluate", global_state), _context(run_config, SIM_NODE)))
+    scalars = _scalars(_call(_message("evaluate", global_state), _context(run_config, SIM_NODE)))
     assert scalars[wire.M_PRIVATE_METRICS] == 0 and wire.M_LOSS in scalars
     assert math.isinf(scalars[wire.M_EVAL_EPSILON])
     assert [e.kind for e in _only_ledger(tmp_path).entries] == ["exact-evaluation"]
@@ -381,7 +387,7 @@ def test_delta_not_well_below_one_over_n_is_refused(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ) -> None:
     run_config = _run_config(tiny_federation, tmp_path, delta=0.2)
-    reply = app(_message("train", global_state), _context(run_config, SIM_NODE))
+    reply = _call(_message("train", global_state), _context(run_config, SIM_NODE))
     assert _scalars(reply)[wire.M_BUDGET_SPENT] == 1
     assert "1/n" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
 
@@ -392,7 +398,7 @@ def test_exact_evaluation_is_not_limited_per_run(
     node = f"state-dir={str(tmp_path / 'store')!r}, evaluation='exact', max-evaluations-per-run=1"
     run_config = _run_config(tiny_federation, tmp_path, **{"sim-node-config": node})
     for rnd in (1, 2):
-        reply = app(_message("evaluate", global_state, rnd), _context(run_config, SIM_NODE))
+        reply = _call(_message("evaluate", global_state, rnd), _context(run_config, SIM_NODE))
         assert _scalars(reply)[wire.M_REFUSED] == 0
 
 
@@ -426,8 +432,8 @@ def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
     from shared_model import audit_log
 
     run_config = _run_config(tiny_federation, tmp_path)
-    trained = app(_message("train", global_state, 1), _context(run_config, SIM_NODE))
-    app(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
+    trained = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    _call(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
     log_file = tmp_path / "store" / audit_log.LOG_FILE
     entries = audit_log.verify(log_file)
     # Assert: what left the node is what the log says left (digest of the very arrays)
@@ -467,8 +473,8 @@ def test_a_train_message_evaluates_the_model_it_carries_as_an_evaluate_message_w
     alone = _message("evaluate", global_state, 2, 3)
     alone.content.config_records[wire.CONFIG][wire.CFG_EVAL_SPLIT] = "test"
     # Execute
-    reply = app(_train_and_evaluate(global_state, 2, 3), ctx)
-    separate = _scalars(app(alone, ctx))
+    reply = _call(_train_and_evaluate(global_state, 2, 3), ctx)
+    separate = _scalars(_call(alone, ctx))
     # Assert: the update and, in a record of its own, the evaluation of the incoming model
     assert set(reply.content.keys()) == {wire.ARRAYS, wire.METRICS, wire.EVALUATION, wire.SITE}
     assert set(_scalars(reply)) == TRAIN_KEYS  # the train part is unchanged
@@ -486,8 +492,8 @@ def test_evaluations_inside_train_messages_count_towards_the_nodes_cap(
     node = f"state-dir={str(tmp_path / 'store')!r}, max-evaluations-per-run=2"
     ctx = _context(_run_config(tiny_federation, tmp_path, **{"sim-node-config": node}), SIM_NODE)
     # Execute: three rounds that each ask for an evaluation, then an evaluate message
-    replies = [app(_train_and_evaluate(global_state, rnd, 4), ctx) for rnd in (1, 2, 3)]
-    last = app(_message("evaluate", global_state, 4, 4), ctx)
+    replies = [_call(_train_and_evaluate(global_state, rnd, 4), ctx) for rnd in (1, 2, 3)]
+    last = _call(_message("evaluate", global_state, 4, 4), ctx)
     # Assert: two evaluations released (noised), the third and fourth refused with the
     # reason; every round still trained
     assert [wire.EVALUATION in r.content.metric_records for r in replies] == [True, True, False]

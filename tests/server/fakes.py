@@ -18,6 +18,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
+from server.grid import packed, unpacked
 from shared_model import wire
 from shared_model.run_config import RunConfig, pyproject_defaults
 
@@ -66,7 +67,11 @@ class FakeGrid(Grid):
         for msg in messages:
             self.sent.append(msg)
             msg.metadata.__dict__["_message_id"] = f"fake-{len(self.sent)}"  # as Flower's grid
-            self._replies[msg.metadata.message_id] = self.nodes[msg.metadata.dst_node_id](msg)
+            # a packed message (through WireGrid) gets a packed reply, as the ClientApp's
+            # packed_arrays_mod gives; a plain one (a strategy on this grid) a plain reply
+            was_packed = wire.PACKED in msg.content.array_records
+            reply = self.nodes[msg.metadata.dst_node_id](unpacked(msg))
+            self._replies[msg.metadata.message_id] = packed(reply) if was_packed else reply
             ids.append(msg.metadata.message_id)
         return ids
 

@@ -1,10 +1,11 @@
-"""PromptGrid: Flower's send_and_receive semantics, with replies pulled every 0.1 s."""
+"""WireGrid: Flower's send_and_receive semantics, with replies pulled every 0.1 s and the
+model arrays packed into one array both ways."""
 
 from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.grid import PULL_INTERVAL, PromptGrid
+from server.grid import PULL_INTERVAL, WireGrid, packed, unpacked
 from tests.server.fakes import FakeGrid
 
 
@@ -36,7 +37,7 @@ def test_all_replies_are_returned_after_as_many_pulls_as_they_take():
     # Prepare
     grid = SlowGrid(ready=3)
     # Execute
-    replies = list(PromptGrid(grid).send_and_receive(_messages([7, 8]), timeout=60))
+    replies = list(WireGrid(grid).send_and_receive(_messages([7, 8]), timeout=60))
     # Assert: both, found at the third look (every PULL_INTERVAL s, not Flower's 3 s)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["fake-1", "fake-2"]
     assert grid.pulls == 3 and PULL_INTERVAL <= 0.1
@@ -46,7 +47,48 @@ def test_a_silent_node_is_left_out_at_the_timeout():
     # Prepare
     grid = SlowGrid(ready=1)
     # Execute
-    replies = list(PromptGrid(grid).send_and_receive(_messages([7, 9]), timeout=0.5))
+    replies = list(WireGrid(grid).send_and_receive(_messages([7, 9]), timeout=0.5))
     # Assert: the reply that came, none for the node that never answered
     assert [r.metadata.reply_to_message_id for r in replies] == ["fake-1"]
     assert grid.pulls >= 2
+
+
+def test_a_message_crosses_with_one_array_and_comes_back_by_name():
+    # Prepare
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from shared_model import wire
+
+    arrays = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "b.count": np.array(7, dtype=np.int64)}
+    msg = Message(RecordDict({wire.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    # Execute
+    on_wire = packed(msg)
+    # Assert: one array on the wire, the same ones by name after unpacking
+    assert list(on_wire.content.array_records) == [wire.PACKED]
+    assert len(on_wire.content.array_records[wire.PACKED]) == 1
+    back = unpacked(on_wire).content.array_records[wire.ARRAYS]
+    assert list(back) == list(arrays)
+    for name, a in arrays.items():
+        assert back[name].numpy().dtype == a.dtype and (back[name].numpy() == a).all()
+
+
+def test_a_reply_whose_packing_does_not_add_up_loses_its_arrays():
+    # Prepare: a node claims one more float than it sent
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from shared_model import wire
+
+    content = RecordDict({
+        wire.PACKED: ArrayRecord({wire.PACKED: Array(np.zeros(8, dtype=np.uint8))}),
+        wire.PACKED_LAYOUT: ConfigRecord({"names": ["w"], "dtypes": ["<f4"], "shapes": ["3"]}),
+        "site": ConfigRecord({"site-name": "x"}),
+    })
+    # Execute
+    out = unpacked(Message(content, dst_node_id=0, message_type="train"))
+    # Assert: no arrays (the strategy leaves such a reply out), the rest kept
+    assert not out.content.array_records and "site" in out.content.config_records

@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.serverapp import Grid
 
 from client.app import app
+from server.grid import unpacked
 from server.secure import SecAggSettings, secure_round
 from shared_model import wire
 from shared_model.model import MedFuseModel
@@ -70,9 +71,12 @@ class LoopbackGrid(Grid):
             ids.append(msg.metadata.message_id)
             if self.drop(node, msg):
                 continue
+            was_packed = wire.PACKED in msg.content.array_records
             reply = app(copy.deepcopy(msg), self.contexts[node])  # as if it crossed a wire
-            self.replies.append((node, msg, reply))
-            self._waiting[msg.metadata.message_id] = reply
+            # the ClientApp packs its arrays; a caller that sent them plain (no WireGrid
+            # on this side) gets them back plain
+            self.replies.append((node, msg, unpacked(copy.deepcopy(reply))))
+            self._waiting[msg.metadata.message_id] = reply if was_packed else unpacked(reply)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
