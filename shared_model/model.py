@@ -324,16 +324,20 @@ class ReportDecoder(nn.Module):
 
 # ---------------------------------------------------------------------------- model
 
-TrainLayers = Literal["all", "no-embeddings", "heads"]
+TrainLayers = Literal["all", "no-embeddings", "heads", "classifier"]
 # Parameters each choice leaves frozen (at the initial model's values), by name prefix.
 # The vocabulary-sized matrices (report and decoder embeddings, decoder output) are 61% of
 # the small model: under DP every trained coordinate gets noise, so freezing them (learnt on
 # public reports) spreads the same noise over fewer coordinates. `heads` trains only the
-# fusion and the heads on top of frozen public encoders.
+# fusion and the heads on top of frozen public encoders. `classifier` trains the fusion
+# and the two classification heads (67 k of 941 k coordinates): the box head and the
+# report decoder keep the public model's weights, and the whole clipping norm goes to
+# what decides the label.
 FROZEN: dict[str, tuple[str, ...]] = {
     "all": (),
     "no-embeddings": ("text.embed.", "decoder.embed.", "decoder.out."),
     "heads": ("image.", "text.", "decoder.embed.", "decoder.out.", "decoder.lstm."),
+    "classifier": ("image.", "text.", "locate.", "decoder."),
 }
 
 

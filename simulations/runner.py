@@ -870,12 +870,12 @@ class Runner:
         done = max((r.round for r in rows), default=0)
         if done <= seen:
             return seen
+
+        def accuracy(rnd: int) -> list[float]:
+            return [r.value for r in rows
+                    if r.round == rnd and r.phase == "evaluate" and r.metric == "accuracy"]
+
         for rnd in range(seen + 1, done + 1):
-            acc = [
-                r.value
-                for r in rows
-                if r.round == rnd and r.phase == "evaluate" and r.metric == "accuracy"
-            ]
             eps = [
                 r.value
                 for r in rows
@@ -884,7 +884,12 @@ class Runner:
                 and r.metric == "epsilon"
                 and math.isfinite(r.value)
             ]
-            info = f"round {rnd}: accuracy {_mean(acc):.3f}"
+            # a round's model is evaluated inside the next round's train message
+            # (evaluate-with-train): show the latest model evaluated so far
+            evaluated = next((k for k in range(rnd, 0, -1) if accuracy(k)), None)
+            info = f"round {rnd}: accuracy " + (
+                "-" if evaluated is None else f"{_mean(accuracy(evaluated)):.3f}"
+                + ("" if evaluated == rnd else f" (round {evaluated}'s model)"))
             if eps:
                 info += f", epsilon {max(eps):.2f}"
             progress.update(task, completed=rnd, info=info)

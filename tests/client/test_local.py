@@ -299,7 +299,7 @@ def test_poisson_batches_are_not_replayable(tmp_path: Path, site: SiteData,
     assert sizes[0] != sizes[1]
 
 
-@pytest.mark.parametrize("layers", ["no-embeddings", "heads"])
+@pytest.mark.parametrize("layers", ["no-embeddings", "heads", "classifier"])
 def test_frozen_layers_keep_the_initial_values_under_dp(tmp_path: Path, site: SiteData,
                                                         init_state: dict, layers: str) -> None:
     from shared_model.model import FROZEN
