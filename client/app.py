@@ -213,7 +213,8 @@ def train(msg: Message, context: Context) -> Message:
     evaluation: dict[str, float | int] | str | None = None
     if int(begun[1].get(wire.CFG_EVALUATE_FIRST, 0)):  # one message a round
         try:
-            evaluation = _evaluation(begun, int(context.run_id), _state(msg))
+            evaluation = _evaluation(begun, int(context.run_id), _state(msg),
+                                     in_train=True)
         except _NoEvaluation as exc:
             log.warning("%s", exc)
             evaluation = str(exc)
@@ -342,12 +343,14 @@ class _NoEvaluation(Exception):
         self.data_error = data_error
 
 
-def _evaluation(begun: _Begun, run_id: int,
-                state: dict[str, torch.Tensor]) -> dict[str, float | int]:
+def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
+                in_train: bool = False) -> dict[str, float | int]:
     """Evaluate `state` on the asked split and return what the node's policy releases
     (noised and charged, or exact and recorded), the ledger saved first; `_NoEvaluation`
     with the reason when it releases nothing. Shared by the evaluate message and the
-    evaluation inside a train message: the same policy, cap and ledger."""
+    evaluation inside a train message: the same policy, cap and ledger. Inside round r's
+    train message the model is round r-1's, so one more evaluation than rounds left is
+    still to come (the final model's): the noise is planned for it too."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
     split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
@@ -370,7 +373,7 @@ def _evaluation(begun: _Begun, run_id: int,
                                     f"{node.max_evaluations_per_run} evaluations per run "
                                     "(node config max-evaluations-per-run)")
             cases = local_cases(run.model(), site, state, device, split=split)
-            rounds_left = max(total_rounds - server_round + 1, 1)
+            rounds_left = max(total_rounds - server_round + 1, 1) + int(in_train)
             metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,
                                        server_round=server_round,
                                        planned=min(node.max_evaluations_per_run - done,

@@ -504,3 +504,18 @@ def test_evaluations_inside_train_messages_count_towards_the_nodes_cap(
     assert all(wire.ARRAYS in r.content.array_records for r in replies)
     assert _scalars(last)[wire.M_REFUSED] == 1
     assert [e.kind for e in _only_ledger(tmp_path).entries].count("evaluation") == 2
+
+
+def test_the_final_model_is_still_evaluated_after_an_evaluation_inside_the_last_round(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: DP evaluation, a 2-round run: round 2's train message evaluates round 1's
+    # model, then the final model gets its evaluate message
+    ctx = _context(_run_config(tiny_federation, tmp_path), SIM_NODE)
+    # Execute
+    inside = _call(_train_and_evaluate(global_state, 2, 2), ctx)
+    final = _call(_message("evaluate", global_state, 2, 2), ctx)
+    # Assert: both released, within the evaluation budget (the noise was planned for two)
+    assert wire.EVALUATION in inside.content.metric_records
+    assert _scalars(final)[wire.M_REFUSED] == 0
+    assert _only_ledger(tmp_path).epsilon("evaluation") <= 2.0
