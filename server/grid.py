@@ -72,7 +72,8 @@ class WireGrid(DelegatingGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(packed(m) for m in messages))
+        outgoing = [packed(m) for m in messages]  # a list: Flower's grid reads it twice
+        pending = set(self.push_messages(outgoing))
         pending.discard("")
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

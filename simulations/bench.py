@@ -455,7 +455,7 @@ def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
     steps: list[Callable[[], list[Figure]]] = [
         lambda: dp_step_figures(image_size=image_size, repeats=3 if quick else 10,
                                 workdir=out / "data"),
-        lambda: sim_round_figures(out, rounds=3 if quick else 5),
+        lambda: sim_round_figures(out, image_size=image_size, rounds=3 if quick else 5),
         # a real deployment takes minutes: the full bench only
         *([] if quick else [lambda: deploy_figures(out)]),
         lambda: hospitals_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),

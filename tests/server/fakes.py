@@ -57,8 +57,10 @@ class FakeGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        """Deliver at once (each node answers in-process); the replies wait for a pull."""
-        messages = list(messages)
+        """Deliver at once (each node answers in-process); the replies wait for a pull.
+        A list, as Flower's deployed grid needs (it reads the messages twice)."""
+        if not isinstance(messages, list):
+            raise TypeError(f"push_messages got {type(messages).__name__}, not a list")
         for msg in messages:
             rnd = int(msg.content.config_records[wire.CONFIG][wire.CFG_SERVER_ROUND])
             if self.crash_before_round is not None and rnd >= self.crash_before_round:
