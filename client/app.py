@@ -348,7 +348,9 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
     """Evaluate `state` on the asked split and return what the node's policy releases
     (noised and charged, or exact and recorded), the ledger saved first; `_NoEvaluation`
     with the reason when it releases nothing. Shared by the evaluate message and the
-    evaluation inside a train message: the same policy, cap and ledger. Inside round r's
+    evaluation inside a train message: the same policy, cap and ledger. Under DP the
+    last evaluation the cap allows is kept for the final model (a run longer than the cap
+    would otherwise never evaluate its result). Inside round r's
     train message the model is round r-1's, so one more evaluation than rounds left is
     still to come (the final model's): the noise is planned for it too."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
@@ -368,10 +370,14 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
             ledger = _ledger(store, choice, run)
             done = sum(1 for e in ledger.entries if e.bucket == "evaluation"
                        and e.run_id == run_id and not e.note.startswith("inherited"))
-            if node.evaluation == "dp" and done >= node.max_evaluations_per_run:
+            # the last evaluation a run may have is kept for its final model
+            final = (server_round - 1 if in_train else server_round) >= total_rounds
+            cap = node.max_evaluations_per_run - (0 if final else 1)
+            if node.evaluation == "dp" and done >= cap:
                 raise _NoEvaluation(f"{choice.site_name}: this node answers at most "
-                                    f"{node.max_evaluations_per_run} evaluations per run "
-                                    "(node config max-evaluations-per-run)")
+                                    f"{node.max_evaluations_per_run} evaluations per run, "
+                                    "the last for the final model (node config "
+                                    "max-evaluations-per-run)")
             cases = local_cases(run.model(), site, state, device, split=split)
             rounds_left = max(total_rounds - server_round + 1, 1) + int(in_train)
             metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,

@@ -344,7 +344,7 @@ def test_a_crafted_train_round_recovers_no_label_count(
 def test_crafted_evaluations_recover_no_label_counts(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ) -> None:
-    # Prepare: the attack. Five evaluate calls, each with a model that predicts one class
+    # Prepare: the attack. Six evaluate calls, each with a model that predicts one class
     # for every case: accuracy x num-examples would be that class's count in the split.
     run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
     site = open_site(tiny_federation[0], labels=DEFAULT_LABELS, model=run.model(),
@@ -352,23 +352,25 @@ def test_crafted_evaluations_recover_no_label_counts(
     truth = torch.bincount(site.val.label_ids, minlength=5).tolist()
     run_config = _run_config(tiny_federation, tmp_path)
     recovered, replies = [], []
-    for c in range(5):
+    for c in range(6):
         crafted = {k: v.clone() for k, v in global_state.items()}
         crafted["classifier.weight"].zero_()
         crafted["classifier.bias"].fill_(-50.0)
-        crafted["classifier.bias"][c] = 50.0
-        reply = _call(_message("evaluate", crafted), _context(run_config, SIM_NODE))
+        crafted["classifier.bias"][c % 5] = 50.0
+        # rounds 1-6 of a claimed 5-round run
+        reply = _call(_message("evaluate", crafted, c + 1, 5), _context(run_config, SIM_NODE))
         replies.append(_scalars(reply))
         if _scalars(reply)[wire.M_REFUSED] == 0:
             s = _scalars(reply)
             recovered.append(round(s[wire.M_ACCURACY] * s[wire.M_NUM_EXAMPLES]))
     # Assert: the node answers at most max-evaluations-per-run (4) of them, each noised and
-    # charged to the evaluation budget, and the counts it gives are not the true ones
-    assert len(recovered) == 4 and replies[-1][wire.M_REFUSED] == 1
-    assert recovered != truth[:4]
+    # charged to the evaluation budget (round 4's refused: the last is kept for the final
+    # model), and the counts it gives are not the true ones
+    assert len(recovered) == 4 and [r[wire.M_REFUSED] for r in replies] == [0, 0, 0, 1, 0, 1]
+    assert recovered != [truth[c] for c in (0, 1, 2, 4)]
     ledger = _only_ledger(tmp_path)
     assert [e.kind for e in ledger.entries] == ["evaluation"] * 4
-    assert 0 < replies[3][wire.M_EVAL_EPSILON] == pytest.approx(ledger.epsilon("evaluation"))
+    assert 0 < replies[4][wire.M_EVAL_EPSILON] == pytest.approx(ledger.epsilon("evaluation"))
     assert ledger.epsilon("evaluation") <= 2.0
 
 
@@ -485,25 +487,28 @@ def test_a_train_message_evaluates_the_model_it_carries_as_an_evaluate_message_w
     assert kinds.count("exact-evaluation") == 2 and "dp-sgd" in kinds
 
 
-def test_evaluations_inside_train_messages_count_towards_the_nodes_cap(
+def test_evaluations_inside_train_messages_count_towards_the_nodes_cap_and_keep_the_last(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ) -> None:
-    # Prepare: DP evaluation (the default), at most 2 evaluations per run
-    node = f"state-dir={str(tmp_path / 'store')!r}, max-evaluations-per-run=2"
+    # Prepare: DP evaluation (the default), at most 3 evaluations per run
+    node = f"state-dir={str(tmp_path / 'store')!r}, max-evaluations-per-run=3"
     ctx = _context(_run_config(tiny_federation, tmp_path, **{"sim-node-config": node}), SIM_NODE)
-    # Execute: three rounds that each ask for an evaluation, then an evaluate message
-    replies = [_call(_train_and_evaluate(global_state, rnd, 4), ctx) for rnd in (1, 2, 3)]
-    last = _call(_message("evaluate", global_state, 4, 4), ctx)
-    # Assert: two evaluations released (noised), the third and fourth refused with the
-    # reason; every round still trained
+    # Execute: rounds 2-4 of 5 each ask for an evaluation of the previous round's model,
+    # then the final model's evaluate message, then one more
+    replies = [_call(_train_and_evaluate(global_state, rnd, 5), ctx) for rnd in (2, 3, 4)]
+    final = _call(_message("evaluate", global_state, 5, 5), ctx)
+    extra = _call(_message("evaluate", global_state, 5, 5), ctx)
+    # Assert: two evaluations inside train messages (noised), the third refused with the
+    # reason (the last is kept for the final model), every round still trained; the final
+    # model evaluated; nothing past the cap
     assert [wire.EVALUATION in r.content.metric_records for r in replies] == [True, True, False]
     assert all(r.content.metric_records[wire.EVALUATION][wire.M_PRIVATE_METRICS] == 1
                for r in replies[:2])
     why = replies[2].content.config_records[wire.SITE][wire.SITE_EVALUATION_ERROR]
-    assert "max-evaluations-per-run" in why
+    assert "max-evaluations-per-run" in why and "final model" in why
     assert all(wire.ARRAYS in r.content.array_records for r in replies)
-    assert _scalars(last)[wire.M_REFUSED] == 1
-    assert [e.kind for e in _only_ledger(tmp_path).entries].count("evaluation") == 2
+    assert _scalars(final)[wire.M_REFUSED] == 0 and _scalars(extra)[wire.M_REFUSED] == 1
+    assert [e.kind for e in _only_ledger(tmp_path).entries].count("evaluation") == 3
 
 
 def test_the_final_model_is_still_evaluated_after_an_evaluation_inside_the_last_round(
