@@ -24,10 +24,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -97,25 +95,7 @@ def packed_arrays_mod(msg: Message, ctxt: Context, call_next) -> Message:
     moves every array as an object of its own, one remote call each): unpack what comes
     in, pack what goes out. Outermost, so that every other mod and the handler see the
     arrays by name."""
-    if wire.PACKED in msg.content.array_records:
-        layout = msg.content.config_records.get(wire.PACKED_LAYOUT) or {}
-        arrays = packing.unpack(
-            msg.content.array_records[wire.PACKED][wire.PACKED].numpy(), layout)
-        content = RecordDict({k: v for k, v in msg.content.items()
-                              if k not in (wire.PACKED, wire.PACKED_LAYOUT)})
-        content[wire.ARRAYS] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-        msg.content = content
-    reply = call_next(msg, ctxt)
-    if reply.has_error() or not reply.content.array_records.get(wire.ARRAYS):
-        return reply
-    buf, layout = packing.pack({k: v.numpy() for k, v in
-                                reply.content.array_records[wire.ARRAYS].items()})
-    content = RecordDict({k: v for k, v in reply.content.items() if k != wire.ARRAYS})
-    content[wire.PACKED] = ArrayRecord({wire.PACKED: Array(buf)})
-    content[wire.PACKED_LAYOUT] = ConfigRecord(layout)
-    reply.content = content
-    return reply
+    return packing.packed(call_next(packing.unpacked(msg), ctxt))
 
 
 def _epsilon_now(choice: SiteChoice) -> float | None:

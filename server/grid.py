@@ -8,7 +8,7 @@ Two costs of Flower 1.42's deployed path that medfuse removes at its own edge:
   `pull_messages`.
 - Flower moves each array of a message as an object of its own (one remote call per
   array at every hand-off); the model has 69. `WireGrid` sends a message's model arrays
-  packed into one (`shared_model/packing.py`) and unpacks the replies, which the
+  packed into one and unpacks the replies (`shared_model/packing.py`), which the
   ClientApp packs the same way (`client/app.py`, `packed_arrays_mod`).
 
 The strategy sees Flower's Grid semantics unchanged (all replies, or those in by
@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import log
+from flwr.app import Message
 from flwr.serverapp import Grid
 
-from shared_model import packing, wire
+from shared_model.packing import packed, unpacked
 
 PULL_INTERVAL = 0.1  # seconds between two looks for replies (Flower's deployed Grid: 3)
 
@@ -85,37 +82,3 @@ class WireGrid(DelegatingGrid):
                 break
             time.sleep(PULL_INTERVAL)
         return replies
-
-
-def packed(msg: Message) -> Message:
-    """The message with its model arrays (record `wire.ARRAYS`) as one packed array."""
-    if msg.has_error() or not msg.content.array_records.get(wire.ARRAYS):
-        return msg
-    buf, layout = packing.pack({k: v.numpy() for k, v in
-                                msg.content.array_records[wire.ARRAYS].items()})
-    content = RecordDict({k: v for k, v in msg.content.items() if k != wire.ARRAYS})
-    content[wire.PACKED] = ArrayRecord({wire.PACKED: Array(buf)})
-    content[wire.PACKED_LAYOUT] = ConfigRecord(layout)  # type: ignore[arg-type]
-    msg.content = content
-    return msg
-
-
-def unpacked(msg: Message) -> Message:
-    """The reply with its packed arrays back under `wire.ARRAYS`; a reply whose packing
-    does not hold together loses its arrays (the strategy then leaves it out) and is
-    logged with its node."""
-    if msg.has_error() or wire.PACKED not in msg.content.array_records:
-        return msg
-    content = RecordDict({k: v for k, v in msg.content.items()
-                          if k not in (wire.PACKED, wire.PACKED_LAYOUT)})
-    try:
-        layout = msg.content.config_records.get(wire.PACKED_LAYOUT) or {}
-        arrays = packing.unpack(msg.content.array_records[wire.PACKED][wire.PACKED].numpy(),
-                                layout)  # type: ignore[arg-type]
-        content[wire.ARRAYS] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    except (KeyError, TypeError, ValueError) as exc:
-        log(WARNING, "reply from node %d: packed arrays cannot be read (%s); dropped",
-            msg.metadata.src_node_id, exc)
-    msg.content = content
-    return msg

@@ -5,9 +5,11 @@ array at each hand-off of a deployed round (ServerApp -> SuperLink -> SuperNode 
 ClientApp, and back). medfuse's model has 69 arrays, so a round made some 800 calls over
 TLS; measured on 2 cores, a node took 3.6 s to send one 3.76 MB reply. Packed, a
 message carries one array whatever the model, with its layout (names, dtypes, shapes) as
-three lists of strings beside it. The Flower glue on each side packs what it sends and
-unpacks what it receives (`server/grid.py`, `client/app.py`); strategies, handlers,
-checks and audit logs only ever see the arrays by name.
+three lists of strings beside it. `packed` and `unpacked` do it to a Flower message; the
+server's Grid (`server/grid.py`) and the ClientApp's outermost mod (`client/app.py`) call
+them on what they send and receive, so strategies, handlers, checks and audit logs only
+ever see the arrays by name. (The one module of `shared_model` that imports Flower: both
+sides need the same two functions.)
 
 `unpack` trusts nothing it is given: a layout that does not account for every byte, an
 unknown dtype or a bad shape is a `ValueError`, never a wrong array.
@@ -15,9 +17,15 @@ unknown dtype or a bad shape is a `ValueError`, never a wrong array.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from shared_model import wire
+
+log = logging.getLogger(__name__)
 
 NAMES = "names"
 DTYPES = "dtypes"
@@ -70,3 +78,36 @@ def unpack(buf: np.ndarray, layout: Mapping[str, Sequence[str]]) -> dict[str, np
     if offset != raw.size:
         raise ValueError(f"packed layout accounts for {offset} of {raw.size} bytes")
     return out
+
+
+def packed(msg: Message) -> Message:
+    """The message with its model arrays (record `wire.ARRAYS`) as one packed array."""
+    if msg.has_error() or not msg.content.array_records.get(wire.ARRAYS):
+        return msg
+    buf, layout = pack({k: v.numpy() for k, v in
+                        msg.content.array_records[wire.ARRAYS].items()})
+    content = RecordDict({k: v for k, v in msg.content.items() if k != wire.ARRAYS})
+    content[wire.PACKED] = ArrayRecord({wire.PACKED: Array(buf)})
+    content[wire.PACKED_LAYOUT] = ConfigRecord(layout)  # type: ignore[arg-type]
+    msg.content = content
+    return msg
+
+
+def unpacked(msg: Message) -> Message:
+    """The message with its packed arrays back under `wire.ARRAYS`. One whose packing does
+    not hold together loses its arrays (a server leaves such a reply out; a node answers
+    such a message with an error) and is logged."""
+    if msg.has_error() or wire.PACKED not in msg.content.array_records:
+        return msg
+    content = RecordDict({k: v for k, v in msg.content.items()
+                          if k not in (wire.PACKED, wire.PACKED_LAYOUT)})
+    try:
+        layout = msg.content.config_records.get(wire.PACKED_LAYOUT) or {}
+        arrays = unpack(msg.content.array_records[wire.PACKED][wire.PACKED].numpy(),
+                        layout)  # type: ignore[arg-type]
+        content[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("message from node %d: packed arrays cannot be read (%s); dropped",
+                    msg.metadata.src_node_id, exc)
+    msg.content = content
+    return msg

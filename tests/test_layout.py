@@ -17,7 +17,7 @@ ALLOWED = {
     "simulations": {"client", "server", "shared_model"},
 }
 FLOWER_GLUE = {"client/app.py", "client/secure.py", "server/app.py", "server/grid.py",
-               "server/secure.py", "server/strategy.py"}
+               "server/secure.py", "server/strategy.py", "shared_model/packing.py"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -21,11 +21,11 @@ from client.app import app
 from client.privacy import INDEX_FILE, LedgerStore, default_store_root, history_epsilon
 from client.release import COUNT_NOISE
 from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
-from server.grid import unpacked
 from shared_model import wire
 from shared_model.config import DEFAULT_LABELS
 from shared_model.dataset import open_site
 from shared_model.model import MedFuseModel
+from shared_model.packing import unpacked
 from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.tokenizer import Tokenizer
 

@@ -18,8 +18,8 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from server.grid import packed, unpacked
 from shared_model import wire
+from shared_model.packing import packed, unpacked
 from shared_model.run_config import RunConfig, pyproject_defaults
 
 Node = Callable[[Message], Message]

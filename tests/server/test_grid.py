@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from server.grid import PULL_INTERVAL, WireGrid, packed, unpacked
+from server.grid import PULL_INTERVAL, WireGrid
+from shared_model.packing import packed, unpacked
 from tests.server.fakes import FakeGrid
 
 

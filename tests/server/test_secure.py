@@ -26,10 +26,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.serverapp import Grid
 
 from client.app import app
-from server.grid import unpacked
 from server.secure import SecAggSettings, secure_round
 from shared_model import wire
 from shared_model.model import MedFuseModel
+from shared_model.packing import unpacked
 from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
 
 NODES = (101, 202, 303)
