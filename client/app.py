@@ -25,14 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local import DPSettings, DPSetupError, TrainOutcome, local_cases, local_train
@@ -328,12 +321,13 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
     """Evaluate `state` on the asked split and return what the node's policy releases
     (noised and charged, or exact and recorded), the ledger saved first; `_NoEvaluation`
     with the reason when it releases nothing. Shared by the evaluate message and the
-    evaluation inside a train message: the same policy, cap and ledger. Under DP the
-    last evaluation the cap allows is kept for the final model (a run longer than the cap
-    would otherwise never evaluate its result). Inside round r's
-    train message the model is round r-1's, so one more evaluation than rounds left is
-    still to come (the final model's): the noise is planned for it too."""
+    evaluation inside a train message: the same policy, cap and ledger. Inside round r's
+    train message the model is round r-1's (`in_train`): the final model's evaluation is
+    still to come, so the noise is planned for it too. Under DP the last evaluation the
+    cap allows is kept for the final model (a run longer than the cap would otherwise
+    never evaluate its result)."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
+    evaluated_round = server_round - int(in_train)  # the round whose model this is
     split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
         raise _NoEvaluation(f"unknown {wire.CFG_EVAL_SPLIT}={split!r}", data_error=True)
@@ -351,7 +345,7 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
             done = sum(1 for e in ledger.entries if e.bucket == "evaluation"
                        and e.run_id == run_id and not e.note.startswith("inherited"))
             # the last evaluation a run may have is kept for its final model
-            final = (server_round - 1 if in_train else server_round) >= total_rounds
+            final = evaluated_round >= total_rounds
             cap = node.max_evaluations_per_run - (0 if final else 1)
             if node.evaluation == "dp" and done >= cap:
                 raise _NoEvaluation(f"{choice.site_name}: this node answers at most "
@@ -359,7 +353,7 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
                                     "the last for the final model (node config "
                                     "max-evaluations-per-run)")
             cases = local_cases(run.model(), site, state, device, split=split)
-            rounds_left = max(total_rounds - server_round + 1, 1) + int(in_train)
+            rounds_left = max(total_rounds - evaluated_round + 1, 1)  # models to evaluate
             metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,
                                        server_round=server_round,
                                        planned=min(node.max_evaluations_per_run - done,

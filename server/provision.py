@@ -59,6 +59,7 @@ OFFLINE_ENV: dict[str, str] = {
 # every 1 s by default: on the path of every message. A tenth of a second costs nothing
 # measurable (one local HTTP call).
 PROMPT_ENV: dict[str, str] = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+FLOWER_ENV: dict[str, str] = {**OFFLINE_ENV, **PROMPT_ENV}  # what every Flower process gets
 
 DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_EPSILON_BUDGET = 8.0
@@ -282,7 +283,7 @@ def _write(path: Path, data: bytes | str, private: bool = False) -> Path:
 
 
 def env_prefix() -> str:
-    return " ".join(f"{k}={v}" for k, v in {**OFFLINE_ENV, **PROMPT_ENV}.items())
+    return " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items())
 
 
 def node_config_string(
@@ -338,7 +339,7 @@ def _coordinator_readme(
         f" --name {shlex.quote(h)}"
         for h in hospitals
     )
-    exports = " ".join(f"{k}={v}" for k, v in {**OFFLINE_ENV, **PROMPT_ENV}.items())
+    exports = env_prefix()
     return f"""medfuse coordinator: what this folder is for
 =============================================
 

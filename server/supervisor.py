@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 import tomli_w
 
-from server.provision import OFFLINE_ENV, PROMPT_ENV
+from server.provision import FLOWER_ENV
 from shared_model.files import atomic_write_text
 
 LOOPBACK = "127.0.0.1"
@@ -77,8 +77,7 @@ def flower_env(
 ) -> dict[str, str]:
     """The environment of every Flower process medfuse starts."""
     env = dict(os.environ if base is None else base)
-    env.update(OFFLINE_ENV)
-    env.update(PROMPT_ENV)
+    env.update(FLOWER_ENV)
     env.update(
         {
             "FLWR_HOME": str(Path(flwr_home).resolve()),
