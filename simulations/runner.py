@@ -54,6 +54,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from server.results import M_UPDATE_ACCEPTED
 from server.supervisor import (
     FINISHED,
     FlowerError,
@@ -870,28 +871,8 @@ class Runner:
         done = max((r.round for r in rows), default=0)
         if done <= seen:
             return seen
-
-        def accuracy(rnd: int) -> list[float]:
-            return [r.value for r in rows
-                    if r.round == rnd and r.phase == "evaluate" and r.metric == "accuracy"]
-
         for rnd in range(seen + 1, done + 1):
-            eps = [
-                r.value
-                for r in rows
-                if r.round == rnd
-                and r.phase == "train"
-                and r.metric == "epsilon"
-                and math.isfinite(r.value)
-            ]
-            # a round's model is evaluated inside the next round's train message
-            # (evaluate-with-train): show the latest model evaluated so far
-            evaluated = next((k for k in range(rnd, 0, -1) if accuracy(k)), None)
-            info = f"round {rnd}: accuracy " + (
-                "-" if evaluated is None else f"{_mean(accuracy(evaluated)):.3f}"
-                + ("" if evaluated == rnd else f" (round {evaluated}'s model)"))
-            if eps:
-                info += f", epsilon {max(eps):.2f}"
+            info = round_line(rows, rnd)
             progress.update(task, completed=rnd, info=info)
             if self.lines:
                 self.echo(
@@ -1006,3 +987,24 @@ class Runner:
                 rows.append((unit.experiment.name, unit.seed, rnd, r.site,
                              f"{report.AUDIT}{r.attack}-{key}", float(value)))
         return rows
+
+
+def round_line(rows: Sequence, rnd: int) -> str:
+    """What a researcher sees of round `rnd` from the ServerApp's rows: the latest model
+    evaluated so far (with evaluate-with-train a round's model is evaluated inside the next
+    round's train message), the most any site has spent, and updates left out (a node's
+    refusal or a failed check: the ServerApp's log says why)."""
+    def of(phase: str, metric: str, k: int) -> list[float]:
+        return [r.value for r in rows if r.round == k and r.phase == phase and r.metric == metric]
+
+    evaluated = next((k for k in range(rnd, 0, -1) if of("evaluate", "accuracy", k)), None)
+    info = f"round {rnd}: accuracy " + (
+        "-" if evaluated is None else f"{_mean(of('evaluate', 'accuracy', evaluated)):.3f}"
+        + ("" if evaluated == rnd else f" (round {evaluated}'s model)"))
+    eps = [v for v in of("train", "epsilon", rnd) if math.isfinite(v)]
+    if eps:
+        info += f", epsilon {max(eps):.2f}"
+    verdicts = of("train", M_UPDATE_ACCEPTED, rnd)
+    if left_out := sum(v < 0.5 for v in verdicts):
+        info += f", {left_out} of {len(verdicts)} updates left out"
+    return info
