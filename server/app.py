@@ -217,7 +217,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     guarded = GuardedStrategy(build_strategy(run, start.offset), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
                               on_round_end=on_round_end, audit_log=out / AUDIT_LOG,
-                              evaluate_in_train=run.evaluates_in_train)  # fmt: skip
+                              evaluate_in_train=run.evaluates_in_train,
+                              round_lr=run.round_lr)  # fmt: skip
     if start.strategy_state:
         guarded.load_checkpoint_state(start.strategy_state)
     remaining = run.num_server_rounds - start.offset

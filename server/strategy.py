@@ -232,6 +232,8 @@ class GuardedStrategy(Strategy):
     total_rounds : the run's planned rounds (sent to clients as num-server-rounds).
     round_offset : rounds finished before this start (a resumed run's checkpoint round).
     on_round_end : called at the end of each round with its rows.
+    round_lr : the learning rate each round's train messages ask for (the run's schedule);
+        None keeps the train config's.
     evaluate_in_train : ask each train message of round r+1 to evaluate the model it
         carries (round r's) first; its metrics are recorded as round r's evaluation, and
         only the final round sends evaluate messages.
@@ -247,6 +249,7 @@ class GuardedStrategy(Strategy):
         on_round_end: RoundHook | None = None,
         audit_log: Path | None = None,
         evaluate_in_train: bool = False,
+        round_lr: Callable[[int], float] | None = None,
     ) -> None:
         super().__init__()
         if max_norm <= 0:
@@ -260,6 +263,7 @@ class GuardedStrategy(Strategy):
         # round r+1's train message evaluates round r's model; only the last round's model
         # gets an evaluate message of its own
         self.evaluate_in_train = evaluate_in_train
+        self.round_lr = round_lr  # the run's learning-rate schedule, by global round
         self._sent: list[Message] = []  # the last configure_* messages, to name dropped nodes
         self._traffic: dict[int, dict[str, int]] = {}  # node -> array bytes of this phase
         self.global_arrays: ArrayRecord | None = None
@@ -363,6 +367,8 @@ class GuardedStrategy(Strategy):
         cfg = ConfigRecord(dict(config))
         cfg[wire.CFG_SERVER_ROUND] = rnd
         cfg[wire.CFG_TOTAL_ROUNDS] = self.total_rounds
+        if self.round_lr is not None:
+            cfg[wire.CFG_LR] = self.round_lr(rnd)
         if self.evaluate_in_train and rnd > 1:  # the arrays are round rnd-1's model
             cfg[wire.CFG_EVALUATE_FIRST] = 1
         self._sent = list(self.strategy.configure_train(rnd, arrays, cfg, grid))

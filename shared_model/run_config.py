@@ -8,6 +8,7 @@ with `RunConfig`, so a bad key or value stops the run at start with a message na
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,6 +94,9 @@ class RunConfig(BaseModel):
         description="what private rounds train: all, or fewer, so that the noise spreads "
         "over fewer coordinates (the rest keep the initial model's values)"
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        description="the learning rate over the rounds: constant, or a cosine from the "
+        "recipe's down towards 0 at the last round")
     accountant: Literal["rdp", "prv"]
     secure_mode: bool
     # client-level central DP (Flower's wrappers) on top of the sites' sample-level DP
@@ -175,6 +179,16 @@ class RunConfig(BaseModel):
             return LocalRecipe(self.dp_optimizer, self.dp_lr, self.dp_momentum,
                                self.dp_train_layers)
         return LocalRecipe("adam", self.lr, 0.0, "all")
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate the sites are asked to train round `server_round` with. A
+        decaying rate lets the DP noise of the last rounds average out instead of keeping
+        the model at a noise floor; the schedule is the server's, it costs no privacy."""
+        lr = self.recipe().lr
+        if self.lr_schedule == "constant":
+            return lr
+        done = (min(max(server_round, 1), self.num_server_rounds) - 1) / self.num_server_rounds
+        return lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
     def model(self) -> ModelConfig:
         """The ModelConfig every node builds: same config, same array names and shapes."""

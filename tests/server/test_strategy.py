@@ -102,6 +102,18 @@ def test_train_config_carries_the_wire_keys():
     assert private[wire.CFG_LR] == 0.5
 
 
+def test_round_lr_is_the_recipes_rate_constant_or_decaying_by_a_cosine():
+    # Prepare
+    constant = run_config(dp=True, dp_lr=0.5, num_server_rounds=4)
+    cosine = run_config(dp=True, dp_lr=0.5, lr_schedule="cosine", num_server_rounds=4)
+    # Execute
+    flat = [constant.round_lr(r) for r in range(1, 5)]
+    decaying = [cosine.round_lr(r) for r in range(1, 5)]
+    # Assert: 0.5 * (1 + cos(pi * (r - 1) / 4)) of the recipe's rate; the last still trains
+    assert flat == [0.5] * 4
+    assert decaying == pytest.approx([0.5, 0.4268, 0.25, 0.0732], abs=1e-4)
+
+
 # ------------------------------------------------------------------ configure
 
 
@@ -118,6 +130,18 @@ def test_configure_train_numbers_rounds_after_the_resume_offset():
     assert cfg[wire.CFG_TOTAL_ROUNDS] == 9
     assert cfg[wire.CFG_PROXIMAL_MU] == 0.2
     assert msgs[0].metadata.message_type == MessageType.TRAIN
+
+
+def test_configure_train_asks_for_the_schedules_rate_of_the_global_round():
+    # Prepare: a resumed run (3 rounds done) of 8 with a cosine schedule from 1.0
+    run = run_config(dp=True, dp_lr=1.0, lr_schedule="cosine", num_server_rounds=8)
+    strategy = guarded(round_offset=3, total_rounds=8, round_lr=run.round_lr)
+    # Execute: Flower's rounds 1 and 5 of the resumed run are global rounds 4 and 8
+    asked = [configure(strategy, global_state(), [1], rnd=r)[0]
+             .content.config_records[wire.CONFIG][wire.CFG_LR] for r in (1, 5)]
+    # Assert
+    assert asked == pytest.approx([run.round_lr(4), run.round_lr(8)])
+    assert 0.0 < asked[1] < asked[0] < 1.0
 
 
 def test_configure_does_not_change_the_callers_config():
