@@ -80,6 +80,8 @@ def cached_public_model(
     folders: Sequence[Path] = (),
     cases: int = 2000,
     seed: int = 0,
+    difficulty: str = "standard",
+    labeller: str = "noisy",
     epochs: int = 8,
     batch_size: int = 32,
     device: str = "auto",
@@ -88,13 +90,17 @@ def cached_public_model(
     """The public model for `model_cfg`, built once under `root` and reused after.
 
     `folders`: public datasets in format v1; none: the project's synthetic public corpus
-    (`cases`, `seed`), written under `root` on first use. One file per (public data,
-    model config, labels), so a changed setting builds a new one."""
+    (`cases`, `seed`, `difficulty`, `labeller`), written under `root` on first use. One
+    file per (public data, model config, labels), so a changed setting builds a new one."""
     from shared_model.dataset import open_site
     from shared_model.synth import PublicConfig, write_public
 
     spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
             "seed": seed, "epochs": epochs, "batch": batch_size}
+    # a variant corpus gets a key and a folder of its own; the standard one keeps its names
+    variant = {k: v for k, v in {"difficulty": difficulty, "labeller": labeller}.items()
+               if v not in ("standard", "noisy")}
+    spec.update(variant)
     key = hashlib.sha256(json.dumps([spec, model_cfg.model_dump(), list(labels)],
                                     sort_keys=True).encode()).hexdigest()[:12]
     root = Path(root)
@@ -102,12 +108,14 @@ def cached_public_model(
     if target.is_file():
         return target
     if not folders:
-        corpus = root / f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}"
+        corpus = root / "-".join([f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}",
+                                  *variant.values()])
         if not (corpus / MANIFEST).is_file():
             echo(f"writing the synthetic public corpus ({cases} cases) to {corpus}")
             shutil.rmtree(corpus, ignore_errors=True)
             write_public(corpus, PublicConfig(cases=cases, seed=seed,
-                                              image_size=model_cfg.image_size))
+                                              image_size=model_cfg.image_size,
+                                              difficulty=difficulty, labeller=labeller))
         folders = [corpus]
     opened = [open_site(f, labels=labels, model=model_cfg,
                         tokenizer=Tokenizer(model_cfg.vocab_size)) for f in folders]

@@ -73,6 +73,37 @@ REPORT_MODES_AMBIGUOUS: tuple[float, float, float] = (0.90, 0.02, 0.08)
 EMPTY_REPORT = 0.08  # share of uninformative reports that are empty
 HISTORY_REMARK = 0.30  # chance of a misleading-looking remark about another disease
 
+
+
+@dataclass(frozen=True)
+class Hardness:
+    """How faint a clear finding is drawn, how cluttered the lungs are, and how often the
+    report of a clear film says what it shows. The ambiguous cases are the same at
+    every difficulty."""
+
+    nodule: tuple[float, float]  # density a clear nodule adds
+    patchy: tuple[float, float]  # ... a consolidation
+    effusion: tuple[float, float]  # ... an effusion
+    hazy: tuple[float, float]  # ... a hazy basal opacity (pneumonia or effusion)
+    vessels: tuple[int, int]  # vessel shadows per film, [low, high)
+    vessel_gain: tuple[float, float]  # their density
+    report_modes_clear: tuple[float, float, float]  # (informative, vague, uninformative)
+
+
+Difficulty = Literal["standard", "hard"]
+HARDNESS: dict[str, Hardness] = {
+    "standard": Hardness(
+        nodule=(0.4, 0.55), patchy=(0.3, 0.45), effusion=(0.48, 0.6), hazy=(0.22, 0.32),
+        vessels=(6, 11), vessel_gain=(0.03, 0.07), report_modes_clear=REPORT_MODES_CLEAR,
+    ),
+    # fainter findings in more vessel clutter, and fewer informative reports on clear
+    # films: a hospital alone learns less from its few hundred cases
+    "hard": Hardness(
+        nodule=(0.2, 0.32), patchy=(0.18, 0.3), effusion=(0.3, 0.42), hazy=(0.14, 0.22),
+        vessels=(8, 15), vessel_gain=(0.05, 0.11), report_modes_clear=(0.35, 0.20, 0.45),
+    ),
+}
+
 # Heart half-width (fraction of the image width) ranges.
 HEART_NORMAL = (0.10, 0.14)
 HEART_BORDERLINE = (0.145, 0.17)
@@ -95,6 +126,7 @@ class SynthConfig(BaseModel):
         None, gt=0, description="Dirichlet alpha of each site's label mix; None = balanced"
     )
     image_size: int = Field(64, ge=16, le=1024, description="image side in pixels")
+    difficulty: Difficulty = Field("standard", description="standard or hard (see HARDNESS)")
     labels: tuple[str, ...] = Field(
         DEFAULT_LABELS, description="fixed: the synthetic findings exist for these only"
     )
@@ -458,13 +490,15 @@ class Case:
 
 
 def render_case(
-    rng: np.random.Generator, label: str, style: SiteStyle, image_size: int
+    rng: np.random.Generator, label: str, style: SiteStyle, image_size: int,
+    difficulty: Difficulty = "standard",
 ) -> Case:
     """Draw one case of `label` at a site of `style`: image, box and report."""
+    hard = HARDNESS[difficulty]
     anatomy = sample_anatomy(rng)
-    finding = sample_finding(rng, label, anatomy)
-    image, box = render_image(rng, anatomy, finding, style.scanner, image_size)
-    modes = REPORT_MODES_AMBIGUOUS if finding.ambiguous else REPORT_MODES_CLEAR
+    finding = sample_finding(rng, label, anatomy, hard)
+    image, box = render_image(rng, anatomy, finding, style.scanner, image_size, hard)
+    modes = REPORT_MODES_AMBIGUOUS if finding.ambiguous else hard.report_modes_clear
     mode: ReportMode = ("informative", "vague", "uninformative")[
         int(rng.choice(3, p=np.asarray(modes) / sum(modes)))
     ]
@@ -490,7 +524,8 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     )
 
 
-def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy) -> Finding:
+def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy,
+                   hard: Hardness = HARDNESS["standard"]) -> Finding:
     """The finding of a case of `label`: its kind, whether it is ambiguous, its place."""
     if label not in DEFAULT_LABELS:
         raise ValueError(f"unknown label {label!r} (allowed: {', '.join(DEFAULT_LABELS)})")
@@ -509,21 +544,21 @@ def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy) -> Fi
         cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=r + 0.01)
         if zone == "upper" and cy - r < anatomy.lungs[side][1] - anatomy.lungs[side][3] + 0.12:
             zone = "apex"
-        amount = float(rng.uniform(0.03, 0.05) if ambiguous else rng.uniform(0.4, 0.55))
+        amount = float(rng.uniform(0.03, 0.05) if ambiguous else rng.uniform(*hard.nodule))
         return Finding(label, "nodule", ambiguous, hw, side, zone, (cx, cy, r), amount)
     if ambiguous:  # pneumonia or effusion drawn as the same hazy basal opacity
         height = float(rng.uniform(0.12, 0.19))
-        amount = float(rng.uniform(0.22, 0.32))
+        amount = float(rng.uniform(*hard.hazy))
         return Finding(label, "hazy_basal", True, hw, side, "lower", (height,), amount)
     if label == "effusion":
         height = float(rng.uniform(0.10, 0.17))
         meniscus = float(rng.uniform(0.03, 0.06))
-        amount = float(rng.uniform(0.48, 0.6))
+        amount = float(rng.uniform(*hard.effusion))
         return Finding(label, "effusion", False, hw, side, "base", (height, meniscus), amount)
     zone = ZONES[int(rng.choice(len(ZONES), p=[0.35, 0.4, 0.25]))]
     rx, ry = float(rng.uniform(0.1, 0.14)), float(rng.uniform(0.085, 0.12))
     cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=0.04)
-    amount = float(rng.uniform(0.3, 0.45))
+    amount = float(rng.uniform(*hard.patchy))
     return Finding(label, "patchy", False, hw, side, zone, (cx, cy, rx, ry), amount)
 
 
@@ -625,7 +660,7 @@ def _mask_box(mask: np.ndarray) -> Box | None:
 
 def render_image(
     rng: np.random.Generator, anatomy: Anatomy, finding: Finding, scanner: Scanner,
-    image_size: int,
+    image_size: int, hard: Hardness = HARDNESS["standard"],
 ) -> tuple[np.ndarray, Box | None]:
     """The radiograph (S, S) float32 in [0, 1] after the scanner, and the finding's box."""
     s = image_size
@@ -653,11 +688,11 @@ def render_image(
     img += 0.05 * ribs * body * (1 - heart)
     # lung markings: a smooth texture and vessel shadows near the hila (separable blobs)
     img += 0.025 * _smooth_noise(rng, s, 9) * air_all
-    n_vessels = int(rng.integers(6, 11))
+    n_vessels = int(rng.integers(*hard.vessels))
     vx = 0.5 + rng.choice([-1.0, 1.0], n_vessels) * rng.uniform(0.08, 0.2, n_vessels)
     vy = rng.uniform(0.35, 0.62, n_vessels)
     vr = rng.uniform(0.012, 0.028, n_vessels)
-    gain = rng.uniform(0.03, 0.07, n_vessels)
+    gain = rng.uniform(*hard.vessel_gain, n_vessels)
     gx = np.exp(-((grid[None, :] - vx[:, None]) ** 2) / (2 * vr[:, None] ** 2))  # (K, S)
     gy = np.exp(-((grid[None, :] - vy[:, None]) ** 2) / (2 * vr[:, None] ** 2))  # (K, S)
     img += (gy.T @ (gain[:, None] * gx)).astype(np.float32) * air_all  # (S, S)
@@ -863,7 +898,7 @@ def write_site(site_dir: Path, cfg: SynthConfig, index: int) -> Path:
     for k, label in enumerate(labels):
         case_id = f"s{index:02d}-{k:05d}"
         rng = np.random.default_rng([cfg.seed, index, 2, k])
-        case = render_case(rng, label, style, cfg.image_size)
+        case = render_case(rng, label, style, cfg.image_size, cfg.difficulty)
         rel = f"images/{case_id}{ext}"
         _write_image(site_dir / rel, case.image, style.scanner, (cfg.seed, index, k))
         box = ["", "", "", ""] if case.box is None else [f"{v:.4f}" for v in case.box]
@@ -957,6 +992,7 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> N
 # cases, and its report style is none of REPORT_STYLES. It is never a federation's data.
 
 PUBLIC_TAG = 0x9B11C  # first key of every random stream of the public corpus
+MISREAD_HISTORY = 0.5  # mined labels: share of past-disease remarks read as that disease
 
 PUBLIC_STYLE = ReportStyle(
     name="archive",
@@ -1015,6 +1051,10 @@ class PublicConfig(BaseModel):
     label_mix: tuple[float, ...] = Field(
         (0.40, 0.18, 0.12, 0.15, 0.15), description="share of each default label"
     )
+    difficulty: Difficulty = Field("standard", description="its films and reports (HARDNESS)")
+    labeller: Literal["noisy", "mined"] = Field(
+        "noisy", description="noisy: the true label; mined: read off the report as a "
+        "report-mining labeller would (mined_label); then label_noise replaced at random")
 
 
 def public_style(cfg: PublicConfig, source: int) -> SiteStyle:
@@ -1045,7 +1085,8 @@ def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
     mix = np.asarray(cfg.label_mix) / sum(cfg.label_mix)
     truth = rng.choice(len(DEFAULT_LABELS), size=cfg.cases, p=mix)
     flip = rng.random(cfg.cases) < cfg.label_noise
-    recorded = np.where(flip, rng.integers(0, len(DEFAULT_LABELS), cfg.cases), truth)
+    replaced = rng.integers(0, len(DEFAULT_LABELS), cfg.cases)
+    misread = rng.random(cfg.cases) < MISREAD_HISTORY
     splits = _splits(np.random.default_rng([PUBLIC_TAG, cfg.seed, 3]), cfg.cases)
     styles = [public_style(cfg, s) for s in range(cfg.sources)]
     rows: list[list[str]] = []
@@ -1053,15 +1094,34 @@ def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
         style = styles[k % cfg.sources]
         case_id = f"pub-{k:06d}"
         case = render_case(np.random.default_rng([PUBLIC_TAG, cfg.seed, 2, k]),
-                           DEFAULT_LABELS[int(truth[k])], style, cfg.image_size)
+                           DEFAULT_LABELS[int(truth[k])], style, cfg.image_size,
+                           cfg.difficulty)
+        recorded = (DEFAULT_LABELS[int(replaced[k])] if flip[k] else case.finding.label
+                    if cfg.labeller == "noisy" else mined_label(case, bool(misread[k])))
         ext = EXTENSIONS[style.scanner.image_format]
         rel = f"images/{case_id}{ext}"
         _write_image(site_dir / rel, case.image, style.scanner, (PUBLIC_TAG, cfg.seed, k))
         box = ["", "", "", ""] if case.box is None else [f"{v:.4f}" for v in case.box]
-        rows.append([case_id, rel, case.report, DEFAULT_LABELS[int(recorded[k])], *box,
+        rows.append([case_id, rel, case.report, recorded, *box,
                      splits[k]])
     with (site_dir / MANIFEST).open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow([*MANIFEST_COLUMNS, "split"])
         writer.writerows(rows)
     return site_dir
+
+
+def mined_label(case: Case, misreads_history: bool) -> str:
+    """The label a report-mining labeller (as behind NIH ChestX-ray14 or CheXpert) reads
+    off an archive report: nothing said is "normal", an indeterminate opacity counts as
+    pneumonia (uncertain read as positive), and a remark that a disease has resolved is,
+    when `misreads_history`, read as that disease (a negation missed)."""
+    if case.report_mode == "uninformative":
+        return "normal"
+    if case.report_mode == "vague":
+        return "normal" if case.finding.kind in ("none", "heart") else "pneumonia"
+    if misreads_history:
+        for disease, remarks in PUBLIC_STYLE.history.items():
+            if any(remark in case.report for remark in remarks):
+                return disease
+    return case.finding.label

@@ -34,6 +34,9 @@ def data_synth(
         typer.Option(help="Dirichlet alpha of each site's label mix (smaller = more skew)"),
     ] = None,
     image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
+    difficulty: Annotated[str, typer.Option(
+        help="standard, or hard: fainter findings, more clutter, fewer informative "
+        "reports")] = "standard",
     overwrite: Annotated[bool, typer.Option(help="replace existing site folders")] = False,
 ) -> None:
     """Write synthetic hospitals in dataset format v1."""
@@ -48,6 +51,7 @@ def data_synth(
             seed=seed,
             label_skew=label_skew,
             image_size=image_size,
+            difficulty=difficulty,
         )
         paths = write_federation(out, cfg, overwrite=overwrite)
     except (ValidationError, FileExistsError, ValueError) as exc:
@@ -61,6 +65,13 @@ def data_synth_public(
     cases: Annotated[int, typer.Option(min=50, help="cases in the archive")] = 2000,
     seed: Annotated[int, typer.Option(help="same seed, same bytes (streams of its own)")] = 0,
     image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
+    difficulty: Annotated[str, typer.Option(
+        help="standard, or hard: fainter findings, more clutter, fewer informative "
+        "reports")] = "standard",
+    labeller: Annotated[str, typer.Option(
+        help="noisy (true labels, 8% replaced at random) or mined: read off the reports as "
+        "report-mining labellers do (nothing said = normal, uncertain = positive, half "
+        "the resolved-disease remarks misread), then 8% replaced")] = "noisy",
 ) -> None:
     """Write a SYNTHETIC stand-in for a public archive (NIH ChestX-ray14, OpenI, ...):
     several source hospitals of its own, an archive's report style, 8% label noise.
@@ -70,7 +81,8 @@ def data_synth_public(
     from shared_model.synth import PublicConfig, write_public
 
     try:
-        path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size))
+        path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size,
+                                              difficulty=difficulty, labeller=labeller))
     except (ValidationError, FileExistsError, ValueError) as exc:
         fail(exc)
     console.print(f"wrote {path} ({cases} cases; synthetic, not a real public dataset)")

@@ -120,6 +120,11 @@ def _run_default(key: str) -> Any:
     return pyproject_defaults()[key]
 
 
+# keys that describe synthetic data only: dropped when real folders replace it
+SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "difficulty")
+SYNTHETIC_PUBLIC_KEYS = ("difficulty", "labeller")
+
+
 class SitesConfig(_Section):
     """Where the hospitals come from and how the cases are split between them."""
 
@@ -130,6 +135,9 @@ class SitesConfig(_Section):
     label_skew: float = Field(
         0.5, ge=0.0, description="synthetic: Dirichlet alpha of each site's label mix; 0 = none"
     )
+    difficulty: Literal["standard", "hard"] = Field(
+        "standard", description="synthetic: standard, or hard (fainter findings, more "
+        "clutter, fewer informative reports)")
     seed: int = Field(0, ge=0, description="data seed: synthetic hospitals and partitioning")
     partition: Partition = Field("natural", description="natural = one hospital per folder")
     hospitals: int | None = Field(None, ge=2, le=10_000, description="re-partitioned count")
@@ -147,7 +155,7 @@ class SitesConfig(_Section):
             if not self.folders:
                 raise ValueError("sites.source='folders' needs sites.folders (a list of paths)")
             synthetic_only = sorted(
-                _kebab(k) for k in given & {"count", "cases_per_site", "label_skew"}
+                _kebab(k) for k in given & {k.replace("-", "_") for k in SYNTHETIC_SITE_KEYS}
             )
             if synthetic_only:
                 raise ValueError(
@@ -209,11 +217,20 @@ class PublicSection(_Section):
     cases: int = Field(2000, ge=50, le=1_000_000, description="synthetic archive size")
     seed: int = Field(0, ge=0, description="synthetic archive seed (streams of its own)")
     epochs: int = Field(8, ge=1, le=1000, description="pretraining epochs")
+    difficulty: Literal["standard", "hard"] = Field(
+        "standard", description="synthetic archive: its films and reports")
+    labeller: Literal["noisy", "mined"] = Field(
+        "noisy", description="synthetic archive: true labels with random noise, or labels "
+        "mined from its reports as report-mining labellers do")
 
     @model_validator(mode="after")
     def _check(self) -> PublicSection:
         if (self.source == "folders") != bool(self.folders):
             raise ValueError("public.folders is for public.source = \"folders\" (and needs it)")
+        synthetic_only = sorted(set(SYNTHETIC_PUBLIC_KEYS) & self.model_fields_set)
+        if self.source != "synthetic" and synthetic_only:
+            raise ValueError(f"public.{', public.'.join(synthetic_only)} apply to the synthetic "
+                             "archive only (public.source = \"synthetic\")")
         return self
 
     @property
@@ -580,8 +597,11 @@ class SimulationConfig(_Section):
         """The resolved config as TOML (defaults filled in, paths absolute)."""
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
         if self.sites.source == "folders":
-            for key in ("count", "cases-per-site", "label-skew"):
+            for key in SYNTHETIC_SITE_KEYS:
                 data["sites"].pop(key, None)
+        if self.public.source != "synthetic":
+            for key in SYNTHETIC_PUBLIC_KEYS:
+                data["public"].pop(key, None)
         for table in data["experiment"]:
             if "modalities" in table:
                 table.pop("modality", None)
@@ -654,7 +674,7 @@ def load_config(
     raw = read_config_file(path or DEFAULT_CONFIG)
     if sites:
         table = dict(raw.get("sites") or {})
-        for key in ("count", "cases-per-site", "label-skew"):
+        for key in SYNTHETIC_SITE_KEYS:
             table.pop(key, None)
         table["source"] = "folders"
         table["folders"] = [str(Path(s).expanduser().resolve()) for s in sites]

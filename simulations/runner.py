@@ -170,6 +170,7 @@ def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], No
         seed=s.seed,
         label_skew=s.label_skew or None,
         image_size=cfg.model.image_size,
+        difficulty=s.difficulty,
     )
     stamp = {"synthetic": synth.model_dump(mode="json")}
     base = root / "synthetic"
@@ -697,7 +698,8 @@ class Runner:
             return cached_public_model(
                 self.out / PUBLIC_DIR, model, self.cfg.label_set,
                 folders=pub.folders if pub.source == "folders" else (), cases=pub.cases,
-                seed=pub.seed, epochs=pub.epochs, batch_size=self.cfg.training.batch_size,
+                seed=pub.seed, difficulty=pub.difficulty, labeller=pub.labeller,
+                epochs=pub.epochs, batch_size=self.cfg.training.batch_size,
                 device=self.cfg.resources.device, echo=self.echo,
             )
 

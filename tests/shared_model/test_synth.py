@@ -96,6 +96,32 @@ def test_render_case_is_pure() -> None:
     assert 0.0 <= one.image.min() and one.image.max() <= 1.0
 
 
+def test_hard_films_show_fainter_findings_and_fewer_informative_reports() -> None:
+    # Prepare: the same draws at both difficulties
+    style = site_style(0, 0)
+
+    def cases(difficulty: str) -> list:
+        return [render_case(np.random.default_rng(k), label, style, 32, difficulty)
+                for k in range(60) for label in ("nodule", "pneumonia", "effusion", "normal")]
+
+    standard, hard = cases("standard"), cases("hard")
+
+    def clear_amounts(cs: list, label: str) -> list[float]:
+        return [c.finding.amount for c in cs if c.finding.label == label
+                and not c.finding.ambiguous]
+
+    def informative(cs: list) -> float:
+        clear = [c for c in cs if not c.finding.ambiguous]
+        return sum(c.report_mode == "informative" for c in clear) / len(clear)
+
+    # Assert
+    for label in ("nodule", "pneumonia", "effusion"):
+        assert max(clear_amounts(hard, label)) < min(clear_amounts(standard, label)) + 0.01
+    assert informative(hard) < informative(standard) - 0.15
+    with pytest.raises(KeyError):
+        render_case(np.random.default_rng(0), "nodule", style, 32, "extreme")  # type: ignore[arg-type]
+
+
 def test_refuses_a_non_empty_site_folder_unless_overwrite(tmp_path: Path) -> None:
     cfg = SynthConfig(sites=1, cases_per_site=10, seed=0, image_size=16)
     (tmp_path / "site-00").mkdir()

@@ -61,6 +61,17 @@ def test_dp_target_config_is_the_issue_target_set() -> None:
     assert exps["fedavg-dp"].dp and exps["fedavg-dp"].epsilon == 8.0
 
 
+def test_dp_hard_config_is_the_far_public_start_world() -> None:
+    # Execute
+    cfg = load_config(Path(__file__).parents[2] / "simulations" / "dp-hard.toml")
+    # Assert: the DP target set's hospitals, made hard; an archive labelled from reports
+    assert cfg.sites.num_hospitals == 5 and cfg.sites.cases_per_site == 400
+    assert cfg.sites.difficulty == "hard" and cfg.sites.label_skew == 0.5
+    assert (cfg.public.source, cfg.public.difficulty, cfg.public.labeller) == (
+        "synthetic", "hard", "mined")
+    assert {e.kind for e in cfg.experiments} == {"public", "local", "pooled", "federated"}
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
@@ -128,6 +139,14 @@ def test_bad_value_is_named_with_the_value(raw: dict, key: str, value: str) -> N
             },
             ["sites.count", "synthetic"],
         ),
+        (
+            {
+                "experiment": [FED],
+                "sites": {"source": "folders", "folders": ["/a", "/b"], "difficulty": "hard"},
+            },
+            ["sites.difficulty", "synthetic"],
+        ),
+        ({"experiment": [FED], "public": {"labeller": "mined"}}, ["public.labeller", "synthetic"]),
         ({"experiment": [FED], "sites": {"count": 1}}, ["at least 2 hospitals"]),
         ({"experiment": [{**FED, "strategy": "fedprox"}]}, ["fed", "proximal-mu"]),
         ({"experiment": [{**FED, "run-config": {"seed": 3}}]}, ["run-config", "seed", "seeds"]),

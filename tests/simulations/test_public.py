@@ -1,8 +1,10 @@
 """The public start: a synthetic public corpus that is never a federation's data, the
 pretraining step, and a federation that starts from its model file."""
 
+import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,10 +17,13 @@ from shared_model.dataset import open_site
 from shared_model.model_file import ModelFileError, load_model_file, payload
 from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
 from shared_model.synth import (
+    PUBLIC_STYLE,
     REPORT_STYLES,
     PublicConfig,
     SynthConfig,
+    mined_label,
     public_style,
+    render_case,
     site_style,
     write_federation,
     write_public,
@@ -63,6 +68,45 @@ def test_label_noise_is_what_the_config_says(tmp_path: Path) -> None:
     b = (noisy / "manifest.csv").read_text().splitlines()
     changed = sum(x.split(",")[-6] != y.split(",")[-6] for x, y in zip(a[1:], b[1:], strict=True))
     assert 40 < changed < 100  # half replaced by a random label: ~40% differ
+
+
+def test_mined_labels_read_the_report_as_a_report_mining_labeller_would() -> None:
+    # Prepare: archive cases of every label
+    style = public_style(PublicConfig(), 0)
+    cases = [render_case(np.random.default_rng(k), label, style, 16)
+             for k in range(40) for label in DEFAULT_LABELS]
+    remarks = [r for rs in PUBLIC_STYLE.history.values() for r in rs]
+    remarked = [c for c in cases
+                if c.report_mode == "informative" and any(r in c.report for r in remarks)]
+    # Execute / Assert: nothing said is normal, an indeterminate opacity is pneumonia
+    for case in cases:
+        expected = {"uninformative": "normal",
+                    "vague": "normal" if case.finding.kind in ("none", "heart") else "pneumonia",
+                    "informative": case.finding.label}[case.report_mode]
+        assert mined_label(case, misreads_history=False) == expected
+    # ... and a misread remark about a resolved disease gives that disease, never the truth
+    assert len(remarked) > 10
+    for case in remarked:
+        misread = mined_label(case, misreads_history=True)
+        assert misread != case.finding.label
+        assert any(r in case.report for r in PUBLIC_STYLE.history[misread])
+
+
+def test_the_mined_labeller_changes_labels_only(tmp_path: Path) -> None:
+    # Execute
+    noisy = write_public(tmp_path / "a", PublicConfig(cases=200, image_size=16))
+    mined = write_public(tmp_path / "b", PublicConfig(cases=200, image_size=16,
+                                                      labeller="mined"))
+    # Assert: the same films and reports; labels differ where the reports mislead
+    a = (noisy / "manifest.csv").read_text().splitlines()
+    b = (mined / "manifest.csv").read_text().splitlines()
+    label = 3  # columns: case_id, image, report, label, ...
+    rows_a = list(csv.reader(a[1:]))
+    rows_b = list(csv.reader(b[1:]))
+    assert [r[:3] for r in rows_a] == [r[:3] for r in rows_b]
+    changed = sum(x[label] != y[label] for x, y in zip(rows_a, rows_b, strict=True))
+    assert 20 < changed < 120
+    assert all((noisy / r[1]).read_bytes() == (mined / r[1]).read_bytes() for r in rows_a[:20])
 
 
 def test_pretraining_writes_a_model_file_that_loads_and_starts_a_federation(
