@@ -22,6 +22,12 @@ What the data is built to test:
   style's `marker`). Even-numbered sites write a `split` column; odd ones leave the split
   to the reader's case_id hash.
 
+* `difficulty = "hard"` (`HARDNESS`) draws clear findings fainter, among more vessel
+  shadows, and writes an informative report on 35% of clear films instead of 62%: a
+  hospital alone learns less from a few hundred cases. The public archive's
+  `labeller = "mined"` labels each case from its report as report-mining labellers do
+  (`mined_label`), so a model trained on it learns the labeller's mistakes.
+
 Coordinates are fractions of the image, x to the right and y down, in the radiological
 convention: the patient's right lung is on the image's left (x < 0.5). Boxes are
 `(x0, y0, x1, y1)` fractions, tight around the drawn finding.
