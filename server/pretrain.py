@@ -16,6 +16,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
 from shared_model.config import MANIFEST, ModelConfig
@@ -23,6 +24,9 @@ from shared_model.dataset import SiteData
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import payload
 from shared_model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from shared_model.synth import Difficulty, Labeller
 
 
 def corpus_digest(folders: Sequence[Path]) -> str:
@@ -80,8 +84,8 @@ def cached_public_model(
     folders: Sequence[Path] = (),
     cases: int = 2000,
     seed: int = 0,
-    difficulty: str = "standard",
-    labeller: str = "noisy",
+    difficulty: Difficulty = "standard",
+    labeller: Labeller = "noisy",
     epochs: int = 8,
     batch_size: int = 32,
     device: str = "auto",
@@ -99,7 +103,7 @@ def cached_public_model(
             "seed": seed, "epochs": epochs, "batch": batch_size}
     # a variant corpus gets a key and a folder of its own; the standard one keeps its names
     variant = {k: v for k, v in {"difficulty": difficulty, "labeller": labeller}.items()
-               if v not in ("standard", "noisy")}
+               if v != PublicConfig.model_fields[k].default}
     spec.update(variant)
     key = hashlib.sha256(json.dumps([spec, model_cfg.model_dump(), list(labels)],
                                     sort_keys=True).encode()).hexdigest()[:12]

@@ -80,7 +80,6 @@ EMPTY_REPORT = 0.08  # share of uninformative reports that are empty
 HISTORY_REMARK = 0.30  # chance of a misleading-looking remark about another disease
 
 
-
 @dataclass(frozen=True)
 class Hardness:
     """How faint a clear finding is drawn, how cluttered the lungs are, and how often the
@@ -97,7 +96,8 @@ class Hardness:
 
 
 Difficulty = Literal["standard", "hard"]
-HARDNESS: dict[str, Hardness] = {
+Labeller = Literal["noisy", "mined"]
+HARDNESS: dict[Difficulty, Hardness] = {
     "standard": Hardness(
         nodule=(0.4, 0.55), patchy=(0.3, 0.45), effusion=(0.48, 0.6), hazy=(0.22, 0.32),
         vessels=(6, 11), vessel_gain=(0.03, 0.07), report_modes_clear=REPORT_MODES_CLEAR,
@@ -1058,7 +1058,7 @@ class PublicConfig(BaseModel):
         (0.40, 0.18, 0.12, 0.15, 0.15), description="share of each default label"
     )
     difficulty: Difficulty = Field("standard", description="its films and reports (HARDNESS)")
-    labeller: Literal["noisy", "mined"] = Field(
+    labeller: Labeller = Field(
         "noisy", description="noisy: the true label; mined: read off the report as a "
         "report-mining labeller would (mined_label); then label_noise replaced at random")
 
@@ -1102,8 +1102,12 @@ def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
         case = render_case(np.random.default_rng([PUBLIC_TAG, cfg.seed, 2, k]),
                            DEFAULT_LABELS[int(truth[k])], style, cfg.image_size,
                            cfg.difficulty)
-        recorded = (DEFAULT_LABELS[int(replaced[k])] if flip[k] else case.finding.label
-                    if cfg.labeller == "noisy" else mined_label(case, bool(misread[k])))
+        if flip[k]:
+            recorded = DEFAULT_LABELS[int(replaced[k])]
+        elif cfg.labeller == "mined":
+            recorded = mined_label(case, bool(misread[k]))
+        else:
+            recorded = case.finding.label
         ext = EXTENSIONS[style.scanner.image_format]
         rel = f"images/{case_id}{ext}"
         _write_image(site_dir / rel, case.image, style.scanner, (PUBLIC_TAG, cfg.seed, k))

@@ -64,6 +64,7 @@ from shared_model.run_config import (
     device_name,
     pyproject_defaults,
 )
+from shared_model.synth import Difficulty, Labeller
 from shared_model.validation import describe, messages
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
@@ -135,7 +136,7 @@ class SitesConfig(_Section):
     label_skew: float = Field(
         0.5, ge=0.0, description="synthetic: Dirichlet alpha of each site's label mix; 0 = none"
     )
-    difficulty: Literal["standard", "hard"] = Field(
+    difficulty: Difficulty = Field(
         "standard", description="synthetic: standard, or hard (fainter findings, more "
         "clutter, fewer informative reports)")
     seed: int = Field(0, ge=0, description="data seed: synthetic hospitals and partitioning")
@@ -217,9 +218,9 @@ class PublicSection(_Section):
     cases: int = Field(2000, ge=50, le=1_000_000, description="synthetic archive size")
     seed: int = Field(0, ge=0, description="synthetic archive seed (streams of its own)")
     epochs: int = Field(8, ge=1, le=1000, description="pretraining epochs")
-    difficulty: Literal["standard", "hard"] = Field(
+    difficulty: Difficulty = Field(
         "standard", description="synthetic archive: its films and reports")
-    labeller: Literal["noisy", "mined"] = Field(
+    labeller: Labeller = Field(
         "noisy", description="synthetic archive: true labels with random noise, or labels "
         "mined from its reports as report-mining labellers do")
 
