@@ -2,15 +2,19 @@
 
 Deployment: the SuperNode's `--node-config` names the hospital's site folder
 (`data-path`) and optionally `site-name`, `device`, budgets, `state-dir`, `threads` and
-the node's policy (`allow-non-private`, `evaluation`, limits on what a round may ask).
-The hospital decides these; the run config can lower a budget, never raise it, and
-cannot change the policy.
+the node's policy (`allow-non-private`, `evaluation`, limits on what a round may ask and
+on the secure-aggregation protocol). The hospital decides these; the run config can lower
+a budget, never raise it, and cannot change the policy. A node that says nothing about
+its training budget has one all the same (`epsilon-budget`, default 8): a budget the run
+config set would be the coordinator's choice, and the coordinator could ask for any.
 
 Simulation: Flower gives only `partition-id` and `num-partitions`; the partition picks
 the N-th site folder under the run config's `sites-dir`, or of a synthetic federation
 written on first use into a cache folder. A simulated hospital belongs to the researcher
 who runs the simulation, so the run config's `sim-node-config` plays the part of its
-node config (a deployed node, one with `data-path`, never reads it).
+node config (a deployed node, one with `data-path`, never reads it), and its training
+budget, unless `sim-node-config` names one, is the run's `epsilon`: the researcher
+writes both sides, so there is no one else's budget to protect.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from client.privacy import default_store_root
 from shared_model.config import MANIFEST, cache_root
-from shared_model.run_config import RunConfig, device_name
+from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET, RunConfig, device_name
 from shared_model.validation import describe, messages
 
 log = logging.getLogger(__name__)
@@ -48,23 +52,30 @@ def _kebab(name: str) -> str:
 
 EvaluationRelease = Literal["dp", "exact", "off"]
 
+DEFAULT_EPSILON_BUDGET = DEFAULT_NODE_EPSILON_BUDGET  # the hospital's own, never the run's
+
 
 class NodeConfig(BaseModel):
     """The SuperNode's `--node-config`, typed. Every key is optional; unknown keys fail.
 
-    The defaults are the safe choice: DP only, private evaluation metrics, a few
-    evaluations per run, and bounds on what the server may ask of a round."""
+    The defaults are the safe choice: DP only, a training budget of the node's own,
+    private evaluation metrics, a few evaluations per run, bounds on what the server may
+    ask of a round, and SecAgg+ only with a majority threshold. No float may be inf or NaN
+    (`allow_inf_nan`): an infinite budget is spelled `allow-non-private`, not a number."""
 
     # kebab-case keys only, as the SuperNode's --node-config spells them
-    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=_kebab)
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=_kebab,
+                              allow_inf_nan=False)
 
     # deployment
     data_path: str | None = Field(None, description="the hospital's site folder (format v1)")
     site_name: str | None = Field(None, min_length=1, description="default: the folder name")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    epsilon_budget: float | None = Field(None, gt=0.0, description="only lower than the run's")
+    epsilon_budget: float = Field(
+        DEFAULT_EPSILON_BUDGET, gt=0.0, description="this node's training budget: a run "
+        "config's epsilon may lower it for its run, never raise it")
     epsilon_reserve: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False, description="training epsilon federated rounds may "
+        0.0, ge=0.0, description="training epsilon federated rounds may "
         "not spend: kept for this hospital's own later releases (medfuse personalise)")
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="only lower than the run's")
     state_dir: str | None = Field(None, description="the ledger store (default ~/.medfuse/privacy)")
@@ -74,8 +85,7 @@ class NodeConfig(BaseModel):
     evaluation: EvaluationRelease = Field(
         "dp", description="dp: noised metrics charged to the evaluation budget; exact: "
         "exact metrics, recorded as infinite epsilon; off: no evaluation metrics")
-    eval_epsilon_budget: float = Field(2.0, gt=0.0, allow_inf_nan=False,
-                                       description="budget of the val/test splits")
+    eval_epsilon_budget: float = Field(2.0, gt=0.0, description="budget of the val/test splits")
     max_evaluations_per_run: int = Field(4, ge=0, le=10_000)
     # what a round may ask of this node
     min_lr: float = Field(1e-6, gt=0.0)
@@ -83,6 +93,15 @@ class NodeConfig(BaseModel):
     max_local_epochs: int = Field(10, ge=1)
     max_batch_size: int = Field(1024, ge=1)
     max_proximal_mu: float = Field(10.0, ge=0.0)
+    # what this node accepts of the secure-aggregation protocol (SecAgg+, `client.secure`)
+    secagg_min_shares: int = Field(
+        2, ge=2, le=10_000, description="the fewest parts a round may split this node's "
+        "mask keys into (2: one part alone is the key itself, which the node sends back "
+        "in the last stage)")
+    secagg_min_threshold: float = Field(
+        0.5, ge=0.5, lt=1.0, description="a round's threshold must be strictly more than "
+        "this share of the parts (0.5: a majority, which SecAgg+ needs against a coordinator "
+        "that asks some nodes for a live node's mask seed and others for its key)")
     # simulation (set by Flower)
     partition_id: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)
@@ -128,7 +147,7 @@ class SiteChoice:
     data_path: Path  # absolute site folder
     site_name: str
     device: str  # auto, cpu, cuda, cuda:N
-    epsilon_budget: float | None  # the node's own cap; None = the federation's
+    epsilon_budget: float  # the node's own cap, already lowered to the run's epsilon
     delta: float | None  # the node's own cap; None = the federation's
     state_dir: Path  # the ledger store of this node install
     threads: int
@@ -172,21 +191,37 @@ def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
         raise SiteConfigError(describe(exc, "node config")) from None
 
 
+def node_settings(node_config: Mapping[str, object], run: RunConfig) -> NodeConfig:
+    """This node's own settings, read without opening any data: a deployed node's node
+    config; a simulated node's is the researcher's `sim-node-config` under Flower's keys,
+    with the run's epsilon as its training budget unless it names one."""
+    node = parse_node_config(node_config)
+    if node.data_path is not None or node.partition_id is None:
+        return node
+    return parse_node_config({"epsilon-budget": run.epsilon,
+                              **sim_node_config(run.sim_node_config), **dict(node_config)})
+
+
+def training_cap(node: NodeConfig, run: RunConfig) -> float:
+    """The most this node's training may spend in this run: its own budget, lowered by the
+    run's epsilon, never raised by it."""
+    return min(node.epsilon_budget, run.epsilon)
+
+
 def resolve_site(node_config: Mapping[str, object], run: RunConfig) -> SiteChoice:
     """Pick this node's site folder, name, device, budget caps, ledger folder and threads."""
-    node = parse_node_config(node_config)
+    node = node_settings(node_config, run)
     if node.data_path is not None:
-        return _deployment(node)
+        return _deployment(node, run)
     if node.partition_id is not None:
-        simulated = {**sim_node_config(run.sim_node_config), **dict(node_config)}
-        return _simulation(parse_node_config(simulated), run)
+        return _simulation(node, run)
     raise SiteConfigError(
         "this node has no data: start the SuperNode with "
         "--node-config \"data-path='/path/to/site'\" (a site folder holding manifest.csv)"
     )
 
 
-def _deployment(node: NodeConfig) -> SiteChoice:
+def _deployment(node: NodeConfig, run: RunConfig) -> SiteChoice:
     assert node.data_path is not None
     if not node.data_path.strip():
         raise SiteConfigError("node config data-path is empty: give the site folder")
@@ -197,8 +232,9 @@ def _deployment(node: NodeConfig) -> SiteChoice:
         raise SiteConfigError(f"node config data-path={node.data_path!r}: no {MANIFEST} in it")
     name = node.site_name or data.name
     return SiteChoice(
-        data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
-        delta=node.delta, state_dir=_store(node), threads=node.threads, simulation=False,
+        data_path=data, site_name=name, device=node.device,
+        epsilon_budget=training_cap(node, run), delta=node.delta, state_dir=_store(node),
+        threads=node.threads, simulation=False,
         node=node,
     )
 
@@ -228,8 +264,9 @@ def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
     data = sites[node.partition_id]
     name = node.site_name or data.name
     return SiteChoice(
-        data_path=data, site_name=name, device=node.device, epsilon_budget=node.epsilon_budget,
-        delta=node.delta, state_dir=_store(node), threads=node.threads, simulation=True,
+        data_path=data, site_name=name, device=node.device,
+        epsilon_budget=training_cap(node, run), delta=node.delta, state_dir=_store(node),
+        threads=node.threads, simulation=True,
         node=node, partition_id=node.partition_id,
     )
 

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_model.files import PRIVATE, PUBLIC, atomic_write_bytes
+from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET
 
 # Environment every Flower process needs offline (no update check, no telemetry, no Ray
 # usage stats). Written into every command a human copies; `server.supervisor`
@@ -62,7 +63,6 @@ PROMPT_ENV: dict[str, str] = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 FLOWER_ENV: dict[str, str] = {**OFFLINE_ENV, **PROMPT_ENV}  # what every Flower process gets
 
 DEFAULT_SUPERLINK_PORT = 9092
-DEFAULT_EPSILON_BUDGET = 8.0
 CONNECTION_NAME = "medfuse"  # the [superlink.NAME] entry in the coordinator's config.toml
 
 CA_DIR = "ca"
@@ -290,7 +290,7 @@ def node_config_string(
     data_path: str,
     site_name: str,
     device: str = "auto",
-    epsilon_budget: float | None = DEFAULT_EPSILON_BUDGET,
+    epsilon_budget: float | None = DEFAULT_NODE_EPSILON_BUDGET,
     state_dir: str | None = None,
 ) -> str:
     """The `--node-config` value the ClientApp reads (TOML values, strings quoted).
@@ -311,7 +311,7 @@ def node_config_string(
         f"site-name={q(site_name)}",
         f"device={q(device)}",
     ]
-    if epsilon_budget is not None:  # None: the federation's budget applies
+    if epsilon_budget is not None:  # None: the node's own default (8), lowered by a run
         parts.append(f"epsilon-budget={float(epsilon_budget)!r}")
     if state_dir is not None:
         parts.append(f"state-dir={q(state_dir)}")
@@ -442,7 +442,7 @@ def provision(
     superlink_port: int = DEFAULT_SUPERLINK_PORT,
     *,
     force: bool = False,
-    epsilon_budget: float = DEFAULT_EPSILON_BUDGET,
+    epsilon_budget: float = DEFAULT_NODE_EPSILON_BUDGET,
     bind_host: str = "0.0.0.0",
     ca_days: int = 3650,
     cert_days: int = 825,

@@ -30,6 +30,26 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+# Upper bounds of the run config's numbers. Every float is finite and every number bounded:
+# the run config is the coordinator's, and a node must not hang or overflow on what it asks
+# (noise-multiplier=inf once kept a node busy for over 30 s holding its ledger store's lock).
+# Above this noise multiplier an update carries no useful signal; the privacy ledger
+# (`client.privacy`) holds no entry above it either, so it is the ledger's bound too.
+MAX_NOISE_MULTIPLIER = 50.0
+# The largest epsilon a run config may name. It bounds what a run may ask, not what a node
+# spends: each node's own `epsilon-budget` caps its training, and the run can only lower it.
+MAX_EPSILON = 1000.0
+# A node's training budget when its node config names none: the hospital's, never the
+# federation's (`docs/privacy.md`). 8 is the budget the project's DP recipes are tuned to
+# (simulations/*.toml), a common ceiling for DP-SGD on medical data. Here because both the
+# node (client.site) and the coordinator's provisioning (server.provision) state it.
+DEFAULT_NODE_EPSILON_BUDGET = 8.0
+MAX_NODES = 100_000  # node counts: far above any federation this project serves
+MAX_NORM = 1e6  # L2 bounds of a whole update (update-max-norm, central-clip)
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0  # seconds: a week
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32 bits
+
+
 class LocalRecipe(NamedTuple):
     optimizer: Literal["adam", "sgd"]
     lr: float
@@ -42,10 +62,15 @@ class RunConfigError(ValueError):
 
 
 class RunConfig(BaseModel):
-    """Every key of `[tool.flwr.app.config]`, typed. No defaults here: they live in pyproject."""
+    """Every key of `[tool.flwr.app.config]`, typed. No defaults here: they live in pyproject.
+
+    Every number has an upper bound and no float may be inf or NaN (`allow_inf_nan`): a
+    value the coordinator writes reaches every node, which must refuse it at start rather
+    than loop, overflow or hang on it."""
 
     model_config = ConfigDict(
-        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     # rounds and strategy
@@ -53,15 +78,20 @@ class RunConfig(BaseModel):
     strategy: StrategyName
     fraction_train: float = Field(gt=0.0, le=1.0)
     fraction_evaluate: float = Field(ge=0.0, le=1.0)
-    min_train_nodes: int = Field(ge=1)
-    min_evaluate_nodes: int = Field(ge=0)
-    min_available_nodes: int = Field(ge=1)
-    round_timeout: float = Field(gt=0, description="seconds the server waits for replies")
-    proximal_mu: float = Field(ge=0.0, description="FedProx mu (used by fedprox only)")
-    server_lr: float = Field(gt=0.0, description="server learning rate of fedadam / fedyogi")
+    min_train_nodes: int = Field(ge=1, le=MAX_NODES)
+    min_evaluate_nodes: int = Field(ge=0, le=MAX_NODES)
+    min_available_nodes: int = Field(ge=1, le=MAX_NODES)
+    round_timeout: float = Field(gt=0, le=MAX_ROUND_TIMEOUT,
+                                 description="seconds the server waits for replies")
+    proximal_mu: float = Field(ge=0.0, le=1000.0,
+                               description="FedProx mu (used by fedprox only)")
+    server_lr: float = Field(gt=0.0, le=10.0,
+                             description="server learning rate of fedadam / fedyogi")
     trimmed_beta: float = Field(gt=0.0, lt=0.5, description="fedtrimmedavg cut fraction")
-    byzantine_nodes: int = Field(ge=0, description="krum / bulyan: tolerated malicious nodes")
-    update_max_norm: float = Field(gt=0.0, description="L2 bound of an update; larger is dropped")
+    byzantine_nodes: int = Field(ge=0, le=MAX_NODES,
+                                 description="krum / bulyan: tolerated malicious nodes")
+    update_max_norm: float = Field(gt=0.0, le=MAX_NORM,
+                                   description="L2 bound of an update; larger is dropped")
     update_dtype: UpdateDtype = Field(
         description="what a train reply carries: float32 weights, or the update in 16 bits")
 
@@ -69,7 +99,7 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     eval_split: Literal["val", "test"] = Field(
         description="split each site evaluates the global model on every round"
     )
@@ -80,12 +110,15 @@ class RunConfig(BaseModel):
 
     # differential privacy (sample-level, at every site)
     dp: bool
-    epsilon: float = Field(gt=0.0, description="federation's per-site budget for all runs")
+    epsilon: float = Field(
+        gt=0.0, le=MAX_EPSILON, description="the most a site may spend in this run: it only "
+        "lowers each node's own epsilon-budget, never raises it")
     delta: float = Field(gt=0.0, lt=1.0)
     noise_multiplier: float = Field(
-        ge=0.0, description="0 = derive it from the site's budget and the planned rounds"
+        ge=0.0, le=MAX_NOISE_MULTIPLIER,
+        description="0 = derive it from the site's budget and the planned rounds"
     )
-    max_grad_norm: float = Field(gt=0.0)
+    max_grad_norm: float = Field(gt=0.0, le=1e4)
     # the DP fine-tuning recipe (private rounds only; non-private rounds use Adam at `lr`)
     dp_optimizer: Literal["adam", "sgd"] = Field(description="optimizer of private rounds")
     dp_lr: float = Field(gt=0.0, le=10.0, description="learning rate of private rounds")
@@ -102,18 +135,24 @@ class RunConfig(BaseModel):
     # client-level central DP (Flower's wrappers) on top of the sites' sample-level DP
     central_dp: Literal["off", "server", "client"] = Field(
         description="who clips each hospital's update before the server adds noise")
-    central_noise: float = Field(gt=0.0, description="central Gaussian noise multiplier")
-    central_clip: float = Field(gt=0.0, description="L2 bound of one hospital's update")
-    central_clients: int = Field(ge=0, description="hospitals per round; 0 = min-train-nodes")
+    central_noise: float = Field(gt=0.0, le=MAX_NOISE_MULTIPLIER,
+                                 description="central Gaussian noise multiplier")
+    central_clip: float = Field(gt=0.0, le=MAX_NORM,
+                                description="L2 bound of one hospital's update")
+    central_clients: int = Field(ge=0, le=MAX_NODES,
+                                 description="hospitals per round; 0 = min-train-nodes")
     # secure aggregation (Flower's SecAgg+)
     secure_aggregation: bool
     secagg_shares: float = Field(gt=0.0, le=1.0, description="share of the round's "
                                  "hospitals each hospital splits its keys among")
-    secagg_threshold: float = Field(gt=0.0, le=1.0, description="share of the key parts "
-                                    "that rebuilds a dropped hospital's mask")
-    secagg_clip: float = Field(gt=0.0, description="update coordinates clipped to +-clip")
+    secagg_threshold: float = Field(
+        gt=0.5, le=1.0, description="share of the key parts that rebuilds a dropped "
+        "hospital's mask: more than half, or the nodes refuse the round (a coordinator "
+        "that lies about who dropped out could rebuild a live node's masks from fewer)")
+    secagg_clip: float = Field(gt=0.0, le=1e4, description="update coordinates clipped to +-clip")
     secagg_bits: int = Field(ge=8, le=28, description="quantisation bits per coordinate")
-    secagg_max_weight: int = Field(ge=1, description="the most examples an update weighs")
+    secagg_max_weight: int = Field(ge=1, le=10**9,
+                                   description="the most examples an update weighs")
 
     # model
     model_size: ModelSize
@@ -127,9 +166,11 @@ class RunConfig(BaseModel):
 
     # data and outputs
     sites_dir: str = Field(description="simulation: folder of site-NN folders; '' = synthetic")
-    synth_sites: int = Field(ge=1, description="synthetic federation written when sites-dir=''")
-    synth_cases_per_site: int = Field(ge=10)
-    synth_label_skew: float = Field(ge=0.0, description="Dirichlet alpha; 0 = balanced")
+    synth_sites: int = Field(ge=1, le=1000,
+                             description="synthetic federation written when sites-dir=''")
+    synth_cases_per_site: int = Field(ge=10, le=1_000_000)
+    synth_label_skew: float = Field(ge=0.0, le=1000.0,
+                                    description="Dirichlet alpha; 0 = balanced")
     output_dir: str = Field(min_length=1)
     resume: bool
     sim_node_config: str = Field(

@@ -102,7 +102,8 @@ def test_faults_node_kill_superlink_restart_and_intruders(
     on disk), the failed run resubmitted with resume=true finishes round 2 with both;
     round 1 is not lost. (Two hospitals: on 2 cores every extra node slows each round.)"""
     # Prepare
-    fed = make_federation(two_sites, app_dir=deploy.PROJECT_DIR)
+    # the hospitals' own budget (node config): the resumed round 2 trains again at h0
+    fed = make_federation(two_sites, app_dir=deploy.PROJECT_DIR, epsilon_budget=1000.0)
     t0 = time.monotonic()
     fed.start(timeout=150)
     startup = time.monotonic() - t0

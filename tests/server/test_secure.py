@@ -18,15 +18,26 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    parameters_addition,
+    parameters_mod,
+    parameters_subtraction,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     Key,
     Stage,
 )
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+import client.secure
 from client.app import app
-from server.secure import SecAggSettings, secure_round
+from client.privacy import LedgerStore
+from server.secure import MODULUS_BITS, SecAggSettings, secure_round
 from shared_model import wire
 from shared_model.model import MedFuseModel
 from shared_model.packing import unpacked
@@ -86,12 +97,12 @@ class LoopbackGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def _run_config(sites: list[Path], store: Path) -> dict:
+def _run_config(sites: list[Path], store: Path, node: str = "") -> dict:
     flat = pyproject_defaults()
     flat.update({
         "sites-dir": str(sites[0].parent), "image-size": 32, "batch-size": 8, "dp": False,
         "num-server-rounds": 1, "secure-aggregation": True,
-        "sim-node-config": f"allow-non-private=true, state-dir={str(store)!r}",
+        "sim-node-config": f"allow-non-private=true, state-dir={str(store)!r}" + node,
     })
     return flat
 
@@ -145,8 +156,8 @@ def _bound(updates, nodes) -> float:
     return len(nodes) * step / sum(weights) + 1e-6
 
 
-def _secure(run_config: dict, state, drop=lambda n, m: False, **config):
-    grid = LoopbackGrid(_contexts(run_config), drop=drop)
+def _secure(run_config: dict, state, drop=lambda n, m: False, grid=None, **config):
+    grid = grid or LoopbackGrid(_contexts(run_config), drop=drop)
     t0 = time.perf_counter()
     replies = secure_round(grid, _train_messages(state, **config), SETTINGS,
                            wire.M_NUM_EXAMPLES, timeout=60)
@@ -248,3 +259,127 @@ def test_client_side_central_dp_and_fedprox_combine_with_it():
     for override in ({"central-dp": "client"}, {"strategy": "fedprox", "proximal-mu": 0.01}):
         run = RunConfig.parse({**pyproject_defaults(), "secure-aggregation": True, **override})
         assert run.secure_aggregation
+
+
+# ----------------------------------------------------------------- a lying coordinator
+
+
+def _stage(msg: Message) -> str | None:
+    records = msg.content.config_records
+    return records[RECORD_KEY_CONFIGS].get(Key.STAGE) if RECORD_KEY_CONFIGS in records else None
+
+
+class ListsBothGrid(LoopbackGrid):
+    """A coordinator that runs the protocol honestly until the unmask stage, then lists
+    `target` to every node as active (asking for its share of the target's mask seed) and
+    as dropped (its share of the target's mask key). It keeps the answers for itself and
+    tells Flower's workflow that nobody answered (the round halts; the theft is done)."""
+
+    def __init__(self, contexts: dict[int, Context], target: int) -> None:
+        super().__init__(contexts)
+        self.target = target
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        msgs = list(messages)
+        for msg in msgs:
+            if _stage(msg) == Stage.UNMASK:
+                cfg = msg.content.config_records[RECORD_KEY_CONFIGS]
+                cfg[Key.DEAD_NODE_ID_LIST] = [*cfg[Key.DEAD_NODE_ID_LIST], self.target]
+        ids = super().push_messages(msgs)
+        for msg, i in zip(msgs, ids, strict=True):
+            if _stage(msg) == Stage.UNMASK:
+                self._waiting.pop(i, None)
+        return ids
+
+
+def _stolen_update(grid: LoopbackGrid, target: int, threshold: int) -> np.ndarray | None:
+    """What the coordinator reads of `target`'s own update from the shares the nodes sent
+    in the unmask stage: its quantised update, or None when it holds fewer than
+    `threshold` shares of its mask seed or of its mask key."""
+    seeds, keys, pk1, masked = [], [], {}, None
+    for node, sent, reply in grid.replies:
+        if reply.has_error():
+            continue
+        got = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if _stage(sent) == Stage.SETUP:
+            pk1[node] = got[Key.PUBLIC_KEY_1]
+        elif _stage(sent) == Stage.COLLECT_MASKED_VECTORS and node == target:
+            masked = [bytes_to_ndarray(b) for b in got[Key.MASKED_PARAMETERS]]
+        elif _stage(sent) == Stage.UNMASK:
+            n_active = len(sent.content.config_records[RECORD_KEY_CONFIGS][
+                Key.ACTIVE_NODE_ID_LIST])
+            for i, (owner, share) in enumerate(zip(got[Key.NODE_ID_LIST], got[Key.SHARE_LIST],
+                                                   strict=True)):
+                if owner == target:
+                    (seeds if i < n_active else keys).append(share)
+    if masked is None or len(seeds) < threshold or len(keys) < threshold:
+        return None
+    mod, dims = 2**MODULUS_BITS, [a.shape for a in masked]
+    vector = parameters_subtraction(masked, pseudo_rand_gen(combine_shares(seeds), mod, dims))
+    sk1 = bytes_to_private_key(combine_shares(keys))
+    for other in (n for n in pk1 if n != target):
+        mask = pseudo_rand_gen(generate_shared_key(sk1, bytes_to_public_key(pk1[other])),
+                               mod, dims)
+        vector = (parameters_subtraction(vector, mask) if target > other
+                  else parameters_addition(vector, mask))
+    vector = parameters_mod(vector, mod)  # [0] is the weight factor
+    return np.concatenate([a.ravel() for a in vector[1:]]).astype(np.float64)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["medfuse-node", "flower-mod-alone"])
+def test_a_coordinator_listing_a_node_active_and_dropped_cannot_read_its_update(
+    three_sites, tmp_path, monkeypatch, guarded
+):
+    # Prepare: each node's real update (plain path); a coordinator that will list node 202
+    # as both active and dropped in the unmask stage. Unguarded is Flower's mod on its own
+    # (the node's check switched off): there the attack reads the node's update, which
+    # shows that the attack and its decoding are real.
+    state = _global()
+    updates = _plain_updates(_run_config(three_sites, tmp_path / "plain"), state)
+    target = 202
+    if not guarded:
+        monkeypatch.setattr(client.secure, "secagg_refusal", lambda *a: "")
+    grid = ListsBothGrid(_contexts(_run_config(three_sites, tmp_path / "secure")), target)
+    # Execute
+    _, replies = _secure({}, state, grid=grid)
+    # Assert
+    assert replies == []  # the coordinator gave up the round to steal one update
+    stolen = _stolen_update(grid, target, threshold=2)
+    unmask = [reply for _, sent, reply in grid.replies if _stage(sent) == Stage.UNMASK]
+    assert len(unmask) == len(NODES)
+    truth = np.concatenate([updates[target][1][k].ravel() for k in state])
+    if not guarded:
+        assert stolen is not None and np.corrcoef(stolen, truth)[0, 1] > 0.99
+        return
+    # every honest node refused with the reason, and sent no share at all
+    assert all(r.has_error() and "both as active and as dropped" in r.error.reason
+               for r in unmask), [r.error.reason if r.has_error() else r for r in unmask]
+    assert stolen is None
+    # and each forgot the round's keys: a second, honest-looking unmask request gets nothing
+    for node, ctx in grid.contexts.items():
+        again = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({
+            Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: list(NODES),
+            Key.DEAD_NODE_ID_LIST: []})}), dst_node_id=node, message_type="train",
+            group_id="1")
+        with pytest.raises(ValueError, match="expect setup stage"):
+            app(again, ctx)
+
+
+def test_a_round_below_the_nodes_threshold_floor_halts_before_any_training(
+    three_sites, tmp_path
+):
+    # Prepare: the round splits keys into 3 parts, 2 rebuild one (threshold 0.66); these
+    # hospitals accept only a threshold above 0.7 of the parts
+    state = _global()
+    store = tmp_path / "secure"
+    run_config = _run_config(three_sites, store, node=", secagg-min-threshold=0.7")
+    # Execute
+    grid, replies = _secure(run_config, state)
+    # Assert: every node refused the setup, naming its node config key; the round halted
+    # with no update, nothing was trained and no privacy spent
+    assert replies == []
+    setup = [reply for _, sent, reply in grid.replies if _stage(sent) == Stage.SETUP]
+    assert len(setup) == len(NODES)
+    assert all(r.has_error() and "secagg-min-threshold=0.7" in r.error.reason for r in setup)
+    assert all(_stage(sent) == Stage.SETUP for _, sent, _ in grid.replies)
+    assert not store.exists() or not LedgerStore(store).keys()

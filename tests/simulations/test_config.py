@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from client.site import DEFAULT_EPSILON_BUDGET, node_settings, training_cap
+from shared_model.run_config import RunConfig
 from simulations.config import (
     ConfigError,
     SimulationConfig,
@@ -151,6 +154,19 @@ def test_bad_value_is_named_with_the_value(raw: dict, key: str, value: str) -> N
         ({"experiment": [{**FED, "strategy": "fedprox"}]}, ["fed", "proximal-mu"]),
         ({"experiment": [{**FED, "run-config": {"seed": 3}}]}, ["run-config", "seed", "seeds"]),
         ({"experiment": [{**FED, "run-config": {"proximal-mu": -1}}]}, ["proximal-mu", "-1"]),
+        # every number of the run config is bounded and finite, named where it was written
+        (
+            {"experiment": [{**FED, "dp": True, "epsilon": 5000.0}]},
+            ["'fed'", "epsilon", "less than or equal to 1000", "5000"],
+        ),
+        (
+            {"experiment": [{**FED, "run-config": {"noise-multiplier": math.inf}}]},
+            ["'fed'", "noise-multiplier", "finite"],
+        ),
+        (
+            {"experiment": [{**FED, "run-config": {"secagg-threshold": 0.5}}]},
+            ["'fed'", "secagg-threshold", "greater than 0.5"],
+        ),
         ({"experiment": [FED, dict(FED)]}, ["'fed'", "used twice"]),
         (
             {
@@ -204,6 +220,30 @@ def test_epsilons_and_modalities_expand() -> None:
     assert flat["epsilon"] == 1.0 and flat["dp"] is True and flat["modality"] == "image"
     assert flat["seed"] == 3 and flat["sites-dir"] == "/s" and flat["output-dir"] == "/o"
     assert flat["min-available-nodes"] == cfg.sites.num_hospitals
+
+
+def test_a_simulated_hospital_trains_to_its_experiments_epsilon() -> None:
+    # Prepare: the privacy-utility curve up to epsilon 16, above a deployed node's default,
+    # and an experiment that simulates hospitals with a budget of their own
+    cfg = parse_config({"experiment": [
+        {**FED, "dp": True, "epsilons": [1.0, 16.0]},
+        {**FED, "name": "own", "dp": True, "epsilon": 16.0,
+         "run-config": {"sim-node-config": "epsilon-budget=4.0"}},
+    ]})
+    sim = {"partition-id": 0, "num-partitions": cfg.sites.num_hospitals}
+
+    def cap(name: str, node_config: dict) -> float:
+        exp = next(e for e in cfg.experiments if e.name == name)
+        run = RunConfig.parse(cfg.flower_run_config(exp, seed=0, sites_dir=Path("/s"),
+                                                    output_dir=Path("/o")))
+        return training_cap(node_settings(node_config, run), run)
+
+    # Execute / Assert: the harness passes no budget; the simulated node's is the run's
+    # epsilon (the researcher's), unless the experiment's sim-node-config names one
+    assert cap("fed-eps1", sim) == 1.0 and cap("fed-eps16", sim) == 16.0
+    assert cap("own", sim) == 4.0
+    # a deployed node under the same run config keeps its own default budget
+    assert cap("fed-eps16", {"data-path": "/site"}) == DEFAULT_EPSILON_BUDGET
 
 
 def test_min_nodes_follow_the_fractions() -> None:
