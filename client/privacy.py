@@ -8,18 +8,30 @@ The epsilon it reports is always that whole history run through an Opacus accoun
 
 What keeps the figure honest:
 
-- The ledger follows the data, not a name or a path: it is keyed by a digest of the
-  site's records (the bytes of every image the manifest names). A renamed site or a
-  copied folder finds the same ledger; a folder that shares cases with a ledger already
-  in the store starts from that ledger's history (its cases have already been released).
+- The ledger follows the data, not a name, a path or a file's bytes: it is keyed by a
+  digest of the site's records, each record the decoded pixels of one image the manifest
+  names (`record_digest`). A renamed site, a copied folder or images re-encoded without
+  loss find the same ledger; a folder that shares cases with a ledger already in the
+  store starts from that ledger's history (its cases have already been released).
 - One store per node install (`~/.medfuse/privacy`, or the node's `state-dir`). The store
-  keeps an index of every ledger it ever held, with each ledger's length and last digest:
+  keeps an index of every ledger it ever held, with each ledger's length and last MAC:
   a ledger file that went missing, was truncated or edited is refused until a person
   restores it (the message says how); it is never silently recreated.
-- Entries form a hash chain (each holds the digest of the one before), every field is
+- Everything is authenticated under the node's chain key (`shared_model/chain_key.py`:
+  `STORE/chain.key`, or a key derived from the SuperNode's private key): entries form an
+  HMAC-SHA256 chain (each holds the MAC of the one before, the first a MAC of the data
+  digest), the whole ledger file (budgets, delta, released count, records, names, entries)
+  carries a MAC, and so do the store index and the pixel-digest cache. Someone who edits
+  a file and recomputes plain digests is refused; forging needs the key. Every field is
   validated (finite, positive, plausible), and each entry's `epsilon_after` is recomputed
   on load: a changed noise multiplier or step count no longer matches and is refused.
 - A budget, once written into a ledger, may only go down; delta too.
+
+What the key does not stop: whoever can read or replace the key file (the node's OS
+account, root) can rewrite the whole store consistently, unless the key is derived from a
+SuperNode key they cannot read; deleting the whole store (key included) starts afresh; an
+older copy of the whole store put back verifies (a rollback). Only a record outside the
+node (backups, the coordinator's log of what each site reported) catches these.
 
 There are two budgets. `train` covers everything computed from the training split (the
 weights, the count); `evaluation` covers the val and test splits, which hold other cases:
@@ -51,7 +63,9 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from rich.table import Table
 
+from shared_model import chain_key
 from shared_model.config import MANIFEST
+from shared_model.dataset import decode_pixels
 from shared_model.files import PRIVATE, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -65,8 +79,13 @@ BUCKET_OF: dict[str, Bucket] = {
 }
 LEDGER_FILE = "privacy-ledger.json"
 INDEX_FILE = "store.json"
+PIXEL_CACHE_FILE = "pixel-digests.json"
 LOCK_FILE = ".store.lock"
-LEDGER_VERSION = 2
+# 2: unkeyed sha256 chain, budgets outside it, records the digest of each file's bytes.
+# Not migrated: no deployment predates version 3.
+LEDGER_VERSION = 3
+INDEX_VERSION = 2
+PIXEL_CACHE_VERSION = 1
 STORE_ENV = "MEDFUSE_PRIVACY_STORE"
 DEFAULT_STATE_ROOT = Path("~/.medfuse/privacy")
 # Above this noise multiplier an update carries no useful signal: a derived noise beyond
@@ -74,6 +93,8 @@ DEFAULT_STATE_ROOT = Path("~/.medfuse/privacy")
 MAX_USEFUL_NOISE = 50.0
 MAX_STEPS = 10_000_000  # an entry with more steps than this is not a real round
 RECORD_DIGEST_CHARS = 16  # 64 bits of sha256 per record: collisions are not a concern
+PIXELS_TAG = b"medfuse-pixels/1\n"  # what a record digest is of: decoded pixels
+BYTES_TAG = b"medfuse-bytes/1\n"  # a file no decoder reads: its bytes
 
 HistoryItem = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' form
 RdpCache = dict[tuple[float, float], np.ndarray]
@@ -108,12 +129,16 @@ class DataIdentity:
         return self.digest[:16]
 
 
-def data_identity(data_path: Path) -> DataIdentity:
-    """Digest the bytes of every image the manifest names (missing files are skipped).
+def data_identity(data_path: Path, cache: dict[str, str] | None = None) -> DataIdentity:
+    """The records of every image the manifest names (missing files are skipped).
 
-    The image is the patient's record: a renamed site, a moved or copied folder or an
-    edited report keep the identity; adding or removing cases changes it (and the store
-    then finds the overlap). Reads every image once: milliseconds for a few hundred files.
+    The image is the patient's record: a renamed site, a moved or copied folder, an edited
+    report or an image re-encoded without loss keep the identity (`record_digest`);
+    adding or removing cases changes it (and the store then finds the overlap).
+
+    `cache` maps the sha256 of a file's bytes to its record: a file already in it is only
+    read and hashed, never decoded again (`LedgerStore.identify` keeps one per store).
+    Without it every image is decoded: seconds for a few hundred full-size radiographs.
     """
     folder = Path(data_path)
     manifest = folder / MANIFEST
@@ -124,19 +149,59 @@ def data_identity(data_path: Path) -> DataIdentity:
     digests = set()
     for rel in images["image"]:
         path = folder / rel.strip()
-        if rel.strip() and path.is_file():
-            digests.add(hashlib.sha256(path.read_bytes()).hexdigest()[:RECORD_DIGEST_CHARS])
+        if not (rel.strip() and path.is_file()):
+            continue
+        raw = path.read_bytes()
+        if cache is None:
+            digests.add(record_digest(path, raw))
+            continue
+        by_bytes = hashlib.sha256(raw).hexdigest()
+        record = cache.get(by_bytes)
+        if record is None:
+            record = cache[by_bytes] = record_digest(path, raw)
+        digests.add(record)
     if not digests:
         raise LedgerError(f"{folder}: no readable image to identify the data by")
     records = tuple(sorted(digests))
     return DataIdentity(hashlib.sha256("\n".join(records).encode()).hexdigest(), records)
 
 
+def record_digest(path: Path, raw: bytes | None = None) -> str:
+    """One image's record: sha256 of its decoded pixels, as the model reads them.
+
+    The dataset's own decoders (`shared_model.dataset`, as `load_image` uses them) give
+    float32 in [0, 1] scaled by the file's real bit depth, at the image's own size; the
+    digest is over that array's shape and values (an RGB image whose three channels are
+    equal counts as grey). So these keep the record: another PNG compression level or
+    encoder, other or fewer ancillary PNG chunks (text, time, dpi), an 8-bit PNG
+    saved as 16-bit with the same intensities (v * 257), grey saved as RGB, a PNG turned
+    into a DICOM holding the same values at the same bit depth, edited DICOM tags that do
+    not touch the pixels.
+
+    These do NOT keep it (a local administrator can still do them, and the data then
+    finds a fresh ledger): lossy re-encoding (JPEG at any quality, or a JPEG decoded by
+    another decoder version), resizing, cropping, padding, rotating or flipping, changing
+    the bit depth's scale (8-bit values stored unscaled in 16 bits), windowing or
+    rescaling intensities, adding noise or a single changed pixel. A file no decoder reads
+    is recorded by its bytes.
+    """
+    path = Path(path)
+    try:
+        pixels, _ = decode_pixels(path)
+    except Exception:  # whatever a decoder raises: the file is not an image it reads
+        data = path.read_bytes() if raw is None else raw
+        return hashlib.sha256(BYTES_TAG + data).hexdigest()[:RECORD_DIGEST_CHARS]
+    pixels = np.asarray(pixels, dtype="<f4")
+    if pixels.ndim == 3 and pixels.shape[2] == 3 and np.array_equal(
+            pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2]):
+        pixels = pixels[..., 0]
+    h = hashlib.sha256(PIXELS_TAG)
+    h.update(repr(tuple(pixels.shape)).encode())
+    h.update(np.ascontiguousarray(pixels).tobytes())
+    return h.hexdigest()[:RECORD_DIGEST_CHARS]
+
+
 # ----------------------------------------------------------------- the ledger
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class LedgerEntry(BaseModel):
@@ -153,7 +218,7 @@ class LedgerEntry(BaseModel):
     epsilon_after: float = Field(ge=0.0, description="its bucket's epsilon after this entry")
     accountant: AccountantName = "rdp"
     time: str = Field(description="UTC, ISO 8601")
-    prev: str = Field(pattern=r"^[0-9a-f]{64}$", description="digest of the entry before")
+    prev: str = Field(pattern=r"^[0-9a-f]{64}$", description="MAC of the entry before")
     note: str = ""
 
     @model_validator(mode="after")
@@ -171,14 +236,17 @@ class LedgerEntry(BaseModel):
     def bucket(self) -> Bucket:
         return BUCKET_OF[self.kind]
 
-    def digest(self) -> str:
-        return _digest(self.model_dump_json())
+    def mac(self, key: bytes) -> str:
+        """HMAC-SHA256 of the entry (its `prev` included) under the node's chain key."""
+        return chain_key.mac(key, "medfuse-ledger/entry", self.model_dump_json())
 
 
 class Ledger(BaseModel):
     """Everything released from one set of records, with the budgets that bound it.
 
     `path` (where it lives) is not part of the JSON: a ledger belongs to its data digest.
+    `mac` covers every other field; the chain key it is under comes from the store
+    (`LedgerStore.open`/`load`), never from the file, which names it only by `key_id`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True,
@@ -195,8 +263,12 @@ class Ledger(BaseModel):
     released_count: int | None = Field(None, ge=1, description="the noised train-split size")
     inherited_from: list[str] = Field(default_factory=list)
     entries: list[LedgerEntry] = Field(default_factory=list)
+    key_id: str = Field("", description="which chain key the MACs are under (not the key)")
+    mac: str = Field("", pattern=r"^([0-9a-f]{64})?$",
+                     description="HMAC-SHA256 of every other field, as written")
 
     _path: Path | None = PrivateAttr(default=None)
+    _key: bytes | None = PrivateAttr(default=None)
     # one-step RDP per (noise, sample rate): a pure function's values, never stale
     _rdp_cache: RdpCache = PrivateAttr(default_factory=dict)
 
@@ -208,12 +280,29 @@ class Ledger(BaseModel):
     def key(self) -> str:
         return self.data_digest[:16]
 
+    def _chain_key(self) -> bytes:
+        if self._key is None:
+            raise LedgerError(f"ledger {self.key} has no chain key: open or load it through "
+                              "its LedgerStore")
+        return self._key
+
     def genesis(self) -> str:
-        """What the first entry chains to: the data it is about."""
-        return _digest(f"medfuse-ledger/{self.data_digest}")
+        """What the first entry chains to: a MAC of the data it is about."""
+        return chain_key.mac(self._chain_key(), "medfuse-ledger/genesis", self.data_digest)
 
     def head(self) -> str:
-        return self.entries[-1].digest() if self.entries else self.genesis()
+        return self.entries[-1].mac(self._chain_key()) if self.entries else self.genesis()
+
+    def file_mac(self) -> str:
+        """The MAC of the whole ledger as it stands (every field but `mac`)."""
+        return chain_key.mac(self._chain_key(), "medfuse-ledger/file",
+                             self.model_dump_json(exclude={"mac"}))
+
+    def sealed_json(self) -> str:
+        """The file's text: key id and MAC set for what the ledger holds now."""
+        self.key_id = chain_key.key_id(self._chain_key())
+        self.mac = self.file_mac()
+        return self.model_dump_json(indent=2) + "\n"
 
     def history(self, bucket: Bucket = "train") -> list[HistoryItem]:
         """Opacus accountant history of one bucket over ALL entries (all runs)."""
@@ -248,11 +337,19 @@ class Ledger(BaseModel):
         return entry
 
     def verify(self) -> None:
-        """`LedgerError` unless the chain is whole and every epsilon recomputes."""
+        """`LedgerError` unless the chain is whole, every epsilon recomputes and the file's
+        MAC covers what it holds (budgets, delta, records, names and entries)."""
+        self.verify_chain()
+        self.verify_mac()
+
+    def verify_chain(self) -> None:
+        """`LedgerError` unless each entry follows the one before and every epsilon
+        recomputes from the history up to it."""
+        key = self._chain_key()
         prev = self.genesis()
         history: dict[Bucket, list[HistoryItem]] = {"train": [], "evaluation": []}
         for i, e in enumerate(self.entries):
-            if e.prev != prev:
+            if not chain_key.same(e.prev, prev):
                 raise LedgerError(f"entry {i + 1} does not follow entry {i}: an entry was "
                                   "removed, inserted or altered")
             history[e.bucket].append((e.noise_multiplier, e.sample_rate, e.steps))
@@ -263,7 +360,13 @@ class Ledger(BaseModel):
                     f"entry {i + 1} says epsilon {e.epsilon_after:.6g} but its history gives "
                     f"{again:.6g}: the entry was edited"
                 )
-            prev = e.digest()
+            prev = e.mac(key)
+
+    def verify_mac(self) -> None:
+        """`LedgerError` unless the file's MAC covers what it holds."""
+        if not chain_key.same(self.mac, self.file_mac()):
+            raise LedgerError("its MAC does not match what it holds: the file was edited "
+                              "(budgets, delta, count, records, names or entries)")
 
 
 def _same_epsilon(a: float, b: float) -> bool:
@@ -275,8 +378,10 @@ def _same_epsilon(a: float, b: float) -> bool:
 # ----------------------------------------------------------------- files
 
 
-def read_ledger_file(path: Path) -> Ledger:
-    """Parse and verify one ledger file (no index check: see `LedgerStore.load`)."""
+def read_ledger_file(path: Path, key: bytes, *, indexed: dict | None = None) -> Ledger:
+    """Parse and verify one ledger file under the chain `key`; with `indexed` (its entry
+    in the store index, see `LedgerStore.load`) first check that it holds as many entries
+    as the index says, ending in the same MAC."""
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -286,10 +391,23 @@ def read_ledger_file(path: Path) -> Ledger:
     try:
         data = json.loads(raw)
         if isinstance(data, dict) and data.get("version") != LEDGER_VERSION:
-            raise LedgerError(f"{path}: ledger version {data.get('version')}, expected "
-                              f"{LEDGER_VERSION}")
+            raise _Refused(_old_version(path, "privacy ledger", data.get("version"),
+                                        LEDGER_VERSION))
+        if isinstance(data, dict) and data.get("key_id") != chain_key.key_id(key):
+            raise _Refused(_other_key(path, data.get("key_id"), key, path.parent.parent))
         ledger = Ledger.model_validate(data)
-        ledger.verify()
+        ledger._key = key
+        ledger.verify_chain()
+        if indexed is not None and (
+                ledger.key != path.parent.name or len(ledger.entries) != indexed.get("entries")
+                or not chain_key.same(ledger.head(), str(indexed.get("head")))):
+            raise _Refused(
+                f"the privacy ledger {path} does not match the store index (it holds "
+                f"{len(ledger.entries)} entries, the index {indexed.get('entries')}): entries "
+                "were removed or the file was replaced. Restore it from a backup.")
+        ledger.verify_mac()
+    except _Refused as exc:
+        raise LedgerError(str(exc)) from None
     except (json.JSONDecodeError, ValidationError, LedgerError) as exc:
         first = str(exc).splitlines()[0]
         raise LedgerError(
@@ -302,18 +420,54 @@ def read_ledger_file(path: Path) -> Ledger:
     return ledger
 
 
+class _Refused(Exception):
+    """A refusal whose message says it all (an earlier format, another key, not what the
+    index vouches for), raised as is instead of "cannot be trusted"."""
+
+
+def _old_version(path: Path, what: str, found: object, want: int) -> str:
+    return (f"{path} is a version {found} {what}, written by an earlier medfuse whose "
+            f"chains carried no key; this medfuse reads only version {want}. No deployment "
+            "predates the keyed format, so there is no migration: move the store folder "
+            "aside (or give the node another state-dir) and start a new store")
+
+
+def _other_key(path: Path, found: object, key: bytes, root: Path) -> str:
+    return (f"{path} was written under another chain key (key id {found}; this store's key "
+            f"is {chain_key.key_id(key)}): restore the key it was written with "
+            f"({root / chain_key.KEY_FILE} from a backup of this node, or the node-key it "
+            "was derived from); if the key is the right one, the file itself was replaced: "
+            "restore it from a backup")
+
+
 class LedgerStore:
     """One node install's ledgers, one per data digest, and the index that vouches for them.
 
-        STORE/store.json                     every ledger ever held: entries and last digest
+        STORE/store.json                     every ledger ever held: entries and last MAC
         STORE/<digest[:16]>/privacy-ledger.json
+        STORE/chain.key                      the secret every MAC is under (0600)
+        STORE/pixel-digests.json             sha256 of an image file -> its record
         STORE/.store.lock                    one round's read-check-train-append at a time
+
+    `key`: the chain key; None for `STORE/chain.key`, made on first write where the store
+    holds nothing it keyed, and refused (with what to restore) where it does. Every file
+    is written 0600.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, key: bytes | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._key = key
 
     # ------------------------------------------------------------ files
+
+    def mac_key(self, *, create: bool = False) -> bytes:
+        """The key every MAC in this store is under (read once per store object)."""
+        if self._key is None:
+            try:
+                self._key = chain_key.folder_key(self.root, create=create)
+            except chain_key.ChainKeyError as exc:
+                raise LedgerError(f"the ledger store {self.root}: {exc}") from None
+        return self._key
 
     def ledger_path(self, key: str) -> Path:
         return self.root / key / LEDGER_FILE
@@ -321,16 +475,39 @@ class LedgerStore:
     def _index(self) -> dict[str, dict]:
         path = self.root / INDEX_FILE
         if not path.exists():
+            orphans = sorted(self.root.glob(f"*/{LEDGER_FILE}"))
+            if orphans:
+                raise LedgerError(
+                    f"the ledger store index {path} is missing but the store holds "
+                    f"{len(orphans)} ledger(s) ({orphans[0]}): without the index a deleted "
+                    "ledger would go unnoticed, so nothing is trained on; restore it from "
+                    "a backup")
             return {}
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return dict(data["ledgers"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            version = data.get("version")
+            ledgers = dict(data["ledgers"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+                ValueError) as exc:
             raise LedgerError(f"the ledger store index {path} cannot be read ({exc}); "
                               "restore it from a backup") from None
+        if version != INDEX_VERSION:
+            raise LedgerError(_old_version(path, "ledger store index", version,
+                                           INDEX_VERSION))
+        key = self.mac_key()
+        if data.get("key_id") != chain_key.key_id(key):
+            raise LedgerError(_other_key(path, data.get("key_id"), key, self.root))
+        if not chain_key.same(data.get("mac", ""), _index_mac(key, ledgers)):
+            raise LedgerError(f"the ledger store index {path} was edited after it was "
+                              "written (its MAC does not check: a ledger removed from it, or "
+                              "a count or head changed); restore it from a backup")
+        return ledgers
 
     def _write_index(self, index: dict[str, dict]) -> None:
-        text = json.dumps({"version": 1, "ledgers": index}, indent=2, sort_keys=True)
+        key = self.mac_key(create=True)
+        text = json.dumps({"version": INDEX_VERSION, "key_id": chain_key.key_id(key),
+                           "ledgers": index, "mac": _index_mac(key, index)},
+                          indent=2, sort_keys=True)
         atomic_write_text(self.root / INDEX_FILE, text + "\n", mode=PRIVATE)
 
     @contextlib.contextmanager
@@ -338,8 +515,42 @@ class LedgerStore:
         """Exclusive over the whole store: two runs on overlapping data must not both
         spend the same remaining budget; the second waits for the first's entry."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / LOCK_FILE)):
+        with FileLock(str(self.root / LOCK_FILE), mode=PRIVATE):
             yield
+
+    # ------------------------------------------------------------ identity
+
+    def identify(self, data_path: Path) -> DataIdentity:
+        """`data_identity` with this store's cache of records: an image file seen before
+        is only hashed (its bytes), never decoded again. The cache is MACed like the rest:
+        one that does not check is ignored and rebuilt (decoding every image once)."""
+        key = self.mac_key(create=True)
+        cache = self._pixel_cache(key)
+        known = len(cache)
+        identity = data_identity(data_path, cache)
+        if len(cache) != known:
+            atomic_write_text(self.root / PIXEL_CACHE_FILE, json.dumps({
+                "version": PIXEL_CACHE_VERSION, "key_id": chain_key.key_id(key),
+                "records": cache, "mac": _cache_mac(key, cache)}) + "\n", mode=PRIVATE)
+        return identity
+
+    def _pixel_cache(self, key: bytes) -> dict[str, str]:
+        path = self.root / PIXEL_CACHE_FILE
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            records = {str(k): str(v) for k, v in dict(data["records"]).items()}
+            ok = (data.get("version") == PIXEL_CACHE_VERSION
+                  and data.get("key_id") == chain_key.key_id(key)
+                  and chain_key.same(data.get("mac", ""), _cache_mac(key, records)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("%s does not check (edited, damaged or under another key): ignored, "
+                        "every image is decoded again", path)
+            return {}
+        return records
 
     # ------------------------------------------------------------ reading
 
@@ -347,7 +558,7 @@ class LedgerStore:
         return sorted(self._index())
 
     def load(self, key: str) -> Ledger:
-        """A ledger the index knows, checked against the index (length and last digest)."""
+        """A ledger the index knows, checked against the index (length and last MAC)."""
         index = self._index()
         path = self.ledger_path(key)
         if key not in index:
@@ -358,18 +569,9 @@ class LedgerStore:
                 f"store {self.root} held it: the privacy spent on this data is not known, so "
                 f"this node will not train or evaluate on it. Restore {path} from a backup. "
                 f"Only if you accept that its spent privacy is forgotten, remove the entry "
-                f"'{key}' from {self.root / INDEX_FILE} by hand."
+                f"'{key}' from {self.root / INDEX_FILE} (which needs this store's key)."
             )
-        ledger = read_ledger_file(path)
-        want = index[key]
-        if ledger.data_digest[:16] != key or len(ledger.entries) != want.get("entries") \
-                or ledger.head() != want.get("head"):
-            raise LedgerError(
-                f"the privacy ledger {path} does not match the store index (it holds "
-                f"{len(ledger.entries)} entries, the index {want.get('entries')}): entries "
-                "were removed or the file was replaced. Restore it from a backup."
-            )
-        return ledger
+        return read_ledger_file(path, self.mac_key(), indexed=index[key])
 
     def ledgers(self) -> list[Ledger]:
         return [self.load(k) for k in self.keys()]
@@ -379,9 +581,14 @@ class LedgerStore:
     def save(self, ledger: Ledger) -> Path:
         """Ledger first, then the index: a crash between leaves a ledger the index
         undercounts, which `load` refuses (safe: nothing is forgotten)."""
+        key = self.mac_key(create=True)
+        if ledger._key is not None and ledger._key != key:
+            raise LedgerError(f"ledger {ledger.key} is under another store's key; it can "
+                              f"not be saved in {self.root}")
+        ledger._key = key
         path = self.ledger_path(ledger.key)
-        atomic_write_text(path, ledger.model_dump_json(indent=2) + "\n", mode=PRIVATE)
-        index = self._index()
+        index = self._index()  # read first: a new ledger is not in it yet
+        atomic_write_text(path, ledger.sealed_json(), mode=PRIVATE)
         index[ledger.key] = {"entries": len(ledger.entries), "head": ledger.head(),
                              "records": len(ledger.records)}
         self._write_index(index)
@@ -419,10 +626,16 @@ class LedgerStore:
             if changed:
                 self.save(ledger)
             return ledger
+        if self.ledger_path(identity.key).exists():
+            raise LedgerError(
+                f"{self.ledger_path(identity.key)} is a privacy ledger the store index "
+                f"{self.root / INDEX_FILE} does not list: the index was replaced or edited. "
+                "Restore the index from a backup; the ledger is never written over.")
         ledger = Ledger(
             data_digest=identity.digest, records=list(identity.records),
             epsilon_budget=epsilon_budget, eval_epsilon_budget=eval_epsilon_budget, delta=delta,
         )
+        ledger._key = self.mac_key(create=True)
         _note_use(ledger, site_name, data_path)
         mine = set(identity.records)
         for key in sorted(index):
@@ -451,6 +664,15 @@ class LedgerStore:
                  "delta=%g)", ledger.key, self.root, ledger.epsilon_budget,
                  ledger.eval_epsilon_budget, ledger.delta)
         return ledger
+
+
+def _index_mac(key: bytes, ledgers: dict[str, dict]) -> str:
+    return chain_key.mac(key, "medfuse-ledger/index", json.dumps(ledgers, sort_keys=True))
+
+
+def _cache_mac(key: bytes, records: dict[str, str]) -> str:
+    return chain_key.mac(key, "medfuse-ledger/pixel-digests",
+                         json.dumps(records, sort_keys=True))
 
 
 def _note_use(ledger: Ledger, site_name: str, data_path: Path) -> bool:

@@ -1,11 +1,17 @@
-"""An append-only, hash-chained log of what crossed the network, for both sides.
+"""An append-only, keyed hash chain of what crossed the network, for both sides.
 
 A hospital's privacy officer wants to see exactly what left the building; the
 coordinator wants the same record of what each node sent. Each line is one JSON entry
-holding the digest of the previous line, and its own digest over everything else in it;
-a sidecar `NAME.head` holds the number of entries and the last digest, so an edited,
-reordered, truncated or emptied log is detected by `verify`. (Deleting the log and its
-sidecar together leaves no trace: keep a copy of the head elsewhere if that matters.)
+holding the MAC of the previous line and its own MAC over everything else in it, an
+HMAC-SHA256 under the chain key of the log's folder (`shared_model/chain_key.py`: the
+node's ledger store, where its log lives, or the run's output folder); a sidecar
+`NAME.head` holds the number of entries and the last MAC, under a MAC of its own. An
+edited, reordered, truncated or emptied log is detected by `verify`, also when the editor
+recomputed the chain: without the key no MAC can be made. Log, head and key are 0600.
+
+What the key does not cover: deleting the log and its head together leaves no trace, and
+an older copy of both put back together verifies (keep a copy of the head elsewhere if
+that matters); whoever can read the key can rewrite the log.
 
 What an entry says about arrays is their names, shapes, dtypes, byte counts and one
 digest of their contents, never the values.
@@ -24,10 +30,12 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
+from shared_model import chain_key
 from shared_model.files import PRIVATE, atomic_write_text
 
 GENESIS = "0" * 64
 LOG_FILE = "audit-log.jsonl"
+LOG_VERSION = 2  # 1: unkeyed sha256 digests (before any deployment; not migrated)
 
 
 class AuditLogError(ValueError):
@@ -64,45 +72,91 @@ def scalar_or_digest(value: Any) -> Any:
     return value
 
 
-def _digest(entry: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True,
-                                     default=str).encode()).hexdigest()
+def _mac(key: bytes, entry: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "mac"}
+    return chain_key.mac(key, "medfuse-audit-log/entry", _line(body))
+
+
+def _line(entry: Mapping[str, Any]) -> str:
+    return json.dumps(entry, sort_keys=True, allow_nan=True, default=str)
 
 
 def _head_path(path: Path) -> Path:
     return path.with_name(path.name + ".head")
 
 
-def append(path: Path, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Append one entry (chained to the last), under a file lock; returns it as written."""
+def _folder_key(path: Path, *, create: bool) -> bytes:
+    try:
+        return chain_key.folder_key(path.parent, create=create,
+                                    also_keyed=(path, _head_path(path)))
+    except chain_key.ChainKeyError as exc:
+        raise AuditLogError(f"{path}: {exc}") from None
+
+
+def append(path: Path, entry: Mapping[str, Any], *, key: bytes | None = None) -> dict[str, Any]:
+    """Append one entry (chained to the last), under a file lock; returns it as written.
+
+    `key`: the chain key; None for the key file beside the log (made on first use)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        count, prev = _head(path)
-        full = {**entry, "seq": count + 1, "prev": prev}
-        full["digest"] = _digest(full)
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(full, sort_keys=True, allow_nan=True, default=str) + "\n")
+    key = _folder_key(path, create=True) if key is None else key
+    with FileLock(str(path) + ".lock", mode=PRIVATE):
+        count, prev = _head(path, key)
+        # as it reads back (tuples as lists, anything else as text): what the MAC covers
+        full = json.loads(_line({**entry, "seq": count + 1, "prev": prev}))
+        full["mac"] = _mac(key, full)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            os.fchmod(fd, PRIVATE)  # also a log written 0644 by an earlier version
+            fh.write(_line(full) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        atomic_write_text(_head_path(path), json.dumps({"entries": count + 1,
-                                                        "head": full["digest"]}) + "\n",
-                          mode=PRIVATE)
+        head = {"version": LOG_VERSION, "key_id": chain_key.key_id(key),
+                "entries": count + 1, "head": full["mac"]}
+        head["mac"] = _head_mac(key, count + 1, full["mac"])
+        atomic_write_text(_head_path(path), json.dumps(head) + "\n", mode=PRIVATE)
     return full
 
 
-def _head(path: Path) -> tuple[int, str]:
+def _head_mac(key: bytes, count: int, last: str) -> str:
+    return chain_key.mac(key, "medfuse-audit-log/head", str(count), last)
+
+
+def _head(path: Path, key: bytes) -> tuple[int, str]:
+    """(entries, last MAC) from the head file, whose own MAC, version and key are checked."""
     head = _head_path(path)
     if not head.is_file():
         if path.is_file() and path.stat().st_size:
             raise AuditLogError(f"{head} is missing: {path} cannot be extended or verified")
         return 0, GENESIS
-    data = json.loads(head.read_text(encoding="utf-8"))
-    return int(data["entries"]), str(data["head"])
+    try:
+        data = json.loads(head.read_text(encoding="utf-8"))
+        version = data.get("version")
+        count, last = int(data["entries"]), str(data["head"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AuditLogError(f"{head} cannot be read ({exc}): it was edited or damaged; "
+                            "restore it from a backup") from None
+    if version != LOG_VERSION:
+        raise AuditLogError(
+            f"{path} is a version {version or 1} audit log (unkeyed digests, written by an "
+            f"earlier medfuse); this one keeps and verifies only version {LOG_VERSION} "
+            "(HMAC-chained) logs. No deployment predates the keyed format, so there is no "
+            "migration: move the old log and its .head aside"
+        )
+    if data.get("key_id") != chain_key.key_id(key):
+        raise AuditLogError(
+            f"{path} was written under another chain key (key id {data.get('key_id')}, "
+            f"this key {chain_key.key_id(key)}): restore the key it was written with "
+            f"({path.parent / chain_key.KEY_FILE}, or the node key it was derived from)"
+        )
+    if not chain_key.same(data.get("mac", ""), _head_mac(key, count, last)):
+        raise AuditLogError(f"{head} was changed after it was written (its MAC does not "
+                            "check): the log may have been cut; restore both from a backup")
+    return count, last
 
 
 def read(path: Path) -> list[dict[str, Any]]:
+    """Every entry as written, unchecked (`verify` checks)."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -110,23 +164,35 @@ def read(path: Path) -> list[dict[str, Any]]:
             if line.strip()]
 
 
-def verify(path: Path) -> list[dict[str, Any]]:
-    """Every entry, checked: each digest, each link to the previous one, and the count
-    and last digest against the head file. `AuditLogError` at the first problem."""
+def verify(path: Path, *, key: bytes | None = None) -> list[dict[str, Any]]:
+    """Every entry, checked: each MAC, each link to the previous one, and the count and
+    last MAC against the head file. `AuditLogError` at the first problem, and for a log
+    that is not there or holds nothing (nothing verified is not "verified").
+
+    `key`: the chain key; None for the key file beside the log (never made here)."""
     path = Path(path)
+    if not path.parent.is_dir():
+        raise AuditLogError(f"{path.parent} does not exist: there is no audit log to verify")
+    if not path.is_file():
+        raise AuditLogError(f"no audit log at {path} (this folder holds none)")
     try:
         entries = read(path)
     except json.JSONDecodeError as exc:
         raise AuditLogError(f"{path}: line {exc.lineno} is not JSON (edited?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditLogError(f"cannot read {path}: {exc}") from None
+    if not entries and not _head_path(path).is_file():
+        raise AuditLogError(f"{path} is empty and has no head file: nothing to verify")
+    key = _folder_key(path, create=False) if key is None else key
+    count, head = _head(path, key)
     prev = GENESIS
     for i, e in enumerate(entries, start=1):
-        if e.get("digest") != _digest(e):
+        if not isinstance(e, dict) or not chain_key.same(e.get("mac", ""), _mac(key, e)):
             raise AuditLogError(f"{path}: entry {i} was changed after it was written")
         if e.get("prev") != prev or e.get("seq") != i:
             raise AuditLogError(f"{path}: entry {i} does not follow entry {i - 1} "
                                 "(a line was removed, inserted or reordered)")
-        prev = e["digest"]
-    count, head = _head(path)
+        prev = e["mac"]
     if count != len(entries) or (entries and head != prev) or (not entries and count):
         raise AuditLogError(f"{path}: the head file says {count} entries ending in "
                             f"{head[:12]}, the log has {len(entries)} ending in {prev[:12]} "

@@ -335,15 +335,21 @@ def load_image(path: Path, model: ModelConfig) -> tuple[np.ndarray, str, tuple[i
     and the original (width, height). Pixel values are scaled by their real bit depth.
     Raises `ValueError` or `OSError` (and whatever a decoder raises) for an unusable file.
     """
-    suffix = path.suffix.lower()
-    if suffix == ".dcm":
-        pixels, fmt = _read_dicom(path)
-    elif suffix in (".png", ".jpg", ".jpeg"):
-        pixels, fmt = _read_pil(path)
-    else:
-        raise ValueError(f"unsupported extension {suffix!r}")
+    pixels, fmt = decode_pixels(path)
     size = (int(pixels.shape[1]), int(pixels.shape[0]))
     return _to_model_input(pixels, model), fmt, size
+
+
+def decode_pixels(path: Path) -> tuple[np.ndarray, str]:
+    """The file's pixels at their own size, scaled by their real bit depth, and a format
+    description: what `load_image` resizes, and what a privacy ledger identifies a record
+    by (so that a losslessly re-encoded file is the same record)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".dcm":
+        return _read_dicom(path)
+    if suffix in (".png", ".jpg", ".jpeg"):
+        return _read_pil(path)
+    raise ValueError(f"unsupported extension {suffix!r}")
 
 
 # --------------------------------------------------------------------------- scanning

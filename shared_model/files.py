@@ -5,7 +5,8 @@ A temporary file in the same folder, fsync, `os.replace`, then fsync of the fold
 crash or a concurrent reader sees the old file or the new one, never half of one, and
 the rename survives a power cut. The temporary file is created 0600 (mkstemp) and given
 its final mode before the rename, so a private key is never readable by others, not even
-for a moment.
+for a moment. `atomic_create_bytes` is the same for a file that must never be replaced
+(a secret key): it is linked into place only where nothing is.
 """
 
 from __future__ import annotations
@@ -55,3 +56,26 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = PUBLIC) -> Path:
 
 def atomic_write_text(path: Path, text: str, *, mode: int = PUBLIC) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), mode=mode)
+
+
+def atomic_create_bytes(path: Path, data: bytes, *, mode: int = PRIVATE) -> bool:
+    """Create `path` holding `data` unless it exists (False then, and it is left alone):
+    written in full to a temporary file, then hard-linked into place, so a reader never
+    sees part of it and two processes creating it at once agree on one (a secret key)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
