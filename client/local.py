@@ -12,6 +12,13 @@ Secret randomness: under DP the Poisson batches, the Gaussian noise and every ot
 seed, the site name or the round, which the server knows: with a replayable seed the
 server could regenerate the noise on fake data of the same size and subtract it. The run
 seed keeps model initialisation and non-private runs reproducible.
+
+Non-finite values: the coordinator crafts the global model, so it can make one case's
+forward pass NaN. Under DP a sample whose gradient is not finite contributes nothing
+(`FiniteDPOptimizer`), so a model with finite weights always trains to a finite update;
+and an update that is still not finite (the weights the server sent were not, or a step
+overflowed) is never returned: `local_train` raises `NonFiniteUpdate` after the round is
+charged.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from client.privacy import AccountantName, BudgetError, Ledger, noise_for_budget
@@ -54,6 +62,17 @@ OptimizerName = Literal["sgd", "adam"]
 
 class DPSetupError(RuntimeError):
     """This node cannot train privately as the run asks (e.g. secure mode without its RNG)."""
+
+
+class NonFiniteUpdate(RuntimeError):
+    """The trained state holds a NaN or an infinity, so `local_train` returns nothing.
+
+    Raised after the ledger entry of the round is on disk (`save_ledger` has run): under
+    DP, whether the noised update is finite is post-processing of the DP release, so the
+    one bit it tells is covered by the epsilon charged; without DP the round is already
+    recorded as infinite epsilon. The message is for the node's log only (the ClientApp
+    answers with a fixed error code and no text).
+    """
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,91 @@ def _budget_left(ledger: Ledger, spent: float) -> float:
     return max(ledger.epsilon_budget - spent, 0.0)
 
 
+# ----------------------------------------------------------------- non-finite gradients
+
+
+def per_sample_norms(grad_samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B,) each sample's gradient norm over all parameters together: the norm of its
+    per-parameter norms, as Opacus' flat clipping computes it. NaN or inf in any one
+    parameter's per-sample gradient makes that sample's norm NaN or inf."""
+    norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples]
+    return torch.stack([n.to(norms[0].device) for n in norms], dim=1).norm(2, dim=1)
+
+
+def _zero_samples(grad_sample: torch.Tensor | list[torch.Tensor], drop: torch.Tensor) -> None:
+    """Zero, in place, the rows `drop` (B,) bool marks in one parameter's per-sample
+    gradient (a tensor, or Opacus' list of per-batch tensors, whose rows are `drop`'s in
+    order). In place, so that Opacus' check that no gradient is used twice still sees
+    the tensors it marked."""
+    chunks = [grad_sample] if isinstance(grad_sample, torch.Tensor) else grad_sample
+    start = 0
+    for chunk in chunks:
+        rows = drop[start:start + len(chunk)].to(chunk.device)
+        chunk.masked_fill_(rows.view(-1, *[1] * (chunk.dim() - 1)), 0.0)
+        start += len(chunk)
+
+
+class FiniteDPOptimizer(DPOptimizer):
+    """Opacus' flat-clipping `DPOptimizer`, except that a sample whose gradient norm is not
+    finite contributes nothing, exactly as a sample clipped to norm 0 would.
+
+    Why: Opacus scales each per-sample gradient by min(1, C / (norm + 1e-6)), which for a
+    NaN or inf gradient is NaN or 0, and NaN * g and 0 * inf are NaN: one such sample makes
+    the whole noised step NaN. A crafted global model whose forward pass is NaN for one
+    target case alone then marks every update trained with that case, a membership bit
+    outside the DP analysis. A clip factor of 0 alone would not do (0 * NaN is NaN), so
+    the sample's per-sample gradients are zeroed, in every parameter at once (the norm is
+    over all of them, as Opacus clips), and Opacus then clips and sums as always. Every
+    step makes the same pass, whether it drops a sample or none: no branch on the data,
+    so the time a step takes does not tell either (one more pass over the per-sample
+    gradients, about what computing their norms costs).
+
+    Privacy: what replaces a sample's gradient depends on that sample alone, and its norm
+    (0) is within C, so the sensitivity of the clipped sum, and the accounting, are
+    unchanged. With finite weights the clipped sum plus Gaussian noise is always finite,
+    and so is the SGD or Adam step the wrapped optimizer takes with it.
+
+    Why a subclass that overrides `clip_and_accumulate`: Opacus has no hook between the
+    per-sample gradients and the clipping (`attach_step_hook` runs after the noise), and
+    this is the one method that sees all of a sample's gradients. Cleaning its input and
+    calling Opacus' own keeps clipping, noise, accounting and the wrapped optimizer
+    Opacus' code, unforked. `replacing` installs it over the optimizer Opacus built.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if len(samples[0]):  # an empty Poisson batch has nothing to drop
+            drop = ~torch.isfinite(per_sample_norms(samples))  # (B,)
+            for p in self.params:
+                _zero_samples(p.grad_sample, drop)
+        super().clip_and_accumulate()
+
+    @classmethod
+    def replacing(cls, opt: torch.optim.Optimizer) -> FiniteDPOptimizer:
+        """The optimizer `PrivacyEngine.make_private` built, as a `FiniteDPOptimizer`:
+        the same wrapped optimizer, noise, clipping norm, batch size, noise generator and
+        accountant hook. Only Opacus' plain flat-clipping class (what `make_private` below
+        asks for) is accepted; another would clip differently from what this class knows."""
+        if type(opt) is not DPOptimizer:
+            raise DPSetupError(
+                f"Opacus built a {type(opt).__name__}, not the flat-clipping DPOptimizer "
+                "whose non-finite samples this node knows how to drop"
+            )
+        finite = cls(opt.original_optimizer, noise_multiplier=opt.noise_multiplier,
+                     max_grad_norm=opt.max_grad_norm,
+                     expected_batch_size=opt.expected_batch_size,
+                     loss_reduction=opt.loss_reduction, generator=opt.generator,
+                     secure_mode=opt.secure_mode)
+        if opt.step_hook is not None:
+            finite.attach_step_hook(opt.step_hook)  # the accountant's: counts every step
+        return finite
+
+
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors of `state` that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+
+
 # ----------------------------------------------------------------- the round's steps
 
 
@@ -187,8 +291,9 @@ def make_private(
     dp: DPSettings, ledger: Ledger, device: torch.device,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Opacus' `make_private` over a Poisson loader at the plan's sample rate, with the
-    noise and the sampling drawn from secret seeds, and gradients averaged over the
-    released (not the exact) expected batch size."""
+    noise and the sampling drawn from secret seeds, gradients averaged over the
+    released (not the exact) expected batch size, and samples whose gradient is not
+    finite dropped (`FiniteDPOptimizer`)."""
     try:
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
     except ImportError as exc:
@@ -208,6 +313,7 @@ def make_private(
         poisson_sampling=False,  # the loader above already samples (at the plan's rate)
         noise_generator=noise_rng,
     )
+    opt = FiniteDPOptimizer.replacing(opt)
     net.forbid_grad_accumulation()
     # Opacus derives it from the exact dataset size; the plan's released count instead
     opt.expected_batch_size = max(round(plan.released_n * plan.sample_rate), 1)
@@ -275,7 +381,8 @@ def local_train(
     """Train the global model on this site's train split: plan the round's privacy cost,
     make private, train, settle the ledger. `save_ledger(ledger)` (the ClientApp's store,
     under its lock) runs before anything that could leave the site is returned: the full
-    state dict on the CPU (GroupNorm: no running statistics), or a refusal."""
+    state dict on the CPU (GroupNorm: no running statistics), or a refusal. Raises
+    `NonFiniteUpdate`, after the ledger is saved, where the trained state is not finite."""
     n = len(site.train)
     plan: RoundPlan | None = None
     if dp.enabled:
@@ -310,13 +417,29 @@ def local_train(
     state = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
 
     if plan is None:
-        return _non_private(ledger, save_ledger, state, n, train_loss, run_id=run_id,
-                            server_round=server_round, site=site.name)
-    assert engine is not None
-    settle(ledger, engine, plan, taken, run_id=run_id, server_round=server_round,
-           accountant=dp.accountant, site=site.name)
-    save_ledger(ledger)  # on disk before anything leaves the site
-    return _private(ledger, plan, state, train_loss, dp.accountant)
+        outcome = _non_private(ledger, save_ledger, state, n, train_loss, run_id=run_id,
+                               server_round=server_round, site=site.name)
+    else:
+        assert engine is not None
+        settle(ledger, engine, plan, taken, run_id=run_id, server_round=server_round,
+               accountant=dp.accountant, site=site.name)
+        save_ledger(ledger)  # on disk before anything leaves the site
+        outcome = _private(ledger, plan, state, train_loss, dp.accountant)
+    return _finite(outcome, site.name)
+
+
+def _finite(outcome: TrainOutcome, site: str) -> TrainOutcome:
+    """`outcome`, or `NonFiniteUpdate` where its state holds a NaN or an infinity. Called
+    once the round is in the ledger on disk: the round stays charged either way."""
+    assert outcome.state is not None
+    bad = non_finite_tensors(outcome.state)
+    if bad:
+        raise NonFiniteUpdate(
+            f"{site}: the trained update holds NaN or inf in {len(bad)} of "
+            f"{len(outcome.state)} tensors (first {bad[0]!r}); it is not released, and the "
+            "round stays in the ledger"
+        )
+    return outcome
 
 
 def _private(ledger: Ledger, plan: RoundPlan, state: dict[str, torch.Tensor],

@@ -303,6 +303,16 @@ class ReportDecoder(nn.Module):
         return logits  # (B, L, V)
 
     def greedy(self, fused: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Greedy decoding, (B, max_len): BOS, then one `step` per position, each row's
+        tokens after its first EOS set to PAD.
+
+        Always exactly `max_len - 1` steps, whatever the tokens: no early stop once every
+        row has ended. How long an evaluation takes must not depend on the data, or a
+        crafted decoder that ends at once unless a target case is in the batch turns the
+        time of a node's reply into a membership bit (a timing side channel). A finished
+        row is fed PAD and its further tokens are discarded, so the output is the one an
+        early stop gives.
+        """
         b = fused.shape[0]
         out = torch.full((b, max_len), PAD, dtype=torch.int64, device=fused.device)
         out[:, 0] = BOS
@@ -317,8 +327,6 @@ class ReportDecoder(nn.Module):
             out[:, t] = nxt
             done |= nxt == EOS
             token = nxt.unsqueeze(1)
-            if bool(done.all()):
-                break
         return out
 
 
@@ -504,7 +512,9 @@ class MedFuseModel(nn.Module):
     ) -> torch.Tensor:
         """Greedy description, (B, L) int64 laid out like `Batch.gen_tokens`: BOS, ids...,
         EOS, then PAD; L is `max_len` (default `cfg.max_gen_tokens`), and a row that
-        reaches it without EOS is cut there. Runs in eval mode and restores the mode."""
+        reaches it without EOS is cut there. Always `max_len - 1` decoder steps, however
+        early the rows end (`ReportDecoder.greedy`: no timing side channel). Runs in eval
+        mode and restores the mode."""
         if self.decoder is None:
             raise RuntimeError("this model was built with generation=False")
         max_len = self.cfg.max_gen_tokens if max_len is None else max_len
