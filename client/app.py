@@ -5,13 +5,29 @@ node trains on and what it accepts (`client.site`), open the data
 (`shared_model.dataset`), train or evaluate in plain PyTorch/Opacus (`client.local`),
 charge the release to the data's ledger (`client.privacy`) and pack the reply.
 
-What a reply holds: arrays, scalar metrics and the site's name (plus a message for a
-person when the node does not take part). Under DP the arrays are a DP-SGD release, the
-number of examples a noised count, and the training loss is not sent; evaluation metrics
-are noised and charged to the evaluation budget (or exact and recorded as infinite
-epsilon, where the node says so). `docs/privacy.md` lists every release. A node whose
-data cannot be opened, whose budget is spent, or that refuses what the round asks,
-replies so and never raises: the server logs it with the node id and carries on.
+What a reply holds: arrays, scalar metrics and the site's name (plus a code saying why,
+when the node does not take part). Under DP the arrays are a DP-SGD release, the number
+of examples a noised count, and the training loss is not sent; evaluation metrics are
+noised and charged to the evaluation budget (or exact and recorded as infinite epsilon,
+where the node says so). `docs/privacy.md` lists every release. A node whose data cannot
+be opened, whose budget is spent, or that refuses what the round asks, replies so and
+never raises: the server logs it with the node id and carries on.
+
+The server may have crafted the model it sends, so nothing in a reply other than the
+DP releases themselves may depend on the data:
+
+- **Keys.** Each kind of reply (update, evaluation, refusal, error) holds a set of metric
+  keys fixed by the node's policy, the run config, the model config and what the message
+  asks, never by the data (`_released`): a key dropped because a crafted model made its
+  value NaN for one case would say whether that case is in the split.
+- **Time.** `seconds` is sent only where everything it timed is a non-private release
+  already (`_compute_time_released`): a crafted model can make its running time tell
+  one case apart, and a clock reading carries no noise.
+- **Errors.** A reply names what went wrong with a code (`wire.SITE_ERRORS`), never with
+  the node's own text, which may quote row counts, case ids or the data's folder; that
+  text goes to the node's log. Only a refusal worked out from the node's config, the
+  server's request and the ledger's figures carries its words (`wire.DETAILED_ERRORS`).
+  An exception a handler did not expect is such a code too (`internal`), never its text.
 """
 
 from __future__ import annotations
@@ -28,18 +44,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local import DPSettings, DPSetupError, TrainOutcome, local_cases, local_train
+from client.local import (
+    DPSettings,
+    DPSetupError,
+    NonFiniteUpdate,
+    TrainOutcome,
+    local_cases,
+    local_train,
+)
 from client.privacy import (
     BudgetError,
     Ledger,
     LedgerError,
     LedgerStore,
     at_most,
-    data_identity,
     noise_for_budget,
 )
 from client.release import private_metrics
-from client.secure import secure_aggregation_mod
+from client.secure import failure_error, in_secure_round, secure_aggregation_mod
 from client.site import (
     NodeConfig,
     RoundAsk,
@@ -48,7 +70,7 @@ from client.site import (
     resolve_site,
     round_refusal,
 )
-from shared_model import compression, packing, wire
+from shared_model import chain_key, compression, packing, wire
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.tokenizer import Tokenizer
@@ -96,7 +118,7 @@ def _epsilon_now(choice: SiteChoice) -> float | None:
     read from the store without hashing the data again (the ledger notes its folders)."""
     folder = str(choice.data_path.resolve())
     try:
-        for ledger in LedgerStore(choice.state_dir).ledgers():
+        for ledger in _store(choice).ledgers():
             if folder in ledger.data_paths:
                 return ledger.epsilon("train")
     except (LedgerError, OSError):
@@ -132,7 +154,7 @@ def audit_log_mod(msg: Message, ctxt: Context, call_next) -> Message:
         "config": {} if reply.has_error() else _config_summary(reply),
         "error": reply.error.reason if reply.has_error() else "",
         "epsilon_before": before, "epsilon_after": metrics.get(wire.M_EPSILON),
-    })
+    }, key=_chain_key(choice))
     return reply
 
 
@@ -145,15 +167,31 @@ def _config_summary(msg: Message) -> dict:
             for rec in msg.content.config_records.values() for k, v in rec.items()}
 
 
+def failure_code_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Outermost: an exception that no mod or handler expected becomes a reply with the
+    code `internal` and nothing else, the traceback in the node's log. Left to Flower, the
+    exception's text would reach the server, and it may quote the data (a case id, a row,
+    a file name)."""
+    try:
+        return call_next(msg, ctxt)
+    except Exception:
+        log.exception("%s message failed: the server gets the code %r only",
+                      msg.metadata.message_type, wire.ERR_INTERNAL)
+        if in_secure_round(msg):  # the protocol's own form of a failed node
+            return failure_error(msg, wire.ERR_INTERNAL)
+        return _no_part(msg, _site_name_of(ctxt), wire.ERR_INTERNAL)
+
+
 # Flower mods that touch updates (clipping, masking) belong on @app.train only: on
-# @app.evaluate they error or hang the run. Outermost, the arrays are unpacked on the way
+# @app.evaluate they error or hang the run. Outermost, a failure anywhere becomes a code
+# (`failure_code_mod`). Next, the arrays are unpacked on the way
 # in and packed on the way out (the same bytes). The audit log sees every message next,
 # first and last, so it records what leaves: the update after clipping, or under secure
 # aggregation the masked vector. Clipping sits inside the masking: a node clips its own
 # update, then masks it.
-TRAIN_MODS: list = [packed_arrays_mod, audit_log_mod, secure_aggregation_mod,
-                    central_clipping_mod]
-EVALUATE_MODS: list = [packed_arrays_mod, audit_log_mod]
+TRAIN_MODS: list = [failure_code_mod, packed_arrays_mod, audit_log_mod,
+                    secure_aggregation_mod, central_clipping_mod]
+EVALUATE_MODS: list = [failure_code_mod, packed_arrays_mod, audit_log_mod]
 
 app = ClientApp()
 
@@ -163,11 +201,13 @@ _Begun = tuple[RunConfig, ConfigRecord, SiteChoice, SiteData, torch.device, int,
 
 
 class _Unusable(Exception):
-    """This node cannot take part in this message; `str()` is the message for a person."""
+    """This node cannot take part in this message: `code` (`wire.SITE_ERRORS`) is what the
+    server gets; `str()` is the full text, for the node's own log only."""
 
-    def __init__(self, site_name: str, message: str) -> None:
+    def __init__(self, site_name: str, code: str, message: str) -> None:
         super().__init__(message)
         self.site_name = site_name
+        self.code = code
 
 
 # ----------------------------------------------------------------- handlers
@@ -183,19 +223,43 @@ def train(msg: Message, context: Context) -> Message:
     begun = _begin(msg, context)
     if isinstance(begun, Message):
         return begun
-    evaluation: dict[str, float | int] | str | None = None
-    if int(begun[1].get(wire.CFG_EVALUATE_FIRST, 0)):  # one message a round
+    evaluation: dict[str, float | int] | _NoEvaluation | None = None
+    evaluates = bool(int(begun[1].get(wire.CFG_EVALUATE_FIRST, 0)))  # one message a round
+    if evaluates:
         try:
             evaluation = _evaluation(begun, int(context.run_id), _state(msg),
                                      in_train=True)
         except _NoEvaluation as exc:
             log.warning("%s", exc)
-            evaluation = str(exc)
-    return _with_evaluation(_train(msg, context, begun, t0), evaluation)
+            evaluation = exc
+    timed = _compute_time_released(begun[0], begun[2].node, trains=True,
+                                   evaluates=evaluates)
+    return _with_evaluation(_train(msg, context, begun, t0 if timed else None), evaluation)
 
 
-def _train(msg: Message, context: Context, begun: _Begun, t0: float) -> Message:
-    """The training part of a train message (after any evaluation of its arrays)."""
+def _compute_time_released(run: RunConfig, node: NodeConfig, *, trains: bool,
+                           evaluates: bool) -> bool:
+    """Whether a reply may carry the node's compute time for the message (`seconds`).
+
+    Only where everything the clock covered is a non-private release already: training
+    with dp=false (which only a node that allows it runs) and exact evaluation (node
+    config evaluation='exact'). Under DP, never: a crafted model can make its running
+    time depend on one case (a decoder that runs on unless it reads the target's word),
+    and a clock reading carries no noise. Decided from the node's policy, the run config
+    and what the message asks, never from the data, so the key's presence says nothing
+    either. A train message that also evaluates under DP is not timed: its clock covers
+    the evaluation. A node that chose to release its compute time (node config
+    release-compute-time, a researcher's simulated hospital) is always timed."""
+    if node.release_compute_time:
+        return True
+    if evaluates and node.evaluation == "dp":
+        return False
+    return not run.dp if trains else node.evaluation == "exact"
+
+
+def _train(msg: Message, context: Context, begun: _Begun, t0: float | None) -> Message:
+    """The training part of a train message (after any evaluation of its arrays); timed
+    from `t0` when the reply may say how long it took (None: it may not)."""
     run, cfg, choice, site, device, server_round, total_rounds = begun
     recipe = run.recipe()
     ask = RoundAsk(
@@ -206,9 +270,14 @@ def _train(msg: Message, context: Context, begun: _Begun, t0: float) -> Message:
     )
     why = _policy_refusal(choice.node, ask, run)
     if why:
-        return _refused(msg, choice.site_name, f"{choice.site_name}: {why}")
-    store = LedgerStore(choice.state_dir)
+        return _no_part(msg, choice.site_name, wire.ERR_POLICY,
+                        log_text=f"{choice.site_name}: {why}", detail=why)
     start = _state(msg)
+    why = _non_finite_model(start)
+    if why:  # decided from what the server sent alone: nothing is charged
+        return _no_part(msg, choice.site_name, wire.ERR_POLICY,
+                        log_text=f"{choice.site_name}: {why}", detail=why)
+    store = _store(choice)
     try:
         with store.lock():
             outcome = local_train(
@@ -221,12 +290,12 @@ def _train(msg: Message, context: Context, begun: _Begun, t0: float) -> Message:
                 seed=run.seed, optimizer=recipe.optimizer, momentum=recipe.momentum,
                 train_layers=recipe.train_layers,
             )
-    except LedgerError as exc:
-        return _refused(msg, choice.site_name, f"{choice.site_name}: {exc}")
-    except DPSetupError as exc:
-        return _data_error(msg, choice.site_name, f"{choice.site_name}: {exc}")
-    if outcome.refused:
-        return _refused(msg, choice.site_name, outcome.reason, budget=True,
+    except (LedgerError, DPSetupError, NonFiniteUpdate) as exc:
+        return _no_part(msg, choice.site_name, _TRAIN_FAILURES[type(exc)],
+                        log_text=f"{choice.site_name}: {exc}")
+    if outcome.refused:  # worked out from the ledger's figures: `_policy_refusal`'s note
+        return _no_part(msg, choice.site_name, wire.ERR_BUDGET_SPENT, log_text=outcome.reason,
+                        detail=outcome.reason,
                         privacy=(outcome.epsilon, outcome.delta, outcome.epsilon_left))
     log.info(
         "%s round %d: %d examples (released), loss %.4f (not released under DP), epsilon %.4g "
@@ -234,13 +303,38 @@ def _train(msg: Message, context: Context, begun: _Begun, t0: float) -> Message:
         outcome.train_loss, outcome.epsilon, outcome.delta, outcome.epsilon_left,
     )
     return _update_reply(msg, choice.site_name, outcome, private=run.dp,
-                         seconds=time.perf_counter() - t0,
+                         seconds=None if t0 is None else time.perf_counter() - t0,
                          arrays=compression.encode(outcome.state, start, run.update_dtype),
                          encoding=compression.encoding_of(run.update_dtype))
 
 
+# what a train message that fails says to the server (the text goes to the node's log):
+# the ledger unreadable, DP-SGD not possible as asked, or a noised update that is not
+# finite (`local_train` charged the round before it found out)
+_TRAIN_FAILURES: dict[type[Exception], str] = {
+    LedgerError: wire.ERR_LEDGER,
+    DPSetupError: wire.ERR_DP_SETUP,
+    NonFiniteUpdate: wire.ERR_NON_FINITE_UPDATE,
+}
+
+
+def _non_finite_model(state: Mapping[str, torch.Tensor]) -> str:
+    """Why the node will not train the model a message carries ('' when it will): a
+    weight that is not finite makes every update non-finite, whatever the data, so the
+    round would be charged and never released. Decided from the message alone."""
+    bad = [name for name, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return ""
+    return (f"the model this round carries has weights that are not finite ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): not trained")
+
+
 def _policy_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
-    """Why this node refuses the round ('' when it does not)."""
+    """Why this node refuses the round ('' when it does not). Worked out from the node's
+    config and the server's request alone, never from the data, so the reply may carry
+    these words (`wire.DETAILED_ERRORS`); a budget refusal likewise quotes only the
+    ledger's figures, which are post-processing of DP releases."""
     if not run.dp and not node.allow_non_private:
         return ("the run asks for training without differential privacy (dp=false) and this "
                 "node does not allow it (node config allow-non-private=false)")
@@ -259,9 +353,10 @@ def _dp_settings(run: RunConfig, node: NodeConfig) -> DPSettings:
 
 
 def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *, private: bool,
-                  seconds: float, arrays: dict[str, torch.Tensor], encoding: str) -> Message:
-    """The update (`arrays`, in `encoding`) and what is released with it (no train loss
-    under DP)."""
+                  seconds: float | None, arrays: dict[str, torch.Tensor],
+                  encoding: str) -> Message:
+    """The update (`arrays`, in `encoding`) and what is released with it: no train loss
+    and no compute time under DP (`seconds` None); both when the round is non-private."""
     assert outcome.state is not None
     values: dict[str, float | int] = {
         wire.M_NUM_EXAMPLES: outcome.num_examples,
@@ -272,15 +367,16 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *, privat
         wire.M_BUDGET_SPENT: 0,
         wire.M_DATA_ERROR: 0,
         wire.M_REFUSED: 0,
-        wire.M_SECONDS: seconds,
     }
     if not private:  # a non-private release already gives everything away
         values[wire.M_TRAIN_LOSS] = outcome.train_loss
-    site = _site_record(site_name, "")
+    if seconds is not None:
+        values[wire.M_SECONDS] = seconds
+    site = _site_record(site_name)
     site[wire.SITE_UPDATE] = encoding
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(arrays),
-        wire.METRICS: MetricRecord(_finite(values)),
+        wire.METRICS: MetricRecord(_released(values, private=private)),
         wire.SITE: site,
     })
     return Message(content, reply_to=msg)
@@ -289,7 +385,8 @@ def _update_reply(msg: Message, site_name: str, outcome: TrainOutcome, *, privat
 @app.evaluate(mods=EVALUATE_MODS)
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the asked split and release what the node's policy
-    allows (noised and charged, exact, or nothing)."""
+    allows (noised and charged, exact, or nothing). Only an exact release says how long
+    it took (`_compute_time_released`)."""
     t0 = time.perf_counter()
     begun = _begin(msg, context)
     if isinstance(begun, Message):
@@ -298,22 +395,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         values = _evaluation(begun, int(context.run_id), _state(msg))
     except _NoEvaluation as exc:
-        return (_data_error if exc.data_error else _refused)(msg, site_name, str(exc))
-    values[wire.M_SECONDS] = time.perf_counter() - t0
+        return _no_part(msg, site_name, exc.code, log_text=str(exc), detail=exc.detail)
+    if _compute_time_released(begun[0], begun[2].node, trains=False, evaluates=True):
+        values[wire.M_SECONDS] = time.perf_counter() - t0
     content = RecordDict({
-        wire.METRICS: MetricRecord(_finite(values)),
-        wire.SITE: _site_record(site_name, ""),
+        wire.METRICS: MetricRecord(_released(values, private=_dp_evaluation(values))),
+        wire.SITE: _site_record(site_name),
     })
     return Message(content, reply_to=msg)
 
 
 class _NoEvaluation(Exception):
-    """This node releases no evaluation for this message; `str()` is the reason for a
-    person, `data_error` when the data (not the node's policy) is why."""
+    """This node releases no evaluation for this message: `code` (`wire.SITE_ERRORS`) for
+    the server, `detail` the words it may see too (only for a code in
+    `wire.DETAILED_ERRORS`), `str()` the full text for the node's log."""
 
-    def __init__(self, message: str, *, data_error: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, detail: str = "") -> None:
         super().__init__(message)
-        self.data_error = data_error
+        self.code = code
+        self.detail = detail
+
+
+def _dp_evaluation(values: Mapping[str, float | int]) -> bool:
+    """Whether an evaluation's values are a DP release (noised), not an exact one."""
+    return bool(values[wire.M_PRIVATE_METRICS])
 
 
 def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
@@ -330,15 +435,16 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
     evaluated_round = server_round - int(in_train)  # the round whose model this is
     split = str(cfg.get(wire.CFG_EVAL_SPLIT, "val"))
     if split not in ("val", "test"):
-        raise _NoEvaluation(f"unknown {wire.CFG_EVAL_SPLIT}={split!r}", data_error=True)
+        why = f"unknown {wire.CFG_EVAL_SPLIT}={split[:40]!r} (val or test)"
+        raise _NoEvaluation(wire.ERR_CONFIG, f"{choice.site_name}: {why}", detail=why)
     node = choice.node
     if node.evaluation == "off":
-        raise _NoEvaluation(f"{choice.site_name}: this node releases no evaluation metrics "
-                            "(node config evaluation='off')")
+        why = "this node releases no evaluation metrics (node config evaluation='off')"
+        raise _NoEvaluation(wire.ERR_POLICY, f"{choice.site_name}: {why}", detail=why)
     data = site.val if split == "val" else site.test
     if len(data) == 0:
-        raise _NoEvaluation(f"{choice.site_name}: no {split} rows", data_error=True)
-    store = LedgerStore(choice.state_dir)
+        raise _NoEvaluation(wire.ERR_NO_EVALUATION_ROWS, f"{choice.site_name}: no {split} rows")
+    store = _store(choice)
     try:
         with store.lock():
             ledger = _ledger(store, choice, run)
@@ -348,21 +454,22 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
             final = evaluated_round >= total_rounds
             cap = node.max_evaluations_per_run - (0 if final else 1)
             if node.evaluation == "dp" and done >= cap:
-                raise _NoEvaluation(f"{choice.site_name}: this node answers at most "
-                                    f"{node.max_evaluations_per_run} evaluations per run, "
-                                    "the last for the final model (node config "
-                                    "max-evaluations-per-run)")
+                why = (f"this node answers at most {node.max_evaluations_per_run} "
+                       "evaluations per run, the last for the final model (node config "
+                       "max-evaluations-per-run)")
+                raise _NoEvaluation(wire.ERR_POLICY, f"{choice.site_name}: {why}", detail=why)
             cases = local_cases(run.model(), site, state, device, split=split)
             rounds_left = max(total_rounds - evaluated_round + 1, 1)  # models to evaluate
             metrics = _charged_metrics(node, ledger, cases, run, split=split, run_id=run_id,
                                        server_round=server_round,
                                        planned=min(node.max_evaluations_per_run - done,
                                                    rounds_left))
-            if isinstance(metrics, str):
-                raise _NoEvaluation(f"{choice.site_name}: {metrics}")
+            if isinstance(metrics, str):  # the ledger's figures: `_policy_refusal`'s note
+                raise _NoEvaluation(wire.ERR_EVALUATION_BUDGET_SPENT,
+                                    f"{choice.site_name}: {metrics}", detail=metrics)
             store.save(ledger)  # on disk before anything leaves the site
     except LedgerError as exc:
-        raise _NoEvaluation(f"{choice.site_name}: {exc}") from None
+        raise _NoEvaluation(wire.ERR_LEDGER, f"{choice.site_name}: {exc}") from None
     values: dict[str, float | int] = {wire.M_DATA_ERROR: 0, wire.M_REFUSED: 0,
                                      wire.M_UNIT_WEIGHT: 1, **metrics}
     return values | {
@@ -372,16 +479,19 @@ def _evaluation(begun: _Begun, run_id: int, state: dict[str, torch.Tensor], *,
     }
 
 
-def _with_evaluation(reply: Message, evaluation: dict[str, float | int] | str | None
-                     ) -> Message:
+def _with_evaluation(reply: Message,
+                     evaluation: dict[str, float | int] | _NoEvaluation | None) -> Message:
     """A train reply with the evaluation of the model it started from (its own record),
-    or the reason there is none (in the site record)."""
+    or why there is none (a code and its detail, in the site record)."""
     if evaluation is None:
         return reply
-    if isinstance(evaluation, str):
-        reply.content.config_records[wire.SITE][wire.SITE_EVALUATION_ERROR] = evaluation
+    if isinstance(evaluation, _NoEvaluation):
+        site = reply.content.config_records[wire.SITE]
+        site[wire.SITE_EVALUATION_ERROR] = evaluation.code
+        site[wire.SITE_EVALUATION_DETAIL] = _detail(evaluation.code, evaluation.detail)
     else:
-        reply.content.metric_records[wire.EVALUATION] = MetricRecord(_finite(evaluation))
+        reply.content.metric_records[wire.EVALUATION] = MetricRecord(
+            _released(evaluation, private=_dp_evaluation(evaluation)))
     return reply
 
 
@@ -411,13 +521,27 @@ def _charged_metrics(node: NodeConfig, ledger: Ledger, cases: CaseResults, run: 
     return metrics
 
 
+def _store(choice: SiteChoice) -> LedgerStore:
+    """The node's ledger store, under the chain key the node chose (`node-key`: derived
+    from the SuperNode's private key; by default the store's own key file)."""
+    return LedgerStore(choice.state_dir, key=_chain_key(choice))
+
+
+def _chain_key(choice: SiteChoice) -> bytes | None:
+    """The chain key of the ledgers and the audit log; None: the store's key file."""
+    if choice.node.node_key is None:
+        return None
+    return chain_key.key_from_node_key(Path(choice.node.node_key).expanduser())
+
+
 def _ledger(store: LedgerStore, choice: SiteChoice, run: RunConfig) -> Ledger:
-    """This data's ledger in the node's store; budgets capped by node, run and ledger."""
+    """This data's ledger in the node's store; budgets capped by node, run and ledger
+    (`choice.epsilon_budget` is the node's own budget, already lowered by the run's)."""
     return store.open(
-        data_identity(choice.data_path),
+        store.identify(choice.data_path),
         site_name=choice.site_name,
         data_path=choice.data_path,
-        epsilon_budget=at_most("epsilon-budget", "epsilon", run.epsilon, choice.epsilon_budget),
+        epsilon_budget=choice.epsilon_budget,
         eval_epsilon_budget=choice.node.eval_epsilon_budget,
         delta=at_most("delta", "delta", run.delta, choice.delta),
     )
@@ -431,18 +555,21 @@ def _open(node_config: Mapping, run: RunConfig) -> tuple[SiteChoice, SiteData, t
     try:
         choice = resolve_site(node_config, run)
     except SiteConfigError as exc:
-        raise _Unusable(_name_hint(node_config), str(exc)) from None
+        raise _Unusable(_name_hint(node_config), wire.ERR_NODE_CONFIG, str(exc)) from None
     torch.set_num_threads(choice.threads)
     try:
         device = pick_device(choice.device)
     except (ValueError, RuntimeError) as exc:
-        raise _Unusable(choice.site_name, f"{choice.site_name}: {exc}") from None
+        raise _Unusable(choice.site_name, wire.ERR_DEVICE,
+                        f"{choice.site_name}: {exc}") from None
     try:
         site = _opened_site(choice.data_path, run)
     except (SiteError, OSError) as exc:
-        raise _Unusable(choice.site_name, f"{choice.site_name}: {exc}") from None
+        raise _Unusable(choice.site_name, wire.ERR_DATA_UNREADABLE,
+                        f"{choice.site_name}: {exc}") from None
     if len(site.train) == 0:
-        raise _Unusable(choice.site_name, f"{choice.site_name}: no training rows")
+        raise _Unusable(choice.site_name, wire.ERR_NO_TRAINING_ROWS,
+                        f"{choice.site_name}: no training rows")
     return choice, dataclasses.replace(site, name=choice.site_name), device
 
 
@@ -481,11 +608,15 @@ def _begin(msg: Message, context: Context) -> Message | _Begun:
     """What every message starts with: the run config, the round's config, this node's
     opened site and device, the round and the rounds planned; or the data-error reply
     when the site cannot be used."""
-    run = RunConfig.parse(context.run_config)
+    try:
+        run = RunConfig.parse(context.run_config)
+    except RunConfigError as exc:
+        return _no_part(msg, _name_hint(context.node_config), wire.ERR_CONFIG,
+                        log_text=str(exc), detail=str(exc))
     try:
         choice, site, device = _open(context.node_config, run)
     except _Unusable as exc:
-        return _data_error(msg, exc.site_name, str(exc))
+        return _no_part(msg, exc.site_name, exc.code, log_text=str(exc))
     cfg = _round_config(msg)
     return (run, cfg, choice, site, device, int(cfg.get(wire.CFG_SERVER_ROUND, 1)),
             int(cfg.get(wire.CFG_TOTAL_ROUNDS, run.num_server_rounds)))
@@ -502,53 +633,98 @@ def _state(msg: Message) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
 
 
-def _finite(values: Mapping[str, float | int]) -> dict[str, float | int]:
-    """Drop NaN-valued metrics rather than send NaN (inf is kept: 'no DP' is infinite)."""
-    return {
-        k: v for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))
-    }
+# Ledger figures, not data: epsilon is inf once a data has had a non-private release
+_LEDGER_FIGURES = frozenset(
+    {wire.M_EPSILON, wire.M_EVAL_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT})
 
 
-def _site_record(name: str, error: str) -> ConfigRecord:
-    return ConfigRecord({wire.SITE_NAME: name, wire.SITE_ERROR: error})
+class _NonFiniteRelease(RuntimeError):
+    """A DP release holds a value that is not a finite number: a bug, nothing is sent."""
 
 
-def _data_error(msg: Message, site_name: str, error: str) -> Message:
-    """The node cannot take part. The reply names the kind of problem, not the records:
-    the details (rows, case ids) stay in the node's own log."""
-    log.error("%s", error)
-    public = error.splitlines()[0] if error else ""
-    if len(public) > 300:
-        public = public[:300] + "..."
-    metrics = MetricRecord({wire.M_NUM_EXAMPLES: 0, wire.M_DATA_ERROR: 1, wire.M_BUDGET_SPENT: 0,
-                            wire.M_REFUSED: 0})
-    content = RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(site_name, public)})
-    return Message(content, reply_to=msg)
+def _released(values: Mapping[str, float | int], *, private: bool) -> dict[str, float | int]:
+    """The values a reply carries: every key kept, whatever the data. Which keys a reply
+    holds must not depend on the data: a crafted model that makes one case's output NaN
+    would otherwise tell, by a missing key, whether that case is in the split.
+
+    A DP release is finite by construction (`client.release` makes each case's values
+    finite before clipping), so a value that is not is a bug: `_NonFiniteRelease`, and the
+    server gets the code `internal`. An exact release (dp=false training, evaluation
+    'exact') is infinite epsilon already: a value that is not finite (a loss that
+    diverged, the AUROC of a split with one class, the IoU of one without lesions) goes
+    out as NaN, the one 'no value' the server's tables already skip. A finite sentinel
+    would be averaged into the federation's figures as if it were a measurement. Ledger
+    figures (`_LEDGER_FIGURES`) are not data and pass as they are."""
+    data = {k: float(v) for k, v in values.items() if k not in _LEDGER_FIGURES}
+    bad = sorted(k for k, v in data.items() if not math.isfinite(v))
+    if private and bad:
+        raise _NonFiniteRelease(f"a DP release holds non-finite {', '.join(bad)}")
+    return {k: math.nan if k in bad else v for k, v in values.items()}
 
 
-def _refused(
+def _site_record(name: str, code: str = "", detail: str = "") -> ConfigRecord:
+    """Who answered, and why it does not take part: a code and, for a code whose words
+    are not worked out from the data, those words (`_detail`)."""
+    return ConfigRecord({wire.SITE_NAME: name, wire.SITE_ERROR: code,
+                         wire.SITE_DETAIL: _detail(code, detail)})
+
+
+def _detail(code: str, detail: str) -> str:
+    """`detail` where `code` may carry words (`wire.DETAILED_ERRORS`), else ''."""
+    return detail if code in wire.DETAILED_ERRORS else ""
+
+
+# Which flag each code raises in a reply that takes no part: the node declines (its
+# policy, its ledger, its evaluation budget), its training budget is spent, or it could
+# not take part (every other code)
+_DECLINED: dict[str, str] = {
+    wire.ERR_POLICY: wire.M_REFUSED,
+    wire.ERR_LEDGER: wire.M_REFUSED,
+    wire.ERR_EVALUATION_BUDGET_SPENT: wire.M_REFUSED,
+    wire.ERR_BUDGET_SPENT: wire.M_BUDGET_SPENT,
+}
+
+
+def _no_part(
     msg: Message,
     site_name: str,
-    reason: str,
+    code: str,
     *,
-    budget: bool = False,
+    log_text: str = "",
+    detail: str = "",
     privacy: tuple[float, float, float] | None = None,
 ) -> Message:
-    """The node declines what the message asks: budget spent (`budget`), or its policy."""
-    log.warning("%s", reason)
+    """The node takes no part in what the message asks: a refusal or an error, by `code`.
+
+    The server gets the code, the flags and, for a code in `wire.DETAILED_ERRORS`,
+    `detail`; `log_text` (which may quote rows, case ids, the data's folder) goes only to
+    the node's log. The metric keys are the same for every code, plus the ledger's figures
+    (`privacy`) when the training budget refuses a round."""
+    flag = _DECLINED.get(code, wire.M_DATA_ERROR)
+    if log_text:
+        log.log(logging.ERROR if flag == wire.M_DATA_ERROR else logging.WARNING, "%s",
+                log_text)
     values: dict[str, float | int] = {
-        wire.M_NUM_EXAMPLES: 0,
-        wire.M_BUDGET_SPENT: 1 if budget else 0,
-        wire.M_REFUSED: 0 if budget else 1,
+        wire.M_NUM_EXAMPLES: 0, wire.M_BUDGET_SPENT: 0, wire.M_REFUSED: 0,
         wire.M_DATA_ERROR: 0,
     }
+    values[flag] = 1
     if privacy is not None:
         epsilon, delta, left = privacy
         values |= {wire.M_EPSILON: epsilon, wire.M_DELTA: delta, wire.M_BUDGET_LEFT: left}
     content = RecordDict({
-        wire.METRICS: MetricRecord(_finite(values)), wire.SITE: _site_record(site_name, reason)
+        wire.METRICS: MetricRecord(values),
+        wire.SITE: _site_record(site_name, code, detail),
     })
     return Message(content, reply_to=msg)
+
+
+def _site_name_of(context: Context) -> str:
+    """This node's site name when its config can say it, else `_name_hint`'s."""
+    try:
+        return resolve_site(context.node_config, RunConfig.parse(context.run_config)).site_name
+    except Exception:  # the node is already answering a failure: any name will do
+        return _name_hint(context.node_config)
 
 
 def _name_hint(node_config: Mapping) -> str:

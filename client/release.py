@@ -16,6 +16,11 @@ Two releases, each charged to the site's ledger like a training round:
   Accuracy, macro-F1, IoU, ROUGE-L and the count are computed from the noised sums on the
   node (post-processing costs nothing). Loss, AUROC and BLEU-4 are not sums of bounded
   per-case terms, so a private release leaves them out.
+  The model is the server's: a crafted one can make one case's outputs NaN or infinite
+  (a NaN embedding row for a word only that case's report holds). Each case vector is
+  made finite before it is clipped (NaN -> 0, +-inf -> the bound), so the sensitivity
+  bound holds for every model and every released metric is a finite number: which keys
+  a release holds, and whether its values are numbers, never depend on one case.
 
 The noise comes from the operating system's CSPRNG (`random.SystemRandom`), never from a
 seed: nothing the server knows or sets can replay it.
@@ -23,7 +28,6 @@ seed: nothing the server knows or sets can replay it.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 
@@ -55,7 +59,9 @@ def noised_count(n: int, gauss: Gauss | None = None) -> int:
 def case_vectors(cases: CaseResults, num_classes: int) -> np.ndarray:
     """(N, K*K + 4) per-case contributions: one-hot confusion cell, IoU (lesion cases,
     else 0), lesion indicator, ROUGE-L F, empty generated report. Each row's L2 norm is
-    at most EVAL_SENSITIVITY."""
+    at most EVAL_SENSITIVITY, whatever the model: a non-finite value (a crafted model's
+    NaN box) is made finite first (NaN -> 0, +inf -> 1, -inf -> 0), since `np.clip`
+    keeps NaN and one NaN would make the whole noised sum NaN."""
     n, k = cases.n, num_classes
     v = np.zeros((n, k * k + 4))
     pred = cases.probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
@@ -67,7 +73,7 @@ def case_vectors(cases: CaseResults, num_classes: int) -> np.ndarray:
     if cases.refs is not None and cases.hyps is not None:
         v[:, k * k + 2] = rouge_l_rows(cases.refs, cases.hyps)
         v[:, k * k + 3] = [len(h) == 0 for h in cases.hyps]
-    return np.clip(v, 0.0, 1.0)
+    return np.clip(np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
 def private_metrics(
@@ -103,7 +109,9 @@ def private_metrics(
 
 
 def _macro_f1(confusion: np.ndarray) -> float:
-    """Macro-F1 over the classes present or predicted (as `classification_metrics` does)."""
+    """Macro-F1 over the classes present or predicted (as `classification_metrics` does);
+    0.0, not NaN, when the noised confusion shows none: a released value is always a
+    number, so that no reply drops or flags it depending on the data."""
     tp = np.diag(confusion)
     support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
     f1 = []
@@ -112,4 +120,4 @@ def _macro_f1(confusion: np.ndarray) -> float:
             continue
         denom = support[c] + predicted[c]
         f1.append(2 * tp[c] / denom if denom > 0 else 0.0)
-    return float(np.clip(np.mean(f1), 0.0, 1.0)) if f1 else math.nan
+    return float(np.clip(np.mean(f1), 0.0, 1.0)) if f1 else 0.0

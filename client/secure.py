@@ -54,16 +54,28 @@ from shared_model.run_config import RunConfig, RunConfigError
 log = logging.getLogger(__name__)
 
 
+def in_secure_round(msg: Message) -> bool:
+    """Whether `msg` is one of the SecAgg+ protocol's messages (it carries its config)."""
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def failure_error(msg: Message, code: str) -> Message:
+    """The protocol's way to say a node failed: an error reply, whose reason is a code of
+    `wire.SITE_ERRORS` only (the server's workflow counts the node as dropped)."""
+    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, code), reply_to=msg)
+
+
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
     """Flower's `secaggplus_mod` for the messages of a secure-aggregation round (they carry
     its config record), unless the node refuses what the coordinator asks (an error reply,
     the round's keys forgotten); every other message passes untouched."""
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+    if not in_secure_round(msg):
         return call_next(msg, ctxt)
     try:
         node = node_settings(ctxt.node_config, RunConfig.parse(ctxt.run_config))
     except (SiteConfigError, RunConfigError) as exc:
-        why = f"this node cannot read its own settings: {str(exc).splitlines()[0]}"
+        log.error("secure aggregation: %s", exc)  # the details (paths) stay in the log
+        why = "this node cannot read its own settings (the node's log says why)"
     else:
         why = secagg_refusal(msg.content.config_records[RECORD_KEY_CONFIGS],
                              msg.metadata.dst_node_id, node)

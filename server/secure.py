@@ -158,8 +158,8 @@ def _reply(msg: Message, fitres: FitRes, new_global: ArrayRecord) -> Message:
     """The strategy's reply for one hospital: the secure mean in place of its update (none
     when it contributed no weight: a refusal or a data error), its metrics, its name."""
     metrics = dict(fitres.metrics)
-    site = {wire.SITE_NAME: str(metrics.pop(wire.SITE_NAME, "")),
-            wire.SITE_ERROR: str(metrics.pop(wire.SITE_ERROR, ""))}
+    site = {key: str(metrics.pop(key, ""))
+            for key in (wire.SITE_NAME, wire.SITE_ERROR, wire.SITE_DETAIL)}
     scalars = {k: v for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     content = RecordDict({wire.METRICS: MetricRecord(scalars), wire.SITE: ConfigRecord(site)})

@@ -194,13 +194,15 @@ def train_config(run: RunConfig) -> ConfigRecord:
 
 
 def _site_name(content: RecordDict, node_id: int) -> tuple[str | None, str]:
-    """(site name or None, the site's error message or '') from a reply's SITE record."""
+    """(site name or None, why the site takes no part or '') from a reply's SITE record:
+    the sentence of its error code (`wire.site_error_text`), not words of the node's."""
     site = content.config_records.get(wire.SITE)
     if site is None:
         return None, ""
     name = site.get(wire.SITE_NAME)
-    error = site.get(wire.SITE_ERROR, "")
-    return (str(name) if name else None), (str(error) if error else "")
+    error = wire.site_error_text(str(site.get(wire.SITE_ERROR, "") or ""),
+                                 str(site.get(wire.SITE_DETAIL, "") or ""))
+    return (str(name) if name else None), error
 
 
 def _array_bytes(msg: Message) -> int:
@@ -564,7 +566,9 @@ class GuardedStrategy(Strategy):
                         "received with the next round's train reply", with_arrays=False)
             return
         record = reply.content.config_records.get(wire.SITE)
-        why = record.get(wire.SITE_EVALUATION_ERROR, "") if record is not None else ""
+        why = "" if record is None else wire.site_error_text(
+            str(record.get(wire.SITE_EVALUATION_ERROR, "") or ""),
+            str(record.get(wire.SITE_EVALUATION_DETAIL, "") or ""))
         if why:
             log(WARNING, "round %d: evaluation on node %d (%s) not released: %s",
                 rnd, node, site, why)

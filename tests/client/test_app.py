@@ -29,10 +29,11 @@ from shared_model.packing import unpacked
 from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.tokenizer import Tokenizer
 
-# under DP: no training loss (a crafted model turns it into a label count)
+# under DP: no training loss (a crafted model turns it into a label count) and no compute
+# time (a crafted model makes it tell one case apart)
 TRAIN_KEYS = {
     wire.M_NUM_EXAMPLES, wire.M_UNIT_WEIGHT, wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET_LEFT,
-    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR, wire.M_REFUSED, wire.M_SECONDS,
+    wire.M_BUDGET_SPENT, wire.M_DATA_ERROR, wire.M_REFUSED,
 }
 
 
@@ -120,7 +121,7 @@ def test_train_reply_holds_only_arrays_and_scalars(
     site = dict(content.config_records[wire.SITE])
     # the arrays are the trained weights (update-dtype float32: no compressed update)
     assert site == {wire.SITE_NAME: tiny_federation[0].name, wire.SITE_ERROR: "",
-                    wire.SITE_UPDATE: ""}
+                    wire.SITE_DETAIL: "", wire.SITE_UPDATE: ""}
 
 
 def test_ledger_carries_over_rounds_and_restarts(
@@ -167,8 +168,11 @@ def test_site_stops_at_its_budget_and_says_so(
     assert scalars[wire.M_BUDGET_SPENT] == 1 and scalars[wire.M_NUM_EXAMPLES] == 0
     assert scalars[wire.M_EPSILON] == pytest.approx(one)
     assert scalars[wire.M_BUDGET_LEFT] == pytest.approx((two - one) / 2)
-    error = reply.content.config_records[wire.SITE][wire.SITE_ERROR]
-    assert "budget" in error and tiny_federation[0].name in error
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ERROR] == wire.ERR_BUDGET_SPENT
+    # the ledger's figures, which a budget refusal may quote
+    assert "budget" in site[wire.SITE_DETAIL]
+    assert tiny_federation[0].name in site[wire.SITE_DETAIL]
     assert len(_only_ledger(tmp_path).entries) == 2  # nothing spent, nothing sent
 
 
@@ -180,8 +184,10 @@ def test_missing_data_path_is_a_data_error_reply(tmp_path: Path, global_state: d
     scalars = _scalars(reply)
     assert scalars[wire.M_DATA_ERROR] == 1 and scalars[wire.M_NUM_EXAMPLES] == 0
     assert wire.ARRAYS not in reply.content.array_records
-    site = reply.content.config_records[wire.SITE]
-    assert site[wire.SITE_NAME] == "nowhere" and "no such folder" in site[wire.SITE_ERROR]
+    site = dict(reply.content.config_records[wire.SITE])
+    # the code alone: the node's text names the folder
+    assert site == {wire.SITE_NAME: "nowhere", wire.SITE_ERROR: wire.ERR_NODE_CONFIG,
+                    wire.SITE_DETAIL: ""}
 
 
 def test_unusable_site_is_a_data_error_reply(tmp_path: Path, global_state: dict,
@@ -194,7 +200,8 @@ def test_unusable_site_is_a_data_error_reply(tmp_path: Path, global_state: dict,
     for kind in ("train", "evaluate"):
         reply = _call(_message(kind, global_state), _context(run_config, node))
         assert _scalars(reply)[wire.M_DATA_ERROR] == 1
-        assert reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+        site = reply.content.config_records[wire.SITE]
+        assert site[wire.SITE_ERROR] == wire.ERR_DATA_UNREADABLE and site[wire.SITE_DETAIL] == ""
     assert not (tmp_path / "state" / INDEX_FILE).exists()
 
 
@@ -207,8 +214,9 @@ def test_evaluate_reply(tiny_federation: list[Path], tmp_path: Path, global_stat
     assert {wire.M_NUM_EXAMPLES, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_EPSILON,
             wire.M_EVAL_EPSILON, wire.M_DELTA} <= set(scalars)
     assert wire.M_LOSS not in scalars and wire.M_AUROC not in scalars  # not private sums
+    assert wire.M_SECONDS not in scalars  # no clock reading beside a DP release
     assert scalars[wire.M_PRIVATE_METRICS] == 1
-    assert not any(isinstance(v, float) and math.isnan(v) for v in scalars.values())
+    assert all(math.isfinite(v) for v in scalars.values())
     assert scalars[wire.M_EPSILON] == 0.0  # nothing trained on this data yet
     assert 0 < scalars[wire.M_EVAL_EPSILON] <= 2.0  # charged to the evaluation budget
     assert _only_ledger(tmp_path).entries[-1].kind == "evaluation"
@@ -298,7 +306,9 @@ def test_dp_false_from_the_federation_is_refused_by_default(
     reply = _call(_message("train", global_state), _context(run_config, SIM_NODE))
     scalars = _scalars(reply)
     assert scalars[wire.M_REFUSED] == 1 and wire.ARRAYS not in reply.content.array_records
-    assert "allow-non-private" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ERROR] == wire.ERR_POLICY
+    assert "allow-non-private" in site[wire.SITE_DETAIL]  # the policy's words: no data
     assert _store(tmp_path).keys() == []  # nothing released, nothing recorded
 
 
@@ -309,6 +319,7 @@ def test_an_allowed_non_private_round_spends_the_budget_for_good(
     plain = _run_config(tiny_federation, tmp_path, dp=False, **{"sim-node-config": store})
     reply = _call(_message("train", global_state), _context(plain, SIM_NODE))
     assert _scalars(reply)[wire.M_REFUSED] == 0 and wire.M_TRAIN_LOSS in _scalars(reply)
+    assert wire.M_SECONDS in _scalars(reply)  # a non-private round may say how long it took
     assert [e.kind for e in _only_ledger(tmp_path).entries] == ["non-private"]
     # a later private run on the same data finds nothing left to spend
     private = _run_config(tiny_federation, tmp_path, **{"sim-node-config": store})
@@ -333,7 +344,8 @@ def test_a_crafted_train_round_recovers_no_label_count(
     # Assert: lr=0 is outside what the node accepts; a round it accepts releases no loss,
     # and its count is the one noised count the ledger charged
     assert _scalars(refused)[wire.M_REFUSED] == 1
-    assert "lr=0" in refused.content.config_records[wire.SITE][wire.SITE_ERROR]
+    assert refused.content.config_records[wire.SITE][wire.SITE_ERROR] == wire.ERR_POLICY
+    assert "lr=0" in refused.content.config_records[wire.SITE][wire.SITE_DETAIL]
     scalars = _scalars(honest)
     assert wire.M_TRAIN_LOSS not in scalars and set(scalars) == TRAIN_KEYS
     ledger = _only_ledger(tmp_path)
@@ -382,6 +394,7 @@ def test_exact_evaluation_is_the_nodes_choice_and_recorded(
     scalars = _scalars(_call(_message("evaluate", global_state), _context(run_config, SIM_NODE)))
     assert scalars[wire.M_PRIVATE_METRICS] == 0 and wire.M_LOSS in scalars
     assert math.isinf(scalars[wire.M_EVAL_EPSILON])
+    assert wire.M_SECONDS in scalars  # an exact release may say how long it took
     assert [e.kind for e in _only_ledger(tmp_path).entries] == ["exact-evaluation"]
 
 
@@ -391,7 +404,8 @@ def test_delta_not_well_below_one_over_n_is_refused(
     run_config = _run_config(tiny_federation, tmp_path, delta=0.2)
     reply = _call(_message("train", global_state), _context(run_config, SIM_NODE))
     assert _scalars(reply)[wire.M_BUDGET_SPENT] == 1
-    assert "1/n" in reply.content.config_records[wire.SITE][wire.SITE_ERROR]
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ERROR] == wire.ERR_BUDGET_SPENT and "1/n" in site[wire.SITE_DETAIL]
 
 
 def test_exact_evaluation_is_not_limited_per_run(
@@ -504,7 +518,9 @@ def test_evaluations_inside_train_messages_count_towards_the_nodes_cap_and_keep_
     assert [wire.EVALUATION in r.content.metric_records for r in replies] == [True, True, False]
     assert all(r.content.metric_records[wire.EVALUATION][wire.M_PRIVATE_METRICS] == 1
                for r in replies[:2])
-    why = replies[2].content.config_records[wire.SITE][wire.SITE_EVALUATION_ERROR]
+    site = replies[2].content.config_records[wire.SITE]
+    assert site[wire.SITE_EVALUATION_ERROR] == wire.ERR_POLICY
+    why = site[wire.SITE_EVALUATION_DETAIL]
     assert "max-evaluations-per-run" in why and "final model" in why
     assert all(wire.ARRAYS in r.content.array_records for r in replies)
     assert _scalars(final)[wire.M_REFUSED] == 0 and _scalars(extra)[wire.M_REFUSED] == 1

@@ -2,6 +2,7 @@
 unmask requests, played as hand-built messages to the ClientApp of a deployed node. The
 whole protocol against a lying coordinator runs in tests/server/test_secure.py."""
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from client.app import app
 from client.secure import secagg_refusal
 from client.site import NodeConfig
+from shared_model import wire
 from shared_model.run_config import pyproject_defaults
 
 NODE_ID = 11
@@ -92,16 +94,20 @@ def test_the_hospital_raises_its_own_floor(tiny_federation: list[Path], tmp_path
 
 
 def test_a_refused_setup_forgets_the_previous_one(tiny_federation: list[Path],
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: an honest setup, then a weak one in its place
     ctx = _context(tiny_federation[0], tmp_path)
     assert _keys_sent(app(_setup(3, 2), ctx))
     assert app(_setup(3, 1), ctx).has_error()
     # Execute: the coordinator goes on as if the first setup stood
     share_keys = _secagg(**{Key.STAGE: Stage.SHARE_KEYS})
-    # Assert: the node holds no round to go on with (Flower's mod wants a new setup)
-    with pytest.raises(ValueError, match="expect setup stage"):
-        app(share_keys, ctx)
+    # Assert: the node holds no round to go on with (Flower's mod wants a new setup and
+    # raises; the server gets the code only, the reason stays in the node's log)
+    with caplog.at_level(logging.ERROR):
+        reply = app(share_keys, ctx)
+    assert reply.has_error() and reply.error.reason == wire.ERR_INTERNAL
+    assert "expect setup stage" in caplog.text
 
 
 @pytest.mark.parametrize(("active", "dropped", "named"), [

@@ -361,8 +361,8 @@ def test_a_coordinator_listing_a_node_active_and_dropped_cannot_read_its_update(
             Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: list(NODES),
             Key.DEAD_NODE_ID_LIST: []})}), dst_node_id=node, message_type="train",
             group_id="1")
-        with pytest.raises(ValueError, match="expect setup stage"):
-            app(again, ctx)
+        reply = app(again, ctx)  # Flower's mod raises "expect setup stage": a code only
+        assert reply.has_error() and reply.error.reason == wire.ERR_INTERNAL
 
 
 def test_a_round_below_the_nodes_threshold_floor_halts_before_any_training(

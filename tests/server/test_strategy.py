@@ -225,20 +225,27 @@ def test_refusals_errors_and_missing_arrays_are_left_out(flwr_log):
     replies = [
         train_reply(msgs[1], site="ok", arrays=near(ref, 1), num_examples=10),
         train_reply(msgs[2], site="spent", arrays=None, num_examples=0, budget_exhausted=True,
-                    error="epsilon 8.0 of 8.0 spent"),
+                    error=wire.ERR_BUDGET_SPENT),
         train_reply(msgs[3], site="broken", arrays=None, num_examples=0, data_error=True,
-                    error="manifest.csv not found"),
+                    error=wire.ERR_DATA_UNREADABLE),
         train_reply(msgs[4], site="silent", arrays=None, num_examples=10),
         Message(Error(code=0, reason="ClientApp crashed"), reply_to=msgs[5]),
     ]
+    # a budget refusal's words (the ledger's figures) are shown; a data error's never are
+    replies[1].content.config_records[wire.SITE][wire.SITE_DETAIL] = "epsilon 8.0 of 8.0 spent"
+    replies[2].content.config_records[wire.SITE][wire.SITE_DETAIL] = "47 row(s) in /data/x"
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
     # Assert
     np.testing.assert_array_equal(numpy_arrays(arrays)["enc.bias"], replies[0].content[
         wire.ARRAYS]["enc.bias"].numpy())
     text = "\n".join(flwr_log)
-    assert "node 2 (spent) left out: privacy budget spent: epsilon 8.0 of 8.0 spent" in text
-    assert "node 3 (broken) left out: data error: manifest.csv not found" in text
+    spent = wire.site_error_text(wire.ERR_BUDGET_SPENT, "epsilon 8.0 of 8.0 spent")
+    assert spent.endswith("(budget-spent): epsilon 8.0 of 8.0 spent")
+    assert f"node 2 (spent) left out: privacy budget spent: {spent}" in text
+    broken = wire.SITE_ERRORS[wire.ERR_DATA_UNREADABLE]
+    assert f"node 3 (broken) left out: data error: {broken} (data-unreadable)" in text
+    assert "47 row(s)" not in text and "/data/x" not in text
     assert "node 4 (silent) left out: no arrays" in text
     assert "node 5 (node-5) left out: error reply: ClientApp crashed" in text
 
