@@ -61,13 +61,19 @@ def privacy_show(
             "experiment in OUTPUT/experiments/NAME/seed-N/ledgers)"
         ),
     ] = None,
+    node_key: Annotated[
+        Path | None,
+        typer.Option(help="the SuperNode's private key, when the node config names it as "
+                     "node-key (the ledgers' chain key is derived from it)"),
+    ] = None,
 ) -> None:
     """Print each ledger: every release from the site's data (training rounds, the count,
     evaluations, non-private releases), epsilon spent and left per budget."""
     from client.privacy import LedgerError, default_store_root, find_stores, render_ledger
+    from shared_model.chain_key import key_from_node_key
 
     root = state_dir or default_store_root()
-    stores = find_stores(root)
+    stores = find_stores(root, key=key_from_node_key(node_key) if node_key else None)
     if not stores:
         err.print(f"no privacy ledger store under {Path(root).expanduser()}")
         raise typer.Exit(1)
@@ -163,7 +169,10 @@ def predict(
     model: Annotated[Path, typer.Argument(help="a medfuse model file (final/model.pt)")],
     site_dir: Annotated[Path | None, typer.Argument(help="a site folder (format v1)")] = None,
     image: Annotated[Path | None, typer.Option(help="one image instead of a site")] = None,
-    report: Annotated[str, typer.Option(help="its report: text, or a file holding it")] = "",
+    report: Annotated[Path | None, typer.Option(
+        help="with --image: a text file holding its report")] = None,
+    report_text: Annotated[str, typer.Option(
+        help="with --image: its report's words themselves")] = "",
     out: Annotated[Path, typer.Option(help="predictions.csv, cases/*.png, index.html")] = Path(
         "predictions"),
     labels: LabelsOpt = "",
@@ -172,63 +181,140 @@ def predict(
 ) -> None:
     """The model on your own cases: class probabilities, lesion box, a generated
     description, the image attention map and the report's words shaded by attention;
-    predictions.csv, one PNG per case and an index.html gallery. Nothing leaves here."""
-    from client.predict import case_from_file, cases_of_site, predict, write_outputs
-    from shared_model.dataset import SiteError, open_site
+    predictions.csv, one PNG per case and an index.html gallery. Cases that cannot be read
+    are listed, and are rows of the CSV with the reason. Nothing leaves here."""
+    from client.predict import (
+        cases_of_site,
+        for_terminal,
+        predict,
+        prediction_text,
+        skipped_of_site,
+        write_outputs,
+    )
+    from shared_model.dataset import BadRow, SiteError, open_site
     from shared_model.model_file import ModelFileError, check_matches, load_model_file
     from shared_model.tokenizer import Tokenizer
     from shared_model.train import pick_device
 
     if (site_dir is None) == (image is None):
         fail("give a site folder or --image FILE (one of them)")
+    if image is None and (report is not None or report_text):
+        fail("--report and --report-text go with --image; a site's reports are in its "
+             "manifest")
+    if report is not None and report_text:
+        fail("give --report FILE or --report-text TEXT, not both")
+    skipped: list[BadRow] = []
     try:
         mf = load_model_file(model)
         if labels:
             check_matches(mf, mf.model_config, parse_labels(labels))
         if image is not None:
-            text = Path(report).read_text(encoding="utf-8") if report and Path(
-                report).is_file() else report
-            cases = [case_from_file(image, text, mf)]
+            cases = [_predict_image_case(image, _predict_report(report, report_text), mf)]
         else:
             site = open_site(site_dir, labels=mf.labels, model=mf.model_config,
                              tokenizer=Tokenizer(mf.model_config.vocab_size))
-            cases = cases_of_site(site)
+            cases, skipped = cases_of_site(site), skipped_of_site(site)
         dev = pick_device(device)
     except (ModelFileError, SiteError, OSError, ValueError) as exc:
-        fail(exc)
+        fail(_one_line(exc))
     cases = cases[:limit] if limit else cases
-    console.print(f"predicting {len(cases)} case(s) with {model} on {dev}")
-    preds = predict(mf, cases, dev)
-    files = write_outputs(preds, cases, out, mf.labels)
+    _say(f"predicting {len(cases)} case(s) with {model} on {dev}")
+    try:
+        preds = predict(mf, cases, dev)
+        files = write_outputs(preds, cases, out, mf.labels, skipped)
+    except (OSError, RuntimeError, ValueError) as exc:
+        fail(_one_line(exc), 1)
+    if image is not None:
+        _say(prediction_text(preds[0]))
+    if skipped:
+        _say(f"{len(skipped)} case(s) not predicted (rows of {files['csv']} with the reason "
+             "in 'error'):")
+        for bad in skipped[:_LISTED_SKIPPED]:
+            _say(for_terminal(f"  manifest row {bad.row}, {bad.case_id}: {bad.reason}"))
+        if len(skipped) > _LISTED_SKIPPED:
+            _say(f"  ... and {len(skipped) - _LISTED_SKIPPED} more")
     known = [p for p in preds if p.true_label]
     if known:
         right = sum(p.label == p.true_label for p in known)
-        console.print(f"accuracy on the labelled cases: {right}/{len(known)} "
-                      f"({right / len(known):.3f})")
-    console.print(f"written: {files['csv']}, {out / 'cases'}/, {files['index']}")
+        _say(f"accuracy on the labelled cases: {right}/{len(known)} "
+             f"({right / len(known):.3f})")
+    _say(f"written: {files['csv']}, {out / 'cases'}/, {files['index']}")
 
 
-def _log_path(path: Path) -> Path:
-    from shared_model.audit_log import LOG_FILE
+_LISTED_SKIPPED = 20  # skipped cases listed on the terminal; the CSV has every one
 
-    return path / LOG_FILE if path.is_dir() else path
+
+def _say(text: str) -> None:
+    """Plain text on stdout: no rich markup or highlighting (names come from files)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _predict_report(report: Path | None, text: str) -> str:
+    """The report of `--image`: the words of --report-text, or the file --report names."""
+    if report is None:
+        return text
+    if not report.is_file():
+        fail(f"--report {report}: no such file (to give the report's words themselves, use "
+             "--report-text)")
+    try:
+        return report.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"--report {report}: cannot read it as UTF-8 text ({_one_line(exc)[:200]})")
+
+
+def _predict_image_case(image: Path, report: str, mf):
+    """The case of `--image`, or one line naming the file it cannot read."""
+    from client.predict import case_from_file
+
+    if not image.is_file():
+        fail(f"--image {image}: no such file")
+    try:
+        return case_from_file(image, report, mf)
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises: one line
+        fail(f"--image {image}: cannot read it as an image ({_one_line(exc)[:200]})")
+
+
+def _verified_log(path: Path, node_key: Path | None) -> tuple[Path, list[dict]]:
+    """The log at `path` (or in the folder `path`) and its verified entries; exits with
+    one line on stderr where there is no log (2) or it does not verify (1)."""
+    from shared_model.audit_log import LOG_FILE, AuditLogError, verify
+    from shared_model.chain_key import ChainKeyError, key_from_node_key
+
+    if not path.exists():
+        fail(f"{path} does not exist: there is no audit log there to check", 2)
+    log_file = path / LOG_FILE if path.is_dir() else path
+    if not log_file.is_file():
+        fail(f"{path} holds no audit log ({LOG_FILE}): nothing was verified", 2)
+    try:
+        key = key_from_node_key(node_key) if node_key is not None else None
+        return log_file, verify(log_file, key=key)
+    except (AuditLogError, ChainKeyError, OSError) as exc:
+        fail(exc, 1)
+
+
+NodeKeyOpt = Annotated[Path | None, typer.Option(
+    help="the SuperNode private key the log's chain key is derived from (where the node "
+         "runs with node-key); default: the chain.key file beside the log")]
 
 
 def audit_log_show(
     path: Annotated[Path, typer.Argument(help="an audit log, or the folder holding one (a "
                                               "node's state-dir, a run's output-dir)")],
     last: Annotated[int, typer.Option(min=1, help="the last N entries")] = 50,
+    node_key: NodeKeyOpt = None,
 ) -> None:
-    """Print what crossed the network, one line per message, after verifying the log."""
+    """Print what crossed the network, one line per message, after verifying the log
+    (exit 2 where there is no log, 1 where it does not verify)."""
     from rich.table import Table
 
-    from shared_model.audit_log import AuditLogError, rows_for_display, verify
+    from shared_model.audit_log import rows_for_display
 
-    try:
-        entries = verify(_log_path(path))
-    except (AuditLogError, OSError) as exc:
-        fail(exc, 1)
-    table = Table(title=f"{_log_path(path)}: {len(entries)} entries (verified)")
+    log_file, entries = _verified_log(path, node_key)
+    table = Table(title=f"{log_file}: {len(entries)} entries (verified)")
     for col in ("#", "time", "who", "what", "arrays", "metrics"):
         table.add_column(col, overflow="fold")
     for r in rows_for_display(entries[-last:]):
@@ -238,16 +324,13 @@ def audit_log_show(
 
 def audit_log_verify(
     path: Annotated[Path, typer.Argument(help="an audit log or the folder holding one")],
+    node_key: NodeKeyOpt = None,
 ) -> None:
-    """Check every entry's digest and link and the head file: exit 1 on an edited,
-    reordered or truncated log."""
-    from shared_model.audit_log import AuditLogError, verify
-
-    try:
-        entries = verify(_log_path(path))
-    except (AuditLogError, OSError) as exc:
-        fail(exc, 1)
-    console.print(f"{_log_path(path)}: {len(entries)} entries, every digest and link checks")
+    """Check every entry's MAC and link and the head file under the node's chain key:
+    exit 1 on an edited, reordered or truncated log, 2 where there is no log at all."""
+    log_file, entries = _verified_log(path, node_key)
+    console.print(f"{log_file}: {len(entries)} entries, every MAC and link checks under "
+                  "this node's key")
 
 
 def personalise(
@@ -273,7 +356,7 @@ def personalise(
     import torch
 
     from client.local import DPSettings, local_evaluate, local_train
-    from client.privacy import LedgerError, LedgerStore, data_identity, default_store_root
+    from client.privacy import LedgerError, LedgerStore, default_store_root
     from client.site import NodeConfig
     from shared_model.dataset import SiteError, open_site
     from shared_model.files import atomic_write
@@ -288,7 +371,7 @@ def personalise(
         dev = pick_device(device)
         store = LedgerStore(state_dir or default_store_root())
         with store.lock():
-            ledger = store.open(data_identity(site.path), site_name=site.name,
+            ledger = store.open(store.identify(site.path), site_name=site.name,
                                 data_path=site.path, epsilon_budget=epsilon_budget,
                                 eval_epsilon_budget=NodeConfig().eval_epsilon_budget,
                                 delta=delta)

@@ -856,9 +856,10 @@ def ledger_text(ledger: Ledger) -> str:
     return "\n".join(lines + _summary_lines(ledger))
 
 
-def find_stores(root: Path | None = None) -> list[LedgerStore]:
-    """Stores at `root` or one level below (a folder of simulated nodes' stores)."""
+def find_stores(root: Path | None = None, key: bytes | None = None) -> list[LedgerStore]:
+    """Stores at `root` or one level below (a folder of simulated nodes' stores); `key`:
+    their chain key when it is not the stores' own key file (node config node-key)."""
     base = Path(root).expanduser() if root is not None else default_store_root()
     if (base / INDEX_FILE).exists():
-        return [LedgerStore(base)]
-    return [LedgerStore(p.parent) for p in sorted(base.glob(f"*/{INDEX_FILE}"))]
+        return [LedgerStore(base, key=key)]
+    return [LedgerStore(p.parent, key=key) for p in sorted(base.glob(f"*/{INDEX_FILE}"))]

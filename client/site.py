@@ -79,9 +79,17 @@ class NodeConfig(BaseModel):
         "not spend: kept for this hospital's own later releases (medfuse personalise)")
     delta: float | None = Field(None, gt=0.0, lt=1.0, description="only lower than the run's")
     state_dir: str | None = Field(None, description="the ledger store (default ~/.medfuse/privacy)")
+    node_key: str | None = Field(
+        None, min_length=1, description="the SuperNode's private key file: the ledger's "
+        "and the audit log's chains are keyed by a secret derived from it, which then "
+        "never sits in the store's folder (default: STATE_DIR/chain.key)")
     threads: int = Field(1, ge=1, le=1024, description="torch threads of this ClientApp")
     # what this hospital releases
     allow_non_private: bool = Field(False, description="train when the run asks dp=false")
+    release_compute_time: bool = Field(
+        False, description="send the seconds each message took, released WITHOUT DP (a "
+        "crafted model can make its running time depend on one case): for a researcher's "
+        "simulated hospitals and benchmarks, never a hospital's default")
     evaluation: EvaluationRelease = Field(
         "dp", description="dp: noised metrics charged to the evaluation budget; exact: "
         "exact metrics, recorded as infinite epsilon; off: no evaluation metrics")

@@ -83,6 +83,8 @@ class DeployConfig(BaseModel):
     run_timeout: float | None = Field(None, gt=0, description="give up after this many s")
     run_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     public: bool = Field(True, description="start from a public model (built once, cached)")
+    timed_nodes: bool = Field(False, description="nodes send the seconds each message took "
+                              "(released without DP): for the bench's round overhead")
     public_cases: int = Field(1000, ge=50, description="synthetic public corpus size")
     keep_workdir: bool = False
     app_dir: Path = PROJECT_DIR
@@ -169,6 +171,7 @@ class LocalFederation(Supervisor):
         logs_dir: Path | None = None,
         echo: Echo = print,
         epsilon_budget: float | None = None,
+        timed_nodes: bool = False,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(Path(workdir).resolve(), CONNECTION_NAME, app_dir=app_dir,
@@ -176,6 +179,7 @@ class LocalFederation(Supervisor):
         self.workdir = self.group.workdir
         self.sites = {n: Path(p).resolve() for n, p in sites.items()}
         self.epsilon_budget = epsilon_budget
+        self.timed_nodes = timed_nodes
         ports = free_ports(1 + len(self.sites))
         self.port = ports[0]
         self.node_ports = dict(zip(self.sites, ports[1:], strict=True))
@@ -245,7 +249,8 @@ class LocalFederation(Supervisor):
             root_cert=ca,
             private_key=private_key or self.prov.private_key(name),
             node_config=node_config_string(
-                str(self.sites[name]), name, "auto", self.epsilon_budget, str(state)
+                str(self.sites[name]), name, "auto", self.epsilon_budget, str(state),
+                release_compute_time=self.timed_nodes,
             ),
             max_retries=max_retries,
         )
@@ -504,7 +509,7 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
         echo(f"[deploy] {len(sites)} hospitals: "
              + ", ".join(f"{n} <- {p}" for n, p in sites.items()))  # fmt: skip
         fed = LocalFederation(workdir, sites, app_dir=cfg.app_dir, logs_dir=out / "logs",
-                              echo=echo)  # fmt: skip
+                              echo=echo, timed_nodes=cfg.timed_nodes)  # fmt: skip
         fed.start(timeout=cfg.node_wait_timeout)
         run_config = cfg.flower_run_config(out / "output")
         if cfg.public and "initial-model" not in run_config:

@@ -292,8 +292,11 @@ def node_config_string(
     device: str = "auto",
     epsilon_budget: float | None = DEFAULT_NODE_EPSILON_BUDGET,
     state_dir: str | None = None,
+    release_compute_time: bool = False,
 ) -> str:
     """The `--node-config` value the ClientApp reads (TOML values, strings quoted).
+    `release_compute_time`: the node sends how long each message took, without DP (a
+    rehearsal or a benchmark on one's own machines, never a hospital's default).
 
     Flower splits the string on spaces outside quotes and has no escapes inside them, so a
     string is double-quoted, or single-quoted (TOML literal) when it holds `"` or `\\`.
@@ -315,6 +318,8 @@ def node_config_string(
         parts.append(f"epsilon-budget={float(epsilon_budget)!r}")
     if state_dir is not None:
         parts.append(f"state-dir={q(state_dir)}")
+    if release_compute_time:
+        parts.append("release-compute-time=true")
     return " ".join(parts)
 
 

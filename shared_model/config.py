@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Fusion = Literal["concat", "gated", "bilinear"]
 Modality = Literal["fused", "image", "text"]
 ModelSize = Literal["small", "large"]
+# Upper bounds on every size of the model: a model file can come from anyone, so its config
+# is data, and each size is at most about 8x what `large()` uses (`large()` is 5.3 M
+# parameters). The parameter count these sizes multiply into is capped separately
+# (shared_model/model_file.py) before any module is built.
+MAX_WIDTH = 1024  # channels of a CNN stage
+MAX_STAGES = 8
+MAX_VOCAB = 65536
+MAX_DIM = 2048  # embedding, LSTM and decoder widths
+MAX_FUSED_DIM = 4096
+MAX_BILINEAR_RANK = 64
+MAX_CLASSES = 1000
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 MANIFEST = "manifest.csv"  # the file that makes a folder a site (dataset format v1)
 CACHE_ENV = "MEDFUSE_CACHE"
 
@@ -40,21 +52,23 @@ class ModelConfig(BaseModel):
     # image encoder
     image_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
     in_channels: int = Field(1, ge=1, le=3)
-    cnn_widths: tuple[int, ...] = Field((16, 32, 64), min_length=1)
+    cnn_widths: tuple[Width, ...] = Field((16, 32, 64), min_length=1, max_length=MAX_STAGES)
     cnn_blocks_per_stage: int = Field(1, ge=1, le=8)
-    norm_groups: int = Field(8, ge=1, description="GroupNorm groups; divides every width")
+    norm_groups: int = Field(8, ge=1, le=MAX_WIDTH,
+                             description="GroupNorm groups; divides every width")
 
     # text encoder
-    vocab_size: int = Field(2560, ge=64, description="fixed words + specials + hash buckets")
+    vocab_size: int = Field(2560, ge=64, le=MAX_VOCAB,
+                            description="fixed words + specials + hash buckets")
     max_report_tokens: int = Field(48, ge=4, le=1024)
-    embed_dim: int = Field(64, ge=8)
-    lstm_hidden: int = Field(64, ge=8, description="per direction")
+    embed_dim: int = Field(64, ge=8, le=MAX_DIM)
+    lstm_hidden: int = Field(64, ge=8, le=MAX_DIM, description="per direction")
 
     # fusion
     fusion: Fusion = "gated"
     modality: Modality = "fused"
-    fused_dim: int = Field(128, ge=8)
-    bilinear_rank: int = Field(16, ge=1)
+    fused_dim: int = Field(128, ge=8, le=MAX_FUSED_DIM)
+    bilinear_rank: int = Field(16, ge=1, le=MAX_BILINEAR_RANK)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     report_dropout: float = Field(
         0.3,
@@ -65,11 +79,11 @@ class ModelConfig(BaseModel):
     )
 
     # heads
-    num_classes: int = Field(len(DEFAULT_LABELS), ge=2)
+    num_classes: int = Field(len(DEFAULT_LABELS), ge=2, le=MAX_CLASSES)
     localisation: bool = True
     generation: bool = True
     max_gen_tokens: int = Field(24, ge=4, le=256, description="decoder target length incl. bos/eos")
-    decoder_hidden: int = Field(96, ge=8)
+    decoder_hidden: int = Field(96, ge=8, le=MAX_DIM)
 
     # loss weights
     loss_cls: float = Field(1.0, ge=0.0)

