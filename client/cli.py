@@ -351,13 +351,11 @@ def personalise(
     """Fine-tune the federation's model on this hospital's own train split with DP-SGD,
     charged to the data's privacy ledger like any other release (refused when the budget
     is spent); print the test accuracy here of the global and the personalised model."""
-    import secrets
-
+    # imported here, as every command's: `medfuse --help` stays fast without torch
     import torch
 
-    from client.local import DPSettings, local_evaluate, local_train
+    from client.local import Budget, LocalSteps, local_evaluate, private_round
     from client.privacy import LedgerError, LedgerStore, default_store_root
-    from client.site import NodeConfig
     from shared_model.dataset import SiteError, open_site
     from shared_model.files import atomic_write
     from shared_model.model_file import ModelFileError, load_model_file, payload
@@ -369,17 +367,10 @@ def personalise(
         site = open_site(site_dir, labels=mf.labels, model=mf.model_config,
                          tokenizer=Tokenizer(mf.model_config.vocab_size))
         dev = pick_device(device)
-        store = LedgerStore(state_dir or default_store_root())
-        with store.lock():
-            ledger = store.open(store.identify(site.path), site_name=site.name,
-                                data_path=site.path, epsilon_budget=epsilon_budget,
-                                eval_epsilon_budget=NodeConfig().eval_epsilon_budget,
-                                delta=delta)
-            outcome = local_train(
-                mf.model_config, site, mf.state, epochs=epochs, lr=lr, batch_size=batch_size,
-                dp=DPSettings(), ledger=ledger, save_ledger=store.save,
-                run_id=secrets.randbits(31), server_round=1, rounds_left=1, device=dev,
-                seed=0, optimizer="sgd")
+        outcome = private_round(
+            LedgerStore(state_dir or default_store_root()), mf.model_config, site, mf.state,
+            LocalSteps(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="sgd"),
+            Budget(epsilon=epsilon_budget, delta=delta), device=dev)
     except (ModelFileError, SiteError, LedgerError, OSError, ValueError) as exc:
         fail(exc)
     if outcome.refused:
@@ -394,5 +385,5 @@ def personalise(
     console.print(f"{site.name}: test accuracy here (exact, {n} cases, not released) "
                   f"global {before.get('accuracy', float('nan')):.3f} -> personalised "
                   f"{after.get('accuracy', float('nan')):.3f}; epsilon spent on this data "
-                  f"{outcome.epsilon:.2f} of {ledger.epsilon_budget:g}")
+                  f"{outcome.epsilon:.2f} of {outcome.epsilon_budget:g}")
     console.print(f"written: {out}")

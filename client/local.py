@@ -38,11 +38,13 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
-from client.privacy import AccountantName, BudgetError, Ledger, noise_for_budget
+from client.privacy import AccountantName, BudgetError, Ledger, LedgerStore, noise_for_budget
 from client.release import COUNT_NOISE, noised_count
+from client.site import DEFAULT_EVAL_EPSILON_BUDGET, NodeConfig, RoundAsk, round_refusal
 from shared_model.config import ModelConfig
 from shared_model.dataset import SiteData, SiteSplit
 from shared_model.model import MedFuseModel, TrainLayers, freeze
+from shared_model.run_config import LocalRecipe, RunConfig
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
     CaseResults,
@@ -88,6 +90,44 @@ class DPSettings:
     # later releases (node config epsilon-reserve; medfuse personalise spends it)
     reserve: float = 0.0
 
+    @classmethod
+    def of(cls, run: RunConfig, *, reserve: float = 0.0) -> DPSettings:
+        """What the run config asks (dp, noise, clipping, accountant, secure mode)."""
+        return cls(enabled=run.dp,
+                   noise_multiplier=run.noise_multiplier or None,  # 0: from the budget
+                   max_grad_norm=run.max_grad_norm, accountant=run.accountant,
+                   secure_mode=run.secure_mode, reserve=reserve)
+
+
+@dataclass(frozen=True)
+class LocalSteps:
+    """What one local round runs: epochs, step size, batches and the optimizer."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    proximal_mu: float = 0.0
+    optimizer: OptimizerName = "adam"
+    momentum: float = 0.0
+    train_layers: TrainLayers = "all"
+
+    @classmethod
+    def of(cls, recipe: LocalRecipe, *, epochs: int, batch_size: int,
+           lr: float | None = None, proximal_mu: float = 0.0) -> LocalSteps:
+        """The run's recipe (`RunConfig.recipe()`), at `lr` where a round asks another."""
+        return cls(epochs=epochs, lr=recipe.lr if lr is None else lr, batch_size=batch_size,
+                   proximal_mu=proximal_mu, optimizer=recipe.optimizer,
+                   momentum=recipe.momentum, train_layers=recipe.train_layers)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The caps a data's ledger is opened with: they only ever lower what it holds."""
+
+    epsilon: float  # training
+    delta: float
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON_BUDGET  # the val/test splits'
+
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -102,6 +142,7 @@ class TrainOutcome:
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     steps: int = 0
+    epsilon_budget: float = math.inf  # the data's training budget, as its ledger holds it
 
 
 @dataclass(frozen=True)
@@ -124,6 +165,17 @@ def round_seed(seed: int, site_name: str, server_round: int) -> int:
 def secret_seed() -> int:
     """64 bits from the operating system's CSPRNG: unknown to the server, never stored."""
     return secrets.randbits(64)
+
+
+def training_refusal(node: NodeConfig, ask: RoundAsk, run: RunConfig) -> str:
+    """Why this node refuses a training round ('' when it does not). Worked out from the
+    node's config and the server's request alone, never from the data, so the reply may
+    carry these words (`wire.DETAILED_ERRORS`); a budget refusal likewise quotes only the
+    ledger's figures, which are post-processing of DP releases."""
+    if not run.dp and not node.allow_non_private:
+        return ("the run asks for training without differential privacy (dp=false) and this "
+                "node does not allow it (node config allow-non-private=false)")
+    return round_refusal(node, ask)
 
 
 def dp_plan(released_n: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -233,6 +285,18 @@ class FiniteDPOptimizer(DPOptimizer):
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the tensors of `state` that hold a NaN or an infinity."""
     return [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+
+
+def non_finite_model(state: Mapping[str, torch.Tensor]) -> str:
+    """Why a node will not train the model it was sent ('' when it will): a weight that
+    is not finite makes every update non-finite, whatever the data, so the round would be
+    charged and never released. Decided from the model alone: nothing is charged."""
+    bad = [name for name, t in state.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return ""
+    return (f"the model this round carries has weights that are not finite ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): not trained")
 
 
 # ----------------------------------------------------------------- the round's steps
@@ -428,6 +492,62 @@ def local_train(
     return _finite(outcome, site.name)
 
 
+def open_ledger(store: LedgerStore, site: SiteData, budget: Budget) -> Ledger:
+    """This data's ledger in `store` (found by the data's identity, created on first use),
+    its budgets and delta lowered to `budget`'s where those are smaller. Call under
+    `store.lock()`."""
+    return store.open(store.identify(site.path), site_name=site.name, data_path=site.path,
+                      epsilon_budget=budget.epsilon, eval_epsilon_budget=budget.eval_epsilon,
+                      delta=budget.delta)
+
+
+def private_round(
+    store: LedgerStore,
+    model_cfg: ModelConfig,
+    site: SiteData,
+    start: Mapping[str, torch.Tensor],
+    steps: LocalSteps,
+    budget: Budget,
+    *,
+    device: torch.device,
+    dp: DPSettings = DPSettings(),
+    run_id: int | None = None,
+    server_round: int = 1,
+    rounds_left: int = 1,
+    seed: int = 0,
+) -> TrainOutcome:
+    """One training round of `site` from `start`, charged to the data's ledger in `store`:
+    under the store's lock, open the ledger (`open_ledger`), plan the round's privacy cost,
+    train, settle and save (`local_train`). The one way every caller runs a round: the
+    ClientApp's train message, `medfuse personalise`, the simulation's local baselines.
+
+    `run_id` None: a fresh secret id, for a one-off release outside any federated run
+    (its noise level is then derived for this round alone). A refusal (the budget is
+    spent) is an outcome with `refused`; raises `LedgerError`, `DPSetupError` and
+    `NonFiniteUpdate` (after the round is saved) as `local_train` does.
+
+        store = LedgerStore(state_dir)
+        site = open_site(site_dir, labels=mf.labels, model=mf.model_config,
+                         tokenizer=Tokenizer(mf.model_config.vocab_size))
+        out = private_round(
+            store, mf.model_config, site, mf.state,
+            LocalSteps.of(run.recipe(), epochs=2, batch_size=32),
+            Budget(epsilon=8.0, delta=1e-5), device=torch.device("cpu"))
+        if out.refused:
+            print(out.reason)
+    """
+    with store.lock():
+        ledger = open_ledger(store, site, budget)
+        return local_train(
+            model_cfg, site, start, epochs=steps.epochs, lr=steps.lr,
+            batch_size=steps.batch_size, proximal_mu=steps.proximal_mu, dp=dp, ledger=ledger,
+            save_ledger=store.save,
+            run_id=secrets.randbits(31) if run_id is None else run_id,
+            server_round=server_round, rounds_left=rounds_left, device=device, seed=seed,
+            optimizer=steps.optimizer, momentum=steps.momentum,
+            train_layers=steps.train_layers)
+
+
 def _finite(outcome: TrainOutcome, site: str) -> TrainOutcome:
     """`outcome`, or `NonFiniteUpdate` where its state holds a NaN or an infinity. Called
     once the round is in the ledger on disk: the round stays charged either way."""
@@ -449,6 +569,7 @@ def _private(ledger: Ledger, plan: RoundPlan, state: dict[str, torch.Tensor],
         state=state, num_examples=plan.released_n, train_loss=train_loss, epsilon=epsilon,
         delta=ledger.delta, epsilon_left=_budget_left(ledger, epsilon),
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+        epsilon_budget=ledger.epsilon_budget,
     )
 
 
@@ -473,7 +594,8 @@ def _non_private(ledger: Ledger, save_ledger: Callable[[Ledger], object],
                   noise_multiplier=0.0, note="trained with dp=false")
     save_ledger(ledger)
     return TrainOutcome(state=state, num_examples=n, train_loss=train_loss,
-                        epsilon=math.inf, delta=ledger.delta, epsilon_left=0.0)
+                        epsilon=math.inf, delta=ledger.delta, epsilon_left=0.0,
+                        epsilon_budget=ledger.epsilon_budget)
 
 
 def _refusal(ledger: Ledger, accountant: AccountantName, reason: str) -> TrainOutcome:
@@ -482,6 +604,7 @@ def _refusal(ledger: Ledger, accountant: AccountantName, reason: str) -> TrainOu
     return TrainOutcome(
         state=None, num_examples=0, train_loss=math.nan, epsilon=spent, delta=ledger.delta,
         epsilon_left=_budget_left(ledger, spent), refused=True, reason=reason,
+        epsilon_budget=ledger.epsilon_budget,
     )
 
 

@@ -19,6 +19,7 @@ writes both sides, so there is no one else's budget to protect.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,11 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.privacy import default_store_root
+from shared_model import wire
 from shared_model.config import MANIFEST, cache_root
+from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET, RunConfig, device_name
+from shared_model.tokenizer import Tokenizer
+from shared_model.train import pick_device
 from shared_model.validation import describe, messages
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,9 @@ def _kebab(name: str) -> str:
 EvaluationRelease = Literal["dp", "exact", "off"]
 
 DEFAULT_EPSILON_BUDGET = DEFAULT_NODE_EPSILON_BUDGET  # the hospital's own, never the run's
+# the budget of a data's val/test splits (node config eval-epsilon-budget): every ledger
+# client/ opens takes this default unless the node names its own
+DEFAULT_EVAL_EPSILON_BUDGET = 2.0
 
 
 class NodeConfig(BaseModel):
@@ -93,7 +102,8 @@ class NodeConfig(BaseModel):
     evaluation: EvaluationRelease = Field(
         "dp", description="dp: noised metrics charged to the evaluation budget; exact: "
         "exact metrics, recorded as infinite epsilon; off: no evaluation metrics")
-    eval_epsilon_budget: float = Field(2.0, gt=0.0, description="budget of the val/test splits")
+    eval_epsilon_budget: float = Field(DEFAULT_EVAL_EPSILON_BUDGET, gt=0.0,
+                                       description="budget of the val/test splits")
     max_evaluations_per_run: int = Field(4, ge=0, le=10_000)
     # what a round may ask of this node
     min_lr: float = Field(1e-6, gt=0.0)
@@ -286,6 +296,99 @@ def list_sites(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
 
 
+# ----------------------------------------------------------------- opened sites
+
+
+class OpenedSites:
+    """The sites this process has opened, newest last, at most `max_sites` of them.
+
+    Why it exists: a simulation process serves many virtual nodes in turn, one message
+    at a time, and decoding every image of a site on every message dominated a round. A
+    site is opened again when anything that shapes it changes: its folder's files (name,
+    size, modification time), the labels or the model settings.
+
+    Why an object: the ClientApp creates one when it is built (`client.app.build_app`)
+    and owns it for the life of the process, so no module holds a mutable cache and a
+    test (or a second app) makes its own, empty one.
+    """
+
+    def __init__(self, max_sites: int = 8) -> None:
+        self.max_sites = max_sites
+        self._sites: dict[tuple, SiteData] = {}  # insertion order: oldest first
+
+    def open(self, path: Path, run: RunConfig) -> SiteData:
+        """`open_site` of `path` under the run's labels and model, or the copy opened
+        before from the same folder contents and settings."""
+        model_cfg = run.model()
+        key = (str(Path(path).resolve()), run.label_set, model_cfg.model_dump_json(),
+               folder_stamp(Path(path)))
+        site = self._sites.pop(key, None)
+        if site is None:
+            site = open_site(path, labels=run.label_set, model=model_cfg,
+                             tokenizer=Tokenizer(model_cfg.vocab_size))
+        self._sites[key] = site
+        while len(self._sites) > self.max_sites:
+            self._sites.pop(next(iter(self._sites)))
+        return site
+
+
+class Unusable(Exception):
+    """This node cannot take part in this message: `code` (`wire.SITE_ERRORS`) is what the
+    server gets; `str()` is the full text, for the node's own log only."""
+
+    def __init__(self, site_name: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.site_name = site_name
+        self.code = code
+
+
+def open_node_site(node_config: Mapping, run: RunConfig,
+                   sites: OpenedSites) -> tuple[SiteChoice, SiteData, torch.device]:
+    """What a message needs first: which data, which device, and the opened site (named
+    as the node config says), through `sites`; `Unusable` with a code if not."""
+    try:
+        choice = resolve_site(node_config, run)
+    except SiteConfigError as exc:
+        raise Unusable(name_hint(node_config), wire.ERR_NODE_CONFIG, str(exc)) from None
+    torch.set_num_threads(choice.threads)
+    try:
+        device = pick_device(choice.device)
+    except (ValueError, RuntimeError) as exc:
+        raise Unusable(choice.site_name, wire.ERR_DEVICE,
+                       f"{choice.site_name}: {exc}") from None
+    try:
+        site = sites.open(choice.data_path, run)
+    except (SiteError, OSError) as exc:
+        raise Unusable(choice.site_name, wire.ERR_DATA_UNREADABLE,
+                       f"{choice.site_name}: {exc}") from None
+    if len(site.train) == 0:
+        raise Unusable(choice.site_name, wire.ERR_NO_TRAINING_ROWS,
+                       f"{choice.site_name}: no training rows")
+    return choice, dataclasses.replace(site, name=choice.site_name), device
+
+
+def name_hint(node_config: Mapping) -> str:
+    """A name for a node whose config could not be used (for the server's log)."""
+    if node_config.get("site-name"):
+        return str(node_config["site-name"])
+    if node_config.get("data-path"):
+        return Path(str(node_config["data-path"])).name or str(node_config["data-path"])
+    if "partition-id" in node_config:
+        return f"partition-{node_config['partition-id']}"
+    return "unknown-site"
+
+
+def folder_stamp(folder: Path) -> tuple:
+    """Every file's name, size and modification time: a changed folder, a new stamp."""
+    stamp = []
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            stamp.append((os.path.relpath(os.path.join(root, name), folder), st.st_size,
+                          st.st_mtime_ns))
+    return tuple(sorted(stamp))
+
+
 # ----------------------------------------------------------------- synthetic federation
 
 
@@ -312,6 +415,8 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     target = (cache or synthetic_root()) / synthetic_name(run)
     if target.is_dir():
         return target
+    # imported here: only a simulation without sites-dir writes a federation, and
+    # shared_model.synth is the largest module a ClientApp would otherwise load at start
     from shared_model.synth import SynthConfig, write_federation
 
     try:

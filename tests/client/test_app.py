@@ -425,17 +425,18 @@ def test_a_site_is_decoded_once_per_process_until_its_folder_changes(
     import os
     import shutil
 
-    from client.app import _opened_site
+    from client.site import OpenedSites
 
     site_dir = tmp_path / "site"
     shutil.copytree(tiny_federation[0], site_dir)
     run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    sites = OpenedSites()
     # Execute
-    first = _opened_site(site_dir, run)
-    again = _opened_site(site_dir, run)
+    first = sites.open(site_dir, run)
+    again = sites.open(site_dir, run)
     image = next(p for p in sorted(site_dir.rglob("*")) if p.suffix in (".png", ".dcm"))
     os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed
-    changed = _opened_site(site_dir, run)
+    changed = sites.open(site_dir, run)
     # Assert
     assert again is first
     assert changed is not first and len(changed.train) == len(first.train)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
-import client.app as client_app
+import client.evaluation as client_evaluation
+import client.local as client_local
 from client.local import NonFiniteUpdate, local_cases
 from client.release import EVAL_SENSITIVITY, _macro_f1, case_vectors
 from shared_model import wire
@@ -194,7 +195,7 @@ def test_an_unexpected_exception_reaches_the_server_as_a_code_only(
     def failing(*args: object, **kwargs: object) -> None:
         raise ValueError("case s00-00031 in /hospital/data: 47 row(s)")
 
-    monkeypatch.setattr(client_app, "local_cases", failing)
+    monkeypatch.setattr(client_evaluation, "local_cases", failing)
     ctx = _context(_run_config(tiny_federation, tmp_path), {"partition-id": 0,
                                                            "num-partitions": 2})
     # Execute
@@ -214,7 +215,7 @@ def test_a_non_finite_update_is_answered_with_its_code(
     def non_finite(*args: object, **kwargs: object) -> None:
         raise NonFiniteUpdate("the noised update of case s00-00031 is NaN")
 
-    monkeypatch.setattr(client_app, "local_train", non_finite)
+    monkeypatch.setattr(client_local, "local_train", non_finite)
     ctx = _context(_run_config(tiny_federation, tmp_path), {"partition-id": 0,
                                                            "num-partitions": 2})
     # Execute

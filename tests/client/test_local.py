@@ -11,21 +11,26 @@ from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, Subset
 
 from client.local import (
+    Budget,
     DPSettings,
+    LocalSteps,
     RoundPlan,
     dp_plan,
     local_evaluate,
     local_train,
     make_private,
+    private_round,
     released_count,
 )
 from client.privacy import Ledger, LedgerStore, data_identity
 from client.release import COUNT_NOISE
+from client.site import DEFAULT_EVAL_EPSILON_BUDGET
 from shared_model import wire
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.dataset import SiteData, SiteSplit, open_site
 from shared_model.model import MedFuseModel
+from shared_model.run_config import LocalRecipe
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import make_loss_fn, train_epoch, unwrap
 
@@ -310,3 +315,49 @@ def test_frozen_layers_keep_the_initial_values_under_dp(tmp_path: Path, site: Si
     trained = [k for k, _ in MedFuseModel(CFG).named_parameters() if k not in frozen]
     assert frozen and all(torch.equal(out.state[k], init_state[k]) for k in frozen)
     assert all(not torch.equal(out.state[k], init_state[k]) for k in trained)  # noised
+
+
+def test_private_round_opens_the_ledger_trains_and_saves_it(
+    tmp_path: Path, site: SiteData, init_state: dict
+) -> None:
+    # Prepare: an empty store; the round as `medfuse personalise` asks it
+    store = _store(tmp_path)
+    steps = LocalSteps(epochs=1, lr=1e-3, batch_size=8, optimizer="sgd")
+    # Execute
+    out = private_round(store, CFG, site, init_state, steps, Budget(epsilon=50.0, delta=DELTA),
+                        device=CPU)
+    # Assert: the round is the ledger's, on disk, under the data's identity
+    with store.lock():
+        saved = store.load(store.identify(site.path).key)
+    assert not out.refused and out.state is not None
+    assert [e.kind for e in saved.entries] == ["count", "dp-sgd"]
+    assert out.epsilon == pytest.approx(saved.epsilon("train")) and out.epsilon > 0
+    assert out.epsilon_budget == saved.epsilon_budget == 50.0
+    assert saved.eval_epsilon_budget == DEFAULT_EVAL_EPSILON_BUDGET
+
+
+def test_private_round_refuses_past_the_budget_and_saves_only_the_count(
+    tmp_path: Path, site: SiteData, init_state: dict
+) -> None:
+    # Prepare
+    store = _store(tmp_path)
+    steps = LocalSteps(epochs=1, lr=1e-3, batch_size=8)
+    # Execute: fixed noise far too small for the budget
+    out = private_round(store, CFG, site, init_state, steps, Budget(epsilon=0.5, delta=DELTA),
+                        device=CPU, dp=DPSettings(noise_multiplier=0.1), run_id=3)
+    # Assert
+    with store.lock():
+        saved = store.load(store.identify(site.path).key)
+    assert out.refused and out.state is None and "budget spent" in out.reason
+    assert [e.kind for e in saved.entries] == ["count"]
+
+
+def test_local_steps_of_the_run_recipe_take_the_rounds_lr() -> None:
+    # Prepare
+    recipe = LocalRecipe("sgd", 0.05, 0.9, "head")
+    # Execute
+    steps = LocalSteps.of(recipe, epochs=2, batch_size=16, lr=0.01, proximal_mu=0.1)
+    # Assert
+    assert steps == LocalSteps(epochs=2, lr=0.01, batch_size=16, proximal_mu=0.1,
+                               optimizer="sgd", momentum=0.9, train_layers="head")
+    assert LocalSteps.of(recipe, epochs=1, batch_size=8).lr == 0.05
