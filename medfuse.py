@@ -2,7 +2,7 @@
 
 Hospital IT (client/cli.py):       data check, privacy show, audit, predict,
                                    personalise, audit-log
-Coordinator (server/cli.py):       provision, pretrain, deploy local, dashboard
+Coordinator (server/ops/cli.py):       provision, pretrain, deploy local, dashboard
 Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
 Only the command definitions are imported here; each command imports what it runs when it
@@ -16,7 +16,7 @@ import sys
 import typer
 
 from client import cli as hospital
-from server import cli as coordinator
+from server.ops import cli as coordinator
 from simulations import cli as research
 from simulations.simulate import simulate
 

@@ -1,6 +1,6 @@
 """What every room's commands share: the consoles, the label-set option, one error exit.
 
-Each role's commands live in its own room (`client/cli.py`, `server/cli.py`,
+Each role's commands live in its own room (`client/cli.py`, `server/ops/cli.py`,
 `simulations/cli.py`); `medfuse.py` composes them into one `medfuse` command.
 """
 

@@ -42,7 +42,7 @@ MAX_EPSILON = 1000.0
 # A node's training budget when its node config names none: the hospital's, never the
 # federation's (`docs/privacy.md`). 8 is the budget the project's DP recipes are tuned to
 # (simulations/*.toml), a common ceiling for DP-SGD on medical data. Here because both the
-# node (client.site) and the coordinator's provisioning (server.provision) state it.
+# node (client.site) and the coordinator's provisioning (server.ops.handouts) state it.
 DEFAULT_NODE_EPSILON_BUDGET = 8.0
 MAX_NODES = 100_000  # node counts: far above any federation this project serves
 MAX_NORM = 1e6  # L2 bounds of a whole update (update-max-norm, central-clip)

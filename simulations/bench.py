@@ -312,7 +312,7 @@ def _clientapp_start_s() -> float:
 def deploy_figures(out: Path, rounds: int = 5) -> list[Figure]:
     """`medfuse deploy local` with 2 hospitals: the seconds each round takes beyond the
     slowest hospital's own compute."""
-    from server.deploy import DeployConfig, deploy_local
+    from server.ops.deploy import DeployConfig, deploy_local
     from server.results import RESULTS_FILE, read_rows
 
     cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / "deploy", min_nodes=2,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.deploy import LocalFederation
+from server.ops.federation import LocalFederation
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-import server.deploy as deploy
-from server.cli import deploy_app
-from server.deploy import DeployConfig, LocalFederation, Submission
-from server.provision import provision
+from server.ops.cli import deploy_app
+from server.ops.deploy import DeployConfig
+from server.ops.federation import PROJECT_DIR, LocalFederation
+from server.ops.processes import free_port
+from server.ops.provision import provision
+from server.ops.supervisor import Submission
 from server.results import RESULTS_FILE, read_rows
-from server.supervisor import free_port
 from shared_model import wire
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,7 @@ def test_deploy_local_runs_secure_aggregation_over_tls_and_leaves_nothing_behind
     out = tmp_path / "out"
     sites = [str(two_sites[k]) for k in ("h0", "h1")]
     args = ["local", "--rounds", "1", "--image-size", "32", "--out", str(out),
-            "--app", str(deploy.PROJECT_DIR), "--sites", sites[0], "--sites", sites[1],
+            "--app", str(PROJECT_DIR), "--sites", sites[0], "--sites", sites[1],
             "--min-nodes", "2", "-c", "batch-size=16 secure-aggregation=true"]  # fmt: skip
     # Execute
     t0 = time.monotonic()
@@ -103,7 +104,7 @@ def test_faults_node_kill_superlink_restart_and_intruders(
     round 1 is not lost. (Two hospitals: on 2 cores every extra node slows each round.)"""
     # Prepare
     # the hospitals' own budget (node config): the resumed round 2 trains again at h0
-    fed = make_federation(two_sites, app_dir=deploy.PROJECT_DIR, epsilon_budget=1000.0)
+    fed = make_federation(two_sites, app_dir=PROJECT_DIR, epsilon_budget=1000.0)
     t0 = time.monotonic()
     fed.start(timeout=150)
     startup = time.monotonic() - t0
@@ -127,7 +128,7 @@ def test_faults_node_kill_superlink_restart_and_intruders(
             f.kill_superlink()
 
     cfg = DeployConfig(
-        hospitals=2, rounds=2, min_nodes=1, round_timeout=100, app_dir=deploy.PROJECT_DIR,
+        hospitals=2, rounds=2, min_nodes=1, round_timeout=100, app_dir=PROJECT_DIR,
         # large budget: the resumed round 2 trains again at h0
         run_config={"batch-size": 16, "epsilon": 1000.0, "noise-multiplier": 1.0},
     )  # fmt: skip
@@ -200,7 +201,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_ctrl_c_stops_every_process(tmp_path: Path):
     # Prepare: `medfuse deploy local` in its own process, as a user runs it
     script = (
-        "from server.cli import deploy_app\n"
+        "from server.ops.cli import deploy_app\n"
         "deploy_app(['local', '--hospitals', '2', '--rounds', '1', '--cases-per-site', '20',"
         f" '--out', {str(tmp_path / 'out')!r}])\n"
     )
@@ -209,7 +210,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=deploy.PROJECT_DIR,
+        cwd=PROJECT_DIR,
     )
     workdir = None
     try:

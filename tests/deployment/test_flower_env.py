@@ -12,19 +12,16 @@ import pytest
 from typer.testing import CliRunner
 
 from medfuse import app as medfuse_app
-from server.cli import _parse_overrides
-from server.deploy import DeployConfig, site_names
-from server.provision import OFFLINE_ENV
-from server.supervisor import (
-    TAG_VAR,
-    ProcessGroup,
-    flower_env,
-    free_ports,
+from server.ops.cli import _parse_overrides
+from server.ops.deploy import DeployConfig, site_names
+from server.ops.federation import LocalFederation
+from server.ops.flower_commands import (
     superlink_command,
     supernode_command,
     write_connection,
     write_run_config,
 )
+from server.ops.processes import OFFLINE_ENV, TAG_VAR, ProcessGroup, flower_env, free_ports
 
 
 def test_flower_env_is_offline_with_own_home(tmp_path: Path):
@@ -139,8 +136,6 @@ def test_commands_plug_into_the_medfuse_cli(tmp_path: Path):
 
 
 def test_round_seconds_from_the_streamed_log():
-    from server.deploy import LocalFederation
-
     fed = object.__new__(LocalFederation)  # no processes: only the transcript matters
     fed.transcript = [
         (10.0, "INFO : medfuse: global round 1/2 (train)"),

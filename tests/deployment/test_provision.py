@@ -10,13 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server.provision import (
-    OFFLINE_ENV,
-    ProvisionError,
-    node_config_string,
-    parse_hospitals,
-    provision,
-)
+from server.ops.handouts import node_config_string
+from server.ops.processes import OFFLINE_ENV
+from server.ops.provision import ProvisionError, parse_hospitals, provision
 
 HOSPITALS = ("st-marys", "charite", "karolinska")
 

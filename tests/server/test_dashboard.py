@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from server.app import main
-from server.dashboard import serve_in_background, state
+from server.ops.dashboard import serve_in_background, state
 from tests.server.test_app import context, grid
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,21 +4,30 @@
     medfuse pretrain       central training on public data: the model a federation starts from
     medfuse deploy local   a SuperLink and SuperNodes over TLS with node auth on 127.0.0.1
     medfuse dashboard DIR  a live page of a run on 127.0.0.1
+
+`medfuse.py` imports this module for every `medfuse` call, `--help` included: the training
+code behind `pretrain` is imported by that command only.
 """
 
 from __future__ import annotations
 
 import re
+import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from pydantic import ValidationError
 
-from server.deploy import PROJECT_DIR, DeployConfig, DeployError, deploy_local
-from server.provision import provision
-from server.supervisor import FlowerError
+from server.ops.dashboard import serve_in_background, state, summary_line
+from server.ops.deploy import DeployConfig, deploy_local
+from server.ops.federation import PROJECT_DIR, DeployError
+from server.ops.handouts import REGISTER_TXT
+from server.ops.processes import FlowerError
+from server.ops.provision import ProvisionError, provision
 from shared_model.cli_opts import (
     DEFAULT_LABELS_TEXT,
     LabelsOpt,
@@ -28,6 +37,8 @@ from shared_model.cli_opts import (
     sigterm_as_interrupt,
 )
 from shared_model.config import CENTRAL
+from shared_model.run_config import model_config_for
+from shared_model.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------ typer commands
 
@@ -41,8 +52,6 @@ def _deploy_group() -> None:
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, str | int | float | bool]:
-    import tomllib
-
     out: dict[str, str | int | float | bool] = {}
     for item in items:
         for m in re.finditer(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", item):
@@ -105,8 +114,6 @@ def deploy_local_cmd(
         fail(exc)
 
     if dashboard:
-        from server.dashboard import serve_in_background
-
         _, url = serve_in_background((cfg.out / "output").resolve())
         typer.echo(f"[deploy] dashboard: {url}")
     try:
@@ -133,8 +140,6 @@ def provision_cmd(
     force: Annotated[bool, typer.Option(help="replace existing keys")] = False,
 ) -> None:
     """Make the federation's CA, the SuperLink's TLS identity and one key per hospital."""
-    from server.provision import ProvisionError
-
     try:
         p = provision(out, hospitals, superlink_host or [], superlink_port, force=force,
                       epsilon_budget=epsilon_budget)  # fmt: skip
@@ -144,9 +149,7 @@ def provision_cmd(
     typer.echo(f"coordinator:        {p.coordinator_dir}  (see README.txt)")
     for name, folder in p.hospital_dirs.items():
         typer.echo(f"hospital {name + ':':<10} {folder}  (send this folder to {name} only)")
-    typer.echo(f"register the hospitals: {p.coordinator_dir / 'register-supernodes.txt'}")
-
-
+    typer.echo(f"register the hospitals: {p.coordinator_dir / REGISTER_TXT}")
 
 
 def pretrain_cmd(
@@ -166,13 +169,11 @@ def pretrain_cmd(
 ) -> None:
     """Train the model centrally (no DP) on public data; a federation starts from the file
     with run config initial-model=FILE. The model settings must be the run's."""
-    import torch
-
-    from server.pretrain import pretrain
+    # startup time: the training code (shared_model.central and what it loads, about half a
+    # second) loads only when pretraining runs
+    from server.ops.pretrain import pretrain
     from shared_model.central import CentralConfig
     from shared_model.dataset import SiteError, open_site
-    from shared_model.run_config import model_config_for
-    from shared_model.tokenizer import Tokenizer
 
     label_set = parse_labels(labels)
     try:
@@ -199,10 +200,6 @@ def dashboard(
 ) -> None:
     """Serve a live page on 127.0.0.1 that follows the run: rounds done and planned,
     accuracy per site, epsilon against budget, updates accepted or left out and why."""
-    import time
-
-    from server.dashboard import serve_in_background, state, summary_line
-
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a folder (give the run's output-dir)")
     try:

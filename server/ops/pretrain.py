@@ -16,17 +16,16 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
 from shared_model.config import MANIFEST, ModelConfig
-from shared_model.dataset import SiteData
+from shared_model.dataset import SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import payload
+from shared_model.synth import Difficulty, Labeller, PublicConfig, write_public
 from shared_model.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from shared_model.synth import Difficulty, Labeller
 
 
 def corpus_digest(folders: Sequence[Path]) -> str:
@@ -46,8 +45,6 @@ def pretrain(
 ) -> CentralResult:
     """Train on the public folders' train splits, test on their test splits, write `out`
     (the model file) and `out` with `.card.json` / `.card.md` beside it."""
-    import torch
-
     model, result = train_central(public, model_cfg, central, Tokenizer(model_cfg.vocab_size),
                                   on_epoch=on_epoch)
     digest = corpus_digest([s.path for s in public])
@@ -96,9 +93,6 @@ def cached_public_model(
     `folders`: public datasets in format v1; none: the project's synthetic public corpus
     (`cases`, `seed`, `difficulty`, `labeller`), written under `root` on first use. One
     file per (public data, model config, labels), so a changed setting builds a new one."""
-    from shared_model.dataset import open_site
-    from shared_model.synth import PublicConfig, write_public
-
     spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
             "seed": seed, "epochs": epochs, "batch": batch_size}
     # a variant corpus gets a key and a folder of its own; the standard one keeps its names

@@ -19,8 +19,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
+from server.checkpoint import load_latest
 from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, RESULTS_FILE, TRAIN, read_rows
 from shared_model import wire
+from shared_model.audit_log import LOG_FILE, read
 
 HOST = "127.0.0.1"
 
@@ -30,8 +34,6 @@ def _run_config(out: Path) -> dict[str, Any]:
     card = out / "final" / "model_card.json"
     if card.is_file():
         return dict(json.loads(card.read_text(encoding="utf-8")).get("run_config", {}))
-    from server.checkpoint import load_latest
-
     try:
         ck = load_latest(out)
     except Exception:  # a checkpoint being written: the next poll reads it
@@ -41,8 +43,6 @@ def _run_config(out: Path) -> dict[str, Any]:
 
 def _verdicts(out: Path) -> dict[str, str]:
     """site -> the last train verdict in the coordinator's audit log."""
-    from shared_model.audit_log import LOG_FILE, read
-
     last: dict[str, str] = {}
     try:
         entries = read(out / LOG_FILE)
@@ -102,9 +102,7 @@ def state(out: Path) -> dict[str, Any]:
 
 
 def _page() -> str:
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.PackageLoader("server", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("server.ops", "templates"),
                              autoescape=True)
     return env.get_template("dashboard.html.j2").render()
 
