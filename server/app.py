@@ -31,12 +31,13 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -62,7 +63,13 @@ from server.results import (
     round_line,
     round_table,
 )
-from server.strategy import GuardedStrategy, build_strategy, train_config, training_grid
+from server.strategy import (
+    GuardedStrategy,
+    RoundHook,
+    build_strategy,
+    train_config,
+    training_grid,
+)
 from shared_model import wire
 from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
@@ -72,6 +79,7 @@ from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.train import seed_everything
 
 app = ServerApp()
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 def quiet_flwr_logger() -> None:
@@ -182,6 +190,44 @@ def _start(run: RunConfig, out: Path, results: ResultsWriter) -> _Start:
     return _Start(_arrays(ck.arrays), ck.round, list(ck.rows), ck.strategy_state)
 
 
+def show_round(run: RunConfig, results: ResultsWriter, rows: list[Row]) -> RoundHook:
+    """The recorder's round-end hook: the round's rows appended to `rows` and to the
+    results file, and shown in the log as a table."""
+
+    def show(rnd: int, global_arrays: ArrayRecord, new_rows: list[Row]) -> None:
+        rows.extend(new_rows)
+        results.append(new_rows)
+        # a round's evaluation may arrive with the next round's train replies
+        # (evaluate-with-train): show each round whose evaluation came in, else this one
+        shown = sorted({r.round for r in new_rows if r.phase == EVALUATE
+                        and r.site != FEDERATION}) or [rnd]
+        for k in shown:
+            for line in render(round_table(k, run.num_server_rounds, rows)).splitlines():
+                log(INFO, "%s", line)
+            log(INFO, "%s", round_line(k, rows))
+
+    return show
+
+
+def checkpoint_each_round(out: Path, run: RunConfig, version: str, strategy: GuardedStrategy,
+                          rows: list[Row]) -> EvaluateFn:
+    """Flower's per-round `evaluate_fn` hook of `Strategy.start()`, which comes after each
+    round's evaluation (its rows are in `rows` by then): a checkpoint of the round."""
+
+    def save(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:  # Flower's call before round 1: the start model, saved already
+            return None
+        path = save_checkpoint(out, Checkpoint(
+            round=strategy.last_round, arrays=_numpy(arrays),
+            model_config=run.model().model_dump(), run_config=run.flat(),
+            strategy_state=strategy.state_for_checkpoint(), rows=rows, code_version=version,
+        ))
+        log(INFO, "checkpoint: %s", path)
+        return None
+
+    return save
+
+
 def run_federation(grid: Grid, run: RunConfig) -> Path:
     """The whole run on a validated config: start (or resume), the rounds with a
     checkpoint after each, the final model and its card; returns the output folder."""
@@ -194,30 +240,10 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     results = ResultsWriter(out / RESULTS_FILE)
     start = _start(run, out, results)
     rows = start.rows
-    guarded: GuardedStrategy
-
-    def on_round_end(rnd: int, global_arrays: ArrayRecord, new_rows: list[Row]) -> None:
-        rows.extend(new_rows)
-        results.append(new_rows)
-        # a round's evaluation may arrive with the next round's train replies
-        # (evaluate-with-train): show each round whose evaluation came in, else this one
-        shown = sorted({r.round for r in new_rows if r.phase == EVALUATE
-                        and r.site != FEDERATION}) or [rnd]
-        for k in shown:
-            for line in render(round_table(k, run.num_server_rounds, rows)).splitlines():
-                log(INFO, "%s", line)
-            log(INFO, "%s", round_line(k, rows))
-        path = save_checkpoint(out, Checkpoint(
-            round=rnd, arrays=_numpy(global_arrays), model_config=run.model().model_dump(),
-            run_config=run.flat(), strategy_state=guarded.state_for_checkpoint(), rows=rows,
-            code_version=version,
-        ))
-        log(INFO, "checkpoint: %s", path)
-
     guarded = GuardedStrategy(build_strategy(run, start.offset), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
-                              on_round_end=on_round_end, audit_log=out / AUDIT_LOG,
-                              evaluate_in_train=run.evaluates_in_train,
+                              on_round_end=show_round(run, results, rows),
+                              audit_log=out / AUDIT_LOG, evaluate_in_train=run.evaluates_in_train,
                               round_lr=run.round_lr)  # fmt: skip
     if start.strategy_state:
         guarded.load_checkpoint_state(start.strategy_state)
@@ -225,7 +251,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     if remaining > 0:
         guarded.start(training_grid(grid, run), start.arrays, num_rounds=remaining,
                       timeout=run.round_timeout, train_config=train_config(run),
-                      evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}))
+                      evaluate_config=ConfigRecord({wire.CFG_EVAL_SPLIT: run.eval_split}),
+                      evaluate_fn=checkpoint_each_round(out, run, version, guarded, rows))
     else:
         log(INFO, "resume: all %d rounds were already done", run.num_server_rounds)
     final = guarded.global_arrays if guarded.global_arrays is not None else start.arrays

@@ -66,7 +66,7 @@ def test_the_server_clips_each_update_before_the_mean_and_the_noise():
     # the unclipped mean would have moved by ~200
     assert arrays is not None
     assert _norm(numpy_arrays(arrays), ref) <= CLIP + 0.01
-    spent = [r for r in strategy._rows if r.metric == wire.M_CENTRAL_EPSILON]
+    spent = [r for r in strategy.pending_rows if r.metric == wire.M_CENTRAL_EPSILON]
     assert len(spent) == 1 and spent[0].site == FEDERATION and spent[0].value > 0
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
+from server.app import checkpoint_each_round
 from server.checkpoint import (
     Checkpoint,
     build_model_card,
@@ -109,25 +110,18 @@ def _federation(run: RunConfig, out, offset=0, arrays=None, crash_before_round=N
     grid = FakeGrid({100 + i: deterministic_site(i, 10 * (i + 1)) for i in range(3)},
                     crash_before_round=crash_before_round)
     rows: list[Row] = []
-    guarded: GuardedStrategy
-
-    def hook(rnd, global_arrays, new_rows):
-        rows.extend(new_rows)
-        save_checkpoint(out, Checkpoint(round=rnd, arrays=numpy_arrays(global_arrays),
-                                        model_config={}, run_config=run.flat(),
-                                        strategy_state=guarded.state_for_checkpoint(),
-                                        rows=rows))
-
     guarded = GuardedStrategy(build_strategy(run), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=offset,
-                              on_round_end=hook)
+                              on_round_end=lambda rnd, global_arrays, new_rows:
+                              rows.extend(new_rows))
     if offset:
         ck = load_latest(out)
         guarded.load_checkpoint_state(ck.strategy_state)
         rows.extend(ck.rows)
         arrays = array_record(ck.arrays)
     guarded.start(grid, arrays, num_rounds=run.num_server_rounds - offset, timeout=10,
-                  train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+                  train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+                  evaluate_fn=checkpoint_each_round(out, run, "test", guarded, rows))
     return numpy_arrays(guarded.global_arrays), rows
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from server.strategy import GuardedStrategy, build_strategy
+from server.guard import ReplyGuard
+from server.strategy import build_strategy
 from shared_model import wire
 from shared_model.compression import decode, encode, encoding_of
 from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
@@ -37,8 +38,7 @@ def test_the_server_gets_the_trained_weights_back_for_half_the_bytes(
     state = _global()
     plain = _replies(three_sites, tmp_path / "plain", state, "float32")
     small = _replies(three_sites, tmp_path / dtype, state, dtype)
-    guard = GuardedStrategy(build_strategy(RunConfig.parse(pyproject_defaults())),
-                            max_norm=1e3, total_rounds=1)
+    guard = ReplyGuard(build_strategy(RunConfig.parse(pyproject_defaults())), max_norm=1e3)
     guard._set_global(ArrayRecord(state))
     for a, b in zip(plain, small, strict=True):
         assert b.content.config_records[wire.SITE][wire.SITE_UPDATE] == f"delta-{dtype}"
