@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
-from shared_model.config import CENTRAL, ModelConfig
+from shared_model.config import CENTRAL, CentralConfig, ModelConfig
 from shared_model.files import atomic_write_text
+from shared_model.synth import PublicConfig, SynthConfig, write_federation, write_public
+
+# Modules that load torch (torch itself, the dataset, tokenizer and training code, the
+# bench) are imported inside the commands that use them: `medfuse --help` imports this
+# module and should not wait for torch.
 
 METRIC_COLUMNS = ("accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l")
 
@@ -40,10 +46,6 @@ def data_synth(
     overwrite: Annotated[bool, typer.Option(help="replace existing site folders")] = False,
 ) -> None:
     """Write synthetic hospitals in dataset format v1."""
-    from pydantic import ValidationError
-
-    from shared_model.synth import SynthConfig, write_federation
-
     try:
         cfg = SynthConfig(
             sites=sites,
@@ -76,10 +78,6 @@ def data_synth_public(
     """Write a SYNTHETIC stand-in for a public archive (NIH ChestX-ray14, OpenI, ...):
     several source hospitals of its own, an archive's report style, 8% label noise.
     For a real public dataset, convert it to format v1 and pass its folder to pretrain."""
-    from pydantic import ValidationError
-
-    from shared_model.synth import PublicConfig, write_public
-
     try:
         path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size,
                                               difficulty=difficulty, labeller=labeller))
@@ -110,9 +108,6 @@ def train_pooled(
 ) -> None:
     """Pooled baseline: train on the union of the sites' train splits, test per site."""
     import torch
-    from pydantic import ValidationError
-
-    from shared_model.config import CentralConfig
 
     label_set = parse_labels(labels)
     try:

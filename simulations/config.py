@@ -62,6 +62,7 @@ from shared_model.run_config import (
     RunConfigError,
     StrategyName,
     device_name,
+    model_config_for,
     pyproject_defaults,
 )
 from shared_model.synth import Difficulty, Labeller
@@ -565,6 +566,29 @@ class SimulationConfig(_Section):
         flat = self.flower_run_config(exp, seed=seed, sites_dir=sites_dir, output_dir=output_dir)
         return RunConfig.parse(flat)
 
+    def model_for(self, exp: Experiment) -> ModelConfig:
+        """The model `exp` trains: its run config's `model()`. The model's keys are the
+        harness's own (HARNESS_KEYS), so no run config (and none of its paths) is needed."""
+        m = self.model
+        return model_config_for(m.model_size, m.image_size, m.fusion, exp.modality,
+                                len(self.label_set))
+
+    def epsilon_budget(self, exp: Experiment) -> float:
+        """The most `exp` lets a site spend: its epsilon, else the run config's default
+        (`epsilon` is a harness key: no run-config table sets it); inf without DP."""
+        if not exp.dp:
+            return math.inf
+        return exp.epsilon if exp.epsilon is not None else float(_run_default("epsilon"))
+
+    def describe(self, exp: Experiment) -> dict[str, Any]:
+        """What `exp` is, as one row of experiments.csv (`report.META_COLUMNS`...)."""
+        federated = exp.kind == "federated"
+        return {"experiment": exp.name, "series": exp.series, "kind": exp.kind,
+                "strategy": exp.strategy if federated else "", "modality": exp.modality,
+                "dp": exp.dp, "epsilon_budget": self.epsilon_budget(exp),
+                "rounds": self.rounds_of(exp) if federated else self.training.epochs,
+                "label": exp.label}
+
     def uses_public(self, exp: Experiment) -> bool:
         """Whether `exp` starts from (or is) the public model: every experiment but local-only
         without DP (what a hospital gets alone, with nothing public), so that pooled stays
@@ -587,6 +611,8 @@ class SimulationConfig(_Section):
         if self.public.enabled and self.uses_public(exp):
             payload["public"] = self.public.model_dump(mode="json")
         if exp.kind == "federated":
+            # "-" for both paths: where the sites and outputs are does not decide a result
+            # (and fingerprints of finished experiments stay what they were)
             payload["run-config"] = self.flower_run_config(
                 exp, seed=seed, sites_dir=Path("-"), output_dir=Path("-")
             )

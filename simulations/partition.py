@@ -189,7 +189,7 @@ def read_pool(site_dirs: Sequence[Path]) -> list[PoolCase]:
     """Every manifest row of the given site folders, in order (bad rows included: the new
     hospitals report and skip them when they are opened)."""
     cases: list[PoolCase] = []
-    names = _unique_names([Path(d) for d in site_dirs])
+    names = unique_names([Path(d) for d in site_dirs])
     for d, name in zip(site_dirs, names, strict=True):
         d = Path(d)
         manifest = d / MANIFEST
@@ -209,7 +209,8 @@ def read_pool(site_dirs: Sequence[Path]) -> list[PoolCase]:
     return cases
 
 
-def _unique_names(dirs: Sequence[Path]) -> list[str]:
+def unique_names(dirs: Sequence[Path]) -> list[str]:
+    """A folder name for each of `dirs`: its own, with -2, -3... where two share one."""
     seen: dict[str, int] = {}
     out = []
     for d in dirs:

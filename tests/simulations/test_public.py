@@ -10,7 +10,7 @@ import torch
 
 from client.privacy import data_identity
 from server.app import initial_arrays
-from server.pretrain import pretrain
+from server.ops.pretrain import pretrain
 from shared_model.central import CentralConfig
 from shared_model.config import DEFAULT_LABELS
 from shared_model.dataset import open_site

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN, Row
-from simulations.runner import round_line
+from simulations.experiments.federated import round_progress as round_line
 
 
 def row(rnd: int, site: str, phase: str, metric: str, value: float) -> Row:

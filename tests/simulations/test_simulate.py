@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from server.supervisor import pids_with_env
+from server.ops.processes import pids_with_env
 from simulations import report
 from simulations.config import load_config
 from simulations.simulate import simulate
@@ -245,7 +245,8 @@ run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
 
 def test_output_folder_inside_the_app_must_be_ignored(tmp_path: Path) -> None:
     # Prepare: an app folder whose .gitignore ignores runs/ only
-    from simulations.runner import SimulationError, check_outside_app
+    from simulations.experiments.context import SimulationError
+    from simulations.experiments.flower import check_outside_app
 
     app = tmp_path / "app"
     app.mkdir()
