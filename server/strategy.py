@@ -117,8 +117,9 @@ def _byzantine(cls: type[Krum] | type[Bulyan], per_attacker: int) -> Builder:
 STRATEGIES: dict[str, Builder] = {
     "fedavg": lambda run: FedAvg(**_common(run)),
     "fedprox": lambda run: FedProx(**_common(run), proximal_mu=run.proximal_mu),
-    "fedadam": lambda run: FedAdam(**_common(run), eta=run.server_lr, eta_l=run.lr),
-    "fedyogi": lambda run: FedYogi(**_common(run), eta=run.server_lr, eta_l=run.lr),
+    # eta_l (Flower only logs it): the rate the sites are asked to train with, the recipe's
+    "fedadam": lambda run: FedAdam(**_common(run), eta=run.server_lr, eta_l=run.recipe().lr),
+    "fedyogi": lambda run: FedYogi(**_common(run), eta=run.server_lr, eta_l=run.recipe().lr),
     "fedmedian": lambda run: FedMedian(**_common(run)),
     "fedtrimmedavg": lambda run: FedTrimmedAvg(**_common(run), beta=run.trimmed_beta),
     "krum": _byzantine(Krum, 2),

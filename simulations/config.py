@@ -30,8 +30,10 @@ key, the value and what is allowed. `simulations/default.toml` is the built-in d
     modalities = ["image", "text"]   # expands to ...-image, ...-text (ablation)
 
 Every federated experiment becomes one flat Flower run config (pyproject defaults, then
-the harness's keys, then the experiment's `run-config`), validated here with the
+`[training] run-config` and the experiment's `run-config`, then the harness's keys: the
+simulation keys of `sections.RUN_KEYS` and the derived ones), validated here with the
 ServerApp's own `RunConfig`, so a bad strategy setting fails before the first run too.
+The tables themselves are `simulations/sections.py`.
 """
 
 from __future__ import annotations
@@ -39,403 +41,45 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tomli_w
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from client.site import sim_node_config_text
-from shared_model.config import DEFAULT_LABELS, Fusion, Modality, ModelConfig, ModelSize
-from shared_model.run_config import (
-    RunConfig,
-    RunConfigError,
-    StrategyName,
-    device_name,
-    model_config_for,
-    pyproject_defaults,
+from shared_model.config import ModelConfig
+from shared_model.run_config import RunConfig, RunConfigError, model_config_for, pyproject_defaults
+from shared_model.validation import describe
+from simulations.sections import (
+    HARNESS_KEYS,
+    RUN_KEYS,
+    SYNTHETIC_PUBLIC_KEYS,
+    SYNTHETIC_SITE_KEYS,
+    Experiment,
+    ExperimentSpec,
+    ModelSection,
+    PublicSection,
+    ResourcesSection,
+    Scalar,
+    Section,
+    SitesConfig,
+    TrainingSection,
+    run_default,
 )
-from shared_model.synth import Difficulty, Labeller
-from shared_model.validation import describe, messages
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
 LEDGER_DIR = "ledgers"  # each federated experiment's own ledger store, beside its outputs
-
-Kind = Literal["pooled", "local", "public", "federated"]
-Partition = Literal["natural", "iid", "dirichlet", "quantity"]
-Scalar = bool | int | float | str
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-
-# Run-config keys the harness sets itself; an experiment's `run-config` may not set them.
-HARNESS_KEYS: dict[str, str] = {
-    "num-server-rounds": "[training] rounds or the experiment's rounds",
-    "strategy": "the experiment's strategy",
-    "dp": "the experiment's dp",
-    "epsilon": "the experiment's epsilon / epsilons",
-    "modality": "the experiment's modality / modalities",
-    "seed": "seeds",
-    "sites-dir": "[sites]",
-    "output-dir": "the --out folder",
-    "local-epochs": "[training] local-epochs",
-    "batch-size": "[training] batch-size",
-    "lr": "[training] lr",
-    "image-size": "[model] image-size",
-    "fusion": "[model] fusion",
-    "model-size": "[model] model-size",
-    "labels": "[model] labels",
-    "min-available-nodes": "(derived from the number of hospitals)",
-    "min-train-nodes": "(derived from the number of hospitals and fraction-train)",
-    "min-evaluate-nodes": "(derived from the number of hospitals and fraction-evaluate)",
-    "resume": "(an unfinished experiment is run again from the start)",
-    "initial-model": "[public] (the federation starts from the public model)",
-}
 
 
 class ConfigError(ValueError):
     """A simulation config that cannot be used; the message names every bad key."""
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
-    )
-
-
-def _run_default(key: str) -> Any:
-    """A default taken from `[tool.flwr.app.config]`: the run config's one place."""
-    return pyproject_defaults()[key]
-
-
-# keys that describe synthetic data only: dropped when real folders replace it
-SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "difficulty")
-SYNTHETIC_PUBLIC_KEYS = ("difficulty", "labeller")
-
-
-class SitesConfig(_Section):
-    """Where the hospitals come from and how the cases are split between them."""
-
-    source: Literal["synthetic", "folders"] = "synthetic"
-    folders: tuple[Path, ...] = Field((), description="site folders (format v1), one each")
-    count: int = Field(5, ge=1, le=1000, description="synthetic hospitals to write")
-    cases_per_site: int = Field(200, ge=10, le=100_000, description="synthetic, mean")
-    label_skew: float = Field(
-        0.5, ge=0.0, description="synthetic: Dirichlet alpha of each site's label mix; 0 = none"
-    )
-    difficulty: Difficulty = Field(
-        "standard", description="synthetic: standard, or hard (fainter findings, more "
-        "clutter, fewer informative reports)")
-    seed: int = Field(0, ge=0, description="data seed: synthetic hospitals and partitioning")
-    partition: Partition = Field("natural", description="natural = one hospital per folder")
-    hospitals: int | None = Field(None, ge=2, le=10_000, description="re-partitioned count")
-    alpha: float = Field(0.5, gt=0.0, description="dirichlet: label skew, smaller = more")
-    quantity_alpha: float = Field(
-        1.0, gt=0.0, description="quantity: Dirichlet alpha of site sizes, smaller = more unequal"
-    )
-    min_cases: int = Field(10, ge=3, description="re-partitioned: fewest cases per hospital")
-    link: Literal["hardlink", "copy"] = Field("hardlink", description="images of new sites")
-
-    @model_validator(mode="after")
-    def _check(self) -> SitesConfig:
-        given = self.model_fields_set
-        if self.source == "folders":
-            if not self.folders:
-                raise ValueError("sites.source='folders' needs sites.folders (a list of paths)")
-            synthetic_only = sorted(
-                _kebab(k) for k in given & {k.replace("-", "_") for k in SYNTHETIC_SITE_KEYS}
-            )
-            if synthetic_only:
-                raise ValueError(
-                    f"sites.{', sites.'.join(synthetic_only)} apply to synthetic sites only "
-                    "(sites.source='folders')"
-                )
-        elif self.folders:
-            raise ValueError(
-                "sites.folders given but sites.source='synthetic'; set source = \"folders\""
-            )
-        if self.partition == "natural":
-            if self.hospitals is not None:
-                raise ValueError(
-                    f"sites.hospitals={self.hospitals} needs sites.partition = iid, dirichlet "
-                    "or quantity (natural keeps one hospital per folder)"
-                )
-        elif self.hospitals is None:
-            raise ValueError(f"sites.partition={self.partition!r} needs sites.hospitals")
-        return self
-
-    @property
-    def natural_count(self) -> int:
-        return len(self.folders) if self.source == "folders" else self.count
-
-    @property
-    def num_hospitals(self) -> int:
-        """How many simulated hospitals the experiments see."""
-        return self.hospitals if self.hospitals is not None else self.natural_count
-
-
-class ModelSection(_Section):
-    image_size: int = Field(default_factory=lambda: int(_run_default("image-size")), ge=16, le=1024)
-    fusion: Fusion = "gated"
-    model_size: ModelSize = "small"
-    labels: str = ",".join(DEFAULT_LABELS)
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelSection:
-        labels = [x.strip() for x in self.labels.split(",") if x.strip()]
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ValueError(f"labels={self.labels!r}: need at least two distinct labels")
-        preset = ModelConfig.large if self.model_size == "large" else ModelConfig.small
-        try:
-            preset(image_size=self.image_size, fusion=self.fusion, num_classes=len(labels))
-        except ValidationError as exc:
-            raise ValueError("; ".join(messages(exc))) from None
-        return self
-
-
-class PublicSection(_Section):
-    """The public data the federation starts from (`medfuse pretrain`), built once.
-
-    synthetic: the project's SYNTHETIC stand-in for a public archive (its own seeds,
-    scanners, report style and label noise: never a federation's data); folders: public
-    datasets converted to format v1; none: federations start from random weights."""
-
-    source: Literal["synthetic", "folders", "none"] = "none"
-    folders: tuple[Path, ...] = Field((), description="public folders (format v1)")
-    cases: int = Field(2000, ge=50, le=1_000_000, description="synthetic archive size")
-    seed: int = Field(0, ge=0, description="synthetic archive seed (streams of its own)")
-    epochs: int = Field(8, ge=1, le=1000, description="pretraining epochs")
-    difficulty: Difficulty = Field(
-        "standard", description="synthetic archive: its films and reports")
-    labeller: Labeller = Field(
-        "noisy", description="synthetic archive: true labels with random noise, or labels "
-        "mined from its reports as report-mining labellers do")
-
-    @model_validator(mode="after")
-    def _check(self) -> PublicSection:
-        if (self.source == "folders") != bool(self.folders):
-            raise ValueError("public.folders is for public.source = \"folders\" (and needs it)")
-        synthetic_only = sorted(set(SYNTHETIC_PUBLIC_KEYS) & self.model_fields_set)
-        if self.source != "synthetic" and synthetic_only:
-            raise ValueError(f"public.{', public.'.join(synthetic_only)} apply to the synthetic "
-                             "archive only (public.source = \"synthetic\")")
-        return self
-
-    @property
-    def enabled(self) -> bool:
-        return self.source != "none"
-
-
-class TrainingSection(_Section):
-    rounds: int = Field(5, ge=1, le=10_000, description="federated rounds")
-    local_epochs: int = Field(1, ge=1, le=100)
-    batch_size: int = Field(default_factory=lambda: int(_run_default("batch-size")), ge=1, le=4096)
-    lr: float = Field(default_factory=lambda: float(_run_default("lr")), gt=0.0, le=1.0)
-    central_epochs: int | None = Field(
-        None,
-        ge=1,
-        le=10_000,
-        description="pooled and local-only epochs; default rounds * local-epochs",
-    )
-    run_config: dict[str, Scalar] = Field(
-        default_factory=dict, description="extra run-config keys for every federated run"
-    )
-
-    @property
-    def epochs(self) -> int:
-        return self.central_epochs or self.rounds * self.local_epochs
-
-
-class ResourcesSection(_Section):
-    client_cpus: int = Field(1, ge=1, le=1024, description="CPUs per simulated hospital (Ray)")
-    client_gpus: float = Field(0.0, ge=0.0, description="GPUs per simulated hospital (Ray)")
-    ray_cpus: int | None = Field(None, ge=1, description="CPUs Ray may use; default all")
-    ray_address: str | None = Field(
-        None, min_length=1, description="an existing Ray cluster to run the simulated "
-        "hospitals on (what `ray start --head` prints, e.g. 10.0.0.5:6379); default: a Ray "
-        "instance on this machine")
-    central_threads: int = Field(
-        1,
-        ge=1,
-        le=1024,
-        description="torch threads of pooled/local-only training and the final tests; more "
-        "than one pays only on free cores (on a busy 2-core machine, 2 threads ran 14x slower)",
-    )
-    device: str = Field("auto", description="pooled/local-only and final tests: auto, cpu, cuda")
-    timeout: float = Field(3600.0, gt=0.0, description="seconds one federated run may take")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        return device_name(value)
-
-    @model_validator(mode="after")
-    def _check(self) -> ResourcesSection:
-        if self.ray_address is not None and self.ray_cpus is not None:
-            raise ValueError("ray-cpus and ray-address: the cluster's nodes say how many CPUs "
-                             "they give (`ray start --num-cpus`); drop ray-cpus")
-        return self
-
-
-class ExperimentSpec(_Section):
-    """One `[[experiment]]` table; `epsilons` and `modalities` expand it into several."""
-
-    name: str = Field(min_length=1, max_length=80)
-    kind: Kind
-    modality: Modality = "fused"
-    modalities: tuple[Modality, ...] | None = Field(None, min_length=1)
-    strategy: StrategyName = "fedavg"
-    dp: bool = False
-    epsilon: float | None = Field(None, gt=0.0)
-    epsilons: tuple[float, ...] | None = Field(None, min_length=1)
-    rounds: int | None = Field(None, ge=1, le=10_000)
-    run_config: dict[str, Scalar] = Field(default_factory=dict)
-    audit: bool = Field(False, description="membership-inference audit of the final model "
-                                           "(pooled and federated experiments)")
-    personalise_epsilon: float | None = Field(
-        None, gt=0.0, allow_inf_nan=False,
-        description="federated DP only: each hospital keeps this much of its epsilon out of "
-        "the federation (node config epsilon-reserve), then fine-tunes the final model on "
-        "its own train split with DP-SGD spending it; the report compares both per site")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"name={value!r}: use letters, digits and - _ . + (it names a folder)")
-        return value
-
-    @field_validator("epsilons")
-    @classmethod
-    def _epsilons(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if value is not None:
-            bad = [e for e in value if not (math.isfinite(e) and e > 0)]
-            if bad:
-                raise ValueError(f"every epsilon must be a positive number, got {bad}")
-            if len(set(value)) != len(value):
-                raise ValueError(f"epsilons={list(value)} repeats a value")
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> ExperimentSpec:
-        given = self.model_fields_set
-        if self.kind != "federated":
-            fed_only = sorted(
-                _kebab(k)
-                for k in given & {"strategy", "epsilon", "epsilons", "rounds", "run_config"}
-                if not (self.kind == "local" and self.dp and k in ("epsilon", "epsilons"))
-            )
-            if fed_only:
-                raise ValueError(
-                    f"{', '.join(fed_only)}: federated experiments only (kind={self.kind!r})"
-                )
-            if self.dp and self.kind != "local":
-                raise ValueError(
-                    f"dp=true: the {self.kind} baseline trains centrally without DP; "
-                    "use a federated (or local) experiment with dp = true"
-                )
-        if self.audit and self.kind not in ("pooled", "federated"):
-            raise ValueError(f"audit=true: pooled and federated experiments only (kind="
-                             f"{self.kind!r} has one model per hospital or none of its own)")
-        if self.personalise_epsilon is not None and not (self.kind == "federated"
-                                                         and self.dp):
-            raise ValueError("personalise-epsilon: federated experiments with dp = true only "
-                             "(the hospital spends what it kept of its budget)")
-        if "modality" in given and self.modalities is not None:
-            raise ValueError("give modality or modalities, not both")
-        if self.epsilon is not None and self.epsilons is not None:
-            raise ValueError("give epsilon or epsilons, not both")
-        if not self.dp and (self.epsilon is not None or self.epsilons is not None):
-            raise ValueError("epsilon/epsilons given but dp=false; set dp = true")
-        if self.modalities is not None and len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities={list(self.modalities)} repeats a value")
-        reserved = sorted(k for k in self.run_config if k in HARNESS_KEYS)
-        if reserved:
-            raise ValueError(
-                "run-config may not set "
-                + "; ".join(f"{k} (set {HARNESS_KEYS[k]})" for k in reserved)
-            )
-        return self
-
-    def expand(self) -> list[Experiment]:
-        modalities = self.modalities or (self.modality,)
-        epsilons: Sequence[float | None]
-        if self.dp:
-            epsilons = self.epsilons or (self.epsilon,)
-        else:
-            epsilons = (None,)
-        out = []
-        for m in modalities:
-            for e in epsilons:
-                name = self.name
-                if self.modalities is not None:
-                    name += f"-{m}"
-                if self.epsilons is not None:
-                    name += f"-eps{e:g}"
-                out.append(
-                    Experiment(
-                        name=name,
-                        series=self.name,
-                        kind=self.kind,
-                        modality=m,
-                        strategy=self.strategy,
-                        dp=self.dp,
-                        epsilon=e,
-                        rounds=self.rounds,
-                        run_config=dict(self.run_config),
-                        audit=self.audit,
-                        personalise_epsilon=self.personalise_epsilon,
-                    )
-                )
-        return out
-
-
-class Experiment(BaseModel):
-    """One concrete experiment after expansion: what the runner runs once per seed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    series: str  # the [[experiment]] it came from: one line in the privacy-utility plot
-    kind: Kind
-    modality: Modality
-    strategy: StrategyName
-    dp: bool
-    epsilon: float | None  # None with dp: the run config's default budget
-    rounds: int | None
-    run_config: dict[str, Scalar]
-    audit: bool = False
-    personalise_epsilon: float | None = None
-
-    @property
-    def label(self) -> str:
-        if self.kind == "pooled":
-            return "pooled"
-        if self.kind == "local":
-            return "local-only" + (f" DP eps={self.epsilon:g}" if self.dp and self.epsilon
-                                   else " DP" if self.dp else "")
-        if self.kind == "public":
-            return "public model only"
-        return f"{self.strategy}" + (
-            f" DP eps={self.epsilon:g}" if self.dp and self.epsilon else " DP" if self.dp else ""
-        )
-
-
-class SimulationConfig(_Section):
+class SimulationConfig(Section):
     """The whole simulation: sites, model, training, resources, experiments, seeds."""
 
     name: str = Field("medfuse simulation", min_length=1, max_length=200)
@@ -512,8 +156,9 @@ class SimulationConfig(_Section):
         self, exp: Experiment, *, seed: int, sites_dir: Path, output_dir: Path,
         initial_model: Path | None = None,
     ) -> dict[str, Scalar]:
-        """The flat run config of one federated run: pyproject defaults, the harness's
-        keys, then `[training] run-config`, then the experiment's `run-config`."""
+        """The flat run config of one federated run: pyproject defaults, `[training]
+        run-config`, the experiment's `run-config`, then the harness's keys (`RUN_KEYS`
+        and the keys derived from the sites, seed and folders)."""
         flat: dict[str, Any] = dict(pyproject_defaults())
         # The simulated hospitals are the researcher's own: each experiment is a world of
         # its own (a fresh ledger store beside its outputs), evaluation metrics are exact
@@ -528,36 +173,33 @@ class SimulationConfig(_Section):
         flat["sim-node-config"] = sim_node_config_text(node)
         flat.update(self.training.run_config)
         flat.update(exp.run_config)
+        for sim_key, run_key in RUN_KEYS.items():
+            value = self.value_of(sim_key, exp)
+            if value is not None:  # unset in the experiment: the value before it stands
+                flat[run_key] = value
         n = self.sites.num_hospitals
         frac_train = float(flat.get("fraction-train", 1.0))
         frac_eval = float(flat.get("fraction-evaluate", 1.0))
         flat.update(
             {
-                "num-server-rounds": self.rounds_of(exp),
-                "strategy": exp.strategy,
-                "dp": exp.dp,
-                "modality": exp.modality,
                 "seed": seed,
                 "sites-dir": str(sites_dir),
                 "output-dir": str(output_dir),
-                "local-epochs": self.training.local_epochs,
-                "batch-size": self.training.batch_size,
-                "lr": self.training.lr,
-                "image-size": self.model.image_size,
-                "fusion": self.model.fusion,
-                "model-size": self.model.model_size,
-                "labels": self.model.labels,
                 "min-available-nodes": n,
                 "min-train-nodes": max(1, int(n * frac_train)),
                 "min-evaluate-nodes": max(1, int(n * frac_eval)) if frac_eval > 0 else 0,
                 "resume": False,
             }
         )
-        if exp.dp and exp.epsilon is not None:
-            flat["epsilon"] = exp.epsilon
         if initial_model is not None:
             flat["initial-model"] = str(initial_model)
         return flat
+
+    def value_of(self, sim_key: str, exp: Experiment) -> Any:
+        """The value of a `RUN_KEYS` simulation key ("table.key") for `exp`."""
+        table, key = sim_key.split(".", 1)
+        holder = exp if table == "experiment" else getattr(self, table)
+        return getattr(holder, key.replace("-", "_"))
 
     def run_config(
         self, exp: Experiment, seed: int, sites_dir: Path, output_dir: Path
@@ -578,7 +220,7 @@ class SimulationConfig(_Section):
         (`epsilon` is a harness key: no run-config table sets it); inf without DP."""
         if not exp.dp:
             return math.inf
-        return exp.epsilon if exp.epsilon is not None else float(_run_default("epsilon"))
+        return exp.epsilon if exp.epsilon is not None else float(run_default("epsilon"))
 
     def describe(self, exp: Experiment) -> dict[str, Any]:
         """What `exp` is, as one row of experiments.csv (`report.META_COLUMNS`...)."""

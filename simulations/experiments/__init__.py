@@ -2,7 +2,8 @@
 
 Every kind is a function `run(unit, ctx) -> rows`: it trains and tests one experiment with
 one seed (`Unit`) on the hospitals of the run (`Context`) and returns its rows of the long
-table. A new kind is a module here and an entry in `KINDS` (and a `Kind` in the config).
+table. A new kind is a module here and an entry in `KINDS` (and a `Kind` in
+`simulations/sections.py`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from simulations.config import Experiment
 from simulations.experiments import federated, local, local_dp, pooled, public
 from simulations.experiments.context import Context, ResultRow, Unit
 from simulations.experiments.flower import check_outside_app
+from simulations.sections import Experiment
 
 RunKind = Callable[[Unit, Context], list[ResultRow]]
 

@@ -17,7 +17,8 @@ from shared_model.config import CentralConfig, ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.train import pick_device
 from simulations import report
-from simulations.config import Experiment, SimulationConfig
+from simulations.config import SimulationConfig
+from simulations.sections import Experiment
 
 if TYPE_CHECKING:  # flower.py raises SimulationError: a type here, no import cycle
     from simulations.experiments.flower import FlowerLink

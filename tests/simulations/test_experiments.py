@@ -6,8 +6,9 @@ import math
 import typing
 from pathlib import Path
 
-from simulations.config import Kind, load_config
+from simulations.config import load_config
 from simulations.experiments import KINDS, kind_of
+from simulations.sections import Kind
 
 
 def test_every_kind_of_the_config_has_an_entry_in_the_table() -> None:
