@@ -23,6 +23,7 @@ from shared_model.cli_opts import (
     fail,
     parse_labels,
 )
+from shared_model.metric_registry import HEADLINE
 
 
 def data_check(
@@ -383,7 +384,7 @@ def personalise(
     before, n = local_evaluate(mf.model_config, site, mf.state, dev, split="test")
     after, _ = local_evaluate(mf.model_config, site, outcome.state, dev, split="test")
     console.print(f"{site.name}: test accuracy here (exact, {n} cases, not released) "
-                  f"global {before.get('accuracy', float('nan')):.3f} -> personalised "
-                  f"{after.get('accuracy', float('nan')):.3f}; epsilon spent on this data "
+                  f"global {before.get(HEADLINE.name, float('nan')):.3f} -> personalised "
+                  f"{after.get(HEADLINE.name, float('nan')):.3f}; epsilon spent on this data "
                   f"{outcome.epsilon:.2f} of {outcome.epsilon_budget:g}")
     console.print(f"written: {out}")

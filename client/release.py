@@ -34,12 +34,17 @@ from collections.abc import Callable
 import numpy as np
 
 from shared_model import wire
-from shared_model.metrics import box_iou_rows, rouge_l_rows
+from shared_model.metric_registry import (
+    NoisedSums,
+    eval_sensitivity,
+    release_slots,
+    released_under_dp,
+)
 from shared_model.train import CaseResults
 
 COUNT_NOISE = 10.0  # noise multiplier (= std in cases) of the one count release per data
-# sqrt(1 confusion cell + IoU + lesion count + ROUGE-L + empty generated report)
-EVAL_SENSITIVITY = 5**0.5
+# sqrt(1 confusion cell + one per registry slot: IoU, lesion count, ROUGE-L, empty report)
+EVAL_SENSITIVITY = eval_sensitivity()
 
 Gauss = Callable[[float], float]  # std -> one N(0, std^2) draw
 
@@ -57,22 +62,21 @@ def noised_count(n: int, gauss: Gauss | None = None) -> int:
 
 
 def case_vectors(cases: CaseResults, num_classes: int) -> np.ndarray:
-    """(N, K*K + 4) per-case contributions: one-hot confusion cell, IoU (lesion cases,
-    else 0), lesion indicator, ROUGE-L F, empty generated report. Each row's L2 norm is
-    at most EVAL_SENSITIVITY, whatever the model: a non-finite value (a crafted model's
-    NaN box) is made finite first (NaN -> 0, +inf -> 1, -inf -> 0), since `np.clip`
-    keeps NaN and one NaN would make the whole noised sum NaN."""
+    """(N, K*K + S) per-case contributions: one-hot confusion cell, then the registry's
+    release slots in order (`release_slots`: IoU of lesion cases, lesion indicator,
+    ROUGE-L F, empty generated report); a slot whose head is missing stays 0. Each row's
+    L2 norm is at most EVAL_SENSITIVITY, whatever the model: a non-finite value (a crafted
+    model's NaN box) is made finite first (NaN -> 0, +inf -> 1, -inf -> 0), since
+    `np.clip` keeps NaN and one NaN would make the whole noised sum NaN."""
     n, k = cases.n, num_classes
-    v = np.zeros((n, k * k + 4))
+    slots = release_slots()
+    v = np.zeros((n, k * k + len(slots)))
     pred = cases.probs.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     v[np.arange(n), cases.labels * k + pred] = 1.0
-    if cases.boxes is not None and cases.has_box is not None and cases.true_boxes is not None:
-        lesion = cases.has_box > 0.5
-        v[:, k * k] = np.where(lesion, box_iou_rows(cases.boxes, cases.true_boxes), 0.0)
-        v[:, k * k + 1] = lesion
-    if cases.refs is not None and cases.hyps is not None:
-        v[:, k * k + 2] = rouge_l_rows(cases.refs, cases.hyps)
-        v[:, k * k + 3] = [len(h) == 0 for h in cases.hyps]
+    for j, slot in enumerate(slots):
+        column = slot.per_case(cases)
+        if column is not None:
+            v[:, k * k + j] = column
     return np.clip(np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
@@ -82,7 +86,8 @@ def private_metrics(
     noise_multiplier: float,
     gauss: Gauss | None = None,
 ) -> dict[str, float]:
-    """The Gaussian mechanism on the summed case vectors, then metrics from the noised sums.
+    """The Gaussian mechanism on the summed case vectors, then metrics from the noised sums
+    (each registry metric with a DP release whose head the model has).
 
     `noise_multiplier` is std / sensitivity; the ledger charges exactly that."""
     if noise_multiplier <= 0:
@@ -94,30 +99,10 @@ def private_metrics(
     noisy = sums + np.array([draw(std) for _ in range(sums.size)])
     confusion = np.clip(noisy[: k * k].reshape(k, k), 0.0, None)  # rows: true, cols: predicted
     n_hat = max(float(confusion.sum()), 1.0)
-    out = {
-        wire.M_NUM_EXAMPLES: float(max(int(round(n_hat)), 1)),
-        wire.M_ACCURACY: float(np.clip(np.trace(confusion) / n_hat, 0.0, 1.0)),
-        wire.M_MACRO_F1: _macro_f1(confusion),
-    }
-    if cases.boxes is not None:
-        lesions = max(noisy[k * k + 1], 1.0)
-        out[wire.M_IOU] = float(np.clip(noisy[k * k] / lesions, 0.0, 1.0))
-    if cases.refs is not None:
-        out[wire.M_ROUGE_L] = float(np.clip(noisy[k * k + 2] / n_hat, 0.0, 1.0))
-        out[wire.M_EMPTY_REPORTS] = float(np.clip(noisy[k * k + 3] / n_hat, 0.0, 1.0))
+    noised = NoisedSums(confusion, n_hat, {
+        slot.name: noisy[k * k + j] for j, slot in enumerate(release_slots())})
+    out = {wire.M_NUM_EXAMPLES: float(max(int(round(n_hat)), 1))}
+    for metric in released_under_dp():
+        if metric.present(cases):
+            out[metric.name] = float(metric.dp.value(noised))  # type: ignore[union-attr]
     return out
-
-
-def _macro_f1(confusion: np.ndarray) -> float:
-    """Macro-F1 over the classes present or predicted (as `classification_metrics` does);
-    0.0, not NaN, when the noised confusion shows none: a released value is always a
-    number, so that no reply drops or flags it depending on the data."""
-    tp = np.diag(confusion)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    f1 = []
-    for c in range(confusion.shape[0]):
-        if support[c] < 0.5 and predicted[c] < 0.5:
-            continue
-        denom = support[c] + predicted[c]
-        f1.append(2 * tp[c] / denom if denom > 0 else 0.0)
-    return float(np.clip(np.mean(f1), 0.0, 1.0)) if f1 else 0.0

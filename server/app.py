@@ -73,6 +73,7 @@ from server.strategy import (
 from shared_model import wire
 from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
+from shared_model.metric_registry import HEADLINE
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFileError, check_matches, load_model_file
 from shared_model.run_config import RunConfig, RunConfigError
@@ -270,9 +271,9 @@ def _finish(out: Path, run: RunConfig, final: ArrayRecord, rows: list[Row], roun
     if privacy_ledger(rows):
         for line in render(ledger_table(rows)).splitlines():
             log(INFO, "%s", line)
-    mean_acc = card["final_metrics"].get("mean", {}).get("accuracy")
-    log(INFO, "medfuse: done after %d rounds; mean accuracy %s; final model in %s; "
-        "results in %s", card["rounds"], "-" if mean_acc is None else f"{mean_acc:.3f}",
+    mean_acc = card["final_metrics"].get("mean", {}).get(HEADLINE.name)
+    log(INFO, "medfuse: done after %d rounds; mean %s %s; final model in %s; "
+        "results in %s", card["rounds"], HEADLINE.label, HEADLINE.fmt(mean_acc),
         folder, out / RESULTS_FILE)
 
 

@@ -48,6 +48,7 @@ from server.results import (
 )
 from shared_model import wire
 from shared_model.files import atomic_write, atomic_write_text
+from shared_model.metric_registry import METRICS
 from shared_model.model_file import FORMAT, payload  # one format for every model file
 
 CHECKPOINT_DIR = "checkpoints"
@@ -324,10 +325,7 @@ RELEASED_WITHOUT_DP = (
     "it trained with dp=false (allowed only by its own node config; infinite epsilon)",
 )
 
-_CARD_METRICS = (
-    wire.M_NUM_EXAMPLES, wire.M_LOSS, wire.M_ACCURACY, wire.M_MACRO_F1, wire.M_AUROC,
-    wire.M_IOU, wire.M_BLEU4, wire.M_ROUGE_L, wire.M_EMPTY_REPORTS,
-)
+_CARD_METRICS = (wire.M_NUM_EXAMPLES, *(m.name for m in METRICS))
 
 
 def _md_num(v: Any) -> str:

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from shared_model import wire
 from shared_model.files import atomic_write_text
+from shared_model.metric_registry import HEADLINE, View, shown_in
 
 Phase = Literal["train", "evaluate"]
 TRAIN: Phase = "train"
@@ -178,34 +179,38 @@ def final_metrics(rows: Iterable[Row]) -> dict[str, dict[str, float]]:
 
 
 def round_table(server_round: int, total_rounds: int, rows: Iterable[Row]) -> Table:
-    """One round at a glance: per site, the update verdict, train loss, accuracy, macro-F1
-    and cumulative epsilon; a last line with the means over sites."""
+    """One round at a glance: per site, the update verdict, train loss, the metrics the
+    registry shows per round (accuracy, macro-F1) and cumulative epsilon; a last line
+    with the means over sites."""
     rows = [r for r in rows if r.round == server_round]
-    acc = _value(rows, EVALUATE, wire.M_ACCURACY)
-    f1 = _value(rows, EVALUATE, wire.M_MACRO_F1)
+    shown = shown_in(View.ROUND)
+    values = {m.name: _value(rows, EVALUATE, m.name) for m in shown}
     loss = _value(rows, TRAIN, wire.M_TRAIN_LOSS)
     accepted = _value(rows, TRAIN, M_UPDATE_ACCEPTED)
     eps = _value(rows, TRAIN, wire.M_EPSILON)
     eps_eval = _value(rows, EVALUATE, wire.M_EPSILON)
 
     table = Table(title=f"round {server_round}/{total_rounds}", title_justify="left")
-    for col in ("site", "update", "train loss", "accuracy", "macro-F1", "epsilon"):
-        table.add_column(col, justify="left" if col in ("site", "update") else "right")
+    table.add_column("site", justify="left")
+    table.add_column("update", justify="left")
+    for col in ("train loss", *(m.label for m in shown), "epsilon"):
+        table.add_column(col, justify="right")
 
-    means: dict[str, list[float]] = {"loss": [], "acc": [], "f1": [], "eps": []}
+    means: dict[str, list[float]] = {name: [] for name in ("loss", *values, "eps")}
     for site in sites_of(rows):
         key = (server_round, site)
         verdict = {1.0: "used", 0.0: "left out"}.get(accepted.get(key, -1.0), "-")
         e = eps.get(key, eps_eval.get(key))
-        for name, v in (("loss", loss.get(key)), ("acc", acc.get(key)), ("f1", f1.get(key)),
-                        ("eps", e)):
+        site_values = {"loss": loss.get(key), **{n: v.get(key) for n, v in values.items()},
+                       "eps": e}
+        for name, v in site_values.items():
             if v is not None:
                 means[name].append(v)
-        table.add_row(site, verdict, _fmt(loss.get(key)), _fmt(acc.get(key)),
-                      _fmt(f1.get(key)), _fmt(e, 2))
+        table.add_row(site, verdict, _fmt(loss.get(key)),
+                      *(m.fmt(values[m.name].get(key)) for m in shown), _fmt(e, 2))
     table.add_section()
-    table.add_row("mean", "", _fmt(_mean(means["loss"])), _fmt(_mean(means["acc"])),
-                  _fmt(_mean(means["f1"])), _fmt(_mean(means["eps"]), 2))
+    table.add_row("mean", "", _fmt(_mean(means["loss"])),
+                  *(m.fmt(_mean(means[m.name])) for m in shown), _fmt(_mean(means["eps"]), 2))
     return table
 
 
@@ -223,18 +228,19 @@ def ledger_table(rows: Iterable[Row]) -> Table:
 
 
 def round_line(server_round: int, rows: Iterable[Row]) -> str:
-    """A one-line summary: mean and per-site accuracy and epsilon."""
+    """A one-line summary: mean and per-site headline metric (accuracy) and epsilon."""
     rows = [r for r in rows if r.round == server_round]
-    acc = _value(rows, EVALUATE, wire.M_ACCURACY)
+    acc = _value(rows, EVALUATE, HEADLINE.name)
     eps = _value(rows, TRAIN, wire.M_EPSILON)
+    tag = HEADLINE.narrow
     parts = []
     for site in sites_of(rows):
         key = (server_round, site)
-        parts.append(f"{site} acc={_fmt(acc.get(key))} eps={_fmt(eps.get(key), 2)}")
+        parts.append(f"{site} {tag}={HEADLINE.fmt(acc.get(key))} eps={_fmt(eps.get(key), 2)}")
     mean_acc = _mean([v for v in acc.values()])
     mean_eps = _mean([v for v in eps.values()])
     return (
-        f"round {server_round}: mean acc={_fmt(mean_acc)} eps={_fmt(mean_eps, 2)} | "
+        f"round {server_round}: mean {tag}={HEADLINE.fmt(mean_acc)} eps={_fmt(mean_eps, 2)} | "
         + "; ".join(parts)
     )
 

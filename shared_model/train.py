@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared_model import wire
 from shared_model.batch import Batch
 from shared_model.config import ModelConfig
 from shared_model.losses import multitask_loss
-from shared_model.metrics import bleu4, classification_metrics, mean_iou, rouge_l
+from shared_model.metric_registry import METRICS
 from shared_model.model import MedFuseModel, ModelOutput
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer
 
@@ -137,6 +136,7 @@ class CaseResults:
     has_box: np.ndarray | None  # (N,) 1.0 for a lesion case
     refs: list[list[str]] | None  # reference report tokens; None without generation
     hyps: list[list[str]] | None  # generated tokens (report hidden)
+    lesion_scores: np.ndarray | None = None  # (N,) predicted P(lesion); None without box head
 
     @property
     def n(self) -> int:
@@ -162,7 +162,7 @@ def evaluate_cases(
     loss_fn = make_loss_fn(cfg)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_sum = 0.0
-    labels, probs, boxes, true_boxes, has_box = [], [], [], [], []
+    labels, probs, boxes, true_boxes, has_box, scores = [], [], [], [], [], []
     refs: list[list[str]] = []
     hyps: list[list[str]] = []
     for raw in loader:
@@ -176,6 +176,8 @@ def evaluate_cases(
             boxes.append(out.box.cpu())
             true_boxes.append(batch.box.cpu())
             has_box.append(batch.has_box.cpu())
+            if out.lesion_logit is not None:
+                scores.append(out.lesion_logit.sigmoid().cpu())
         if cfg.generation:
             hidden = torch.full_like(batch.tokens, PAD)
             hidden[:, 0] = EMPTY
@@ -192,6 +194,7 @@ def evaluate_cases(
         loss_sum=loss_sum,
         boxes=cat(boxes), true_boxes=cat(true_boxes), has_box=cat(has_box),
         refs=refs if cfg.generation else None, hyps=hyps if cfg.generation else None,
+        lesion_scores=cat(scores),
     )
 
 
@@ -218,14 +221,11 @@ def summarise(cases: CaseResults, num_classes: int) -> dict[str, float]:
     """The exact metrics of one split: loss, classification, localisation, generation."""
     if cases.n == 0:
         return {}
-    metrics: dict[str, float] = {wire.M_LOSS: cases.loss_sum / cases.n}
-    metrics |= classification_metrics(cases.labels, cases.probs, num_classes)
-    if cases.boxes is not None:
-        metrics[wire.M_IOU] = mean_iou(cases.boxes, cases.true_boxes, cases.has_box)
-    if cases.refs is not None and cases.hyps is not None:
-        metrics[wire.M_BLEU4] = bleu4([[r] for r in cases.refs], cases.hyps)
-        metrics[wire.M_ROUGE_L] = rouge_l(cases.refs, cases.hyps)
-        metrics[wire.M_EMPTY_REPORTS] = float(np.mean([len(h) == 0 for h in cases.hyps]))
+    metrics: dict[str, float] = {}
+    for metric in METRICS:
+        value = metric.exact(cases, num_classes) if metric.present(cases) else None
+        if value is not None:
+            metrics[metric.name] = value
     return {k: float(v) for k, v in metrics.items()}
 
 

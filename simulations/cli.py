@@ -21,13 +21,14 @@ from rich.table import Table
 from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
 from shared_model.config import CENTRAL, CentralConfig, ModelConfig
 from shared_model.files import atomic_write_text
+from shared_model.metric_registry import View, shown_in
 from shared_model.synth import PublicConfig, SynthConfig, write_federation, write_public
 
 # Modules that load torch (torch itself, the dataset, tokenizer and training code, the
 # bench) are imported inside the commands that use them: `medfuse --help` imports this
 # module and should not wait for torch.
 
-METRIC_COLUMNS = ("accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l")
+METRIC_COLUMNS = tuple(m.name for m in shown_in(View.TABLES))
 
 
 def data_synth(

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from shared_model.figures import pyplot, save_png
 from shared_model.files import atomic_write_text
+from shared_model.metric_registry import HEADLINE, View, shown_in
 
 COLUMNS = ("experiment", "seed", "round", "site", "metric", "value")
 META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "epsilon_budget")
@@ -44,14 +45,9 @@ EVAL = "eval/"
 TRAIN_LOSS = "train/loss"
 EPSILON = "train/epsilon"
 SECONDS = "seconds"
-SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("accuracy", "accuracy"),
-    ("macro-F1", "macro-f1"),
-    ("AUROC", "auroc"),
-    ("IoU", "iou"),
-    ("BLEU-4", "bleu4"),
-    ("ROUGE-L", "rouge-l"),
-)
+# (label, metric) of the final-metric tables, from the metric registry
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = tuple(
+    (m.label, m.name) for m in shown_in(View.TABLES))
 EPS_COLUMN = "epsilon"
 TERMINAL_MAX_SITES = 20
 RESULTS_FILE = "results.csv"
@@ -231,7 +227,7 @@ def mean_rows(summary: Summary, with_std: bool = True) -> tuple[list[str], list[
 
 
 def site_accuracy_rows(
-    summary: Summary, metric: str = "accuracy"
+    summary: Summary, metric: str = HEADLINE.name
 ) -> tuple[list[str], list[list[str]]]:
     headers = ["hospital"] + summary.experiments
     table = summary.per_site.pivot_table(
@@ -335,12 +331,13 @@ def personalised_rows(results: pd.DataFrame, order: Sequence[str] = ()
     """Per personalised experiment and hospital: the federation's final model and the
     hospital's DP fine-tuned copy on its test split, and the epsilon the personalised
     model has cost that hospital in all (federation and its own release)."""
-    headers = ["experiment", "hospital", "global accuracy", "personalised accuracy",
+    headers = ["experiment", "hospital", f"global {HEADLINE.label}",
+               f"personalised {HEADLINE.label}",
                "change", "epsilon in all"]
-    mine = _final_site_values(results, PERSONALISED + "accuracy")
+    mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
     if mine.empty:
         return headers, []
-    glob = _final_site_values(results, TEST + "accuracy")
+    glob = _final_site_values(results, TEST + HEADLINE.name)
     eps = _final_site_values(results, PERSONALISED + "epsilon")
     rows = []
     names = list(dict.fromkeys([*order, *mine.index.get_level_values(0)]))
@@ -360,10 +357,10 @@ def personalised_rows(results: pd.DataFrame, order: Sequence[str] = ()
 
 def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
     """Global vs personalised test accuracy per hospital, one panel per experiment."""
-    mine = _final_site_values(results, PERSONALISED + "accuracy")
+    mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
     if mine.empty:
         return None
-    glob = _final_site_values(results, TEST + "accuracy")
+    glob = _final_site_values(results, TEST + HEADLINE.name)
     plt = pyplot()
     exps = list(dict.fromkeys(mine.index.get_level_values(0)))
     fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 3.8), squeeze=False)
@@ -374,7 +371,7 @@ def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
         ax.bar(x + 0.2, mine[exp].to_numpy(dtype=float), 0.4, label="personalised")
         ax.set_xticks(x, sites, fontsize=8)
         ax.set_ylim(0, 1.0)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {HEADLINE.label}")
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(exp, fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
@@ -419,7 +416,8 @@ def summary_markdown(summary: Summary, title: str = "medfuse simulation",
                      personalised: tuple[list[str], list[list[str]]] | None = None) -> str:
     parts = [f"# {title}", "", NOTES, "", "## Mean over hospitals", ""]
     parts += [markdown_table(*mean_rows(summary)), ""]
-    parts += ["## Accuracy per hospital", "", markdown_table(*site_accuracy_rows(summary)), ""]
+    parts += [f"## {HEADLINE.label.capitalize()} per hospital", "",
+              markdown_table(*site_accuracy_rows(summary)), ""]
     if audit and audit[1]:
         parts += ["## Membership inference (loss attack; chance: AUC 0.5)", "",
                   markdown_table(*audit), ""]
@@ -435,17 +433,7 @@ def terminal_tables(summary: Summary) -> list[Table]:
     are not too many hospitals to read."""
     out = []
     _, rows = mean_rows(summary, with_std=False)
-    headers = [
-        "experiment",
-        "acc",
-        "macro-F1",
-        "AUROC",
-        "IoU",
-        "BLEU-4",
-        "ROUGE-L",
-        "eps",
-        "time s",
-    ]
+    headers = ["experiment", *(m.narrow for m in shown_in(View.TABLES)), "eps", "time s"]
     t = Table(
         title="final test metrics, mean over hospitals (eps: privacy spent, ∞ = no DP)",
         title_justify="left",
@@ -457,7 +445,7 @@ def terminal_tables(summary: Summary) -> list[Table]:
     out.append(t)
     if 0 < len(summary.sites) <= TERMINAL_MAX_SITES:
         headers, rows = site_accuracy_rows(summary)
-        t = Table(title="test accuracy per hospital", title_justify="left")
+        t = Table(title=f"test {HEADLINE.label} per hospital", title_justify="left")
         for i, h in enumerate(headers):
             t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for r in rows[:-1]:
@@ -505,7 +493,7 @@ def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, ylabel in (
         (axes[0], TRAIN_LOSS, "training loss"),
-        (axes[1], EVAL + "accuracy", "accuracy (federated evaluation)"),
+        (axes[1], EVAL + HEADLINE.name, f"{HEADLINE.label} (federated evaluation)"),
     ):
         mean, per_site = _curve(results, exp, metric)
         if mean.empty:
@@ -555,7 +543,7 @@ def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric, ylabel in (
         (axes[0], TRAIN_LOSS, "training loss (mean)"),
-        (axes[1], EVAL + "accuracy", "accuracy, federated eval. (mean)"),
+        (axes[1], EVAL + HEADLINE.name, f"{HEADLINE.label}, federated eval. (mean)"),
     ):
         drawn = 0
         for exp in experiments:
@@ -576,7 +564,7 @@ def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path
     return save_png(fig, path)
 
 
-def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = "accuracy") -> Path:
+def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.name) -> Path:
     """Final test accuracy of each hospital under each experiment (bars; dots when there
     are many hospitals)."""
     plt = pyplot()
@@ -631,7 +619,7 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     refs: list[tuple[str, float, str]] = []
     if mean is not None:
         for exp in summary.experiments:
-            eps, acc = float(mean.at[exp, EPS_COLUMN]), float(mean.at[exp, "accuracy"])
+            eps, acc = float(mean.at[exp, EPS_COLUMN]), float(mean.at[exp, HEADLINE.name])
             if math.isnan(acc):
                 continue
             if math.isfinite(eps) and eps > 0:
@@ -662,7 +650,7 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     else:
         _say_empty(ax, "no experiment with differential privacy")
         ax.set_xlabel("epsilon")
-    ax.set_ylabel("mean test accuracy")
+    ax.set_ylabel(f"mean test {HEADLINE.label}")
     ax.set_ylim(0, 1.0)
     ax.grid(alpha=0.3)
     if points or refs:
@@ -709,7 +697,7 @@ def write_report(
     experiments = experiment_order(results, meta)
     main_plots = [
         (
-            "final test accuracy per hospital",
+            f"final test {HEADLINE.label} per hospital",
             plot_per_site_accuracy(summary, plots_dir / "per-site-accuracy.png"),
         ),
         ("privacy-utility", plot_privacy_utility(summary, plots_dir / "privacy-utility.png", meta)),

@@ -44,12 +44,13 @@ from rich.progress import (
 )
 
 from shared_model.files import atomic_write_text
+from shared_model.metric_registry import HEADLINE
 from simulations import report
 from simulations.config import SimulationConfig
 from simulations.experiments import CHECKS, KINDS, kind_of
 from simulations.experiments.context import Context, SimulationError, Unit, finite_mean
 from simulations.experiments.flower import CONFIG_FILE, FlowerLink
-from simulations.experiments.sites import open_sites, prepare_sites
+from simulations.sites import open_sites, prepare_sites
 
 ROWS_FILE = "rows.csv"
 DONE_FILE = "done.json"
@@ -203,9 +204,9 @@ class Runner:
             rows = report.read_results(unit.folder(self.out) / ROWS_FILE)
         except (OSError, ValueError):
             return ""
-        acc = rows[rows["metric"] == report.TEST + "accuracy"]["value"].tolist()
+        acc = rows[rows["metric"] == report.TEST + HEADLINE.name]["value"].tolist()
         eps = rows[rows["metric"] == report.EPSILON]["value"].tolist()
-        text = f"; mean test accuracy {finite_mean(acc):.3f}" if acc else ""
+        text = f"; mean test {HEADLINE.label} {finite_mean(acc):.3f}" if acc else ""
         finite = [e for e in eps if math.isfinite(e)]
         if finite:
             text += f", epsilon spent up to {max(finite):.2f}"

@@ -37,6 +37,7 @@ from shared_model.cli_opts import (
     sigterm_as_interrupt,
 )
 from shared_model.config import CENTRAL
+from shared_model.metric_registry import HEADLINE
 from shared_model.run_config import model_config_for
 from shared_model.tokenizer import Tokenizer
 
@@ -188,8 +189,8 @@ def pretrain_cmd(
     console.print(f"pretraining on {sum(len(s.train) for s in opened)} public cases")
     result = pretrain(opened, model, central, out,
                       on_epoch=lambda e, loss: console.print(f"epoch {e}: train loss {loss:.4f}"))
-    acc = result.overall.get("accuracy", float("nan"))
-    console.print(f"wrote {out} (public test accuracy {acc:.3f}, {result.seconds:.0f} s); "
+    acc = result.overall.get(HEADLINE.name, float("nan"))
+    console.print(f"wrote {out} (public test {HEADLINE.label} {acc:.3f}, {result.seconds:.0f} s); "
                   f"start a federation from it with -c \"initial-model='{out.resolve()}'\"")
 
 

@@ -25,6 +25,7 @@ from server.checkpoint import load_latest
 from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, RESULTS_FILE, TRAIN, read_rows
 from shared_model import wire
 from shared_model.audit_log import LOG_FILE, read
+from shared_model.metric_registry import HEADLINE
 
 HOST = "127.0.0.1"
 
@@ -79,7 +80,7 @@ def state(out: Path) -> dict[str, Any]:
         if r.site == FEDERATION:
             continue
         s = sites.setdefault(r.site, {"accuracy": {}, "epsilon": None, "accepted": None})
-        if r.phase == EVALUATE and r.metric == wire.M_ACCURACY:
+        if r.phase == EVALUATE and r.metric == HEADLINE.name:
             s["accuracy"][r.round] = _finite(r.value)
         if r.phase == TRAIN and r.metric == wire.M_EPSILON:
             s["epsilon"] = _finite(r.value) if math.isfinite(r.value) else "inf"

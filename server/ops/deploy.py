@@ -24,6 +24,7 @@ from server.ops.federation import PROJECT_DIR, DeployError, Echo, LocalFederatio
 from server.ops.handouts import CONNECTION_NAME
 from server.results import RESULTS_FILE, epsilon_spent, final_metrics, read_rows
 from shared_model.config import MANIFEST, cache_root
+from shared_model.metric_registry import View, shown_in
 from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.synth import SynthConfig, write_federation
 
@@ -118,7 +119,7 @@ def final_table_rows(output_dir: Path) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         nodes[r.site] = r.node_id
         last_round[r.site] = max(last_round.get(r.site, 0), r.round)
-    cols = ["accuracy", "macro-f1", "auroc", "iou", "bleu4", "rouge-l"]
+    cols = [m.name for m in shown_in(View.TABLES)]
     header = ["site", "node id", "last round", "epsilon", *cols]
 
     def fmt(v: object) -> str:

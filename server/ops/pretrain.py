@@ -23,6 +23,7 @@ from shared_model.central import CentralConfig, CentralResult, EpochCallback, tr
 from shared_model.config import MANIFEST, ModelConfig
 from shared_model.dataset import SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
+from shared_model.metric_registry import HEADLINE
 from shared_model.model_file import payload
 from shared_model.synth import Difficulty, Labeller, PublicConfig, write_public
 from shared_model.tokenizer import Tokenizer
@@ -121,6 +122,6 @@ def cached_public_model(
          f"cases ({epochs} epochs)")
     res = pretrain(opened, model_cfg, CentralConfig(epochs=epochs, batch_size=batch_size,
                                                     device=device), target)
-    echo(f"public model {target}: public test accuracy "
-         f"{res.overall.get('accuracy', math.nan):.3f} ({res.seconds:.0f} s)")
+    echo(f"public model {target}: public test {HEADLINE.label} "
+         f"{res.overall.get(HEADLINE.name, math.nan):.3f} ({res.seconds:.0f} s)")
     return target

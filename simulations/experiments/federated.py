@@ -20,6 +20,8 @@ from server.ops.flower_commands import write_run_config
 from server.ops.processes import FlowerError
 from server.ops.supervisor import FINISHED, Submission, Supervisor
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, RESULTS_FILE, TRAIN, Row, read_rows
+from shared_model import wire
+from shared_model.metric_registry import HEADLINE
 from shared_model.model_file import load_model_file
 from shared_model.run_config import RunConfig
 from simulations import report
@@ -125,7 +127,7 @@ def _long_rows(unit: Unit, rows: list[Row]) -> list[ResultRow]:
     out: list[ResultRow] = []
     for r in rows:
         if r.phase == TRAIN:
-            metric = "loss" if r.metric == "train-loss" else r.metric
+            metric = "loss" if r.metric == wire.M_TRAIN_LOSS else r.metric
             out.append(unit.row(r.round, r.site, f"train/{metric}", r.value))
         elif r.metric not in _SKIP_EVAL:
             out.append(unit.row(r.round, r.site, report.EVAL + r.metric, r.value))
@@ -158,11 +160,11 @@ def round_progress(rows: Sequence[Row], rnd: int) -> str:
     def of(phase: str, metric: str, k: int) -> list[float]:
         return [r.value for r in rows if r.round == k and r.phase == phase and r.metric == metric]
 
-    evaluated = next((k for k in range(rnd, 0, -1) if of(EVALUATE, "accuracy", k)), None)
-    info = f"round {rnd}: accuracy " + (
-        "-" if evaluated is None else f"{finite_mean(of(EVALUATE, 'accuracy', evaluated)):.3f}"
+    evaluated = next((k for k in range(rnd, 0, -1) if of(EVALUATE, HEADLINE.name, k)), None)
+    info = f"round {rnd}: {HEADLINE.label} " + (
+        "-" if evaluated is None else f"{finite_mean(of(EVALUATE, HEADLINE.name, evaluated)):.3f}"
         + ("" if evaluated == rnd else f" (round {evaluated}'s model)"))
-    eps = [v for v in of(TRAIN, "epsilon", rnd) if math.isfinite(v)]
+    eps = [v for v in of(TRAIN, wire.M_EPSILON, rnd) if math.isfinite(v)]
     if eps:
         info += f", epsilon {max(eps):.2f}"
     verdicts = of(TRAIN, M_UPDATE_ACCEPTED, rnd)

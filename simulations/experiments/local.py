@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from shared_model.central import train_central
+from shared_model.metric_registry import HEADLINE
 from shared_model.tokenizer import Tokenizer
 from simulations import report
 from simulations.experiments.context import Context, ResultRow, SimulationError, Unit
@@ -31,6 +32,6 @@ def run(unit: Unit, ctx: Context) -> list[ResultRow]:
             for s, metrics in res.per_site.items():
                 rows.extend(unit.metric_rows(central.epochs, s, metrics))
                 rows.append(unit.row(central.epochs, s, report.EPSILON, math.inf))
-            acc = res.per_site.get(site.name, {}).get("accuracy", math.nan)
-            ctx.say(f"  {name} {site.name}: test accuracy {acc:.3f}")
+            acc = res.per_site.get(site.name, {}).get(HEADLINE.name, math.nan)
+            ctx.say(f"  {name} {site.name}: test {HEADLINE.label} {acc:.3f}")
     return rows

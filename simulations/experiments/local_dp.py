@@ -12,6 +12,7 @@ import torch
 from client.local import Budget, DPSettings, LocalSteps, TrainOutcome, private_round
 from client.privacy import LedgerStore
 from shared_model.dataset import SiteData
+from shared_model.metric_registry import HEADLINE
 from shared_model.model import MedFuseModel
 from shared_model.model_file import load_model_file
 from shared_model.run_config import RunConfig
@@ -63,5 +64,5 @@ def run(unit: Unit, ctx: Context) -> list[ResultRow]:
             rows.append(unit.row(epochs, site.name, report.EPSILON, out.epsilon))
             update(k + 1, site.name)
             ctx.say(f"  {exp.name} {site.name}: test accuracy "
-                    f"{metrics.get('accuracy', math.nan):.3f}, epsilon {out.epsilon:.2f}")
+                    f"{metrics.get(HEADLINE.name, math.nan):.3f}, epsilon {out.epsilon:.2f}")
     return rows

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from client.local import DPSettings
+from shared_model.metric_registry import HEADLINE
 from simulations import report
 from simulations.experiments.context import Context, ResultRow, Unit
 from simulations.experiments.local_dp import run_config, train_privately
@@ -32,5 +33,5 @@ def personalised_rows(unit: Unit, ctx: Context, state: Mapping[str, torch.Tensor
         rows += unit.metric_rows(rnd, site.name, metrics, prefix=report.PERSONALISED)
         rows.append(unit.row(rnd, site.name, report.PERSONALISED + "epsilon", out.epsilon))
         ctx.echo(f"  {exp.name} {site.name}: personalised test accuracy "
-                 f"{metrics.get('accuracy', math.nan):.3f}, epsilon {out.epsilon:.2f}")
+                 f"{metrics.get(HEADLINE.name, math.nan):.3f}, epsilon {out.epsilon:.2f}")
     return rows

@@ -157,3 +157,23 @@ def test_text_metrics_refuse_unpaired_input() -> None:
         bleu4([["a"]], [])
     with pytest.raises(ValueError, match="one each"):
         rouge_l([["a"]], [["a"], ["b"]])
+
+
+def test_box_rate_normal_counts_boxes_predicted_on_lesion_free_cases() -> None:
+    # Prepare: three lesion-free cases (two given a box) and one lesion case
+    import dataclasses
+
+    from shared_model.train import CaseResults, summarise
+
+    cases = CaseResults(
+        labels=np.array([0, 0, 0, 1]), probs=np.array([[.9, .1]] * 3 + [[.2, .8]]),
+        loss_sum=1.0, boxes=np.zeros((4, 4)), true_boxes=np.zeros((4, 4)),
+        has_box=np.array([0.0, 0.0, 0.0, 1.0]), refs=None, hyps=None,
+        lesion_scores=np.array([0.9, 0.6, 0.1, 0.9]),
+    )
+    # Execute
+    metrics = summarise(cases, 2)
+    # Assert: 2 of 3; left out without lesion scores
+    assert metrics[wire.M_BOX_RATE_NORMAL] == pytest.approx(2 / 3)
+    no_scores = dataclasses.replace(cases, lesion_scores=None)
+    assert wire.M_BOX_RATE_NORMAL not in summarise(no_scores, 2)

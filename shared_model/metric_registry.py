@@ -1,0 +1,289 @@
+"""Every evaluation metric, in one table (no Flower, no torch at import).
+
+A metric is one `Metric` entry of `METRICS`: its wire key (`shared_model.wire`), which way
+is better, how the exact summary computes it (`exact`), how a site releases it under DP
+(`dp`: its per-case slots in the release vector and how the noised sums turn into the
+value; None where it is not released under DP), and how it is shown (label, format and
+the views that list it). The exact summary (`shared_model.train.summarise`), the DP
+release (`client.release`), the run's tables (`server.results`, `server.ops`), the
+simulation report (`simulations.report`) and the CLI prints all read this table: adding a
+metric is one entry here plus its computation.
+
+The DP release vector of one case is the one-hot confusion cell (K*K columns, norm 1),
+then one column per `Slot` of `release_slots()`, each in [0, 1]; the sensitivity of the
+summed vectors is therefore sqrt(1 + number of slots) (`eval_sensitivity`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from shared_model import wire
+
+if TYPE_CHECKING:
+    from shared_model.train import CaseResults
+
+
+class View(Enum):
+    """Where a metric is shown."""
+
+    ROUND = "round"  # the per-round table at the server (beside loss and epsilon)
+    TABLES = "tables"  # final-metric tables: report, summaries, deploy and CLI tables
+
+
+PerCase = Callable[["CaseResults"], "np.ndarray | None"]  # (N,) in [0, 1], None: no column
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One per-case column of the DP release vector: each case adds a value in [0, 1].
+    Metrics may share a slot (the same name); it is released once."""
+
+    name: str
+    per_case: PerCase  # None where the head it needs is missing: the column stays 0
+
+
+@dataclass(frozen=True)
+class NoisedSums:
+    """The noised sums of a DP release, as the post-processing reads them."""
+
+    confusion: np.ndarray  # (K, K) noised counts, clipped at 0; rows true, columns predicted
+    n_hat: float  # the noised number of cases, at least 1
+    slots: Mapping[str, float]  # slot name -> noised sum
+
+    def __getitem__(self, slot: str) -> float:
+        return self.slots[slot]
+
+
+@dataclass(frozen=True)
+class DpRelease:
+    """How a metric is released under DP: its own slots (none where it reads only the
+    confusion matrix) and the value computed from the noised sums (post-processing)."""
+
+    slots: tuple[Slot, ...]
+    value: Callable[[NoisedSums], float]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the wire key (shared_model.wire)
+    label: str  # in tables and plots
+    higher_is_better: bool
+    # whether a split's results can have it (the model has the head it needs)
+    present: Callable[[CaseResults], bool]
+    # the exact value of a non-empty split (None where what it needs is missing)
+    exact: Callable[[CaseResults, int], float | None]
+    dp: DpRelease | None  # None: not released under DP (left out of a private release)
+    views: frozenset[View] = frozenset()
+    digits: int = 3
+    short: str = ""  # a narrower label for the terminal ("" = label)
+
+    @property
+    def narrow(self) -> str:
+        """The label where space is short (the terminal, a one-line summary)."""
+        return self.short or self.label
+
+    def fmt(self, value: float | None) -> str:
+        """The value as the tables show it ("-" when there is none)."""
+        if value is None or not np.isfinite(value):
+            return "-"
+        return f"{value:.{self.digits}f}"
+
+
+# ------------------------------------------------------------------ heads
+
+
+def _always(cases: CaseResults) -> bool:
+    return True
+
+
+def _has_boxes(cases: CaseResults) -> bool:
+    return cases.boxes is not None
+
+
+def _has_reports(cases: CaseResults) -> bool:
+    return cases.refs is not None
+
+
+def _boxes_complete(cases: CaseResults) -> bool:
+    return (cases.boxes is not None and cases.has_box is not None
+            and cases.true_boxes is not None)
+
+
+def _reports_complete(cases: CaseResults) -> bool:
+    return cases.refs is not None and cases.hyps is not None
+
+
+# ------------------------------------------------------------------ exact computations
+# shared_model.metrics imports torch, scikit-learn and rouge-score: only where computed
+
+
+def _classification(key: str) -> Callable[[CaseResults, int], float]:
+    def exact(cases: CaseResults, num_classes: int) -> float:
+        from shared_model.metrics import classification_metrics
+
+        return classification_metrics(cases.labels, cases.probs, num_classes)[key]
+    return exact
+
+
+def _exact_iou(cases: CaseResults, num_classes: int) -> float | None:
+    from shared_model.metrics import mean_iou
+
+    return mean_iou(cases.boxes, cases.true_boxes, cases.has_box) if _has_boxes(cases) else None
+
+
+def _exact_bleu4(cases: CaseResults, num_classes: int) -> float | None:
+    from shared_model.metrics import bleu4
+
+    return bleu4([[r] for r in cases.refs], cases.hyps) if _reports_complete(cases) else None
+
+
+def _exact_rouge_l(cases: CaseResults, num_classes: int) -> float | None:
+    from shared_model.metrics import rouge_l
+
+    return rouge_l(cases.refs, cases.hyps) if _reports_complete(cases) else None
+
+
+def _exact_empty_reports(cases: CaseResults, num_classes: int) -> float | None:
+    if not _reports_complete(cases):
+        return None
+    return float(np.mean([len(h) == 0 for h in cases.hyps]))
+
+
+def _exact_box_rate_normal(cases: CaseResults, num_classes: int) -> float | None:
+    """Share of the lesion-free (normal) cases on which a box is predicted (score > 0.5);
+    None without lesion scores or without a normal case."""
+    if cases.lesion_scores is None or cases.has_box is None:
+        return None
+    normal = cases.has_box <= 0.5
+    return float(np.mean(cases.lesion_scores[normal] > 0.5)) if normal.any() else None
+
+
+# ------------------------------------------------------------------ DP slots
+
+
+def _iou_per_case(cases: CaseResults) -> np.ndarray | None:
+    from shared_model.metrics import box_iou_rows
+
+    if not _boxes_complete(cases):
+        return None
+    return np.where(cases.has_box > 0.5, box_iou_rows(cases.boxes, cases.true_boxes), 0.0)
+
+
+def _lesion_per_case(cases: CaseResults) -> np.ndarray | None:
+    return cases.has_box > 0.5 if _boxes_complete(cases) else None
+
+
+def _rouge_l_per_case(cases: CaseResults) -> np.ndarray | None:
+    from shared_model.metrics import rouge_l_rows
+
+    return rouge_l_rows(cases.refs, cases.hyps) if _reports_complete(cases) else None
+
+
+def _empty_per_case(cases: CaseResults) -> np.ndarray | None:
+    if not _reports_complete(cases):
+        return None
+    return np.array([len(h) == 0 for h in cases.hyps])
+
+
+IOU_SUM = Slot("iou-sum", _iou_per_case)  # IoU of each lesion case, 0 elsewhere
+LESIONS = Slot("lesions", _lesion_per_case)  # 1 for a lesion case
+ROUGE_L_SUM = Slot("rouge-l-sum", _rouge_l_per_case)
+EMPTY_REPORTS_SUM = Slot("empty-reports-sum", _empty_per_case)
+
+
+# ------------------------------------------------------------------ post-processing
+
+
+def _share(value: float) -> float:
+    return float(np.clip(value, 0.0, 1.0))
+
+
+def noised_accuracy(s: NoisedSums) -> float:
+    return _share(np.trace(s.confusion) / s.n_hat)
+
+
+def noised_macro_f1(confusion: np.ndarray) -> float:
+    """Macro-F1 over the classes present or predicted (as `classification_metrics` does);
+    0.0, not NaN, when the noised confusion shows none: a released value is always a
+    number, so that no reply drops or flags it depending on the data."""
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    f1 = []
+    for c in range(confusion.shape[0]):
+        if support[c] < 0.5 and predicted[c] < 0.5:
+            continue
+        denom = support[c] + predicted[c]
+        f1.append(2 * tp[c] / denom if denom > 0 else 0.0)
+    return float(np.clip(np.mean(f1), 0.0, 1.0)) if f1 else 0.0
+
+
+def _per_case_mean(slot: Slot) -> DpRelease:
+    """A share over all cases: the slot's noised sum over the noised case count."""
+    return DpRelease((slot,), lambda s: _share(s[slot.name] / s.n_hat))
+
+
+# ------------------------------------------------------------------ the table
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric(wire.M_LOSS, "loss", higher_is_better=False, present=_always,
+           exact=lambda c, k: c.loss_sum / c.n, dp=None),
+    Metric(wire.M_ACCURACY, "accuracy", higher_is_better=True, present=_always,
+           exact=_classification(wire.M_ACCURACY), dp=DpRelease((), noised_accuracy),
+           views=frozenset({View.ROUND, View.TABLES}), short="acc"),
+    Metric(wire.M_MACRO_F1, "macro-F1", higher_is_better=True, present=_always,
+           exact=_classification(wire.M_MACRO_F1),
+           dp=DpRelease((), lambda s: noised_macro_f1(s.confusion)),
+           views=frozenset({View.ROUND, View.TABLES})),
+    Metric(wire.M_AUROC, "AUROC", higher_is_better=True, present=_always,
+           exact=_classification(wire.M_AUROC), dp=None, views=frozenset({View.TABLES})),
+    Metric(wire.M_IOU, "IoU", higher_is_better=True, present=_has_boxes, exact=_exact_iou,
+           dp=DpRelease((IOU_SUM, LESIONS),
+                        lambda s: _share(s[IOU_SUM.name] / max(s[LESIONS.name], 1.0))),
+           views=frozenset({View.TABLES})),
+    Metric(wire.M_BLEU4, "BLEU-4", higher_is_better=True, present=_has_reports,
+           exact=_exact_bleu4, dp=None, views=frozenset({View.TABLES})),
+    Metric(wire.M_ROUGE_L, "ROUGE-L", higher_is_better=True, present=_has_reports,
+           exact=_exact_rouge_l, dp=_per_case_mean(ROUGE_L_SUM), views=frozenset({View.TABLES})),
+    Metric(wire.M_EMPTY_REPORTS, "empty reports", higher_is_better=False,
+           present=_has_reports, exact=_exact_empty_reports,
+           dp=_per_case_mean(EMPTY_REPORTS_SUM)),
+    Metric(wire.M_BOX_RATE_NORMAL, "box rate (normal)", higher_is_better=False,
+           present=_has_boxes, exact=_exact_box_rate_normal, dp=None,
+           views=frozenset({View.TABLES}), short="box@normal"),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+# the one number the one-line views show (round line, dashboard, plots, CLI prints)
+HEADLINE: Metric = BY_NAME[wire.M_ACCURACY]
+
+
+def shown_in(view: View) -> tuple[Metric, ...]:
+    """The metrics a view lists, in table order."""
+    return tuple(m for m in METRICS if view in m.views)
+
+
+def released_under_dp() -> tuple[Metric, ...]:
+    return tuple(m for m in METRICS if m.dp is not None)
+
+
+def release_slots() -> tuple[Slot, ...]:
+    """The per-case slots of the DP release vector after the confusion cells, in order;
+    a slot several metrics read is released once."""
+    slots: dict[str, Slot] = {}
+    for m in released_under_dp():
+        for s in m.dp.slots:  # type: ignore[union-attr]
+            slots.setdefault(s.name, s)
+    return tuple(slots.values())
+
+
+def eval_sensitivity() -> float:
+    """The L2 sensitivity of the summed case vectors: the one-hot confusion cell counts 1,
+    every slot is bounded in [0, 1]."""
+    return (1 + len(release_slots())) ** 0.5
