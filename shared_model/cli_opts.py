@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from shared_model.config import DEFAULT_LABELS
+from shared_model.config import DEFAULT_LABELS, parse_label_set
 
 console = Console()
 err = Console(stderr=True)
@@ -28,10 +28,10 @@ DEFAULT_LABELS_TEXT = ",".join(DEFAULT_LABELS)
 
 
 def parse_labels(text: str) -> tuple[str, ...]:
-    labels = tuple(x.strip() for x in text.split(",") if x.strip())
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise typer.BadParameter(f"need at least two distinct labels, got {text!r}")
-    return labels
+    try:
+        return parse_label_set(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def fail(message: object, code: int = 2) -> NoReturn:

@@ -39,6 +39,35 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/medfuse").expanduser()
 
 DEFAULT_LABELS: tuple[str, ...] = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
+MAX_LABEL_CHARS = 64
+LABEL_RULE = (f"a label is 1-{MAX_LABEL_CHARS} printable characters, no comma, no control "
+              "characters, no leading or trailing space")
+
+
+def label_problem(label: object) -> str:
+    """What makes `label` unusable as a label name ("" when nothing does): names are
+    printed in tables, CSV cells, HTML pages and comma-separated options, and a model
+    file refuses what this refuses, so a run must not train under such a name."""
+    return ("is not a string" if not isinstance(label, str)
+            else "is empty" if not label
+            else f"is longer than {MAX_LABEL_CHARS} characters" if len(label) > MAX_LABEL_CHARS
+            else "has a control or formatting character" if not label.isprintable()
+            else "has a comma" if "," in label
+            else "has a leading or trailing space" if label != label.strip()
+            else "")
+
+
+def parse_label_set(text: str) -> tuple[str, ...]:
+    """A comma-separated label set (run config `labels`, `--labels`, a simulation's
+    `[model] labels`) as its names; `ValueError` naming what is wrong: fewer than two,
+    a name twice, or a name a model file would refuse (`label_problem`)."""
+    labels = tuple(x.strip() for x in text.split(",") if x.strip())
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"labels={text!r}: need at least two distinct labels")
+    for label in labels:
+        if problem := label_problem(label):
+            raise ValueError(f"labels={text!r}: {label!r} {problem}; {LABEL_RULE}")
+    return labels
 
 
 class ModelConfig(BaseModel):

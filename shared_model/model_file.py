@@ -35,7 +35,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from shared_model.config import MAX_CLASSES, ModelConfig
+from shared_model.config import (
+    LABEL_RULE,
+    MAX_CLASSES,
+    ModelConfig,
+    label_problem,
+)
 
 FORMAT = 1  # bump when the payload's keys change
 
@@ -45,7 +50,6 @@ MAX_PARAMETERS = 100_000_000  # 400 MB of float32; `ModelConfig.large()` is 5.3 
 # float32 values one case holds in training (2 GiB): `large()` at the largest image size a
 # run config allows (1024 px) is estimated at 1.3 GiB
 MAX_ACTIVATIONS = 512 * 1024 * 1024
-MAX_LABEL_CHARS = 64
 _QUOTED = 60  # at most this many characters of a value are shown in a message
 # where server/checkpoint.py writes the training checkpoints of a run (OUTPUT/checkpoints)
 _CHECKPOINT_FOLDER = "checkpoints"
@@ -290,22 +294,6 @@ def _model_config(path: Path, raw: object) -> ModelConfig:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         msg = first["msg"].removeprefix("Value error, ")
         raise ModelFileError(f"{path}: {what}{msg}{more}") from None
-
-
-LABEL_RULE = (f"a label is 1-{MAX_LABEL_CHARS} printable characters, no comma, no control "
-              "characters, no leading or trailing space")
-
-
-def label_problem(label: object) -> str:
-    """What makes `label` unusable as a label name ("" when nothing does): names are
-    printed in tables, CSV cells, HTML pages and comma-separated options."""
-    return ("is not a string" if not isinstance(label, str)
-            else "is empty" if not label
-            else f"is longer than {MAX_LABEL_CHARS} characters" if len(label) > MAX_LABEL_CHARS
-            else "has a control or formatting character" if not label.isprintable()
-            else "has a comma" if "," in label
-            else "has a leading or trailing space" if label != label.strip()
-            else "")
 
 
 def _labels(path: Path, raw: object, cfg: ModelConfig) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared_model.compression import UpdateDtype
-from shared_model.config import Fusion, Modality, ModelConfig, ModelSize
+from shared_model.config import Fusion, Modality, ModelConfig, ModelSize, parse_label_set
 from shared_model.model import TrainLayers
 from shared_model.validation import describe
 
@@ -180,8 +180,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if len(self.label_set) < 2 or len(set(self.label_set)) != len(self.label_set):
-            raise ValueError(f"labels={self.labels!r}: need at least two distinct labels")
+        parse_label_set(self.labels)  # ValueError naming the label
         if self.min_available_nodes < self.min_train_nodes:
             raise ValueError(
                 f"min-available-nodes={self.min_available_nodes} is below "
@@ -212,7 +211,7 @@ class RunConfig(BaseModel):
 
     @property
     def label_set(self) -> tuple[str, ...]:
-        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+        return parse_label_set(self.labels)
 
     def recipe(self) -> LocalRecipe:
         """How the sites train in this run: the DP recipe when private, else Adam at lr."""

@@ -50,7 +50,7 @@ import tomli_w
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from client.site import sim_node_config_text
-from shared_model.config import ModelConfig
+from shared_model.config import ModelConfig, parse_label_set
 from shared_model.run_config import RunConfig, RunConfigError, model_config_for, pyproject_defaults
 from shared_model.validation import describe
 from simulations.sections import (
@@ -147,7 +147,7 @@ class SimulationConfig(Section):
 
     @property
     def label_set(self) -> tuple[str, ...]:
-        return tuple(x.strip() for x in self.model.labels.split(",") if x.strip())
+        return parse_label_set(self.model.labels)
 
     def rounds_of(self, exp: Experiment) -> int:
         return exp.rounds or self.training.rounds

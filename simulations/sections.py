@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from shared_model.config import Fusion, Modality, ModelConfig, ModelSize
+from shared_model.config import Fusion, Modality, ModelConfig, ModelSize, parse_label_set
 from shared_model.run_config import RunConfig, StrategyName, device_name, pyproject_defaults
 from shared_model.synth import Difficulty, Labeller
 from shared_model.validation import messages
@@ -172,9 +172,7 @@ class ModelSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
-        labels = [x.strip() for x in self.labels.split(",") if x.strip()]
-        if len(labels) < 2 or len(set(labels)) != len(labels):
-            raise ValueError(f"labels={self.labels!r}: need at least two distinct labels")
+        labels = parse_label_set(self.labels)  # ValueError naming the label
         preset = ModelConfig.large if self.model_size == "large" else ModelConfig.small
         try:
             preset(image_size=self.image_size, fusion=self.fusion, num_classes=len(labels))
