@@ -12,6 +12,8 @@ runs, so a hospital's command never loads the simulation harness.
 from __future__ import annotations
 
 import sys
+from importlib import metadata
+from typing import Annotated
 
 import typer
 
@@ -27,6 +29,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("medfuse")
+        except metadata.PackageNotFoundError:  # run from a source tree never installed
+            version = "unknown (not installed: make install)"
+        typer.echo(f"medfuse {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _medfuse(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the installed medfuse version (the "
+                                               "same at every site) and exit")] = False,
+) -> None:
+    """Federated multimodal disease analysis with differential privacy."""
+
+
 data = typer.Typer(help="Site data: check (hospital), synthesise (researcher).",
                    no_args_is_help=True)
 data.command("check")(hospital.data_check)

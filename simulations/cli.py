@@ -31,6 +31,17 @@ from shared_model.synth import PublicConfig, SynthConfig, write_federation, writ
 METRIC_COLUMNS = tuple(m.name for m in shown_in(View.TABLES))
 
 
+def _synth_option_error(exc: ValidationError) -> str:
+    """A bad `data synth` option as one line: `--label-skew -1.0: should be greater than 0`
+    (pydantic's own text names SynthConfig's fields, not the options a person typed)."""
+    parts = []
+    for e in exc.errors():
+        option = "--" + str(e["loc"][0]).replace("_", "-") if e["loc"] else "data synth"
+        msg = str(e["msg"]).removeprefix("Value error, ").removeprefix("Input ")
+        parts.append(f"{option} {e['input']!r}: {msg}")
+    return "; ".join(parts)
+
+
 def data_synth(
     out: Annotated[Path, typer.Option(help="folder to write site-00, site-01, ... into")],
     sites: Annotated[int, typer.Option(min=1, help="number of hospitals")] = 5,
@@ -57,7 +68,9 @@ def data_synth(
             difficulty=difficulty,
         )
         paths = write_federation(out, cfg, overwrite=overwrite)
-    except (ValidationError, FileExistsError, ValueError) as exc:
+    except ValidationError as exc:
+        fail(_synth_option_error(exc))
+    except (FileExistsError, ValueError) as exc:
         fail(exc)
     for p in paths:
         console.print(f"wrote {p}")

@@ -291,7 +291,12 @@ def _format_errors(exc: ValidationError, raw: Mapping[str, Any], source: str) ->
     experiments = raw.get("experiment") if isinstance(raw, Mapping) else None
     names = [e.get("name") if isinstance(e, Mapping) else None
              for e in experiments] if isinstance(experiments, list) else []
-    return describe(exc, f"simulation config ({source})", {"experiment": names})
+    text = describe(exc, f"simulation config ({source})", {"experiment": names})
+    if any(e["type"] == "missing" for e in exc.errors()):
+        # a minimal or empty file: say where a complete one is rather than fill in the demo
+        text += (f"\n  hint: copy {DEFAULT_CONFIG} (the demo: every section and an "
+                 "[[experiment]] of each kind with its keys) and edit it")
+    return text
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "config") -> SimulationConfig:

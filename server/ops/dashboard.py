@@ -6,13 +6,16 @@ seconds), the latest checkpoint (the run config: rounds planned, budget) and the
 coordinator's audit log (why an update was left out). The page is one HTML file with its
 script inline (no CDN, no internet) that asks `/api/state` every two seconds and redraws:
 rounds done and planned, an accuracy curve per site, each site's epsilon against its
-budget, the last verdict per site. It binds to 127.0.0.1 only.
+budget, the last verdict per site. It binds to 127.0.0.1 only, and answers only requests
+whose Host is a loopback name: a web page that rebinds its own name to 127.0.0.1 (DNS
+rebinding) gets 403, not the run's state.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +31,19 @@ from shared_model.audit_log import LOG_FILE, read
 from shared_model.metric_registry import HEADLINE
 
 HOST = "127.0.0.1"
+# the Host values a browser sends for a page it loaded from this machine (port optional)
+_LOOPBACK_HOST = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(:\d{1,5})?", re.IGNORECASE)
+
+
+def loopback_host(value: str | None) -> bool:
+    """Whether a request's Host header names this machine's loopback (no header: no)."""
+    return value is not None and _LOOPBACK_HOST.fullmatch(value.strip()) is not None
+
+
+def waiting_line(out: Path) -> str:
+    """What the dashboard of a folder without a run yet says it expects."""
+    return (f"no run in {out} yet: waiting for {RESULTS_FILE} (a ServerApp output-dir) or "
+            f"experiments/NAME/seed-S/{RESULTS_FILE} (a simulation's output folder)")
 
 
 def _run_config(out: Path) -> dict[str, Any]:
@@ -73,7 +89,8 @@ def followed(out: Path) -> Path:
 def state(out: Path) -> dict[str, Any]:
     """Everything the page shows, from the run's own files."""
     out = followed(Path(out))
-    rows = read_rows(out / RESULTS_FILE) if (out / RESULTS_FILE).is_file() else []
+    has_run = (out / RESULTS_FILE).is_file()
+    rows = read_rows(out / RESULTS_FILE) if has_run else []
     run = _run_config(out)
     sites: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -99,6 +116,7 @@ def state(out: Path) -> dict[str, Any]:
         "finished": (out / "final" / "model.pt").is_file(),
         "round_seconds": [[k, v] for k, v in sorted(seconds.items())],
         "sites": dict(sorted(sites.items())),
+        "waiting": None if has_run else waiting_line(out),
     }
 
 
@@ -114,6 +132,9 @@ def make_server(out: Path, port: int = 0) -> ThreadingHTTPServer:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if not loopback_host(self.headers.get("Host")):
+                self.send_error(403, "Host must be 127.0.0.1, localhost or [::1]")
+                return
             if self.path.split("?")[0] == "/api/state":
                 body, kind = json.dumps(state(out)).encode(), "application/json"
             elif self.path in ("/", "/index.html"):
@@ -142,5 +163,7 @@ def serve_in_background(out: Path, port: int = 0) -> tuple[ThreadingHTTPServer, 
 
 
 def summary_line(s: Mapping[str, Any]) -> str:
+    if s.get("waiting"):
+        return str(s["waiting"])
     return (f"round {s['rounds_done']}/{s['rounds_planned'] or '?'}, {len(s['sites'])} sites"
             + (", finished" if s["finished"] else ""))

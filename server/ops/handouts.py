@@ -113,12 +113,21 @@ NOT here: it stays in the provisioning folder's ca/ (keep it offline).
 
    Open TCP port {port} to the hospitals (and to whoever runs `flwr`). Nothing else.
 
-2. Tell the flwr CLI where the SuperLink is: in $FLWR_HOME/config.toml (default
-   ~/.flwr/config.toml) add
+2. Tell the flwr CLI where the SuperLink is, in a Flower home of your own (not ~/.flwr,
+   which flwr also uses for its local simulation SuperLink). From this folder, paste
+   these lines as they are ($PWD makes root-certificates the absolute path flwr needs):
 
-  [superlink.{CONNECTION_NAME}]
-  address = "{address}"
-  root-certificates = "/ABSOLUTE/PATH/TO/THIS/FOLDER/ca.crt"
+export FLWR_HOME=$PWD/flwr-home
+mkdir -p $FLWR_HOME && cat > $FLWR_HOME/config.toml <<EOF
+[superlink]
+default = "{CONNECTION_NAME}"
+
+[superlink.{CONNECTION_NAME}]
+address = "{address}"
+root-certificates = "$PWD/ca.crt"
+EOF
+
+   Keep FLWR_HOME exported in every shell that runs flwr (steps 3 to 5).
 
 3. Admit the hospitals, from this folder (once; the node id stays with the key):
 
@@ -149,6 +158,7 @@ def hospital_readme(name: str, hosts: Sequence[str], port: int, epsilon_budget: 
     node_cfg = node_config_string("$DATA_PATH", name, "auto", epsilon_budget, "$STATE_DIR")
     # double-quoted for the shell so that $DATA_PATH and $STATE_DIR expand
     shell_cfg = '"' + node_cfg.replace('"', '\\"') + '"'
+    state_dir = f"$HOME/.medfuse/state/{name}"  # the node's ledger; `privacy show` reads it
     title = f'medfuse hospital "{name}": what this folder is for'
     return f"""{title}
 {'=' * len(title)}
@@ -166,7 +176,7 @@ is in this folder.
    the --port below is local to this machine, for the ClientApp processes):
 
   DATA_PATH=/path/to/your/site
-  STATE_DIR=$HOME/.medfuse/state/{name}
+  STATE_DIR={state_dir}
   {env_prefix()} flower-supernode \\
       --superlink {address} \\
       --root-certificates ca.crt \\
@@ -178,6 +188,10 @@ is in this folder.
    epsilon-budget: your privacy budget for everything ever trained on this data (it
    may be lower than the federation's, never higher). state-dir: where your privacy
    ledger lives; keep it across restarts, it is what stops the budget from resetting.
+
+3. See what has been spent and what is left, any time (the same state-dir as above):
+
+  medfuse privacy show --state-dir {state_dir}
 
 Nothing leaves this machine but model weight updates and scalar metrics.
 """

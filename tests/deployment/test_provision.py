@@ -1,7 +1,11 @@
 """Provisioning: who gets which key, in which format, with which names; no Flower process."""
 
 import ipaddress
+import os
+import re
 import stat
+import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -112,6 +116,38 @@ def test_register_commands_and_readmes_are_exact(fed):
     coord = (fed.coordinator_dir / "README.txt").read_text()
     assert "--enable-supernode-auth" in coord and "--database" in coord
     assert "--disable-runtime-dependency-installation" in coord
+
+
+def test_coordinator_readme_writes_its_own_flower_home_with_the_absolute_ca_path(tmp_path):
+    # Prepare: a provisioned coordinator folder and its README's step 2, as pasted
+    p = provision(tmp_path / "fed", "st-marys,charite", ["coord.example.org"], 9443)
+    readme = (p.coordinator_dir / "README.txt").read_text()
+    lines = readme.splitlines()
+    start = lines.index("export FLWR_HOME=$PWD/flwr-home")
+    block = "\n".join(lines[start:lines.index("EOF", start) + 1]) + "\n"
+    # Execute: the lines in a shell started in that folder
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home")}
+    subprocess.run(["bash", "-c", block + 'echo "$FLWR_HOME"'], cwd=p.coordinator_dir,
+                   env=env, check=True, capture_output=True)
+    # Assert: not ~/.flwr (docs/deployment.md), no placeholder, the real absolute CA path
+    assert "~/.flwr/config.toml" not in readme and "/ABSOLUTE/PATH" not in readme
+    config = tomllib.loads((p.coordinator_dir / "flwr-home" / "config.toml").read_text())
+    entry = config["superlink"]["medfuse"]
+    assert config["superlink"]["default"] == "medfuse"
+    assert entry["address"] == "coord.example.org:9443"
+    ca = Path(entry["root-certificates"])
+    assert ca.is_absolute() and ca.samefile(p.coordinator_dir / "ca.crt")
+    assert not (tmp_path / "home" / ".flwr").exists()
+
+
+def test_hospital_readme_shows_the_ledger_where_the_node_keeps_it(fed):
+    # Prepare / Execute
+    readme = (fed.hospital_dirs["charite"] / "README.txt").read_text()
+    # Assert: `privacy show` reads the same state-dir the SuperNode writes its ledger to
+    state = re.search(r"^\s*STATE_DIR=(\S+)$", readme, re.MULTILINE)
+    show = re.search(r"^\s*medfuse privacy show --state-dir (\S+)$", readme, re.MULTILINE)
+    assert state and show and state.group(1) == show.group(1) == "$HOME/.medfuse/state/charite"
+    assert 'state-dir=\\"$STATE_DIR\\"' in readme
 
 
 def test_second_run_refuses_then_force_replaces(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.app import main
-from server.ops.dashboard import serve_in_background, state
+from server.ops.dashboard import serve_in_background, state, summary_line
 from tests.server.test_app import context, grid
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -67,6 +68,50 @@ def test_it_serves_the_page_and_the_state_on_loopback(tmp_path: Path):
     assert "medfuse dashboard" in page and "<script>" in page
     assert "<script src" not in page and "<link" not in page  # no CDN: everything inline
     assert data["rounds_done"] == 3
+
+
+def _get(url: str, host: str) -> tuple[int, bytes]:
+    """A raw HTTP/1.1 GET to the dashboard on 127.0.0.1 with the given Host header."""
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"GET /api/state HTTP/1.1\r\nHost: {host}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_it_answers_only_requests_addressed_to_loopback(tmp_path: Path):
+    # Prepare: a DNS-rebinding page reaches 127.0.0.1 with its own name as Host
+    out = tmp_path / "run"
+    _run(out)
+    server, url = serve_in_background(out)
+    # Execute
+    try:
+        evil = _get(url, "evil.example")
+        evil_port = _get(url, "evil.example:8765")
+        loopback = [_get(url, h)[0] for h in
+                    ("127.0.0.1", "127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765")]
+    finally:
+        server.shutdown()
+    # Assert
+    assert evil[0] == evil_port[0] == 403 and b"rounds_done" not in evil[1]
+    assert loopback == [200] * 5
+
+
+def test_a_folder_without_a_run_says_what_it_waits_for(tmp_path: Path):
+    # Prepare: a folder that is neither a ServerApp output-dir nor a simulation's
+    out = tmp_path / "not-a-run"
+    out.mkdir()
+    (out / "notes.txt").write_text("hello")
+    # Execute
+    empty, line = state(out), summary_line(state(out))
+    _run(out)
+    done = state(out)
+    # Assert: one line that names what was expected, gone once the run writes
+    assert empty["waiting"] == line
+    assert "results.jsonl" in line and "experiments/NAME/seed-S" in line and str(out) in line
+    assert done["waiting"] is None and summary_line(done).startswith("round 3/3")
 
 
 def _chromium(*args: str, timeout: float = 60) -> str:

@@ -339,6 +339,24 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize("text", ["", '[[experiment]]\nname = "mine"\n'])
+def test_a_minimal_config_points_to_the_demo_config(tmp_path: Path, text: str) -> None:
+    # Prepare: an empty file, and one with an experiment's name only
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    # Assert: what is missing, then one hint line naming the demo config
+    lines = str(info.value).splitlines()
+    assert "Field required" in lines[1]
+    hints = [line for line in lines if "hint" in line]
+    assert len(hints) == 1 and "simulations/default.toml" in hints[0]
+    assert "hint" not in _error(_raw(seeds=[-1]))  # a bad value needs no hint
+
+
 def test_fingerprint_follows_what_decides_the_result() -> None:
     # Prepare
     base = parse_config({"experiment": [FED, {"name": "p", "kind": "pooled"}]})
