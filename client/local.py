@@ -62,6 +62,13 @@ log = logging.getLogger(__name__)
 OptimizerName = Literal["sgd", "adam"]
 
 
+SECURE_RNG_NOTE = (
+    "DP noise and Poisson batches come from PyTorch's generator seeded with 64 secret bits "
+    "from the operating system. Secure mode (a cryptographic generator, and Opacus' defence "
+    "against floating-point attacks on the Gaussian sampler) needs torchcsprng, which does "
+    "not build for torch 2.13, so it is off (docs/privacy.md, Randomness).")
+
+
 class DPSetupError(RuntimeError):
     """This node cannot train privately as the run asks (e.g. secure mode without its RNG)."""
 
@@ -359,7 +366,11 @@ def make_private(
     released (not the exact) expected batch size, and samples whose gradient is not
     finite dropped (`FiniteDPOptimizer`)."""
     try:
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+        with warnings.catch_warnings():
+            # Opacus warns on every engine that its generator is not the secure one: true,
+            # and said once in medfuse's words instead (`SECURE_RNG_NOTE`)
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
     except ImportError as exc:
         raise DPSetupError(
             f"secure-mode=true needs the torchcsprng package on this node ({exc})"

@@ -43,6 +43,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from client.local import SECURE_RNG_NOTE
 from shared_model.files import atomic_write_text
 from shared_model.metric_registry import HEADLINE
 from simulations import report
@@ -139,6 +140,8 @@ class Runner:
         for kind in dict.fromkeys(kind_of(u.experiment) for u in todo):
             if kind in CHECKS:
                 CHECKS[kind](self.out)
+        if any(u.experiment.dp or kind_of(u.experiment) == "local-dp" for u in todo):
+            self.echo(SECURE_RNG_NOTE)  # once, instead of Opacus' warning per engine
         if todo:
             self._run_units(todo, outcome)
         results = self.write_tables()
