@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.table import Table
 
 from shared_model.figures import pyplot, save_png
@@ -434,12 +435,14 @@ def terminal_tables(summary: Summary) -> list[Table]:
     out = []
     _, rows = mean_rows(summary, with_std=False)
     headers = ["experiment", *(m.narrow for m in shown_in(View.TABLES)), "eps", "time s"]
+    # one space between columns and no frame: ten columns fit 80 characters (a pipe or a
+    # CI log is 80 wide), where a framed table cut every number to "1.0…"
     t = Table(
         title="final test metrics, mean over hospitals (eps: privacy spent, ∞ = no DP)",
-        title_justify="left",
+        title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,
     )
     for i, h in enumerate(headers):
-        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
         t.add_row(*r)
     out.append(t)

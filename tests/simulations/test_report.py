@@ -148,3 +148,20 @@ def test_terminal_tables_list_each_experiment() -> None:
     for exp in META["experiment"]:
         assert exp in text
     assert "site-00" in text and "8.00" in text
+
+
+def test_the_mean_table_fits_a_pipe_of_80_columns_without_cutting_a_number() -> None:
+    # Prepare: a pipe or a CI log is 80 wide; the framed table once showed "1.0…"
+    from rich.console import Console
+
+    console = Console(width=80, record=True, color_system=None)
+    summary = summarize(_table(), META)
+
+    # Execute
+    console.print(report.terminal_tables(summary)[0])
+
+    # Assert: every cell whole, every line within 80
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "fedavg-dp-eps8" in text and "0.500" in text
