@@ -21,6 +21,11 @@ multitask loss with the report visible (classification, box and the report's tok
 a memorised report counts. Bootstrap draws use a fixed seed: they protect nothing, they
 only make the report reproducible.
 
+Membership is each site's train split; whether the model trained on that site at all is
+checked against the model's record of its sites where there is one (`membership`), and
+the verdict says so either way: an audit of a site that never trained the model would
+report "no measurable leak" about cases that were never members.
+
 The audit reads the site's data and writes its results on the site's disk; nothing is
 sent anywhere. Its results are computed from the site's data without DP: they are for
 the site's own eyes, like the exact metrics of `privacy show`.
@@ -29,9 +34,11 @@ the site's own eyes, like the exact metrics of `privacy show`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +55,8 @@ BOOTSTRAP = 1000
 # verdict thresholds on the AUC's lower bound (0.5 = guessing)
 CLEAR_LEAK = 0.60
 SOME_LEAK = 0.52
+# what a federation writes beside final/model.pt (server/checkpoint.py), with "sites"
+MODEL_CARD = "model_card.json"
 
 
 @dataclass(frozen=True)
@@ -133,8 +142,52 @@ def lira_offline(target_losses: np.ndarray, reference_losses: np.ndarray) -> np.
     return (refs.mean(axis=0) - target) / max(sigma, 1e-6)  # (N,) higher = member
 
 
-def verdict(results: Sequence[AttackResult]) -> str:
-    """A sentence a privacy officer can read, from the strongest attack's AUC interval."""
+def membership(model_path: Path, meta: Mapping[str, object], audited: Sequence[str]) -> str:
+    """The verdict's clause on whether the audited sites' train splits were members.
+
+    The model's record of its sites is its metadata's `sites`, else the `sites` of the
+    `model_card.json` beside it (a federation's `final/`); names only, so a listed site's
+    train split being what trained it is still assumed. Raises `ValueError` (one line)
+    where that record leaves an audited site out: its cases were never members, and an
+    audit of them would report no leak whatever the model remembers.
+    """
+    model_path = Path(model_path)
+    card = model_path.parent / MODEL_CARD
+    known, source, why = meta.get("sites"), f"{model_path}'s metadata", ""
+    if known is None and card.is_file():
+        source = str(card)
+        try:
+            known = json.loads(card.read_text(encoding="utf-8")).get("sites")
+        except (OSError, ValueError, AttributeError) as exc:
+            why = f"its model card {card} cannot be read ({exc})"
+    if isinstance(known, list) and all(isinstance(k, str) for k in known):
+        outside = [name for name in audited if name not in known]
+        if outside:
+            raise ValueError(
+                f"site(s) {', '.join(outside)} are not among the sites of {model_path} "
+                f"({', '.join(known) or 'none'}, per {source}): their cases were never "
+                "members, so an audit would report no leak whatever the model remembers; "
+                "audit the sites it trained on (a node that trained under another "
+                "site-name: give its folder that name)")
+        return (f"members: each site's train split; {source} lists these sites (by name: "
+                "that this train split is what trained the model is assumed)")
+    if not why:
+        why = (f"{source} holds no list of site names" if known is not None or card.is_file()
+               else f"{model_path} records no training sites and has no {MODEL_CARD} "
+                    "beside it")
+    return ("membership assumed, not checked: the members are each site's train split, "
+            f"but {why}, so that these cases trained the model cannot be checked")
+
+
+def verdict(results: Sequence[AttackResult], membership: str = "") -> str:
+    """A sentence a privacy officer can read, from the strongest attack's AUC interval;
+    `membership` (see `membership`) is appended, so that the sentence says whose
+    membership it measured."""
+    text = _verdict(results)
+    return f"{text}; {membership}" if membership else text
+
+
+def _verdict(results: Sequence[AttackResult]) -> str:
     if not results:
         return "no audit was run"
     worst = max(results, key=lambda r: r.auc_ci[0])

@@ -68,10 +68,20 @@ def privacy_show(
                      "node-key (the ledgers' chain key is derived from it)"),
     ] = None,
 ) -> None:
-    """Print each ledger: every release from the site's data (training rounds, the count,
-    evaluations, non-private releases), epsilon spent and left per budget."""
+    """Print each ledger: its training budget (the training split) and its evaluation
+    budget (the val/test splits), each with epsilon spent and left and a table of its
+    releases (training rounds, the count, non-private rounds; evaluations), and what
+    epsilon and "inf" mean. Fits 80 columns and a pipe: cells wrap, none is cut.
+    Exit 1 where a store or ledger cannot be read (one line each on stderr)."""
+    from rich.text import Text
+
     from client.privacy import LedgerError, default_store_root, find_stores, render_ledger
     from shared_model.chain_key import key_from_node_key
+
+    def _error_line(message: object) -> None:
+        # one plain line (a path or a JSON error may hold brackets; logs are grepped),
+        # and on to the next store: the command exits 1 at its end
+        err.print(Text.assemble(("error:", "red"), f" {message}"), soft_wrap=True)
 
     root = state_dir or default_store_root()
     stores = find_stores(root, key=key_from_node_key(node_key) if node_key else None)
@@ -80,11 +90,17 @@ def privacy_show(
         raise typer.Exit(1)
     failed = False
     for store in stores:
-        for key in store.keys():
+        try:  # the index is read (and its MAC checked) before any ledger is listed
+            keys = store.keys()
+        except LedgerError as exc:
+            _error_line(exc)
+            failed = True
+            continue
+        for key in keys:
             try:
                 console.print(render_ledger(store.load(key)))
             except LedgerError as exc:
-                err.print(f"[red]error:[/red] {exc}")
+                _error_line(exc)
                 failed = True
     raise typer.Exit(1 if failed else 0)
 
@@ -110,10 +126,24 @@ def audit(
 ) -> None:
     """Membership-inference audit: members (each site's train split) against non-members
     (its val and test splits), a loss-threshold attack and offline LiRA; AUC and TPR at
-    1% and 0.1% FPR with 95% intervals, a ROC plot and a verdict. Nothing leaves the site."""
+    1% and 0.1% FPR with 95% intervals, a ROC plot and a verdict. Nothing leaves the site.
+
+    Members are only members if the model trained on the site. The sites it trained on
+    are read from the model's metadata or the model_card.json beside it (a federation's
+    final/): a site not listed there is refused (exit 2), as its "no leak" would be about
+    cases the model never saw. Where neither names the sites, the verdict line says that
+    membership is assumed from each site's train split and cannot be checked.
+    """
     import json
 
-    from client.audit import audit_site, reference_models, results_table, roc_plot, verdict
+    from client.audit import (
+        audit_site,
+        membership,
+        reference_models,
+        results_table,
+        roc_plot,
+        verdict,
+    )
     from shared_model.dataset import SiteError, open_site
     from shared_model.files import atomic_write_text
     from shared_model.model_file import ModelFileError, load_model_file
@@ -129,6 +159,7 @@ def audit(
                       for d in reference or []]
         initial = load_model_file(start).state if start else None
         dev = pick_device(device)
+        members = membership(model, mf.meta, [s.name for s in sites])
     except (ModelFileError, SiteError, OSError, ValueError) as exc:
         fail(exc)
     refs = []
@@ -142,13 +173,14 @@ def audit(
         results += audit_site(mf.model_config, mf.state, site, references=refs, device=dev)
     rows = results_table(results)
     atomic_write_text(out / "audit.json", json.dumps(
-        {"model": str(model), "verdict": verdict(results), "results": rows}, indent=2) + "\n")
+        {"model": str(model), "verdict": verdict(results, members), "results": rows},
+        indent=2) + "\n")
     import pandas as pd
 
     atomic_write_text(out / "audit.csv", pd.DataFrame(rows).to_csv(index=False))
     roc_plot(results, out / "roc.png")
     console.print(audit_table(rows))
-    console.print(verdict(results), highlight=False, soft_wrap=True)
+    console.print(verdict(results, members), highlight=False, soft_wrap=True)
     console.print(f"written: {out / 'audit.csv'}, {out / 'audit.json'}, {out / 'roc.png'}")
 
 

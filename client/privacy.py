@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -61,7 +62,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from shared_model import chain_key
 from shared_model.config import MANIFEST
@@ -810,50 +814,73 @@ def _accountant_of(ledger: Ledger) -> AccountantName:
     return ledger.entries[-1].accountant if ledger.entries else "rdp"
 
 
+# What each section of `privacy show` is, and what its figures mean (one sentence each).
+_SECTIONS: tuple[tuple[Bucket, str, str], ...] = (
+    ("train", "training budget (training split)",
+     "caps what every release from the training split (model updates, the label count, "
+     "non-private rounds) can tell about any one record in it"),
+    ("evaluation", "evaluation budget (val/test splits)",
+     "caps what the metrics released from the val and test splits can tell about any one "
+     "record in them"),
+)
+LEDGER_NOTE = (
+    "Epsilon is summed over every run on this data, at the stated delta (the chance that "
+    "the bound fails); lower is more private. \"inf\" is a release made without DP noise "
+    "(a non-private round or exact metrics): nothing bounds what it tells, and its budget "
+    "has nothing left."
+)
+
+
 def _summary_lines(ledger: Ledger) -> list[str]:
     accountant = _accountant_of(ledger)
     lines = []
-    for bucket, what in (("train", "training split"), ("evaluation", "val/test splits")):
+    for bucket, *_ in _SECTIONS:
         spent = ledger.epsilon(bucket, accountant)
         left = max(ledger.budget(bucket) - spent, 0.0)
-        lines.append(f"{what}: epsilon {spent:.4f} of {ledger.budget(bucket):g} "
-                     f"(delta {ledger.delta:g}, {accountant.upper()}); left {left:.4f}")
+        lines.append(f"epsilon {spent:.4f} spent of {ledger.budget(bucket):g}, left "
+                     f"{left:.4f} (delta {ledger.delta:g}, {accountant.upper()})")
     return lines
 
 
-def render_ledger(ledger: Ledger) -> Table:
-    """A rich table: one row per release, and each budget's spent and left."""
+def render_ledger(ledger: Ledger) -> Group:
+    """One ledger as rich output that fits 80 columns and a pipe (cells wrap, none is cut):
+    a header, then the training and the evaluation budget, each with its spent and left
+    and a table of its releases, and a note on what epsilon and "inf" mean."""
     names = ", ".join(ledger.site_names) or "-"
-    table = Table(
-        title=f"privacy ledger {ledger.key} ({names})",
-        caption="\n".join([f"data {', '.join(ledger.data_paths)} "
-                           f"({len(ledger.records)} records)", *_summary_lines(ledger)]),
-    )
-    for column in ("kind", "run", "round", "noise", "sample rate", "steps", "epsilon after",
-                   "time"):
-        table.add_column(column, justify="left" if column in ("kind", "time") else "right")
-    for e in ledger.entries:
+    parts: list[RenderableType] = [
+        Text(f"privacy ledger {ledger.key} ({names})", style="bold"),
+        Text(f"data {', '.join(ledger.data_paths)} ({len(ledger.records)} records)"),
+    ]
+    for (bucket, what, meaning), summary in zip(_SECTIONS, _summary_lines(ledger),
+                                                 strict=True):
+        entries = [e for e in ledger.entries if e.bucket == bucket]
+        parts += [Text(""), Text(what.capitalize(), style="bold underline"),
+                  Text(summary, style="bold"), Text(f"It {meaning}.")]
+        parts.append(_release_table(entries) if entries else Text("no release yet"))
+    parts += [Text(""), Text(LEDGER_NOTE)]
+    return Group(*parts)
+
+
+def _release_table(entries: Sequence[LedgerEntry]) -> Table:
+    """A section's releases; "eps after": the section's epsilon with this release in it."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0, 0, 1))
+    for column in ("kind", "run", "round", "noise", "rate", "steps", "eps after", "UTC"):
+        table.add_column(column, overflow="fold",
+                         justify="left" if column in ("kind", "UTC") else "right")
+    for e in entries:
         table.add_row(
             e.kind, str(e.run_id), str(e.server_round), f"{e.noise_multiplier:.4f}",
-            f"{e.sample_rate:.4f}", str(e.steps), f"{e.epsilon_after:.4f}", e.time,
+            f"{e.sample_rate:.4f}", str(e.steps), f"{e.epsilon_after:.4f}",
+            e.time[:16].replace("T", " "),
         )
     return table
 
 
-def ledger_text(ledger: Ledger) -> str:
-    """The same as `render_ledger`, as plain text (logs, files)."""
-    lines = [
-        f"ledger {ledger.key}  sites {', '.join(ledger.site_names)}  "
-        f"data {', '.join(ledger.data_paths)}",
-        f"{'kind':<17} {'run':>20} {'round':>6} {'noise':>9} {'rate':>8} {'steps':>7} "
-        f"{'eps after':>10}",
-    ]
-    for e in ledger.entries:
-        lines.append(
-            f"{e.kind:<17} {e.run_id:>20} {e.server_round:>6} {e.noise_multiplier:>9.4f} "
-            f"{e.sample_rate:>8.4f} {e.steps:>7} {e.epsilon_after:>10.4f}"
-        )
-    return "\n".join(lines + _summary_lines(ledger))
+def ledger_text(ledger: Ledger, width: int = 80) -> str:
+    """The same as `render_ledger`, as plain text `width` columns wide (logs, files)."""
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    console.print(render_ledger(ledger))
+    return console.export_text(styles=False).rstrip("\n")
 
 
 def find_stores(root: Path | None = None, key: bytes | None = None) -> list[LedgerStore]:

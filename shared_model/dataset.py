@@ -401,8 +401,10 @@ def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, 
                has_split: bool, first_row: dict[str, int]) -> _Row:
     """One manifest row (`row_no` as a spreadsheet counts: the header is row 1), with
     every reason it is unusable; images are not read yet."""
-    case_id = rec["case_id"].strip()
-    reasons: list[str] = []
+    # A cell that is not UTF-8 (a report pasted from a Latin-1 system) makes its row bad,
+    # not the site; the case_id is shown with the odd bytes escaped, a report never.
+    reasons: list[str] = [r for c in REQUIRED_COLUMNS if (r := _not_utf8(c, rec[c]))]
+    case_id = _escape_bytes(rec["case_id"].strip())
     if not case_id:
         reasons.append("empty case_id")
     elif case_id in first_row:
@@ -461,6 +463,21 @@ def _decode(candidates: list[_Row], model: ModelConfig, keep_images: bool
     return rows, bad, images
 
 
+def _not_utf8(column: str, value: str) -> str:
+    """Empty for UTF-8 text, else why the cell is not: its first odd byte and where it
+    is, never the text itself (which may be a report)."""
+    for at, char in enumerate(value):
+        if "\udc80" <= char <= "\udcff":  # an undecodable byte, as surrogateescape keeps it
+            return (f"{column} is not UTF-8 text (byte 0x{ord(char) - 0xDC00:02X} at "
+                    f"character {at + 1}); save the manifest as UTF-8")
+    return ""
+
+
+def _escape_bytes(value: str) -> str:
+    """`value` with each undecodable byte written as \\xNN (printable, comparable)."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _read_manifest(site_dir: Path) -> pd.DataFrame:
     """The manifest as strings ("" for empty cells), column names stripped and lower-cased."""
     if not site_dir.is_dir():
@@ -483,6 +500,9 @@ def _read_manifest(site_dir: Path) -> pd.DataFrame:
             keep_default_na=False,
             na_filter=False,
             encoding="utf-8-sig",
+            # A byte that is not UTF-8 is kept (as a lone surrogate) for its row to be
+            # reported and skipped by `_check_row`, instead of refusing the whole site.
+            encoding_errors="surrogateescape",
             skip_blank_lines=False,  # kept (and later ignored) so row numbers stay true
         )
     except Exception as exc:  # parser, decoding and IO errors alike: all mean "unreadable"
@@ -492,6 +512,10 @@ def _read_manifest(site_dir: Path) -> pd.DataFrame:
             "commas, quotes or line breaks must be quoted."
         ) from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
+    header = next((r for c in frame.columns if (r := _not_utf8("the header row", c))), "")
+    if header:
+        raise SiteError(f"{MANIFEST} in {str(site_dir)!r}: row 1: {header}, with a header "
+                        f"row of {', '.join(REQUIRED_COLUMNS)}.")
     twice = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if twice:
         raise SiteError(

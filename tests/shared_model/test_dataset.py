@@ -518,3 +518,73 @@ def test_blank_lines_are_ignored_but_keep_row_numbers_true(tmp_path: Path) -> No
     # Assert
     assert [(b.row, b.case_id) for b in summary.bad_rows] == [(4, "c2")]
     assert (summary.total_rows, summary.usable_rows) == (2, 1)
+
+
+def _latin1_report_site(site: Path) -> Path:
+    """Three good cases, the second with a report saved as Latin-1 ("caf\\xe9")."""
+    write_manifest(site, good_rows(site, 3))
+    manifest = site / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b"report 1", b"caf\xe9 report"))
+    return site
+
+
+def test_a_report_that_is_not_utf8_makes_its_row_bad_not_the_site(tmp_path: Path) -> None:
+    # Prepare
+    site = _latin1_report_site(tmp_path / "site")
+
+    # Execute
+    opened = open_(site)
+    summary = check_site(site, labels=LABELS, model=MODEL, tokenizer=None)
+
+    # Assert: row 3 (case ok-1) is named with the reason, the other two are cases
+    expected = BadRow(row=3, case_id="ok-1", reason="report is not UTF-8 text (byte 0xE9 at "
+                      "character 4); save the manifest as UTF-8")
+    assert opened.summary.bad_rows == (expected,)
+    assert len(opened.train) == 2
+    assert summary.usable and summary.bad_rows == (expected,)
+
+
+def test_strict_mode_refuses_a_site_with_a_report_that_is_not_utf8(tmp_path: Path) -> None:
+    # Prepare
+    site = _latin1_report_site(tmp_path / "site")
+
+    # Execute
+    with pytest.raises(SiteError) as caught:
+        open_(site, strict=True)
+
+    # Assert: one paragraph naming the row, case and reason
+    message = str(caught.value)
+    assert "row 3" in message and "ok-1" in message and "not UTF-8" in message, message
+    assert "\n" not in message
+
+
+def test_a_case_id_that_is_not_utf8_is_shown_escaped(tmp_path: Path) -> None:
+    # Prepare
+    site = tmp_path / "site"
+    write_manifest(site, good_rows(site, 3))
+    manifest = site / "manifest.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b"ok-2,", b"caf\xe9,"))
+
+    # Execute
+    summary = check_site(site, labels=LABELS, model=MODEL, tokenizer=None)
+
+    # Assert: printable, and the reason names the column
+    (bad,) = summary.bad_rows
+    assert bad.row == 4 and bad.case_id == "caf\\xe9"
+    assert bad.reason.startswith("case_id is not UTF-8 text (byte 0xE9 at character 4)")
+
+
+def test_a_header_that_is_not_utf8_names_the_manifest_and_row_1(tmp_path: Path) -> None:
+    # Prepare: a UTF-16 manifest, as some spreadsheet programs save "Unicode text"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "manifest.csv").write_bytes("case_id,image,report,label\n".encode("utf-16"))
+
+    # Execute
+    with pytest.raises(SiteError) as caught:
+        open_(site)
+
+    # Assert
+    message = str(caught.value)
+    assert "manifest.csv" in message and str(site) in message and "row 1" in message
+    assert "not UTF-8" in message and "\n" not in message
