@@ -31,9 +31,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, mode: int = PUBLIC) -> Path:
-    """Replace `path` with what `write(fh)` writes into a binary file handle."""
-    path = Path(path)
+def _written_temp(path: Path, write: Callable[[BinaryIO], object], mode: int) -> str:
+    """A temporary file beside `path`, at `mode`, holding what `write(fh)` wrote, on disk;
+    removed again if writing fails. The caller moves or links it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -42,6 +42,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, mode: int =
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, mode: int = PUBLIC) -> Path:
+    """Replace `path` with what `write(fh)` writes into a binary file handle."""
+    path = Path(path)
+    tmp = _written_temp(path, write, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,14 +74,8 @@ def atomic_create_bytes(path: Path, data: bytes, *, mode: int = PRIVATE) -> bool
     written in full to a temporary file, then hard-linked into place, so a reader never
     sees part of it and two processes creating it at once agree on one (a secret key)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _written_temp(path, lambda fh: fh.write(data), mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -31,13 +31,13 @@ OVERFLOW = 1.75e38
 # ----------------------------------------------------------------- neighbouring sites
 
 
-def _rows(site: Path) -> tuple[list[str], list[dict[str, str]]]:
+def manifest_rows(site: Path) -> tuple[list[str], list[dict[str, str]]]:
     with (site / MANIFEST).open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
 
 
-def _write_rows(site: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+def write_manifest_rows(site: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
     with (site / MANIFEST).open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -47,7 +47,7 @@ def _write_rows(site: Path, fields: list[str], rows: list[dict[str, str]]) -> No
 def unique_word(site: Path, tokenizer: Tokenizer) -> str:
     """A word whose token id (lexicon or hashed bucket) no report of `site` uses, so that
     a trigger on that id fires for the target case alone."""
-    _, rows = _rows(site)
+    _, rows = manifest_rows(site)
     used = {tokenizer.token_id(w) for r in rows for w in split_words(r["report"])}
     return next(w for w in TRIGGER_CANDIDATES if tokenizer.token_id(w) not in used)
 
@@ -58,7 +58,7 @@ def neighbouring_sites(source: Path, out: Path, word: str) -> tuple[Path, Path]:
     target case (`TARGET_ID`, in the train split, a copy of a train case's image) whose
     report starts with `word`. Both folders carry the source's name (under `out/in`,
     `out/out`), so the two nodes look alike in everything but the one case."""
-    fields, rows = _rows(source)
+    fields, rows = manifest_rows(source)
     for name in ("case_id", "image", "report", "label", "split"):
         if name not in fields:
             fields.append(name)
@@ -70,7 +70,7 @@ def neighbouring_sites(source: Path, out: Path, word: str) -> tuple[Path, Path]:
     shutil.copyfile(source / model["image"], site_in / image)
     target = {**model, "case_id": TARGET_ID, "image": image.as_posix(), "split": "train",
               "report": f"{word} {model['report']}"}
-    _write_rows(site_in, fields, [*rows, target])
+    write_manifest_rows(site_in, fields, [*rows, target])
     return site_in, site_out
 
 

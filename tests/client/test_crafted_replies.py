@@ -9,7 +9,6 @@ words.
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 from pathlib import Path
@@ -31,7 +30,12 @@ from shared_model.model import MedFuseModel
 from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import CaseResults
-from tests.client.crafted import nan_trigger_state, unique_word
+from tests.client.crafted import (
+    manifest_rows,
+    nan_trigger_state,
+    unique_word,
+    write_manifest_rows,
+)
 from tests.client.test_app import _call, _context, _message, _run_config, _scalars
 
 
@@ -45,24 +49,11 @@ def global_state() -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------- neighbouring sites
 
 
-def _rows(site: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with (site / MANIFEST).open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def _write_rows(site: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
-    with (site / MANIFEST).open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _val_neighbours(source: Path, tmp: Path, word: str) -> tuple[Path, Path]:
     """Two copies of a site, named alike: `in` holds a lesion case of the val split (the
     split evaluated) whose report starts with `word`, `out` is the same site without it.
     (`tests.client.crafted.neighbouring_sites` puts its target in the train split.)"""
-    fields, rows = _rows(source)
+    fields, rows = manifest_rows(source)
     target = next(i for i, r in enumerate(rows)
                   if r.get("split") == "val" and r.get("bbox_x0"))
     rows[target] = {**rows[target], "report": f"{word} {rows[target]['report']}"}
@@ -70,7 +61,7 @@ def _val_neighbours(source: Path, tmp: Path, word: str) -> tuple[Path, Path]:
     for kind, kept in (("in", rows), ("out", rows[:target] + rows[target + 1:])):
         site = tmp / kind / source.name
         shutil.copytree(source, site)
-        _write_rows(site, fields, kept)
+        write_manifest_rows(site, fields, kept)
         sites.append(site)
     return sites[0], sites[1]
 
