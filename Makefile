@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser demo readme-demo test lint bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml scripts/offline-env.sh
 
 demo: install
 	$(VENV)/bin/medfuse simulate
+
+# After `make demo`, on the same commit: copy its summary's mean table into README.md
+readme-demo: install
+	$(PY) -m simulations.readme runs/simulate README.md
 
 test: install lint browser
 	$(PY) -m pytest -q --durations=15
