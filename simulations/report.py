@@ -210,14 +210,49 @@ def _cell(row: pd.Series, metric: str) -> str:
     return text
 
 
-def mean_rows(summary: Summary, with_std: bool = True) -> tuple[list[str], list[list[str]]]:
-    headers = ["experiment"] + [h for h, _ in SUMMARY_METRICS] + ["epsilon", "time (s)"]
+SPREAD_NOTE = (
+    "Beside each mean: with several seeds, ± the standard deviation over seeds of the mean "
+    "over hospitals; with one seed, (lowest–highest hospital), the spread over hospitals, "
+    "not a confidence interval. hospitals × seeds: what the mean is over. The results table "
+    "does not hold each hospital's number of test cases, so no interval over cases is given."
+)
+
+
+def _spread_cell(summary: Summary, experiment: str, metric: str) -> str:
+    """The mean, ± its standard deviation over seeds where there are several, else the
+    range over hospitals (what SPREAD_NOTE says)."""
+    row = summary.mean.set_index("experiment").loc[experiment]
+    if row.get("seeds", 1) > 1:
+        return _cell(row, metric)
+    text = fmt(row.get(metric, math.nan), metric)
+    sites = summary.per_site[summary.per_site["experiment"] == experiment][metric]
+    sites = sites[np.isfinite(sites.to_numpy(dtype=float))]
+    if len(sites) > 1:
+        text += f" ({fmt(sites.min(), metric)}–{fmt(sites.max(), metric)})"
+    return text
+
+
+def _n_cell(summary: Summary, experiment: str) -> str:
+    sites = summary.per_site.loc[summary.per_site["experiment"] == experiment, "site"].nunique()
+    seeds = summary.mean.set_index("experiment").at[experiment, "seeds"]
+    return f"{sites} × {seeds}"
+
+
+def mean_rows(summary: Summary, with_std: bool = True, spread: bool = False
+              ) -> tuple[list[str], list[list[str]]]:
+    """The mean over hospitals per experiment; `spread` (the HTML report): each mean with
+    its spread (SPREAD_NOTE) and what it is over."""
+    headers = (["experiment"] + (["hospitals × seeds"] if spread else [])
+               + [h for h, _ in SUMMARY_METRICS] + ["epsilon", "time (s)"])
     rows = []
     for _, row in summary.mean.iterrows():
-        cells = [_cell(row, m) if with_std else fmt(row[m], m) for _, m in SUMMARY_METRICS]
+        cells = [_spread_cell(summary, row["experiment"], m) if spread
+                 else _cell(row, m) if with_std else fmt(row[m], m)
+                 for _, m in SUMMARY_METRICS]
         secs = row.get(SECONDS, math.nan)
         rows.append(
             [str(row["experiment"])]
+            + ([_n_cell(summary, row["experiment"])] if spread else [])
             + cells
             + [
                 fmt(row[EPS_COLUMN], EPS_COLUMN),
@@ -228,8 +263,10 @@ def mean_rows(summary: Summary, with_std: bool = True) -> tuple[list[str], list[
 
 
 def site_accuracy_rows(
-    summary: Summary, metric: str = HEADLINE.name
+    summary: Summary, metric: str = HEADLINE.name, spread: bool = False
 ) -> tuple[list[str], list[list[str]]]:
+    """Each hospital's final value per experiment, and the mean (with its spread, see
+    SPREAD_NOTE, when `spread`)."""
     headers = ["hospital"] + summary.experiments
     table = summary.per_site.pivot_table(
         index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
@@ -246,7 +283,9 @@ def site_accuracy_rows(
             ]
         )
     means = summary.mean.set_index("experiment")
-    rows.append([MEAN] + [fmt(means.at[e, metric], metric) for e in summary.experiments])
+    rows.append([MEAN] + [_spread_cell(summary, e, metric)
+                          if spread else fmt(means.at[e, metric], metric)
+                          for e in summary.experiments])
     return headers, rows
 
 
@@ -298,11 +337,14 @@ def audit_rows(results: pd.DataFrame, order: Sequence[str] = ()
                ) -> tuple[list[str], list[list[str]]]:
     """The membership-inference audit per audited experiment (loss attack): mean AUC over
     hospitals, the widest 95% interval, the strongest hospital's lower bound, the mean TPR
-    at 1% FPR. No rows when nothing was audited."""
+    at 1% FPR, and the verdict of `client.audit.verdict` on the strongest hospital's lower
+    bound. No rows when nothing was audited."""
     headers = ["experiment", "hospitals", "AUC (mean)", "95% interval (widest)",
-               "strongest lower bound", "TPR at 1% FPR (mean)"]
+               "strongest lower bound", "TPR at 1% FPR (mean)", "verdict"]
     audit = results[results["metric"].str.startswith(AUDIT + "loss-")]
     rows = []
+    if audit.empty:
+        return headers, rows
     names = list(dict.fromkeys([*order, *audit["experiment"].tolist()]))
     for exp in names:
         mine = audit[audit["experiment"] == exp]
@@ -314,8 +356,28 @@ def audit_rows(results: pd.DataFrame, order: Sequence[str] = ()
 
         rows.append([exp, str(values("auc").size), f"{values('auc').mean():.3f}",
                      f"[{values('auc-lo').min():.2f}, {values('auc-hi').max():.2f}]",
-                     f"{values('auc-lo').max():.3f}", f"{values('tpr@1%fpr').mean():.1%}"])
+                     f"{values('auc-lo').max():.3f}", f"{values('tpr@1%fpr').mean():.1%}",
+                     audit_verdict(values("auc-lo").max())])
     return headers, rows
+
+
+def leak_thresholds() -> tuple[float, float]:
+    """(LEAKS from, SOME LEAK from) on the AUC's lower bound, `client.audit`'s own
+    (imported only when there is an audit to judge: the module loads torch)."""
+    from client.audit import CLEAR_LEAK, SOME_LEAK
+
+    return CLEAR_LEAK, SOME_LEAK
+
+
+def audit_verdict(strongest_lower_bound: float) -> str:
+    """The word of `client.audit.verdict` for the strongest hospital's AUC lower bound,
+    with its thresholds."""
+    clear, some = leak_thresholds()
+    if strongest_lower_bound >= clear:
+        return "LEAKS"
+    if strongest_lower_bound >= some:
+        return "SOME LEAK"
+    return "NO MEASURABLE LEAK"
 
 
 def _final_site_values(results: pd.DataFrame, metric: str) -> pd.Series:
@@ -364,7 +426,8 @@ def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
     glob = _final_site_values(results, TEST + HEADLINE.name)
     plt = pyplot()
     exps = list(dict.fromkeys(mine.index.get_level_values(0)))
-    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps) + 1.5, 3.8),
+                             squeeze=False)
     for ax, exp in zip(axes[0], exps, strict=True):
         sites = list(mine[exp].index)
         x = np.arange(len(sites))
@@ -375,7 +438,7 @@ def plot_personalised(results: pd.DataFrame, path: Path) -> Path | None:
         ax.set_ylabel(f"test {HEADLINE.label}")
         ax.grid(axis="y", alpha=0.3)
         ax.set_title(exp, fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        _legend_outside(ax)
     fig.suptitle("the federation's model and each hospital's DP fine-tuned copy")
     fig.tight_layout()
     return save_png(fig, path)
@@ -392,7 +455,7 @@ def plot_round_times(results: pd.DataFrame, path: Path) -> Path | None:
     own = results[results["metric"].isin(["train/seconds", EVAL + "seconds"])
                   & (results["site"] != "federation")]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    fig, ax = plt.subplots(figsize=(10.0, 4.0))
     for i, (exp, rows) in enumerate(walls.groupby("experiment", sort=False)):
         wall = rows.groupby("round")["value"].mean()
         line = ax.plot(wall.index, wall.to_numpy(), marker="o", ms=3, label=f"{exp}: round")
@@ -406,7 +469,7 @@ def plot_round_times(results: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylabel("seconds")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend_outside(ax)
     ax.set_title("round time at the server and the hospitals' own compute")
     fig.tight_layout()
     return save_png(fig, path)
@@ -474,6 +537,13 @@ def _say_empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
+def _legend_outside(ax: Any, **kwargs: Any) -> None:
+    """The legend beside the axes, right of the data area, so that it never covers a
+    bar or a line (tight_layout makes room for it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              fontsize=8, **kwargs)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
@@ -489,48 +559,34 @@ def _curve(results: pd.DataFrame, exp: str, metric: str) -> tuple[pd.Series, pd.
     return mean, per_site
 
 
-def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
+CURVE_PANELS: tuple[tuple[str, str], ...] = (
+    (TRAIN_LOSS, "training loss"),
+    (EVAL + HEADLINE.name, f"{HEADLINE.label} (federated evaluation)"),
+)
+
+
+def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path | None:
     """Training loss and per-round accuracy against round (or epoch) for one experiment:
-    the mean over hospitals in bold, each hospital thin."""
+    the mean over hospitals in bold, each hospital thin. Only the panels the experiment
+    measured (a pooled run has no federated evaluation, a DP-local or public-only
+    baseline no per-round values at all); None when it measured none."""
+    curves = [(_curve(results, exp, metric), ylabel) for metric, ylabel in CURVE_PANELS]
+    curves = [(c, ylabel) for c, ylabel in curves if not c[0].empty]
+    if not curves:
+        return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric, ylabel in (
-        (axes[0], TRAIN_LOSS, "training loss"),
-        (axes[1], EVAL + HEADLINE.name, f"{HEADLINE.label} (federated evaluation)"),
-    ):
-        mean, per_site = _curve(results, exp, metric)
-        if mean.empty:
-            ax.text(
-                0.5,
-                0.5,
-                "not measured per round\n(final test metrics only)",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="grey",
-            )
-        else:
-            if per_site.shape[1] > 1:
-                named = per_site.shape[1] <= 8
-                for col in per_site.columns:
-                    ax.plot(
-                        per_site.index,
-                        per_site[col],
-                        lw=0.8,
-                        alpha=0.45,
-                        label=str(col) if named else None,
-                    )
-            ax.plot(
-                mean.index,
-                mean.values,
-                lw=2.2,
-                color="black",
-                marker="o",
-                ms=3,
-                label="mean over hospitals" if per_site.shape[1] > 1 else None,
-            )
-            if per_site.shape[1] > 1:
-                ax.legend(loc="best", fontsize=8)
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves) + 1.5, 3.8),
+                             squeeze=False)
+    for ax, ((mean, per_site), ylabel) in zip(axes[0], curves, strict=True):
+        if per_site.shape[1] > 1:
+            named = per_site.shape[1] <= 8
+            for col in per_site.columns:
+                ax.plot(per_site.index, per_site[col], lw=0.8, alpha=0.45,
+                        label=str(col) if named else None)
+        ax.plot(mean.index, mean.values, lw=2.2, color="black", marker="o", ms=3,
+                label="mean over hospitals" if per_site.shape[1] > 1 else None)
+        if per_site.shape[1] > 1:
+            _legend_outside(ax)
         ax.set_xlabel("round (federated) / epoch (central)")
         ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -540,24 +596,25 @@ def plot_learning_curves(results: pd.DataFrame, exp: str, path: Path) -> Path:
     return save_png(fig, path)
 
 
-def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path: Path) -> Path:
-    """Every experiment's mean training loss and per-round accuracy, one line each."""
+def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path: Path
+                         ) -> Path | None:
+    """Every experiment's mean training loss and per-round accuracy, one line each; only
+    the panels some experiment measured, None when none did."""
+    panels = [(TRAIN_LOSS, "training loss (mean)"),
+              (EVAL + HEADLINE.name, f"{HEADLINE.label}, federated eval. (mean)")]
+    drawn = [(ylabel, [(exp, c) for exp in experiments
+                       if not (c := _curve(results, exp, metric)[0]).empty])
+             for metric, ylabel in panels]
+    drawn = [(ylabel, lines) for ylabel, lines in drawn if lines]
+    if not drawn:
+        return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, metric, ylabel in (
-        (axes[0], TRAIN_LOSS, "training loss (mean)"),
-        (axes[1], EVAL + HEADLINE.name, f"{HEADLINE.label}, federated eval. (mean)"),
-    ):
-        drawn = 0
-        for exp in experiments:
-            mean, _ = _curve(results, exp, metric)
-            if not mean.empty:
-                ax.plot(mean.index, mean.values, marker="o", ms=3, label=exp)
-                drawn += 1
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            _say_empty(ax, "no per-round values")
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn) + 1.5, 3.8),
+                             squeeze=False)
+    for ax, (ylabel, lines) in zip(axes[0], drawn, strict=True):
+        for exp, mean in lines:
+            ax.plot(mean.index, mean.values, marker="o", ms=3, label=exp)
+        _legend_outside(ax)
         ax.set_xlabel("round / epoch")
         ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
@@ -576,7 +633,8 @@ def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.
         index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
     )
     table = table.reindex(index=sites, columns=exps)
-    width = min(16.0, max(6.0, 0.45 * len(sites) * max(1, min(len(exps), 4)) / 2 + 3))
+    # + 2 inches for the legend beside the axes
+    width = min(18.0, max(8.0, 0.45 * len(sites) * max(1, min(len(exps), 4)) / 2 + 5))
     fig, ax = plt.subplots(figsize=(width, 4.2))
     x = np.arange(len(sites))
     if not sites or not exps:
@@ -603,7 +661,7 @@ def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.
     ax.set_ylim(0, 1.0)
     ax.grid(axis="y", alpha=0.3)
     if exps:
-        ax.legend(fontsize=8, ncol=min(4, len(exps)))
+        _legend_outside(ax)
     ax.set_title(f"final test {metric} per hospital")
     fig.tight_layout()
     return save_png(fig, path)
@@ -613,7 +671,7 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     """Mean test accuracy against the privacy spent (epsilon, log scale); one line per
     series of DP experiments, dashed lines for the experiments without DP."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     mean = summary.mean.set_index("experiment") if not summary.mean.empty else None
     series = {}
     if meta is not None and not meta.empty and "series" in meta.columns:
@@ -657,7 +715,7 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     ax.set_ylim(0, 1.0)
     ax.grid(alpha=0.3)
     if points or refs:
-        ax.legend(fontsize=8, loc="lower right")
+        _legend_outside(ax)
     ax.set_title("privacy-utility")
     fig.tight_layout()
     return save_png(fig, path)
@@ -708,17 +766,16 @@ def write_report(
             results, plots_dir / "personalised.png")) is not None else []),
         *([("round time", fig)] if (fig := plot_round_times(
             results, plots_dir / "round-times.png")) is not None else []),
-        (
-            "learning curves, all experiments",
-            plot_overview_curves(results, experiments, plots_dir / "learning-curves.png"),
-        ),
+        *([("learning curves, all experiments", fig)] if (fig := plot_overview_curves(
+            results, experiments, plots_dir / "learning-curves.png")) is not None else []),
     ]
+    # an experiment that measured nothing per round (a DP-local or public-only baseline)
+    # has no curves figure: its final numbers are in the tables
     curve_plots = [
-        (
-            f"learning curves: {exp}",
-            plot_learning_curves(results, exp, plots_dir / f"curves-{_safe(exp)}.png"),
-        )
+        (f"learning curves: {exp}", fig)
         for exp in experiments
+        if (fig := plot_learning_curves(results, exp, plots_dir / f"curves-{_safe(exp)}.png"))
+        is not None
     ]
     report_html = out_dir / REPORT_FILE
     atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit,
@@ -754,9 +811,11 @@ def _html(
     )
     return env.get_template("report.html.j2").render(
         title=title, notes=[NOTES, *notes], written=time.strftime("%Y-%m-%d %H:%M:%S"),
-        mean=mean_rows(summary), per_site=site_accuracy_rows(summary),
+        mean=mean_rows(summary, spread=True), per_site=site_accuracy_rows(summary, spread=True),
+        spread_note=SPREAD_NOTE,
         detail=detail_rows(summary),
         audit=audit if audit and audit[1] else None,
+        audit_thresholds=leak_thresholds() if audit and audit[1] else None,
         personalised=personalised if personalised and personalised[1] else None,
         main_plots=[_plot(t, p) for t, p in main_plots],
         curve_plots=[_plot(t, p) for t, p in curve_plots],

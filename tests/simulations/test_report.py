@@ -165,3 +165,119 @@ def test_the_mean_table_fits_a_pipe_of_80_columns_without_cutting_a_number() -> 
     assert "…" not in text
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "fedavg-dp-eps8" in text and "0.500" in text
+
+
+def _baselines_table() -> pd.DataFrame:
+    """Demo-like baselines: pooled (loss per epoch for the whole), local-only (loss per
+    hospital), local DP and the public model alone (final test metrics only)."""
+    rows = []
+    for exp in ("pooled", "local-only", "local-dp", "public-only"):
+        for rnd in (1, 2, 3):
+            if exp == "pooled":
+                rows.append((exp, 0, rnd, report.ALL_SITES, TRAIN_LOSS, 2.0 / rnd))
+            if exp == "local-only":
+                rows += [(exp, 0, rnd, s, TRAIN_LOSS, 2.0 / rnd + i) for i, s in enumerate(SITES)]
+        rows += [(exp, 0, 3, s, TEST + "accuracy", 0.6 + 0.1 * i) for i, s in enumerate(SITES)]
+    return results_frame(rows)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Every figure the report saves, drawn, by file name (kept open for inspection,
+    closed after the test)."""
+    from shared_model.figures import pyplot
+
+    figures: dict[str, object] = {}
+
+    def keep(fig, path, dpi=100):  # noqa: ANN001, ANN202
+        fig.canvas.draw()
+        figures[Path(path).name] = fig
+        fig.savefig(path, dpi=dpi, format="png")
+        return Path(path)
+
+    monkeypatch.setattr(report, "save_png", keep)
+    yield figures
+    for fig in figures.values():
+        pyplot().close(fig)
+
+
+def test_report_draws_no_figure_with_an_empty_axis(tmp_path: Path, saved_figures) -> None:  # noqa: ANN001
+    # Prepare: baselines that measure little or nothing per round
+    figures = saved_figures
+
+    # Execute
+    files = write_report(_baselines_table(), tmp_path)
+
+    # Assert: no per-round values, no curves figure; where some, only the panels measured
+    names = [p.name for p in files.plots]
+    assert "curves-local-dp.png" not in names and "curves-public-only.png" not in names
+    assert {"curves-pooled.png", "curves-local-only.png", "learning-curves.png"} <= set(names)
+    assert set(figures) == set(names)
+    for name, fig in figures.items():
+        assert fig.axes and all(ax.has_data() for ax in fig.axes), name
+    assert len(figures["curves-pooled.png"].axes) == 1  # loss only: no federated eval.
+    page = files.report_html.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == len(files.plots)
+
+
+@pytest.mark.parametrize("table", [_table, _baselines_table])
+def test_no_legend_covers_the_data_area(tmp_path: Path, saved_figures, table) -> None:  # noqa: ANN001
+    # Prepare
+    figures = saved_figures
+
+    # Execute
+    write_report(table(), tmp_path, meta=META if table is _table else None)
+
+    # Assert: the per-site accuracy bars, and every other legend, beside the axes
+    assert figures["per-site-accuracy.png"].axes[0].get_legend() is not None
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                assert not legend.get_window_extent().overlaps(ax.get_window_extent()), name
+
+
+def test_html_means_state_their_spread_and_what_they_are_over(tmp_path: Path) -> None:
+    # Prepare: one seed of the baselines (hospitals at 0.6 and 0.7), two seeds of _table
+    one_seed, two_seeds = _baselines_table(), _table()
+
+    # Execute
+    page_one = write_report(one_seed, tmp_path / "one").report_html.read_text(encoding="utf-8")
+    page_two = write_report(two_seeds, tmp_path / "two", meta=META).report_html.read_text(
+        encoding="utf-8")
+
+    # Assert: one seed: the range over hospitals; several: ± std over seeds; n beside it
+    assert "<td>pooled</td><td>2 × 1</td><td>0.650 (0.600–0.700)</td>" in page_one
+    assert "<td>pooled</td><td>2 × 2</td><td>0.810 ± 0.014</td>" in page_two
+    for page in (page_one, page_two):
+        assert "hospitals × seeds" in page and "not a confidence interval" in page
+    assert "<td>mean</td><td>0.650 (0.600–0.700)</td>" in page_one
+
+
+def test_html_audit_table_gives_client_audits_verdict(tmp_path: Path) -> None:
+    # Prepare: three audited experiments, the strongest hospital's lower bound on each
+    # side of client.audit's thresholds
+    from client.audit import CLEAR_LEAK, SOME_LEAK
+
+    rows = []
+    for exp, lo in (("leaky", CLEAR_LEAK), ("some", SOME_LEAK), ("tight", SOME_LEAK - 0.01)):
+        for i, site in enumerate(SITES):
+            worst = lo if i else 0.40  # the other hospital leaks less
+            rows += [(exp, 0, 1, site, TEST + "accuracy", 0.5),
+                     (exp, 0, 1, site, report.AUDIT + "loss-auc", worst + 0.05),
+                     (exp, 0, 1, site, report.AUDIT + "loss-auc-lo", worst),
+                     (exp, 0, 1, site, report.AUDIT + "loss-auc-hi", worst + 0.1),
+                     (exp, 0, 1, site, report.AUDIT + "loss-tpr@1%fpr", 0.02)]
+
+    # Execute
+    files = write_report(results_frame(rows), tmp_path)
+
+    # Assert
+    headers, table = report.audit_rows(results_frame(rows))
+    assert headers[-1] == "verdict"
+    assert {r[0]: r[-1] for r in table} == {
+        "leaky": "LEAKS", "some": "SOME LEAK", "tight": "NO MEASURABLE LEAK"}
+    page = files.report_html.read_text(encoding="utf-8")
+    assert "<th>verdict</th>" in page
+    assert "<td>SOME LEAK</td>" in page and "<td>NO MEASURABLE LEAK</td>" in page
+    assert f"LEAKS from {CLEAR_LEAK}" in page
