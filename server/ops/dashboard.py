@@ -5,19 +5,22 @@ It reads what the ServerApp already writes into its output folder, and nothing e
 seconds), the latest checkpoint (the run config: rounds planned, budget) and the
 coordinator's audit log (why an update was left out). The page is one HTML file with its
 script inline (no CDN, no internet) that asks `/api/state` every two seconds and redraws:
-rounds done and planned, an accuracy curve per site, each site's epsilon against its
-budget, the last verdict per site. It binds to 127.0.0.1 only, and answers only requests
-whose Host is a loopback name: a web page that rebinds its own name to 127.0.0.1 (DNS
-rebinding) gets 403, not the run's state.
+rounds done and planned, an accuracy curve per site over round numbers, each site's epsilon
+against its budget (green, amber or red by the share spent), the last verdict per site and,
+in a simulation's output folder, which experiment and seed it follows and why. It binds to
+127.0.0.1 only, and answers only requests whose Host is a loopback name: a web page that
+rebinds its own name to 127.0.0.1 (DNS rebinding) gets 403, not the run's state.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -75,20 +78,75 @@ def _finite(v: float) -> float | None:
     return v if isinstance(v, int | float) and math.isfinite(v) else None
 
 
-def followed(out: Path) -> Path:
+@dataclass(frozen=True)
+class Followed:
+    """The run folder the page shows and, in a simulation's output folder, which one it is."""
+
+    run_dir: Path
+    experiment: str | None = None
+    seed: str | None = None
+    why: str | None = None  # one sentence: why this run of the ones there
+
+
+def _name(run: Path) -> str:
+    return f"{run.parent.name}, seed {run.name.removeprefix('seed-')}"
+
+
+def followed(out: Path) -> Followed:
     """The run folder to show: `out` itself when it is a ServerApp's output folder; in a
     simulation's output folder, the federated experiment written to last (the one running,
     or the last one run)."""
     if (out / RESULTS_FILE).is_file() or not (out / "experiments").is_dir():
-        return out
-    runs = sorted(out.glob(f"experiments/*/seed-*/{RESULTS_FILE}"),
-                  key=lambda p: p.stat().st_mtime)
-    return runs[-1].parent if runs else out
+        return Followed(out)
+    runs = [p.parent for p in sorted(out.glob(f"experiments/*/seed-*/{RESULTS_FILE}"),
+                                     key=lambda p: p.stat().st_mtime)]
+    if not runs:
+        return Followed(out)
+    last = runs[-1]
+    why = (f"the only federated run in {out}" if len(runs) == 1 else
+           f"the one written to last of {len(runs)} federated runs in {out} ("
+           + "; ".join(_name(r) for r in sorted(runs)) + ")")
+    return Followed(last, last.parent.name, last.name.removeprefix("seed-"), why)
+
+
+# the share of the budget spent below which a bar is green, and up to which it is amber
+GREEN_BELOW, AMBER_UP_TO = 0.5, 0.9
+
+
+def _spent(epsilon: float | None, budget: object) -> float | None:
+    """epsilon / budget, uncapped; None when either is unknown (or the budget is not > 0)."""
+    if epsilon is None or not isinstance(budget, int | float) or not budget > 0:
+        return None
+    return epsilon / budget
+
+
+def budget_share(epsilon: float | None, budget: object) -> float | None:
+    """The share of the budget spent, 1 at most (without DP, epsilon is infinite: 1)."""
+    spent = _spent(epsilon, budget)
+    return None if spent is None else min(spent, 1.0)
+
+
+def budget_level(epsilon: float | None, budget: object) -> str | None:
+    """How a bar reads: "green" below half the budget, "amber" up to 90% of it, "red"
+    above (and without DP); None when epsilon or the budget is unknown."""
+    spent = _spent(epsilon, budget)
+    if spent is None:
+        return None
+    return "green" if spent < GREEN_BELOW else "amber" if spent <= AMBER_UP_TO else "red"
+
+
+def round_ticks(planned: int) -> list[int]:
+    """The round numbers a chart's x axis labels: 1, then every 1, 2, 5, 10, 20, 50, ...
+    rounds up to `planned` (ten labels or so); none for no rounds."""
+    step = next(m * 10**e for e in itertools.count() for m in (1, 2, 5)
+                if planned <= 10 * m * 10**e)
+    return sorted({1, *range(step, planned + 1, step)}) if planned >= 1 else []
 
 
 def state(out: Path) -> dict[str, Any]:
     """Everything the page shows, from the run's own files."""
-    out = followed(Path(out))
+    shown = followed(Path(out))
+    out = shown.run_dir
     has_run = (out / RESULTS_FILE).is_file()
     rows = read_rows(out / RESULTS_FILE) if has_run else []
     run = _run_config(out)
@@ -100,19 +158,28 @@ def state(out: Path) -> dict[str, Any]:
         if r.phase == EVALUATE and r.metric == HEADLINE.name:
             s["accuracy"][r.round] = _finite(r.value)
         if r.phase == TRAIN and r.metric == wire.M_EPSILON:
-            s["epsilon"] = _finite(r.value) if math.isfinite(r.value) else "inf"
+            s["epsilon"] = r.value if not math.isnan(r.value) else None
         if r.phase == TRAIN and r.metric == M_UPDATE_ACCEPTED:
             s["accepted"] = bool(r.value)
     verdicts = _verdicts(out)
+    budget = run.get("epsilon")
     for name, s in sites.items():
         s["verdict"] = verdicts.get(name, "")
+        s["budget_share"] = budget_share(s["epsilon"], budget)
+        s["budget_level"] = budget_level(s["epsilon"], budget)
+        if s["epsilon"] is not None and math.isinf(s["epsilon"]):
+            s["epsilon"] = "inf"  # JSON has no infinity
         s["accuracy"] = [[k, v] for k, v in sorted(s["accuracy"].items())]
     seconds = {r.round: r.value for r in rows if r.site == FEDERATION
                and r.metric == "round-seconds"}
+    done, planned = max((r.round for r in rows), default=0), run.get("num-server-rounds")
     return {
-        "run_dir": str(out), "rounds_done": max((r.round for r in rows), default=0),
-        "rounds_planned": run.get("num-server-rounds"), "strategy": run.get("strategy"),
-        "epsilon_budget": run.get("epsilon"), "dp": run.get("dp"),
+        "run_dir": str(out), "experiment": shown.experiment, "seed": shown.seed,
+        "following": (f"following {shown.experiment}, seed {shown.seed}: {shown.why}"
+                      if shown.experiment else None),
+        "rounds_done": done, "rounds_planned": planned,
+        "round_ticks": round_ticks(max(planned or 0, done)),
+        "strategy": run.get("strategy"), "epsilon_budget": budget, "dp": run.get("dp"),
         "finished": (out / "final" / "model.pt").is_file(),
         "round_seconds": [[k, v] for k, v in sorted(seconds.items())],
         "sites": dict(sorted(sites.items())),
@@ -165,5 +232,6 @@ def serve_in_background(out: Path, port: int = 0) -> tuple[ThreadingHTTPServer, 
 def summary_line(s: Mapping[str, Any]) -> str:
     if s.get("waiting"):
         return str(s["waiting"])
-    return (f"round {s['rounds_done']}/{s['rounds_planned'] or '?'}, {len(s['sites'])} sites"
-            + (", finished" if s["finished"] else ""))
+    which = f"{s['experiment']} seed {s['seed']}: " if s.get("experiment") else ""
+    return (f"{which}round {s['rounds_done']}/{s['rounds_planned'] or '?'}, "
+            f"{len(s['sites'])} sites" + (", finished" if s["finished"] else ""))
