@@ -298,8 +298,7 @@ def non_finite_model(state: Mapping[str, torch.Tensor]) -> str:
     """Why a node will not train the model it was sent ('' when it will): a weight that
     is not finite makes every update non-finite, whatever the data, so the round would be
     charged and never released. Decided from the model alone: nothing is charged."""
-    bad = [name for name, t in state.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = non_finite_tensors(state)
     if not bad:
         return ""
     return (f"the model this round carries has weights that are not finite ({bad[0]}"
