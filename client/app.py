@@ -60,9 +60,10 @@ from client.site import (
     open_node_site,
     resolve_site,
 )
-from shared_model import audit_log, chain_key, compression, packing, wire
+from shared_model import audit_log, chain_key
+from shared_model.contract import compression, packing, wire
+from shared_model.contract.run_config import RunConfig, RunConfigError
 from shared_model.dataset import SiteData
-from shared_model.run_config import RunConfig, RunConfigError
 
 # Opacus calls logging.basicConfig(); without this every flwr line is printed twice.
 logging.getLogger("flwr").propagate = False
@@ -90,7 +91,7 @@ def central_clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
 
 
 def packed_arrays_mod(msg: Message, ctxt: Context, call_next) -> Message:
-    """The model arrays travel packed into one array (`shared_model/packing.py`: Flower
+    """The model arrays travel packed into one array (`shared_model/contract/packing.py`: Flower
     moves every array as an object of its own, one remote call each): unpack what comes
     in, pack what goes out. Outermost, so that every other mod and the handler see the
     arrays by name."""

@@ -272,7 +272,7 @@ def mean_auc(results: Sequence[AttackResult], attack: str) -> float:
 
 def roc_plot(results: Sequence[AttackResult], path, title: str = "membership inference"):
     """ROC curves on log-log axes (where low-FPR leaks show), chance as the diagonal."""
-    from shared_model.figures import pyplot, save_png
+    from shared_model.tooling.figures import pyplot, save_png
 
     fig, ax = pyplot().subplots(figsize=(5.5, 5))
     for r in results:

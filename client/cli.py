@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from shared_model.cli_opts import (
+from shared_model.contract.metric_registry import HEADLINE
+from shared_model.tooling.cli_opts import (
     DEFAULT_LABELS_TEXT,
     LabelsOpt,
     console,
@@ -23,7 +24,6 @@ from shared_model.cli_opts import (
     fail,
     parse_labels,
 )
-from shared_model.metric_registry import HEADLINE
 
 
 def data_check(

@@ -26,9 +26,9 @@ from client.local import Budget, local_cases, open_ledger
 from client.privacy import BudgetError, Ledger, LedgerError, LedgerStore, noise_for_budget
 from client.release import private_metrics
 from client.site import NodeConfig
-from shared_model import wire
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig
 from shared_model.dataset import SiteData
-from shared_model.run_config import RunConfig
 from shared_model.train import CaseResults, summarise
 
 SPLITS = ("val", "test")

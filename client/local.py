@@ -42,9 +42,9 @@ from client.privacy import AccountantName, BudgetError, Ledger, LedgerStore, noi
 from client.release import COUNT_NOISE, noised_count
 from client.site import DEFAULT_EVAL_EPSILON_BUDGET, NodeConfig, RoundAsk, round_refusal
 from shared_model.config import ModelConfig
+from shared_model.contract.run_config import LocalRecipe, RunConfig
 from shared_model.dataset import SiteData, SiteSplit
 from shared_model.model import MedFuseModel, TrainLayers, freeze
-from shared_model.run_config import LocalRecipe, RunConfig
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
     CaseResults,

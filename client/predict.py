@@ -185,7 +185,7 @@ def case_png(pred: Prediction, image: torch.Tensor, path: Path) -> Path:
     shaded by attention; the predicted class and the generated description as titles."""
     from matplotlib.patches import Rectangle
 
-    from shared_model.figures import pyplot, save_png
+    from shared_model.tooling.figures import pyplot, save_png
 
     grey = (image[0].cpu().numpy() * PIXEL_STD + PIXEL_MEAN).clip(0, 1)  # (S, S)
     side = grey.shape[-1]

@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared_model import wire
-from shared_model.metric_registry import (
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import (
     NoisedSums,
     eval_sensitivity,
     release_slots,

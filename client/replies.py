@@ -24,8 +24,8 @@ from collections.abc import Mapping
 
 from client.local import TrainOutcome
 from client.site import NodeConfig
-from shared_model import wire
-from shared_model.run_config import RunConfig
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig
 
 # Ledger figures, not data: epsilon is inf once a data has had a non-private release
 LEDGER_FIGURES = frozenset({wire.M_EPSILON, wire.M_EVAL_EPSILON, wire.M_DELTA,

@@ -48,8 +48,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from client.site import NodeConfig, SiteConfigError, node_settings
-from shared_model import wire
-from shared_model.run_config import RunConfig, RunConfigError
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig, RunConfigError
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from client.privacy import default_store_root
-from shared_model import wire
 from shared_model.config import MANIFEST, cache_root
+from shared_model.contract import wire
+from shared_model.contract.run_config import DEFAULT_NODE_EPSILON_BUDGET, RunConfig, device_name
+from shared_model.contract.validation import describe, messages
 from shared_model.dataset import SiteData, SiteError, open_site
-from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET, RunConfig, device_name
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import pick_device
-from shared_model.validation import describe, messages
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     if target.is_dir():
         return target
     # imported here: only a simulation without sites-dir writes a federation, and
-    # shared_model.synth is the largest module a ClientApp would otherwise load at start
-    from shared_model.synth import SynthConfig, write_federation
+    # shared_model.tooling.synth is the largest module a ClientApp would otherwise load at start
+    from shared_model.tooling.synth import SynthConfig, write_federation
 
     try:
         synth_cfg = SynthConfig(

@@ -70,13 +70,13 @@ from server.strategy import (
     train_config,
     training_grid,
 )
-from shared_model import wire
 from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
-from shared_model.metric_registry import HEADLINE
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import HEADLINE
+from shared_model.contract.run_config import RunConfig, RunConfigError
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFileError, check_matches, load_model_file
-from shared_model.run_config import RunConfig, RunConfigError
 from shared_model.train import seed_everything
 
 app = ServerApp()

@@ -46,9 +46,9 @@ from server.results import (
     final_metrics,
     sites_of,
 )
-from shared_model import wire
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import METRICS
 from shared_model.files import atomic_write, atomic_write_text
-from shared_model.metric_registry import METRICS
 from shared_model.model_file import FORMAT, payload  # one format for every model file
 
 CHECKPOINT_DIR = "checkpoints"

@@ -21,7 +21,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from shared_model import wire
+from shared_model.contract import wire
 
 
 class RoundClock(Strategy):

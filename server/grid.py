@@ -8,7 +8,7 @@ Two costs of Flower 1.42's deployed path that medfuse removes at its own edge:
   `pull_messages`.
 - Flower moves each array of a message as an object of its own (one remote call per
   array at every hand-off); the model has 69. `WireGrid` sends a message's model arrays
-  packed into one and unpacks the replies (`shared_model/packing.py`), which the
+  packed into one and unpacks the replies (`shared_model/contract/packing.py`), which the
   ClientApp packs the same way (`client/app.py`, `packed_arrays_mod`).
 
 The strategy sees Flower's Grid semantics unchanged (all replies, or those in by
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from shared_model.packing import packed, unpacked
+from shared_model.contract.packing import packed, unpacked
 
 PULL_INTERVAL = 0.1  # seconds between two looks for replies (Flower's deployed Grid: 3)
 

@@ -4,7 +4,7 @@
 (`flwr/serverapp/strategy/dp_fixed_clipping.py`). On the way in it
 
 - decodes a compressed update (the round's global model added back:
-  `shared_model/compression.py`);
+  `shared_model/contract/compression.py`);
 - leaves out train replies that carry an error, no arrays, a budget-spent, data-error or
   refused flag, or an update failing `server.checks` against the global model, and
   evaluate replies that failed or evaluated nothing, logging each with its node id, site
@@ -33,8 +33,8 @@ from flwr.serverapp.strategy import Strategy
 from server.checks import inspect_update
 from server.replies import Judged, Roster, scalars
 from server.results import EVALUATE, TRAIN, Phase
-from shared_model import wire
-from shared_model.compression import decode
+from shared_model.contract import wire
+from shared_model.contract.compression import decode
 
 
 def in_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype] | None) -> ArrayRecord:
@@ -144,7 +144,7 @@ class ReplyGuard(Strategy):
 
     def _decoded(self, reply: Message) -> tuple[Message, str]:
         """The reply with its trained weights, when it carries a compressed update (the
-        global model of this round added back: shared_model/compression.py); or the reply
+        global model of this round added back: shared_model/contract/compression.py); or the reply
         as it is and why it cannot be decoded."""
         if reply.has_error() or self._reference is None:
             return reply, ""

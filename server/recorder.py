@@ -39,7 +39,8 @@ from server.results import (
     Phase,
     Row,
 )
-from shared_model import audit_log, wire
+from shared_model import audit_log
+from shared_model.contract import wire
 
 ROUND_SECONDS = "round-seconds"  # wall time of a round at the server (site `federation`)
 BYTES_SENT = "bytes-sent"  # array bytes the server sent a site in a phase (the model)

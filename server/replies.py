@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common import log
 
-from shared_model import wire
+from shared_model.contract import wire
 
 
 def scalars(metrics: MetricRecord | None) -> dict[str, float]:

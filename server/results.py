@@ -28,9 +28,9 @@ from typing import Literal
 from rich.console import Console
 from rich.table import Table
 
-from shared_model import wire
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import HEADLINE, View, shown_in
 from shared_model.files import atomic_write_text
-from shared_model.metric_registry import HEADLINE, View, shown_in
 
 Phase = Literal["train", "evaluate"]
 TRAIN: Phase = "train"

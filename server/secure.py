@@ -40,9 +40,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from server.grid import DelegatingGrid
-from shared_model import wire
-from shared_model.compression import apply_update
-from shared_model.run_config import RunConfig
+from shared_model.contract import wire
+from shared_model.contract.compression import apply_update
+from shared_model.contract.run_config import RunConfig
 
 MODULUS_BITS = 32  # Flower's modulus: every masked sum is taken mod 2**32
 

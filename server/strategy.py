@@ -55,8 +55,8 @@ from server.guard import ReplyGuard
 from server.recorder import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS, Recorder, RoundHook
 from server.results import FEDERATION, Row
 from server.secure import SecAggSettings, SecureAggregationGrid
-from shared_model import wire
-from shared_model.run_config import RunConfig
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig
 
 __all__ = [
     "BYTES_RECEIVED", "BYTES_SENT", "CENTRAL_DP", "FEDERATION", "ROUND_SECONDS", "STRATEGIES",

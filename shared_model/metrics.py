@@ -1,4 +1,4 @@
-"""Evaluation metrics for the three heads, keyed by the wire names in `shared_model.wire`.
+"""Evaluation metrics for the three heads, keyed by the wire names in `shared_model.contract.wire`.
 
 Thin wrappers over well-kept libraries (scikit-learn, nltk, rouge-score); what they add is
 the handling of the cases a single hospital produces: a site with one class, a split
@@ -16,8 +16,8 @@ import torch
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from shared_model import wire
 from shared_model.boxes import box_iou
+from shared_model.contract import wire
 
 Tokens = Sequence[str]
 # One reference token list, or several references for the same hypothesis (nltk layout).

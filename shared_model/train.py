@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from shared_model.batch import Batch
 from shared_model.config import ModelConfig
+from shared_model.contract.metric_registry import METRICS
 from shared_model.losses import multitask_loss
-from shared_model.metric_registry import METRICS
 from shared_model.model import MedFuseModel, ModelOutput
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer
 

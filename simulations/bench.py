@@ -85,8 +85,8 @@ def _median_seconds(step: Callable[[], object], repeats: int, warmup: int = 2) -
 def _bench_site(image_size: int, cases: int, workdir: Path):
     from shared_model.config import DEFAULT_LABELS, ModelConfig
     from shared_model.dataset import open_site
-    from shared_model.synth import SynthConfig, write_federation
     from shared_model.tokenizer import Tokenizer
+    from shared_model.tooling.synth import SynthConfig, write_federation
 
     cfg = ModelConfig.small(image_size=image_size)
     (site_dir,) = write_federation(workdir / "bench-site", SynthConfig(
@@ -282,7 +282,7 @@ def round_overheads(rows) -> list[tuple[float, float]]:  # type: ignore[no-untyp
     ServerApp's results rows."""
     from server.results import FEDERATION
     from server.strategy import ROUND_SECONDS
-    from shared_model import wire
+    from shared_model.contract import wire
 
     out = []
     for rnd in sorted({r.round for r in rows}):
@@ -428,7 +428,7 @@ def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
 
 
 def _scale_plot(points: list[dict], path: Path) -> None:
-    from shared_model.figures import pyplot, save_png
+    from shared_model.tooling.figures import pyplot, save_png
 
     fig, ax = pyplot().subplots(figsize=(6, 3.6))
     xs = [p["hospitals"] for p in points]

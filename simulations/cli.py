@@ -18,11 +18,17 @@ from pydantic import ValidationError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared_model.cli_opts import DEFAULT_LABELS_TEXT, LabelsOpt, console, fail, parse_labels
 from shared_model.config import CENTRAL, CentralConfig, ModelConfig
+from shared_model.contract.metric_registry import View, shown_in
 from shared_model.files import atomic_write_text
-from shared_model.metric_registry import View, shown_in
-from shared_model.synth import PublicConfig, SynthConfig, write_federation, write_public
+from shared_model.tooling.cli_opts import (
+    DEFAULT_LABELS_TEXT,
+    LabelsOpt,
+    console,
+    fail,
+    parse_labels,
+)
+from shared_model.tooling.synth import PublicConfig, SynthConfig, write_federation, write_public
 
 # Modules that load torch (torch itself, the dataset, tokenizer and training code, the
 # bench) are imported inside the commands that use them: `medfuse --help` imports this

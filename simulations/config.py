@@ -51,8 +51,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from client.site import sim_node_config_text
 from shared_model.config import ModelConfig, parse_label_set
-from shared_model.run_config import RunConfig, RunConfigError, model_config_for, pyproject_defaults
-from shared_model.validation import describe
+from shared_model.contract.run_config import (
+    RunConfig,
+    RunConfigError,
+    model_config_for,
+    pyproject_defaults,
+)
+from shared_model.contract.validation import describe
 from simulations.sections import (
     HARNESS_KEYS,
     RUN_KEYS,

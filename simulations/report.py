@@ -31,9 +31,9 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
-from shared_model.figures import pyplot, save_png
+from shared_model.contract.metric_registry import HEADLINE, View, shown_in
 from shared_model.files import atomic_write_text
-from shared_model.metric_registry import HEADLINE, View, shown_in
+from shared_model.tooling.figures import pyplot, save_png
 
 COLUMNS = ("experiment", "seed", "round", "site", "metric", "value")
 META_COLUMNS = ("experiment", "series", "kind", "strategy", "modality", "dp", "epsilon_budget")

@@ -44,8 +44,8 @@ from rich.progress import (
 )
 
 from client.local import SECURE_RNG_NOTE
+from shared_model.contract.metric_registry import HEADLINE
 from shared_model.files import atomic_write_text
-from shared_model.metric_registry import HEADLINE
 from simulations import report
 from simulations.config import SimulationConfig
 from simulations.experiments import CHECKS, KINDS, kind_of

@@ -20,9 +20,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared_model.config import Fusion, Modality, ModelConfig, ModelSize, parse_label_set
-from shared_model.run_config import RunConfig, StrategyName, device_name, pyproject_defaults
-from shared_model.synth import Difficulty, Labeller
-from shared_model.validation import messages
+from shared_model.contract.run_config import (
+    RunConfig,
+    StrategyName,
+    device_name,
+    pyproject_defaults,
+)
+from shared_model.contract.validation import messages
+from shared_model.tooling.synth import Difficulty, Labeller
 
 Kind = Literal["pooled", "local", "public", "federated"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from shared_model.cli_opts import err, fail, sigterm_as_interrupt
+from shared_model.tooling.cli_opts import err, fail, sigterm_as_interrupt
 
 CONFIG_SUFFIXES = (".toml", ".json")
 

@@ -21,8 +21,8 @@ from client.site import list_sites
 from shared_model.config import MANIFEST
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.files import atomic_write_text
-from shared_model.synth import SynthConfig, write_federation
 from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.synth import SynthConfig, write_federation
 from simulations.config import SimulationConfig
 from simulations.experiments.context import PreparedSites, SimulationError
 from simulations.partition import (

@@ -30,7 +30,7 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_federation(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two synthetic hospitals, 40 cases each, 32 px: enough for a round, fast on CI."""
-    from shared_model.synth import SynthConfig, write_federation
+    from shared_model.tooling.synth import SynthConfig, write_federation
 
     out = tmp_path_factory.mktemp("federation")
     return write_federation(

@@ -18,7 +18,7 @@ ALLOWED = {
 }
 FLOWER_GLUE = {"client/app.py", "client/secure.py", "server/app.py", "server/clock.py",
                "server/grid.py", "server/guard.py", "server/recorder.py", "server/replies.py",
-               "server/secure.py", "server/strategy.py", "shared_model/packing.py"}
+               "server/secure.py", "server/strategy.py", "shared_model/contract/packing.py"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -28,7 +28,11 @@ from server.ops.federation import PROJECT_DIR, DeployError
 from server.ops.handouts import REGISTER_TXT
 from server.ops.processes import FlowerError
 from server.ops.provision import ProvisionError, provision
-from shared_model.cli_opts import (
+from shared_model.config import CENTRAL
+from shared_model.contract.metric_registry import HEADLINE
+from shared_model.contract.run_config import model_config_for
+from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.cli_opts import (
     DEFAULT_LABELS_TEXT,
     LabelsOpt,
     console,
@@ -36,10 +40,6 @@ from shared_model.cli_opts import (
     parse_labels,
     sigterm_as_interrupt,
 )
-from shared_model.config import CENTRAL
-from shared_model.metric_registry import HEADLINE
-from shared_model.run_config import model_config_for
-from shared_model.tokenizer import Tokenizer
 
 # ------------------------------------------------------------------ typer commands
 

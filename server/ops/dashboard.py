@@ -29,9 +29,9 @@ import jinja2
 
 from server.checkpoint import load_latest
 from server.results import EVALUATE, FEDERATION, M_UPDATE_ACCEPTED, RESULTS_FILE, TRAIN, read_rows
-from shared_model import wire
 from shared_model.audit_log import LOG_FILE, read
-from shared_model.metric_registry import HEADLINE
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import HEADLINE
 
 HOST = "127.0.0.1"
 # the Host values a browser sends for a page it loaded from this machine (port optional)

@@ -24,9 +24,9 @@ from server.ops.federation import PROJECT_DIR, DeployError, Echo, LocalFederatio
 from server.ops.handouts import CONNECTION_NAME
 from server.results import RESULTS_FILE, epsilon_spent, final_metrics, read_rows
 from shared_model.config import MANIFEST, cache_root
-from shared_model.metric_registry import View, shown_in
-from shared_model.run_config import RunConfig, pyproject_defaults
-from shared_model.synth import SynthConfig, write_federation
+from shared_model.contract.metric_registry import View, shown_in
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
+from shared_model.tooling.synth import SynthConfig, write_federation
 
 _SITE_NAME_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from server.ops.pki import PUBKEYS_DIR
 from server.ops.processes import FLOWER_ENV
-from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET
+from shared_model.contract.run_config import DEFAULT_NODE_EPSILON_BUDGET
 
 CONNECTION_NAME = "medfuse"  # the [superlink.NAME] entry in the coordinator's config.toml
 REGISTER_TXT = "register-supernodes.txt"

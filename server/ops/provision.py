@@ -65,8 +65,8 @@ from server.ops.pki import (
     pem_cert,
     pem_key,
 )
+from shared_model.contract.run_config import DEFAULT_NODE_EPSILON_BUDGET
 from shared_model.files import PRIVATE, PUBLIC, atomic_write_bytes
-from shared_model.run_config import DEFAULT_NODE_EPSILON_BUDGET
 
 DEFAULT_SUPERLINK_PORT = 9092
 MANIFEST = "provision.json"

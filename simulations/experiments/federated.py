@@ -20,10 +20,10 @@ from server.ops.flower_commands import write_run_config
 from server.ops.processes import FlowerError
 from server.ops.supervisor import FINISHED, Submission, Supervisor
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, RESULTS_FILE, TRAIN, Row, read_rows
-from shared_model import wire
-from shared_model.metric_registry import HEADLINE
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import HEADLINE
+from shared_model.contract.run_config import RunConfig
 from shared_model.model_file import load_model_file
-from shared_model.run_config import RunConfig
 from simulations import report
 from simulations.experiments.audit import audit_rows
 from simulations.experiments.context import (

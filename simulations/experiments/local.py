@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from shared_model.central import train_central
-from shared_model.metric_registry import HEADLINE
+from shared_model.contract.metric_registry import HEADLINE
 from shared_model.tokenizer import Tokenizer
 from simulations import report
 from simulations.experiments.context import Context, ResultRow, SimulationError, Unit

@@ -11,11 +11,11 @@ import torch
 
 from client.local import Budget, DPSettings, LocalSteps, TrainOutcome, private_round
 from client.privacy import LedgerStore
+from shared_model.contract.metric_registry import HEADLINE
+from shared_model.contract.run_config import RunConfig
 from shared_model.dataset import SiteData
-from shared_model.metric_registry import HEADLINE
 from shared_model.model import MedFuseModel
 from shared_model.model_file import load_model_file
-from shared_model.run_config import RunConfig
 from shared_model.train import seed_everything
 from simulations import report
 from simulations.config import LEDGER_DIR

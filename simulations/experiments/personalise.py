@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from client.local import DPSettings
-from shared_model.metric_registry import HEADLINE
+from shared_model.contract.metric_registry import HEADLINE
 from simulations import report
 from simulations.experiments.context import Context, ResultRow, Unit
 from simulations.experiments.local_dp import run_config, train_privately

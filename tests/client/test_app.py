@@ -21,12 +21,12 @@ from client.app import app
 from client.privacy import INDEX_FILE, LedgerStore, default_store_root, history_epsilon
 from client.release import COUNT_NOISE
 from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
-from shared_model import wire
 from shared_model.config import DEFAULT_LABELS
+from shared_model.contract import wire
+from shared_model.contract.packing import unpacked
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
 from shared_model.dataset import open_site
 from shared_model.model import MedFuseModel
-from shared_model.packing import unpacked
-from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.tokenizer import Tokenizer
 
 # under DP: no training loss (a crafted model turns it into a label count) and no compute
@@ -267,7 +267,7 @@ def test_synthetic_federation_is_cached(tmp_path: Path, monkeypatch: pytest.Monk
     def no_write(*args: object, **kwargs: object) -> None:
         raise AssertionError("written twice")
 
-    monkeypatch.setattr("shared_model.synth.write_federation", no_write)
+    monkeypatch.setattr("shared_model.tooling.synth.write_federation", no_write)
     assert synthetic_sites(run, cache=tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp folder left
 
@@ -276,7 +276,7 @@ def test_synthetic_federation_race_keeps_the_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: another ClientApp finishes writing the same federation while this one writes
-    import shared_model.synth as synth
+    import shared_model.tooling.synth as synth
 
     run = RunConfig.parse({**pyproject_defaults(), "image-size": 32, "synth-sites": 2,
                            "synth-cases-per-site": 10})

@@ -16,8 +16,8 @@ from client.privacy import LedgerStore, data_identity
 from shared_model.config import DEFAULT_LABELS, CentralConfig, ModelConfig
 from shared_model.dataset import SiteData, open_site
 from shared_model.model import MedFuseModel
-from shared_model.synth import SynthConfig, write_federation
 from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.synth import SynthConfig, write_federation
 
 CFG = ModelConfig.small(image_size=32)
 CPU = torch.device("cpu")

@@ -22,12 +22,12 @@ import client.evaluation as client_evaluation
 import client.local as client_local
 from client.local import NonFiniteUpdate, local_cases
 from client.release import EVAL_SENSITIVITY, case_vectors
-from shared_model import wire
 from shared_model.config import DEFAULT_LABELS, MANIFEST
+from shared_model.contract import wire
+from shared_model.contract.metric_registry import noised_macro_f1 as _macro_f1
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
 from shared_model.dataset import open_site
-from shared_model.metric_registry import noised_macro_f1 as _macro_f1
 from shared_model.model import MedFuseModel
-from shared_model.run_config import RunConfig, pyproject_defaults
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import CaseResults
 from tests.client.crafted import (

@@ -15,7 +15,7 @@ from medfuse import app as medfuse_app
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.model import MedFuseModel
 from shared_model.model_file import payload
-from shared_model.synth import SynthConfig, write_federation
+from shared_model.tooling.synth import SynthConfig, write_federation
 from tests.client.test_ledger_tamper import _site, _spend
 from tests.shared_model.test_dataset import _latin1_report_site
 

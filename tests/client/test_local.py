@@ -25,12 +25,12 @@ from client.local import (
 from client.privacy import Ledger, LedgerStore, data_identity
 from client.release import COUNT_NOISE
 from client.site import DEFAULT_EVAL_EPSILON_BUDGET
-from shared_model import wire
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.contract import wire
+from shared_model.contract.run_config import LocalRecipe
 from shared_model.dataset import SiteData, SiteSplit, open_site
 from shared_model.model import MedFuseModel
-from shared_model.run_config import LocalRecipe
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import make_loss_fn, train_epoch, unwrap
 

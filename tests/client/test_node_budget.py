@@ -22,16 +22,16 @@ from client.site import (
     resolve_site,
     training_cap,
 )
-from shared_model import wire
-from shared_model.model import MedFuseModel
-from shared_model.packing import unpacked
-from shared_model.run_config import (
+from shared_model.contract import wire
+from shared_model.contract.packing import unpacked
+from shared_model.contract.run_config import (
     MAX_EPSILON,
     MAX_NOISE_MULTIPLIER,
     RunConfig,
     RunConfigError,
     pyproject_defaults,
 )
+from shared_model.model import MedFuseModel
 
 
 def _run_config(**overrides: object) -> dict:

@@ -19,8 +19,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from client.app import app
 from client.secure import secagg_refusal
 from client.site import NodeConfig
-from shared_model import wire
-from shared_model.run_config import pyproject_defaults
+from shared_model.contract import wire
+from shared_model.contract.run_config import pyproject_defaults
 
 NODE_ID = 11
 

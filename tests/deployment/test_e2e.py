@@ -25,7 +25,7 @@ from server.ops.processes import free_port
 from server.ops.provision import provision
 from server.ops.supervisor import Submission
 from server.results import RESULTS_FILE, read_rows
-from shared_model import wire
+from shared_model.contract import wire
 
 pytestmark = pytest.mark.slow
 

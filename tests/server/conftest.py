@@ -40,7 +40,7 @@ def flwr_log():
 @pytest.fixture(scope="session")
 def three_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Three small synthetic hospitals (24 cases, 32 px) for rounds through the ClientApp."""
-    from shared_model.synth import SynthConfig, write_federation
+    from shared_model.tooling.synth import SynthConfig, write_federation
 
     return write_federation(tmp_path_factory.mktemp("three-sites"),
                             SynthConfig(sites=3, cases_per_site=24, seed=11, image_size=32))

@@ -1,6 +1,6 @@
 """Test doubles for the server: a Grid that calls plain functions instead of nodes, and
 deterministic fake sites that answer train and evaluate messages like the real ClientApp
-(same records, same keys from `shared_model.wire`)."""
+(same records, same keys from `shared_model.contract.wire`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from shared_model import wire
-from shared_model.packing import packed, unpacked
-from shared_model.run_config import RunConfig, pyproject_defaults
+from shared_model.contract import wire
+from shared_model.contract.packing import packed, unpacked
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
 
 Node = Callable[[Message], Message]
 

@@ -13,10 +13,10 @@ from server.app import initial_arrays, main, resolve_output_dir
 from server.checkpoint import load_latest
 from server.results import FEDERATION, read_rows
 from server.strategy import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS
-from shared_model import wire
 from shared_model.config import ModelConfig
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 from shared_model.model import MedFuseModel
-from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
 from tests.server.fakes import Crash, FakeGrid, deterministic_site
 
 

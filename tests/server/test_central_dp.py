@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import central_clipping_mod
 from server.strategy import FEDERATION, GuardedStrategy, build_strategy
-from shared_model import wire
-from shared_model.run_config import RunConfigError
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfigError
 from tests.server.fakes import FakeGrid, array_record, numpy_arrays, run_config, train_reply
 
 CLIP = 0.5

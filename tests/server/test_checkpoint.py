@@ -21,8 +21,8 @@ from server.checkpoint import (
 )
 from server.results import EVALUATE, Row
 from server.strategy import ROUND_SECONDS, GuardedStrategy, build_strategy
-from shared_model import wire
-from shared_model.run_config import RunConfig, pyproject_defaults
+from shared_model.contract import wire
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
 from tests.server.fakes import Crash, FakeGrid, array_record, deterministic_site, numpy_arrays
 
 

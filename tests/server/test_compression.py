@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord
 
 from server.guard import ReplyGuard
 from server.strategy import build_strategy
-from shared_model import wire
-from shared_model.compression import decode, encode, encoding_of
-from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
+from shared_model.contract import wire
+from shared_model.contract.compression import decode, encode, encoding_of
+from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 from tests.server.test_secure import (
     LoopbackGrid,
     _contexts,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from server.grid import PULL_INTERVAL, WireGrid
-from shared_model.packing import packed, unpacked
+from shared_model.contract.packing import packed, unpacked
 from tests.server.fakes import FakeGrid
 
 
@@ -59,7 +59,7 @@ def test_a_message_crosses_with_one_array_and_comes_back_by_name():
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from shared_model import wire
+    from shared_model.contract import wire
 
     arrays = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
               "b.count": np.array(7, dtype=np.int64)}
@@ -82,7 +82,7 @@ def test_a_reply_whose_packing_does_not_add_up_loses_its_arrays():
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from shared_model import wire
+    from shared_model.contract import wire
 
     content = RecordDict({
         wire.PACKED: ArrayRecord({wire.PACKED: Array(np.zeros(8, dtype=np.uint8))}),

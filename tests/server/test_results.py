@@ -19,7 +19,7 @@ from server.results import (
     round_line,
     round_table,
 )
-from shared_model import wire
+from shared_model.contract import wire
 
 
 def rows_for(rnd: int) -> list[Row]:

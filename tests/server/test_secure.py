@@ -38,10 +38,10 @@ import client.secure
 from client.app import app
 from client.privacy import LedgerStore
 from server.secure import MODULUS_BITS, SecAggSettings, secure_round
-from shared_model import wire
+from shared_model.contract import wire
+from shared_model.contract.packing import unpacked
+from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 from shared_model.model import MedFuseModel
-from shared_model.packing import unpacked
-from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
 
 NODES = (101, 202, 303)
 SETTINGS = SecAggSettings(shares=1.0, threshold=0.66, clip=2.0, bits=24, max_weight=100)

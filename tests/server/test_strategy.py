@@ -11,8 +11,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN
 from server.strategy import STRATEGIES, GuardedStrategy, build_strategy, train_config
-from shared_model import wire
-from shared_model.run_config import StrategyName
+from shared_model.contract import wire
+from shared_model.contract.run_config import StrategyName
 from tests.server.fakes import (
     FakeGrid,
     array_record,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared_model import wire
+from shared_model.contract import wire
 from shared_model.metrics import bleu4, classification_metrics, mean_iou, rouge_l
 
 

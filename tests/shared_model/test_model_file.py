@@ -301,7 +301,7 @@ def test_a_missing_file_a_folder_and_an_oversized_file_are_named(
 @pytest.mark.parametrize("bad", ["x" * 65, "tab\there"])
 def test_a_run_cannot_train_under_a_label_its_model_file_would_refuse(bad: str) -> None:
     # Prepare: a run config whose label set holds a name a model file refuses
-    from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
+    from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 
     flat = {**pyproject_defaults(), "labels": f"normal,{bad}"}
     # Execute / Assert: refused at start, naming the labels (not after training)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_model.packing import pack, unpack
+from shared_model.contract.packing import pack, unpack
 
 
 def test_every_dtype_and_shape_comes_back_the_same():

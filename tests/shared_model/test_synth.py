@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.dataset import BOX_COLUMNS, REQUIRED_COLUMNS, open_site
-from shared_model.synth import (
+from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.synth import (
     FORMATS,
     REPORT_STYLES,
     SynthConfig,
@@ -24,7 +25,6 @@ from shared_model.synth import (
     site_style,
     write_federation,
 )
-from shared_model.tokenizer import Tokenizer
 
 SMALL = SynthConfig(sites=2, cases_per_site=30, seed=3, image_size=32)
 

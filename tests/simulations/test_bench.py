@@ -54,7 +54,7 @@ def test_round_bytes_are_each_sites_traffic_before_the_final_round():
 def test_round_overheads_are_wall_time_against_the_slowest_sites_own_seconds():
     from server.results import FEDERATION, Row
     from server.strategy import ROUND_SECONDS
-    from shared_model import wire
+    from shared_model.contract import wire
     from simulations.bench import round_overheads
 
     rows = [Row(1, FEDERATION, 0, "evaluate", ROUND_SECONDS, 30.0),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.site import DEFAULT_EPSILON_BUDGET, node_settings, training_cap
-from shared_model.run_config import RunConfig
+from shared_model.contract.run_config import RunConfig
 from simulations.config import (
     ConfigError,
     SimulationConfig,

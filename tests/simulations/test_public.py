@@ -13,10 +13,11 @@ from server.app import initial_arrays
 from server.ops.pretrain import pretrain
 from shared_model.central import CentralConfig
 from shared_model.config import DEFAULT_LABELS
+from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 from shared_model.dataset import open_site
 from shared_model.model_file import ModelFileError, load_model_file, payload
-from shared_model.run_config import RunConfig, RunConfigError, pyproject_defaults
-from shared_model.synth import (
+from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.synth import (
     PUBLIC_STYLE,
     REPORT_STYLES,
     PublicConfig,
@@ -28,7 +29,6 @@ from shared_model.synth import (
     write_federation,
     write_public,
 )
-from shared_model.tokenizer import Tokenizer
 
 PX = 32
 

@@ -185,7 +185,7 @@ def _baselines_table() -> pd.DataFrame:
 def saved_figures(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     """Every figure the report saves, drawn, by file name (kept open for inspection,
     closed after the test)."""
-    from shared_model.figures import pyplot
+    from shared_model.tooling.figures import pyplot
 
     figures: dict[str, object] = {}
 

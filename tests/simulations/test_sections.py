@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic.fields import FieldInfo
 
-from shared_model.run_config import RunConfig, pyproject_defaults
+from shared_model.contract.run_config import RunConfig, pyproject_defaults
 from simulations.config import SimulationConfig, load_config
 from simulations.sections import HARNESS_KEYS, RUN_KEYS, Experiment
 

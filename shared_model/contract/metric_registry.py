@@ -1,6 +1,6 @@
 """Every evaluation metric, in one table (no Flower, no torch at import).
 
-A metric is one `Metric` entry of `METRICS`: its wire key (`shared_model.wire`), which way
+A metric is one `Metric` entry of `METRICS`: its wire key (`shared_model.contract.wire`), which way
 is better, how the exact summary computes it (`exact`), how a site releases it under DP
 (`dp`: its per-case slots in the release vector and how the noised sums turn into the
 value; None where it is not released under DP), and how it is shown (label, format and
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared_model import wire
+from shared_model.contract import wire
 
 if TYPE_CHECKING:
     from shared_model.train import CaseResults
@@ -71,7 +71,7 @@ class DpRelease:
 
 @dataclass(frozen=True)
 class Metric:
-    name: str  # the wire key (shared_model.wire)
+    name: str  # the wire key (shared_model.contract.wire)
     label: str  # in tables and plots
     higher_is_better: bool
     # whether a split's results can have it (the model has the head it needs)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from shared_model import wire
+from shared_model.contract import wire
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared_model.compression import UpdateDtype
 from shared_model.config import Fusion, Modality, ModelConfig, ModelSize, parse_label_set
+from shared_model.contract.compression import UpdateDtype
+from shared_model.contract.validation import describe
 from shared_model.model import TrainLayers
-from shared_model.validation import describe
 
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
@@ -293,7 +293,7 @@ def model_config_for(model_size: str, image_size: int, fusion: str, modality: st
 
 def pyproject_defaults(pyproject: Path | None = None) -> dict[str, object]:
     """`[tool.flwr.app.config]` from the project file: the defaults of every run."""
-    path = pyproject or Path(__file__).resolve().parent.parent / "pyproject.toml"
+    path = pyproject or Path(__file__).resolve().parents[2] / "pyproject.toml"
     with path.open("rb") as fh:
         data = tomllib.load(fh)
     return dict(data["tool"]["flwr"]["app"]["config"])

@@ -13,7 +13,7 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 CONFIG = "config"
 EVALUATION = "evaluation"  # in a train reply: the evaluation metrics of the incoming model
-# on the wire only: ARRAYS packed into one array (`shared_model/packing.py`), its layout
+# on the wire only: ARRAYS packed into one array (`shared_model/contract/packing.py`), its layout
 PACKED = "packed"  # ArrayRecord holding one array, also named PACKED
 PACKED_LAYOUT = "packed-layout"  # ConfigRecord: packing.NAMES, DTYPES, SHAPES
 
