@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from client.privacy import AccountantName, BudgetError, Ledger, LedgerStore, noise_for_budget
 from client.release import COUNT_NOISE, noised_count
 from client.site import DEFAULT_EVAL_EPSILON_BUDGET, NodeConfig, RoundAsk, round_refusal
+from shared_model.augment import views_of
 from shared_model.config import ModelConfig
 from shared_model.contract.run_config import LocalRecipe, RunConfig
 from shared_model.dataset import SiteData, SiteSplit
@@ -117,6 +118,7 @@ class LocalSteps:
     optimizer: OptimizerName = "adam"
     momentum: float = 0.0
     train_layers: TrainLayers = "all"
+    augmult: int = 1  # views of each example in each step (augmentation multiplicity)
 
     @classmethod
     def of(cls, recipe: LocalRecipe, *, epochs: int, batch_size: int,
@@ -233,6 +235,21 @@ def _zero_samples(grad_sample: torch.Tensor | list[torch.Tensor], drop: torch.Te
         start += len(chunk)
 
 
+def per_example(grad_sample: torch.Tensor | list[torch.Tensor], k: int) -> torch.Tensor:
+    """(B*k, ...) per-row gradients -> (B, ...) per-example ones: the mean over each
+    example's k consecutive rows (its views, `shared_model.augment.repeat`).
+
+    Why before clipping: the k rows all come from one example, so their mean is that
+    example's one contribution, clipped to C like any other; the sum over a batch changes
+    by at most C when one example is added or removed, and the accounting is that of one
+    example (De et al. 2022, augmentation multiplicity). Clipping each row instead would
+    let one example move the sum by k * C."""
+    g = grad_sample if isinstance(grad_sample, torch.Tensor) else torch.cat(grad_sample)
+    if len(g) % k:
+        raise RuntimeError(f"{len(g)} per-sample rows are not whole groups of {k} views")
+    return g.view(len(g) // k, k, *g.shape[1:]).mean(dim=1)
+
+
 class FiniteDPOptimizer(DPOptimizer):
     """Opacus' flat-clipping `DPOptimizer`, except that a sample whose gradient norm is not
     finite contributes nothing, exactly as a sample clipped to norm 0 would.
@@ -253,6 +270,10 @@ class FiniteDPOptimizer(DPOptimizer):
     unchanged. With finite weights the clipped sum plus Gaussian noise is always finite,
     and so is the SGD or Adam step the wrapped optimizer takes with it.
 
+    With `multiplicity` k > 1 each example came as k views (k consecutive rows): their
+    per-row gradients are first averaged into the example's (`per_example`), then the
+    same pass runs on B examples, not B*k rows.
+
     Why a subclass that overrides `clip_and_accumulate`: Opacus has no hook between the
     per-sample gradients and the clipping (`attach_step_hook` runs after the noise), and
     this is the one method that sees all of a sample's gradients. Cleaning its input and
@@ -260,7 +281,12 @@ class FiniteDPOptimizer(DPOptimizer):
     Opacus' code, unforked. `replacing` installs it over the optimizer Opacus built.
     """
 
+    multiplicity: int = 1  # rows per example: k views, averaged before clipping
+
     def clip_and_accumulate(self) -> None:
+        if self.multiplicity > 1:
+            for p in self.params:
+                p.grad_sample = per_example(p.grad_sample, self.multiplicity)
         samples = self.grad_samples
         if len(samples[0]):  # an empty Poisson batch has nothing to drop
             drop = ~torch.isfinite(per_sample_norms(samples))  # (B,)
@@ -269,7 +295,7 @@ class FiniteDPOptimizer(DPOptimizer):
         super().clip_and_accumulate()
 
     @classmethod
-    def replacing(cls, opt: torch.optim.Optimizer) -> FiniteDPOptimizer:
+    def replacing(cls, opt: torch.optim.Optimizer, multiplicity: int = 1) -> FiniteDPOptimizer:
         """The optimizer `PrivacyEngine.make_private` built, as a `FiniteDPOptimizer`:
         the same wrapped optimizer, noise, clipping norm, batch size, noise generator and
         accountant hook. Only Opacus' plain flat-clipping class (what `make_private` below
@@ -286,6 +312,7 @@ class FiniteDPOptimizer(DPOptimizer):
                      secure_mode=opt.secure_mode)
         if opt.step_hook is not None:
             finite.attach_step_hook(opt.step_hook)  # the accountant's: counts every step
+        finite.multiplicity = multiplicity
         return finite
 
 
@@ -358,12 +385,13 @@ def plan_round(ledger: Ledger, released_n: int, *, batch_size: int, epochs: int,
 
 def make_private(
     model: MedFuseModel, optimizer: torch.optim.Optimizer, train: SiteSplit, plan: RoundPlan,
-    dp: DPSettings, ledger: Ledger, device: torch.device,
+    dp: DPSettings, ledger: Ledger, device: torch.device, augmult: int = 1,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Opacus' `make_private` over a Poisson loader at the plan's sample rate, with the
     noise and the sampling drawn from secret seeds, gradients averaged over the
     released (not the exact) expected batch size, and samples whose gradient is not
-    finite dropped (`FiniteDPOptimizer`)."""
+    finite dropped (`FiniteDPOptimizer`); with `augmult` k, each example's k views are
+    averaged before clipping."""
     try:
         with warnings.catch_warnings():
             # Opacus warns on every engine that its generator is not the secure one: true,
@@ -387,7 +415,7 @@ def make_private(
         poisson_sampling=False,  # the loader above already samples (at the plan's rate)
         noise_generator=noise_rng,
     )
-    opt = FiniteDPOptimizer.replacing(opt)
+    opt = FiniteDPOptimizer.replacing(opt, multiplicity=augmult)
     net.forbid_grad_accumulation()
     # Opacus derives it from the exact dataset size; the plan's released count instead
     opt.expected_batch_size = max(round(plan.released_n * plan.sample_rate), 1)
@@ -395,7 +423,8 @@ def make_private(
 
 
 def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, loader, model_cfg: ModelConfig,
-           device: torch.device, epochs: int, after_step) -> tuple[float, int]:
+           device: torch.device, epochs: int, after_step, augmult: int = 1,
+           ) -> tuple[float, int]:
     """(mean loss per example seen, optimizer steps taken) over `epochs` epochs."""
     loss_fn = make_loss_fn(model_cfg)
     seen, loss_sum, taken = 0, 0.0, 0
@@ -403,7 +432,8 @@ def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, loader, model_cfg: 
         # Opacus' hooks on the first layer, whose input (the image) needs no gradient
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(epochs):
-            stats = train_epoch(net, opt, loader, loss_fn, model_cfg, device, after_step)
+            stats = train_epoch(net, opt, loader, loss_fn, model_cfg, device, after_step,
+                                views=views_of(augmult))
             seen += stats.examples
             loss_sum += stats.loss * stats.examples
             taken += stats.steps
@@ -451,6 +481,7 @@ def local_train(
     optimizer: OptimizerName = "adam",
     momentum: float = 0.0,
     train_layers: TrainLayers = "all",
+    augmult: int = 1,
 ) -> TrainOutcome:
     """Train the global model on this site's train split: plan the round's privacy cost,
     make private, train, settle the ledger. `save_ledger(ledger)` (the ClientApp's store,
@@ -479,7 +510,7 @@ def local_train(
     engine: PrivacyEngine | None = None
     if plan is not None:
         net, opt, loader, engine = make_private(model, opt, site.train, plan, dp, ledger,
-                                                device)
+                                                device, augmult)
     else:
         loader = DataLoader(site.train, batch_size=batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(
@@ -487,7 +518,8 @@ def local_train(
     after_step = None
     if proximal_mu > 0:
         after_step = proximal_pull(net, _to_device(global_state, device), proximal_mu, lr)
-    train_loss, taken = _train(net, opt, loader, model_cfg, device, epochs, after_step)
+    train_loss, taken = _train(net, opt, loader, model_cfg, device, epochs, after_step,
+                               augmult)
     state = {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()}
 
     if plan is None:
@@ -555,7 +587,7 @@ def private_round(
             run_id=secrets.randbits(31) if run_id is None else run_id,
             server_round=server_round, rounds_left=rounds_left, device=device, seed=seed,
             optimizer=steps.optimizer, momentum=steps.momentum,
-            train_layers=steps.train_layers)
+            train_layers=steps.train_layers, augmult=steps.augmult)
 
 
 def _finite(outcome: TrainOutcome, site: str) -> TrainOutcome:

@@ -77,18 +77,24 @@ def train_epoch(
     cfg: ModelConfig,
     device: torch.device,
     after_step: Callable[[], None] | None = None,
+    views: Callable[[Batch], Batch] | None = None,
 ) -> EpochStats:
     """One pass over `loader`.
 
     Empty batches (Poisson sampling can draw none) still go through forward, backward and
     `optimizer.step()`: a DP optimizer then adds its noise and its accountant counts the
     step, exactly as the privacy analysis assumes. `after_step` runs after each step
-    (FedProx' proximal pull, which touches no data and so needs no privacy).
+    (FedProx' proximal pull, which touches no data and so needs no privacy). `views` turns
+    each batch into the rows the model trains on (`shared_model.augment.views_of`: k random
+    views of each example); `examples` counts the loader's examples, not the views.
     """
     model.train()
     total, examples, steps = 0.0, 0, 0
     for raw in loader:
         batch = Batch.of(raw).to(device)
+        size = batch.size
+        if views is not None:
+            batch = views(batch)
         optimizer.zero_grad(set_to_none=True)
         out = forward(model, batch, cfg)
         loss, _ = loss_fn(out, batch)
@@ -97,9 +103,9 @@ def train_epoch(
         if after_step is not None:
             after_step()
         steps += 1
-        examples += batch.size
-        if batch.size:
-            total += float(loss.detach()) * batch.size
+        examples += size
+        if size:
+            total += float(loss.detach()) * size
     return EpochStats(loss=total / max(examples, 1), examples=examples, steps=steps)
 
 
