@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Fusion = Literal["concat", "gated", "bilinear"]
 Modality = Literal["fused", "image", "text"]
 ModelSize = Literal["small", "large"]
+# What the private rounds of a run train (run config `dp-train-layers`): here, with no torch,
+# so that the run config's module loads without the model's (`shared_model.model.FROZEN`
+# says which parameters each choice freezes).
+TrainLayers = Literal["all", "no-embeddings", "heads", "classifier"]
+# what a train reply carries: float32 weights, or the update in 16 bits (contract.compression)
+UpdateDtype = Literal["float32", "float16", "bfloat16"]
 # Upper bounds on every size of the model: a model file can come from anyone, so its config
 # is data, and each size is at most about 8x what `large()` uses (`large()` is 5.3 M
 # parameters). The parameter count these sizes multiply into is capped separately

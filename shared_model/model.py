@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from shared_model.boxes import cxcywh_to_xyxy
-from shared_model.config import ModelConfig
+from shared_model.config import ModelConfig, TrainLayers
 from shared_model.tokenizer import BOS, EMPTY, EOS, PAD
 
 NormLayer = Callable[[int], nn.Module]
@@ -332,7 +332,6 @@ class ReportDecoder(nn.Module):
 
 # ---------------------------------------------------------------------------- model
 
-TrainLayers = Literal["all", "no-embeddings", "heads", "classifier"]
 # Parameters each choice leaves frozen (at the initial model's values), by name prefix.
 # The vocabulary-sized matrices (report and decoder embeddings, decoder output) are 61% of
 # the small model: under DP every trained coordinate gets noise, so freezing them (learnt on

@@ -84,11 +84,15 @@ def run_default(key: str) -> Any:
     return pyproject_defaults()[key]
 
 
-def run_key_field(sim_key: str, default: Any = None, **kwargs: Any) -> Any:
-    """The field of a section key in `RUN_KEYS`: `RunConfig`'s bounds; its default from
-    `[tool.flwr.app.config]` unless the simulation has its own (`default`)."""
+_FROM_PYPROJECT: Any = object()  # run_key_field's default: the run config's own
+
+
+def run_key_field(sim_key: str, default: Any = _FROM_PYPROJECT, **kwargs: Any) -> Any:
+    """The field of a key in `RUN_KEYS`: `RunConfig`'s bounds; its default from
+    `[tool.flwr.app.config]` unless the simulation has its own (`default`: None for an
+    experiment's key, which leaves the value before it)."""
     run_key = RUN_KEYS[sim_key]
-    if default is None:
+    if default is _FROM_PYPROJECT:
         kwargs["default_factory"] = partial(run_default, run_key)
     else:
         kwargs["default"] = default
@@ -281,7 +285,7 @@ class ExperimentSpec(Section):
     dp: bool = False
     epsilon: float | None = Field(None, gt=0.0)
     epsilons: tuple[float, ...] | None = Field(None, min_length=1)
-    rounds: int | None = Field(None, ge=1, le=10_000)
+    rounds: int | None = run_key_field("experiment.rounds", None)
     run_config: dict[str, Scalar] = Field(default_factory=dict)
     audit: bool = Field(False, description="membership-inference audit of the final model "
                                            "(pooled and federated experiments)")

@@ -11,12 +11,12 @@ which Flower's arrays are, has no bfloat16. Non-float arrays travel as they are.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import numpy as np
 import torch
 
-UpdateDtype = Literal["float32", "float16", "bfloat16"]
+from shared_model.config import UpdateDtype
+
 WEIGHTS = ""  # the encoding of a reply that carries its trained weights (no compression)
 
 

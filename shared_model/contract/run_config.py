@@ -16,10 +16,16 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared_model.config import Fusion, Modality, ModelConfig, ModelSize, parse_label_set
-from shared_model.contract.compression import UpdateDtype
+from shared_model.config import (
+    Fusion,
+    Modality,
+    ModelConfig,
+    ModelSize,
+    TrainLayers,
+    UpdateDtype,
+    parse_label_set,
+)
 from shared_model.contract.validation import describe
-from shared_model.model import TrainLayers
 
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
@@ -61,19 +67,28 @@ class RunConfigError(ValueError):
     """A run config that cannot be used; the message names every bad key."""
 
 
-class RunConfig(BaseModel):
-    """Every key of `[tool.flwr.app.config]`, typed. No defaults here: they live in pyproject.
+# ------------------------------------------------------------------------------ sections
+# `RunConfig` is one flat table on the wire, typed here in sections, one per concern. Each
+# section holds its keys and the checks that need only them; a check that needs keys of
+# other sections is a method of the section it concerns, called by `RunConfig._check`.
+# No defaults anywhere: they live in pyproject.
 
-    Every number has an upper bound and no float may be inf or NaN (`allow_inf_nan`): a
-    value the coordinator writes reaches every node, which must refuse it at start rather
-    than loop, overflow or hang on it."""
+
+class _Section(BaseModel):
+    """What every section shares: frozen, unknown keys refused, kebab-case keys, and no
+    float may be inf or NaN (`allow_inf_nan`): a value the coordinator writes reaches
+    every node, which must refuse it at start rather than loop, overflow or hang on it."""
 
     model_config = ConfigDict(
         frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True,
         allow_inf_nan=False,
     )
 
-    # rounds and strategy
+
+class Rounds(_Section):
+    """Rounds and strategy: how many rounds, which hospitals take part, how the server
+    aggregates their updates, and what an update may be (its norm, its dtype)."""
+
     num_server_rounds: int = Field(ge=1, le=10_000)
     strategy: StrategyName
     fraction_train: float = Field(gt=0.0, le=1.0)
@@ -95,7 +110,22 @@ class RunConfig(BaseModel):
     update_dtype: UpdateDtype = Field(
         description="what a train reply carries: float32 weights, or the update in 16 bits")
 
-    # local training
+    @model_validator(mode="after")
+    def _check_rounds(self) -> Rounds:
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ValueError(
+                f"min-available-nodes={self.min_available_nodes} is below "
+                f"min-train-nodes={self.min_train_nodes}"
+            )
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError("strategy='fedprox' needs proximal-mu > 0 (0 is plain FedAvg)")
+        return self
+
+
+class LocalTraining(_Section):
+    """Local training: what each site does with the global model in a round (its epochs,
+    batches, non-private learning rate and seed) and which split it evaluates on."""
+
     local_epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0.0, le=1.0)
@@ -108,7 +138,12 @@ class RunConfig(BaseModel):
         "(one message a round); the final model in an evaluate message of its own"
     )
 
-    # differential privacy (sample-level, at every site)
+
+class Privacy(_Section):
+    """Differential privacy at sample level, at every site (DP-SGD): the run's budget and
+    noise, the DP fine-tuning recipe of private rounds (non-private rounds use Adam at
+    `lr`), the learning-rate schedule over the rounds, and the accountant."""
+
     dp: bool
     epsilon: float = Field(
         gt=0.0, le=MAX_EPSILON, description="the most a site may spend in this run: it only "
@@ -132,7 +167,13 @@ class RunConfig(BaseModel):
         "recipe's down towards 0 at the last round")
     accountant: Literal["rdp", "prv"]
     secure_mode: bool
-    # client-level central DP (Flower's wrappers) on top of the sites' sample-level DP
+
+
+class CentralDP(_Section):
+    """Client-level central DP (Flower's wrappers) on top of the sites' sample-level DP:
+    each hospital's update clipped (by the server or by the node) and the server's mean
+    noised."""
+
     central_dp: Literal["off", "server", "client"] = Field(
         description="who clips each hospital's update before the server adds noise")
     central_noise: float = Field(gt=0.0, le=MAX_NOISE_MULTIPLIER,
@@ -141,7 +182,33 @@ class RunConfig(BaseModel):
                                 description="L2 bound of one hospital's update")
     central_clients: int = Field(ge=0, le=MAX_NODES,
                                  description="hospitals per round; 0 = min-train-nodes")
-    # secure aggregation (Flower's SecAgg+)
+
+    def check_central_dp(self, rounds: Rounds) -> None:
+        """The strategy and sampling that Flower's accountant of client-level DP assumes;
+        `ValueError` with the reason."""
+        if self.central_dp == "off":
+            return
+        if rounds.strategy != "fedavg":
+            raise ValueError(
+                f"central-dp={self.central_dp!r} needs strategy='fedavg': Flower's accountant "
+                f"of client-level DP assumes FedAvg's mean, and {rounds.strategy} is not it "
+                "(a robust aggregator or a server optimizer changes the sensitivity)")
+        if rounds.fraction_train < 1.0:
+            raise ValueError(
+                f"central-dp={self.central_dp!r} needs fraction-train=1.0: the accountant "
+                "counts every round as a release by each hospital (no amplification by "
+                "sampling, which a coordinator could fake)")
+
+
+# Strategies that need each hospital's update on its own: under SecAgg+ the server has the sum.
+NEEDS_EACH_UPDATE = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
+
+
+class SecureAggregation(_Section):
+    """Secure aggregation (Flower's SecAgg+): the server only ever sees the sum of the
+    hospitals' masked, quantised updates; how the masks are shared and the updates
+    quantised."""
+
     secure_aggregation: bool
     secagg_shares: float = Field(gt=0.0, le=1.0, description="share of the round's "
                                  "hospitals each hospital splits its keys among")
@@ -154,7 +221,31 @@ class RunConfig(BaseModel):
     secagg_max_weight: int = Field(ge=1, le=10**9,
                                    description="the most examples an update weighs")
 
-    # model
+    def check_secure_aggregation(self, rounds: Rounds, central: CentralDP) -> None:
+        """The combinations SecAgg+ cannot serve, refused before any round with the
+        reason (`ValueError`); nothing to check when it is off."""
+        if not self.secure_aggregation:
+            return
+        if rounds.strategy in NEEDS_EACH_UPDATE:
+            raise ValueError(
+                f"secure-aggregation=true cannot run strategy={rounds.strategy!r}: it ranks "
+                "or trims the hospitals' updates one by one, and under SecAgg+ the server "
+                "only ever has their sum (use fedavg, fedprox, fedadam or fedyogi)")
+        if central.central_dp == "server":
+            raise ValueError(
+                "secure-aggregation=true cannot run central-dp='server': the server would "
+                "clip each hospital's update, which it never sees; use central-dp='client' "
+                "(each node clips its own update before masking it)")
+        if rounds.min_train_nodes < 2:
+            raise ValueError(
+                f"secure-aggregation=true needs min-train-nodes >= 2 (it is "
+                f"{rounds.min_train_nodes}): the sum of one hospital's update is that update")
+
+
+class ModelPart(_Section):
+    """The model: what every node builds (`model()`), so every node agrees on each array
+    name, shape and dtype, and where the federation's weights start."""
+
     model_size: ModelSize
     image_size: int = Field(ge=16, le=1024)
     fusion: Fusion
@@ -164,7 +255,26 @@ class RunConfig(BaseModel):
         description="a medfuse model file the federation starts from ('' = random init)"
     )
 
-    # data and outputs
+    @model_validator(mode="after")
+    def _check_model(self) -> ModelPart:
+        parse_label_set(self.labels)  # ValueError naming the label
+        self.model()  # the model part must make a valid ModelConfig too
+        return self
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        return parse_label_set(self.labels)
+
+    def model(self) -> ModelConfig:
+        """The ModelConfig every node builds: same config, same array names and shapes."""
+        return model_config_for(self.model_size, self.image_size, self.fusion, self.modality,
+                                len(self.label_set))
+
+
+class DataPart(_Section):
+    """Data and outputs: the simulation's sites (folders or a synthetic federation), the
+    server's output folder, and the node config of every simulated hospital."""
+
     sites_dir: str = Field(description="simulation: folder of site-NN folders; '' = synthetic")
     synth_sites: int = Field(ge=1, le=1000,
                              description="synthetic federation written when sites-dir=''")
@@ -178,40 +288,30 @@ class RunConfig(BaseModel):
         "body of a TOML inline table; deployed nodes never read it"
     )
 
+
+# The bases are listed last section first: pydantic collects the fields (and runs the
+# sections' validators) from the last base to the first, so this keeps the keys in the
+# order of the sections above (Rounds' first), which is the order of `flat()` and of the
+# messages that name several bad keys.
+class RunConfig(DataPart, ModelPart, SecureAggregation, CentralDP, Privacy, LocalTraining,
+                Rounds):
+    """Every key of `[tool.flwr.app.config]`, typed: the sections above, flat, as Flower
+    hands them. No defaults here: they live in pyproject.
+
+    Every number has an upper bound and no float may be inf or NaN (`_Section`). Each
+    section checks its own keys; `_check` the combinations across sections."""
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        parse_label_set(self.labels)  # ValueError naming the label
-        if self.min_available_nodes < self.min_train_nodes:
-            raise ValueError(
-                f"min-available-nodes={self.min_available_nodes} is below "
-                f"min-train-nodes={self.min_train_nodes}"
-            )
-        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
-            raise ValueError("strategy='fedprox' needs proximal-mu > 0 (0 is plain FedAvg)")
-        if self.central_dp != "off" and self.strategy != "fedavg":
-            raise ValueError(
-                f"central-dp={self.central_dp!r} needs strategy='fedavg': Flower's accountant "
-                f"of client-level DP assumes FedAvg's mean, and {self.strategy} is not it "
-                "(a robust aggregator or a server optimizer changes the sensitivity)")
-        if self.central_dp != "off" and self.fraction_train < 1.0:
-            raise ValueError(
-                f"central-dp={self.central_dp!r} needs fraction-train=1.0: the accountant "
-                "counts every round as a release by each hospital (no amplification by "
-                "sampling, which a coordinator could fake)")
-        if self.secure_aggregation:
-            _check_secure_aggregation(self)
+        self.check_central_dp(self)  # vs the strategy and the sampling
+        self.check_secure_aggregation(self, self)  # vs the strategy, central DP, node count
         if self.update_dtype != "float32" and (self.secure_aggregation
                                                or self.central_dp != "off"):
             raise ValueError(
                 f"update-dtype={self.update_dtype!r} needs secure-aggregation=false and "
                 "central-dp='off': SecAgg+ quantises the update itself, and Flower's "
                 "client-level DP clips the trained weights' difference as it leaves the node")
-        self.model()  # the model part must make a valid ModelConfig too
         return self
-
-    @property
-    def label_set(self) -> tuple[str, ...]:
-        return parse_label_set(self.labels)
 
     def recipe(self) -> LocalRecipe:
         """How the sites train in this run: the DP recipe when private, else Adam at lr."""
@@ -229,11 +329,6 @@ class RunConfig(BaseModel):
             return lr
         done = (min(max(server_round, 1), self.num_server_rounds) - 1) / self.num_server_rounds
         return lr * 0.5 * (1.0 + math.cos(math.pi * done))
-
-    def model(self) -> ModelConfig:
-        """The ModelConfig every node builds: same config, same array names and shapes."""
-        return model_config_for(self.model_size, self.image_size, self.fusion, self.modality,
-                                len(self.label_set))
 
     @classmethod
     def parse(cls, flat: Mapping[str, object]) -> RunConfig:
@@ -259,28 +354,6 @@ class RunConfig(BaseModel):
     def flat(self) -> dict[str, object]:
         """Back to Flower's flat form (kebab-case keys)."""
         return self.model_dump(by_alias=True)
-
-
-# Strategies that need each hospital's update on its own: under SecAgg+ the server has the sum.
-NEEDS_EACH_UPDATE = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
-
-
-def _check_secure_aggregation(run: RunConfig) -> None:
-    """The combinations SecAgg+ cannot serve, refused before any round with the reason."""
-    if run.strategy in NEEDS_EACH_UPDATE:
-        raise ValueError(
-            f"secure-aggregation=true cannot run strategy={run.strategy!r}: it ranks or "
-            "trims the hospitals' updates one by one, and under SecAgg+ the server only ever "
-            "has their sum (use fedavg, fedprox, fedadam or fedyogi)")
-    if run.central_dp == "server":
-        raise ValueError(
-            "secure-aggregation=true cannot run central-dp='server': the server would clip "
-            "each hospital's update, which it never sees; use central-dp='client' (each "
-            "node clips its own update before masking it)")
-    if run.min_train_nodes < 2:
-        raise ValueError(
-            f"secure-aggregation=true needs min-train-nodes >= 2 (it is "
-            f"{run.min_train_nodes}): the sum of one hospital's update is that update")
 
 
 def model_config_for(model_size: str, image_size: int, fusion: str, modality: str,
