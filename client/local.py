@@ -126,7 +126,8 @@ class LocalSteps:
         """The run's recipe (`RunConfig.recipe()`), at `lr` where a round asks another."""
         return cls(epochs=epochs, lr=recipe.lr if lr is None else lr, batch_size=batch_size,
                    proximal_mu=proximal_mu, optimizer=recipe.optimizer,
-                   momentum=recipe.momentum, train_layers=recipe.train_layers)
+                   momentum=recipe.momentum, train_layers=recipe.train_layers,
+                   augmult=recipe.augmult)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -66,14 +67,21 @@ __all__ = [
 
 Builder = Callable[[RunConfig], Strategy]
 
-# Inner-strategy attributes that carry state from one round to the next.
-_STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t")
+# Inner-strategy attributes that carry state from one round to the next: FedAdam/FedYogi's
+# dicts of arrays, FedAvgM's list (its `current_arrays`, an ArrayRecord, is not saved:
+# its first configure_train takes it from the global model the resumed run starts from).
+_STATEFUL_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 CENTRAL_DP: dict[str, type[DifferentialPrivacyServerSideFixedClipping]
                  | type[DifferentialPrivacyClientSideFixedClipping]] = {
     "server": DifferentialPrivacyServerSideFixedClipping,  # the server clips each update
     "client": DifferentialPrivacyClientSideFixedClipping,  # each node clips its own
 }
 """Flower's client-level DP wrapper of each `central-dp` mode other than off."""
+
+
+def _arrays_state(value: dict | list) -> dict[str, Any]:
+    """A strategy's dict or list of arrays as a dict (a list by position, in order)."""
+    return dict(value) if isinstance(value, dict) else {str(i): a for i, a in enumerate(value)}
 
 
 def weight_key(run: RunConfig) -> str:
@@ -116,6 +124,10 @@ def _byzantine(cls: type[Krum] | type[Bulyan], per_attacker: int) -> Builder:
 
 STRATEGIES: dict[str, Builder] = {
     "fedavg": lambda run: FedAvg(**_common(run)),
+    # a step of 1 along the round's mean update plus momentum: under DP the sites' noise
+    # averages over rounds too (post-processing of the sites' releases, no privacy cost)
+    "fedavgm": lambda run: FedAvgM(**_common(run), server_learning_rate=1.0,
+                                   server_momentum=run.server_momentum),
     "fedprox": lambda run: FedProx(**_common(run), proximal_mu=run.proximal_mu),
     # eta_l (Flower only logs it): the rate the sites are asked to train with, the recipe's
     "fedadam": lambda run: FedAdam(**_common(run), eta=run.server_lr, eta_l=run.recipe().lr),
@@ -248,9 +260,9 @@ class GuardedStrategy(Strategy):
         """What a resumed run needs: the inner strategy's state (FedAdam/FedYogi
         `m_t`, `v_t`, `current_arrays`), the site names seen, the node-sampling RNG."""
         inner = {
-            attr: dict(getattr(self.strategy, attr))
+            attr: _arrays_state(value)
             for attr in _STATEFUL_ATTRS
-            if getattr(self.strategy, attr, None) is not None
+            if isinstance(value := getattr(self.strategy, attr, None), dict | list)
         }
         return {
             "inner_class": type(self.strategy).__name__,
@@ -269,9 +281,9 @@ class GuardedStrategy(Strategy):
             )
         for attr, value in state.get("inner", {}).items():
             if attr in _STATEFUL_ATTRS and hasattr(self.strategy, attr):
-                setattr(
-                    self.strategy, attr, {k: np.asarray(v).copy() for k, v in value.items()}
-                )
+                arrays = {k: np.asarray(v).copy() for k, v in value.items()}
+                setattr(self.strategy, attr, list(arrays.values())
+                        if attr == "momentum_vector" else arrays)
         self.site_names.update({int(k): str(v) for k, v in state.get("site_names", {}).items()})
         rs = state.get("random_state")
         if rs is not None:

@@ -28,7 +28,8 @@ from shared_model.config import (
 from shared_model.contract.validation import describe
 
 StrategyName = Literal[
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg",
+    "krum", "bulyan",
 ]
 
 
@@ -61,6 +62,8 @@ class LocalRecipe(NamedTuple):
     lr: float
     momentum: float
     train_layers: TrainLayers
+    augmult: int = 1
+
 
 
 class RunConfigError(ValueError):
@@ -102,6 +105,9 @@ class Rounds(_Section):
                                description="FedProx mu (used by fedprox only)")
     server_lr: float = Field(gt=0.0, le=10.0,
                              description="server learning rate of fedadam / fedyogi")
+    server_momentum: float = Field(
+        ge=0.0, lt=1.0, description="fedavgm: momentum of the server's step along the "
+        "round's mean update (a step of 1 along the mean at 0: FedAvg)")
     trimmed_beta: float = Field(gt=0.0, lt=0.5, description="fedtrimmedavg cut fraction")
     byzantine_nodes: int = Field(ge=0, le=MAX_NODES,
                                  description="krum / bulyan: tolerated malicious nodes")
@@ -162,6 +168,10 @@ class Privacy(_Section):
         description="what private rounds train: all, or fewer, so that the noise spreads "
         "over fewer coordinates (the rest keep the initial model's values)"
     )
+    dp_augmult: int = Field(
+        ge=1, le=64, description="views of each example per private step (augmentation "
+        "multiplicity): their gradients are averaged before clipping, so the privacy cost "
+        "is one example's and each step costs k times the compute")
     lr_schedule: Literal["constant", "cosine"] = Field(
         description="the learning rate over the rounds: constant, or a cosine from the "
         "recipe's down towards 0 at the last round")
@@ -317,7 +327,7 @@ class RunConfig(DataPart, ModelPart, SecureAggregation, CentralDP, Privacy, Loca
         """How the sites train in this run: the DP recipe when private, else Adam at lr."""
         if self.dp:
             return LocalRecipe(self.dp_optimizer, self.dp_lr, self.dp_momentum,
-                               self.dp_train_layers)
+                               self.dp_train_layers, self.dp_augmult)
         return LocalRecipe("adam", self.lr, 0.0, "all")
 
     def round_lr(self, server_round: int) -> float:

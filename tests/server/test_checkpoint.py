@@ -125,7 +125,7 @@ def _federation(run: RunConfig, out, offset=0, arrays=None, crash_before_round=N
     return numpy_arrays(guarded.global_arrays), rows
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedavgm"])
 def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(
     tmp_path, strategy
 ):
