@@ -12,6 +12,10 @@ until every node is online, and supervises a run while it goes:
   marks the running run failed, and the run is resubmitted with `resume=true`, which
   continues from the ServerApp's last checkpoint.
 
+Its ports, paths and command lines are fixed once, in a `LocalLayout`
+(`server/ops/local_layout.py`); what a lost run means (resume it, how often) is
+`_ResumingRun`'s policy, kept out of the class that keeps the processes alive.
+
 `medfuse deploy local` (`server/ops/deploy.py`) runs one; tests use it for fault
 injection on real processes.
 """
@@ -19,45 +23,37 @@ injection on real processes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.ops.flower_commands import (
-    superlink_command,
-    supernode_command,
-    write_connection,
-    write_run_config,
-)
-from server.ops.handouts import CONNECTION_NAME, node_config_string
-from server.ops.pki import Provisioned
+from server.ops.flower_commands import write_run_config
+from server.ops.handouts import CONNECTION_NAME
+from server.ops.local_layout import lay_out
 from server.ops.processes import (
-    LOOPBACK,
     FlowerError,
     FlowerProcess,
     address,
     descendants,
-    free_ports,
     terminate,
     wait_until,
 )
-from server.ops.provision import provision
 from server.ops.supervisor import COMPLETED, FINISHED, Submission, Supervisor
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml
 SUPERLINK = "superlink"
 _RESTARTED = "restarted"  # a run lost to a SuperLink restart: resubmit with resume
+_ROUND = re.compile(r"global round (\d+)/")
 
 Echo = Callable[[str], None]
+OnTick = Callable[["LocalFederation", Submission], None]
 
 
 class DeployError(RuntimeError):
     """The local deployment could not finish; the message says where to look."""
-
-
-# ------------------------------------------------------------------ the federation
 
 
 @dataclass
@@ -79,9 +75,21 @@ class RunOutcome:
         return self.status == COMPLETED
 
 
+def round_durations(timeline: Sequence[tuple[float, str]]) -> list[float]:
+    """Each round runs from the start of its training to the start of the next round (the
+    last one: to the run's end). Rounds are told apart by number so that an attempt cut
+    short by a SuperLink restart is not counted; its rerun is."""
+    events = [(int(m.group(1)) if (m := _ROUND.search(line)) else None, t) for t, line in timeline]
+    return [t_next - t for (rnd, t), (nxt, t_next) in itertools.pairwise(events)
+            if rnd is not None and nxt != rnd]  # fmt: skip
+
+
+# ------------------------------------------------------------------ the federation
+
+
 class LocalFederation(Supervisor):
     """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node authentication on; what
-    it adds to the `Supervisor`: provisioning, the nodes, restarts, resumed runs."""
+    it adds to the `Supervisor`: the nodes, and bringing crashed processes back."""
 
     def __init__(
         self,
@@ -98,19 +106,9 @@ class LocalFederation(Supervisor):
         super().__init__(Path(workdir).resolve(), CONNECTION_NAME, app_dir=app_dir,
                          logs_dir=logs_dir, echo=echo, extra_env=extra_env)  # fmt: skip
         self.workdir = self.group.workdir
-        self.sites = {n: Path(p).resolve() for n, p in sites.items()}
-        self.epsilon_budget = epsilon_budget
-        self.timed_nodes = timed_nodes
-        ports = free_ports(1 + len(self.sites))
-        self.port = ports[0]
-        self.node_ports = dict(zip(self.sites, ports[1:], strict=True))
-        self.database = self.workdir / "superlink.db"
-        self.prov: Provisioned = provision(
-            self.workdir / "provision", list(self.sites), [], self.port, bind_host=LOOPBACK
-        )
-        write_connection(
-            self.group.flwr_home, CONNECTION_NAME, address(self.port), self.prov.ca_cert
-        )
+        self.layout = lay_out(self.workdir, sites, self.group.flwr_home,
+                              epsilon_budget=epsilon_budget, timed_nodes=timed_nodes)  # fmt: skip
+        self.sites = self.layout.sites
         self.node_ids: dict[str, int] = {}
         self.nodes: dict[str, FlowerProcess] = {}
         self.held_down: set[str] = set()  # nodes a caller stopped on purpose: not restarted
@@ -119,18 +117,8 @@ class LocalFederation(Supervisor):
         self._superlink_kids: set[int] = set()
 
     def round_seconds(self) -> list[float]:
-        """Wall time of each round as the ServerApp's log showed it: from the start of a
-        round's training to the start of the next round (the last one: to the run's end).
-        An attempt cut short by a SuperLink restart is not counted; its rerun is."""
-        events: list[tuple[int | None, float]] = []
-        for t, line in self.timeline("medfuse: global round", "medfuse: done after"):
-            m = re.search(r"global round (\d+)/", line)
-            events.append((int(m.group(1)) if m else None, t))
-        out = []
-        for (rnd, t), (nxt, t_next) in zip(events, events[1:], strict=False):
-            if rnd is not None and nxt != rnd:
-                out.append(t_next - t)
-        return out
+        """From the ServerApp's own log, not from polling: the log has each round's start."""
+        return round_durations(self.timeline("medfuse: global round", "medfuse: done after"))
 
     # -------------------------------------------------------------- start / stop
 
@@ -138,44 +126,26 @@ class LocalFederation(Supervisor):
         """SuperLink up, every key registered, every SuperNode online."""
         self.start_deployed_superlink()
         for name in self.sites:
-            self.node_ids[name] = self.cli.register(self.prov.public_key(name), name)
+            self.node_ids[name] = self.cli.register(self.layout.prov.public_key(name), name)
         self.say("registered " + ", ".join(f"{n} (node {i})" for n, i in self.node_ids.items()))
         for name in self.sites:
             self.start_node(name)
         self.wait_online(timeout=timeout)
 
     def start_deployed_superlink(self) -> FlowerProcess:
-        cmd = superlink_command(port=self.port, database=self.database,
-                                ca_cert=self.prov.ca_cert, cert=self.prov.superlink_cert,
-                                key=self.prov.superlink_key, auth=True)  # fmt: skip
-        proc = self.start_superlink(cmd, self.port, timeout=60, name=SUPERLINK)
-        self.say(f"SuperLink up on {address(self.port)} (TLS, node auth)")
+        port = self.layout.port
+        proc = self.start_superlink(self.layout.superlink_command(), port, timeout=60,
+                                    name=SUPERLINK)  # fmt: skip
+        self.say(f"SuperLink up on {address(port)} (TLS, node auth)")
         return proc
 
-    def node_command(
-        self,
-        name: str,
-        *,
-        private_key: Path | None = None,
-        root_cert: Path | None | bool = True,
-        port: int | None = None,
-        max_retries: int | None = None,
-    ) -> list[str]:
-        """The SuperNode command of hospital `name` (other key / no CA for refusal tests)."""
-        ca = self.prov.hospital_ca_cert(name) if root_cert is True else root_cert or None
-        state = self.workdir / "state" / name
-        return supernode_command(
-            superlink=address(self.port),
-            port=port if port is not None else self.node_ports[name],
-            root_cert=ca,
-            private_key=private_key or self.prov.private_key(name),
-            node_config=node_config_string(
-                str(self.sites[name]), name, "auto", self.epsilon_budget, str(state),
-                release_compute_time=self.timed_nodes,
-            ),
-            max_retries=max_retries,
-        )
-
+    def node_command(self, name: str, *, private_key: Path | None = None,
+                     root_cert: Path | None | bool = True, port: int | None = None,
+                     max_retries: int | None = None) -> list[str]:  # fmt: skip
+        """Here as well as on the layout: tests start refused SuperNodes (other key / no
+        CA) beside this federation's own."""
+        return self.layout.node_command(name, private_key=private_key, root_cert=root_cert,
+                                        port=port, max_retries=max_retries)  # fmt: skip
     def start_node(self, name: str) -> FlowerProcess:
         self.held_down.discard(name)
         proc = self.group.start(f"supernode-{name}", self.node_command(name),
@@ -261,10 +231,25 @@ class LocalFederation(Supervisor):
                 )
                 self.start_node(name)
 
+    def recover(self, sub: Submission) -> bool:
+        """One supervision step while `sub` runs. True: the SuperLink had died and is back,
+        but the run it carried is lost (its ServerApp is gone); it is stopped now rather
+        than left for Flower to mark failed."""
+        self._remember_superlink_children()
+        if self.superlink_alive():
+            self._restart_dead_nodes()
+            return False
+        sub.follower.stop(timeout=5)
+        self.restart_superlink()
+        if not self.run_status(sub.run_id).startswith(FINISHED):
+            self.stop_run(sub.run_id)
+            self.wait_finished(sub.run_id, timeout=60)
+        return True
+
     # -------------------------------------------------------------- runs
 
     def submit_config(self, run_config: Mapping[str, object]) -> Submission:
-        path = self.workdir / f"run-config-{self._submissions + 1}.toml"
+        path = self.layout.run_config_path(self._submissions + 1)
         return self.submit(write_run_config(path, run_config))
 
     def run(
@@ -274,59 +259,69 @@ class LocalFederation(Supervisor):
         max_resumes: int = 3,
         timeout: float | None = None,
         poll: float = 1.0,
-        on_tick: Callable[[LocalFederation, Submission], None] | None = None,
+        on_tick: OnTick | None = None,
     ) -> RunOutcome:
         """Submit, supervise (restart dead nodes / SuperLink, resume), until the run ends."""
-        t0 = time.monotonic()
-        output_dir = Path(str(run_config.get("output-dir", "."))).resolve()
-        sub = self.submit_config(run_config)
-        run_ids, resumes = [sub.run_id], 0
-        while True:
-            status = self._supervise(sub, t0, timeout, poll, on_tick)
-            if status == COMPLETED:
-                break
-            if status != _RESTARTED or resumes >= max_resumes:
-                raise DeployError(
-                    f"run {sub.run_id} ended {status}; logs in {self.group.logs_dir}\n"
-                    + "\n".join(sub.lines[-40:])
-                )
-            resumes += 1
-            self.say(f"run {sub.run_id} ended after a SuperLink restart: resubmitting with "
-                     f"resume=true ({resumes}/{max_resumes})")
-            self.bring_back_nodes()
-            sub = self.submit_config({**run_config, "resume": True})
-            run_ids.append(sub.run_id)
-        return RunOutcome(
-            run_ids=run_ids, status=status, resumes=resumes, seconds=time.monotonic() - t0,
-            output_dir=output_dir, traffic=self.traffic(run_ids),
-            superlink_restarts=self.superlink_restarts, node_restarts=dict(self.node_restarts),
-        )
+        return _ResumingRun(self, run_config, max_resumes, timeout, poll, on_tick).finish()
 
-    def _supervise(self, sub: Submission, t0: float, timeout: float | None, poll: float,
-                   on_tick: Callable[[LocalFederation, Submission], None] | None) -> str:
-        """Watch one submission until Flower calls its run finished (its status), or until
-        the SuperLink died and was restarted (`_RESTARTED`: the run is lost, resume it)."""
+
+# ------------------------------------------------------------------ one run, resumed
+
+
+@dataclass
+class _ResumingRun:
+    """Apart from `LocalFederation` because this is policy, not process keeping: the
+    federation brings processes back; whether a run lost to a SuperLink restart is
+    resubmitted, how often and for how long, is decided here."""
+
+    fed: LocalFederation
+    config: Mapping[str, object]
+    max_resumes: int
+    timeout: float | None
+    poll: float
+    on_tick: OnTick | None
+    t0: float = field(default_factory=time.monotonic)
+
+    def finish(self) -> RunOutcome:
+        sub = self.fed.submit_config(self.config)
+        run_ids, resumes = [sub.run_id], 0
+        while (status := self._watch(sub)) != COMPLETED:
+            if status != _RESTARTED or resumes >= self.max_resumes:
+                raise DeployError(f"run {sub.run_id} ended {status}; logs in "
+                                  f"{self.fed.group.logs_dir}\n" + "\n".join(sub.lines[-40:]))
+            resumes += 1
+            self.fed.say(f"run {sub.run_id} ended after a SuperLink restart: resubmitting "
+                         f"with resume=true ({resumes}/{self.max_resumes})")
+            self.fed.bring_back_nodes()  # a resumed run then starts with everyone
+            sub = self.fed.submit_config({**self.config, "resume": True})
+            run_ids.append(sub.run_id)
+        return self._outcome(run_ids, status, resumes)
+
+    def _watch(self, sub: Submission) -> str:
+        """Until Flower calls the run finished (its status), or the SuperLink was
+        restarted under it (`_RESTARTED`: lost, resume it)."""
         next_status = 0.0
         while True:
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                raise DeployError(f"the run did not finish within {timeout:.0f} s")
-            time.sleep(poll)
-            if on_tick is not None:
-                on_tick(self, sub)
-            self._remember_superlink_children()
-            if not self.superlink_alive():
-                sub.follower.stop(timeout=5)
-                self.restart_superlink()
-                # the restart orphaned the run (its ServerApp is gone): stop it now rather
-                # than wait for Flower to mark it failed
-                if not self.run_status(sub.run_id).startswith(FINISHED):
-                    self.stop_run(sub.run_id)
-                    self.wait_finished(sub.run_id, timeout=60)
+            if self.timeout is not None and time.monotonic() - self.t0 > self.timeout:
+                raise DeployError(f"the run did not finish within {self.timeout:.0f} s")
+            time.sleep(self.poll)
+            if self.on_tick is not None:
+                self.on_tick(self.fed, sub)
+            if self.fed.recover(sub):
                 return _RESTARTED
-            self._restart_dead_nodes()
             # the log stream ending is a hint; Flower's run status is the answer
             if time.monotonic() >= next_status or not sub.streaming():
-                status = self.run_status(sub.run_id)
+                status = self.fed.run_status(sub.run_id)
                 if status.startswith(FINISHED):
                     return status
                 next_status = time.monotonic() + 5.0
+
+    def _outcome(self, run_ids: list[int], status: str, resumes: int) -> RunOutcome:
+        fed = self.fed
+        return RunOutcome(
+            run_ids=run_ids, status=status, resumes=resumes,
+            seconds=time.monotonic() - self.t0,
+            output_dir=Path(str(self.config.get("output-dir", "."))).resolve(),
+            traffic=fed.traffic(run_ids), superlink_restarts=fed.superlink_restarts,
+            node_restarts=dict(fed.node_restarts),
+        )  # fmt: skip
