@@ -45,9 +45,12 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from shared_model.central import train_central
 from shared_model.config import CentralConfig, ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.model import MedFuseModel
+from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.figures import pyplot, save_png
 from shared_model.train import case_losses
 
 FPR_POINTS = (0.01, 0.001)
@@ -223,9 +226,6 @@ def reference_models(model_cfg: ModelConfig, population: Sequence[SiteData], k: 
     """`k` models trained as the audited one was (from its starting point, centrally,
     without DP) on random halves of `population`, data that holds none of the audited
     cases: every reference model is OUT for every case."""
-    from shared_model.central import train_central
-    from shared_model.tokenizer import Tokenizer
-
     rng = np.random.default_rng(seed)
     states = []
     for j in range(k):
@@ -272,8 +272,6 @@ def mean_auc(results: Sequence[AttackResult], attack: str) -> float:
 
 def roc_plot(results: Sequence[AttackResult], path, title: str = "membership inference"):
     """ROC curves on log-log axes (where low-FPR leaks show), chance as the diagonal."""
-    from shared_model.tooling.figures import pyplot, save_png
-
     fig, ax = pyplot().subplots(figsize=(5.5, 5))
     for r in results:
         fpr = np.maximum(np.asarray(r.fpr), 1e-4)

@@ -10,12 +10,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
+from shared_model.audit_log import LOG_FILE, AuditLogError, rows_for_display, verify
+from shared_model.chain_key import ChainKeyError, key_from_node_key
+from shared_model.config import ModelConfig
 from shared_model.contract.metric_registry import HEADLINE
+from shared_model.files import atomic_write, atomic_write_text
 from shared_model.tooling.cli_opts import (
     DEFAULT_LABELS_TEXT,
     LabelsOpt,
@@ -24,6 +31,10 @@ from shared_model.tooling.cli_opts import (
     fail,
     parse_labels,
 )
+
+# What loads torch (the dataset, model, training and audit code, pandas) is imported inside
+# the command that uses it, marked `# lazy:`: `medfuse --help` imports this module and
+# should not wait for torch. "(--help)" in those comments means that.
 
 
 def data_check(
@@ -36,10 +47,9 @@ def data_check(
 
     Exit code 0 when every site is usable, 1 otherwise (under --strict, any bad row).
     """
-    from client.data_check import exit_code, render_summary
-    from shared_model.config import ModelConfig
-    from shared_model.dataset import check_site
-    from shared_model.tokenizer import Tokenizer
+    from client.data_check import exit_code, render_summary  # lazy: loads torch (--help)
+    from shared_model.dataset import check_site  # lazy: loads torch (--help)
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
 
     label_set = parse_labels(labels)
     model = ModelConfig(image_size=image_size, num_classes=len(label_set))
@@ -73,10 +83,8 @@ def privacy_show(
     releases (training rounds, the count, non-private rounds; evaluations), and what
     epsilon and "inf" mean. Fits 80 columns and a pipe: cells wrap, none is cut.
     Exit 1 where a store or ledger cannot be read (one line each on stderr)."""
-    from rich.text import Text
-
+    # lazy: client.privacy loads torch and opacus; `medfuse --help` imports this module
     from client.privacy import LedgerError, default_store_root, find_stores, render_ledger
-    from shared_model.chain_key import key_from_node_key
 
     def _error_line(message: object) -> None:
         # one plain line (a path or a JSON error may hold brackets; logs are grepped),
@@ -134,8 +142,7 @@ def audit(
     cases the model never saw. Where neither names the sites, the verdict line says that
     membership is assumed from each site's train split and cannot be checked.
     """
-    import json
-
+    # lazy: the audit code loads torch, opacus and sklearn; `medfuse --help` imports this
     from client.audit import (
         audit_site,
         membership,
@@ -144,11 +151,10 @@ def audit(
         roc_plot,
         verdict,
     )
-    from shared_model.dataset import SiteError, open_site
-    from shared_model.files import atomic_write_text
-    from shared_model.model_file import ModelFileError, load_model_file
-    from shared_model.tokenizer import Tokenizer
-    from shared_model.train import pick_device
+    from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.model_file import ModelFileError, load_model_file  # lazy: loads torch
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
+    from shared_model.train import pick_device  # lazy: loads torch and opacus (--help)
 
     try:
         mf = load_model_file(model)
@@ -175,7 +181,7 @@ def audit(
     atomic_write_text(out / "audit.json", json.dumps(
         {"model": str(model), "verdict": verdict(results, members), "results": rows},
         indent=2) + "\n")
-    import pandas as pd
+    import pandas as pd  # lazy: pandas is slow to import; `medfuse --help` imports this
 
     atomic_write_text(out / "audit.csv", pd.DataFrame(rows).to_csv(index=False))
     roc_plot(results, out / "roc.png")
@@ -185,8 +191,6 @@ def audit(
 
 
 def audit_table(rows: list[dict]):
-    from rich.table import Table
-
     table = Table(title="membership inference (higher = more leak; chance: AUC 0.5)")
     for col in ("site", "attack", "members", "non-members", "AUC [95%]", "TPR@1%FPR",
                 "TPR@0.1%FPR"):
@@ -216,6 +220,7 @@ def predict(
     description, the image attention map and the report's words shaded by attention;
     predictions.csv, one PNG per case and an index.html gallery. Cases that cannot be read
     are listed, and are rows of the CSV with the reason. Nothing leaves here."""
+    # lazy: the prediction code loads torch and opacus; `medfuse --help` imports this
     from client.predict import (
         cases_of_site,
         for_terminal,
@@ -224,10 +229,14 @@ def predict(
         skipped_of_site,
         write_outputs,
     )
-    from shared_model.dataset import BadRow, SiteError, open_site
-    from shared_model.model_file import ModelFileError, check_matches, load_model_file
-    from shared_model.tokenizer import Tokenizer
-    from shared_model.train import pick_device
+    from shared_model.dataset import BadRow, SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.model_file import (  # lazy: loads torch (--help)
+        ModelFileError,
+        check_matches,
+        load_model_file,
+    )
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
+    from shared_model.train import pick_device  # lazy: loads torch and opacus (--help)
 
     if (site_dir is None) == (image is None):
         fail("give a site folder or --image FILE (one of them)")
@@ -301,7 +310,7 @@ def _predict_report(report: Path | None, text: str) -> str:
 
 def _predict_image_case(image: Path, report: str, mf):
     """The case of `--image`, or one line naming the file it cannot read."""
-    from client.predict import case_from_file
+    from client.predict import case_from_file  # lazy: loads torch (--help)
 
     if not image.is_file():
         fail(f"--image {image}: no such file")
@@ -314,9 +323,6 @@ def _predict_image_case(image: Path, report: str, mf):
 def _verified_log(path: Path, node_key: Path | None) -> tuple[Path, list[dict]]:
     """The log at `path` (or in the folder `path`) and its verified entries; exits with
     one line on stderr where there is no log (2) or it does not verify (1)."""
-    from shared_model.audit_log import LOG_FILE, AuditLogError, verify
-    from shared_model.chain_key import ChainKeyError, key_from_node_key
-
     if not path.exists():
         fail(f"{path} does not exist: there is no audit log there to check", 2)
     log_file = path / LOG_FILE if path.is_dir() else path
@@ -342,10 +348,6 @@ def audit_log_show(
 ) -> None:
     """Print what crossed the network, one line per message, after verifying the log
     (exit 2 where there is no log, 1 where it does not verify)."""
-    from rich.table import Table
-
-    from shared_model.audit_log import rows_for_display
-
     log_file, entries = _verified_log(path, node_key)
     table = Table(title=f"{log_file}: {len(entries)} entries (verified)")
     for col in ("#", "time", "who", "what", "arrays", "metrics"):
@@ -384,16 +386,19 @@ def personalise(
     """Fine-tune the federation's model on this hospital's own train split with DP-SGD,
     charged to the data's privacy ledger like any other release (refused when the budget
     is spent); print the test accuracy here of the global and the personalised model."""
-    # imported here, as every command's: `medfuse --help` stays fast without torch
-    import torch
+    import torch  # lazy: keeps `medfuse --help` fast (torch)
 
+    # lazy: the training code loads torch and opacus; `medfuse --help` imports this
     from client.local import Budget, LocalSteps, local_evaluate, private_round
-    from client.privacy import LedgerError, LedgerStore, default_store_root
-    from shared_model.dataset import SiteError, open_site
-    from shared_model.files import atomic_write
-    from shared_model.model_file import ModelFileError, load_model_file, payload
-    from shared_model.tokenizer import Tokenizer
-    from shared_model.train import pick_device
+    from client.privacy import LedgerError, LedgerStore, default_store_root  # lazy: loads torch
+    from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.model_file import (  # lazy: loads torch (--help)
+        ModelFileError,
+        load_model_file,
+        payload,
+    )
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
+    from shared_model.train import pick_device  # lazy: loads torch and opacus (--help)
 
     try:
         mf = load_model_file(model)

@@ -27,13 +27,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
+import pandas as pd
 import torch
 
 from shared_model.dataset import PIXEL_MEAN, PIXEL_STD, BadRow, load_image
+from shared_model.files import atomic_write_text
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFile
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer, split_words
+from shared_model.tooling.figures import pyplot, save_png
 
 
 @dataclass(frozen=True)
@@ -183,9 +187,8 @@ def _png_names(preds: Sequence[Prediction]) -> list[str]:
 def case_png(pred: Prediction, image: torch.Tensor, path: Path) -> Path:
     """The image with the attention heat map and the predicted box; the report's words
     shaded by attention; the predicted class and the generated description as titles."""
+    # lazy: matplotlib is slow (0.2 s); loads where a picture is drawn, as pyplot() does
     from matplotlib.patches import Rectangle
-
-    from shared_model.tooling.figures import pyplot, save_png
 
     grey = (image[0].cpu().numpy() * PIXEL_STD + PIXEL_MEAN).clip(0, 1)  # (S, S)
     side = grey.shape[-1]
@@ -226,10 +229,6 @@ def write_outputs(preds: Sequence[Prediction], cases: Sequence[Case], out: Path,
                   labels: Sequence[str], skipped: Sequence[BadRow] = ()) -> dict[str, Path]:
     """predictions.csv, cases/<id>.png and index.html under `out`. Each skipped row is a
     row of the CSV too, with its reason in `error` (empty for a predicted case)."""
-    import pandas as pd
-
-    from shared_model.files import atomic_write_text
-
     out = Path(out)
     rows, pngs = [], []
     for pred, case, name in zip(preds, cases, _png_names(preds), strict=True):
@@ -257,8 +256,6 @@ def write_outputs(preds: Sequence[Prediction], cases: Sequence[Case], out: Path,
 
 def _gallery(preds: Sequence[Prediction], pngs: Sequence[Path]) -> str:
     """One self-contained page from its template: every case's picture inline."""
-    import jinja2
-
     env = jinja2.Environment(loader=jinja2.PackageLoader("client", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     cases = [{"case_id": p.case_id, "label": p.label, "prob": p.probs[p.label],

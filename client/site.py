@@ -42,6 +42,7 @@ from shared_model.contract.run_config import DEFAULT_NODE_EPSILON_BUDGET, RunCon
 from shared_model.contract.validation import describe, messages
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.tokenizer import Tokenizer
+from shared_model.tooling import synth
 from shared_model.train import pick_device
 
 log = logging.getLogger(__name__)
@@ -415,12 +416,8 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     target = (cache or synthetic_root()) / synthetic_name(run)
     if target.is_dir():
         return target
-    # imported here: only a simulation without sites-dir writes a federation, and
-    # shared_model.tooling.synth is the largest module a ClientApp would otherwise load at start
-    from shared_model.tooling.synth import SynthConfig, write_federation
-
     try:
-        synth_cfg = SynthConfig(
+        synth_cfg = synth.SynthConfig(
             sites=run.synth_sites,
             cases_per_site=run.synth_cases_per_site,
             seed=run.seed,
@@ -436,7 +433,7 @@ def synthetic_sites(run: RunConfig, cache: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        write_federation(tmp, synth_cfg)
+        synth.write_federation(tmp, synth_cfg)
         try:
             os.rename(tmp, target)
             log.info("synthetic federation written to %s", target)

@@ -259,8 +259,9 @@ LIMITS = (
 
 def _input_spec(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """What an image must be to be read as in training (dataset format v1)."""
-    # startup time: the dataset module pulls in pandas and PIL (0.15 s); only the model
-    # card needs it, not the readers of checkpoints (resume, the coordinator's tools)
+    # startup time: only the model card needs it, not the readers of checkpoints (resume,
+    # the coordinator's tools, the dashboard)
+    # lazy: the dataset module loads pandas and PIL (0.3 s)
     from shared_model.dataset import IMAGE_EXTENSIONS, PIXEL_MEAN, PIXEL_STD
 
     return {"image_size": model_config.get("image_size"),

@@ -33,6 +33,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from shared_model.files import PRIVATE, atomic_create_bytes
 
 log = logging.getLogger(__name__)
@@ -100,10 +104,6 @@ def key_from_node_key(path: Path) -> bytes:
     """A chain key derived from the SuperNode's private authentication key (OpenSSH or
     PEM): HKDF-SHA256 of its PKCS#8 bytes, info b"medfuse ledger chain". The same node key
     always gives the same chain key; it is never written anywhere."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
     try:
         data = Path(path).expanduser().read_bytes()
     except OSError as exc:

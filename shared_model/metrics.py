@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
@@ -101,11 +102,6 @@ def bleu4(references: Sequence[Reference], hypotheses: Sequence[Tokens]) -> floa
     `references[i]` is the token list of hypothesis i's reference, or a list of token
     lists when it has several. 0.0 for empty input.
     """
-    from nltk.translate.bleu_score import (  # 0.3 s to import: only where BLEU is asked
-        SmoothingFunction,
-        corpus_bleu,
-    )
-
     _check_pairs(references, hypotheses)
     if not hypotheses:
         return 0.0

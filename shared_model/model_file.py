@@ -317,6 +317,8 @@ def _labels(path: Path, raw: object, cfg: ModelConfig) -> tuple[str, ...]:
 
 def _weights(path: Path, raw: object, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights, once every name, shape and dtype is the one `cfg` builds."""
+    # readers of FORMAT and payload (server.checkpoint, the dashboard) never build a model
+    # lazy: the model module loads opacus (seconds)
     from shared_model.model import MedFuseModel
 
     if not isinstance(raw, Mapping):

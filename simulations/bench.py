@@ -39,13 +39,36 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
+from rich.console import Console
+
+from client.local import Budget, DPSettings, RoundPlan, make_private, open_ledger
+from client.privacy import LedgerStore
+from server.ops.deploy import DeployConfig, deploy_local
+from server.results import FEDERATION, RESULTS_FILE, read_rows
+from server.strategy import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS
+from shared_model.batch import Batch
+from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.contract import wire
+from shared_model.dataset import open_site
+from shared_model.files import atomic_write_text
+from shared_model.model import MedFuseModel, freeze
+from shared_model.tokenizer import Tokenizer
+from shared_model.tooling.figures import pyplot, save_png
+from shared_model.tooling.synth import SynthConfig, write_federation
+from shared_model.train import make_loss_fn
+from simulations.config import load_config
+from simulations.runner import Runner
 
 # Flower 1.42's SuperNode waits this long before it looks for a new message again when it
 # found none (`flwr/supernode/start_client_internal.py`): a deployed round pays most of it,
@@ -83,11 +106,6 @@ def _median_seconds(step: Callable[[], object], repeats: int, warmup: int = 2) -
 
 
 def _bench_site(image_size: int, cases: int, workdir: Path):
-    from shared_model.config import DEFAULT_LABELS, ModelConfig
-    from shared_model.dataset import open_site
-    from shared_model.tokenizer import Tokenizer
-    from shared_model.tooling.synth import SynthConfig, write_federation
-
     cfg = ModelConfig.small(image_size=image_size)
     (site_dir,) = write_federation(workdir / "bench-site", SynthConfig(
         sites=1, cases_per_site=cases, seed=3, image_size=image_size), overwrite=True)
@@ -98,12 +116,6 @@ def _bench_site(image_size: int, cases: int, workdir: Path):
 def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
                     workdir: Path = Path("bench-data")) -> list[Figure]:
     """DP-SGD step time over plain step time, for all layers and for fewer."""
-    from client.local import DPSettings, RoundPlan, make_private
-    from client.privacy import LedgerStore
-    from shared_model.batch import Batch
-    from shared_model.model import MedFuseModel, freeze
-    from shared_model.train import make_loss_fn
-
     cfg, site = _bench_site(image_size, max(4 * batch, 64), workdir)
     loss_fn = make_loss_fn(cfg)
     fixed = Batch.of(next(iter(torch.utils.data.DataLoader(site.train, batch_size=batch))))
@@ -128,10 +140,8 @@ def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
         plan = RoundPlan(released_n=n, noise_multiplier=1.0, sample_rate=batch / n,
                          steps=1, epsilon_after=math.inf)
         store = LedgerStore(workdir / "bench-ledger")
-        with store.lock():
-            ledger = store.open(store.identify(site.path), site_name="bench",
-                                data_path=site.path, epsilon_budget=1e9,
-                                eval_epsilon_budget=1.0, delta=1e-5)
+        with store.lock():  # an empty ledger: make_private starts its accountant from it
+            ledger = open_ledger(store, site, Budget(epsilon=1e9, delta=1e-5))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net, dp_opt, _, _ = make_private(model, opt, site.train, plan, DPSettings(),
@@ -161,9 +171,6 @@ def dp_step_figures(image_size: int = 64, batch: int = 32, repeats: int = 10,
 def parameter_bytes(image_size: int = 64) -> dict[str, int]:
     """The model's bytes: its state dict as sent, and its parameters, each stored tensor
     once."""
-    from shared_model.config import ModelConfig
-    from shared_model.model import MedFuseModel
-
     model = MedFuseModel(ModelConfig.small(image_size=image_size))
     seen: set[int] = set()
     params = 0
@@ -180,8 +187,6 @@ def parameter_bytes(image_size: int = 64) -> dict[str, int]:
 def round_bytes(rows) -> list[float]:  # type: ignore[no-untyped-def]
     """Array bytes one site received and sent per round (all phases; the mean over the
     sites), for every round but the last, which also carries the final evaluation."""
-    from server.strategy import BYTES_RECEIVED, BYTES_SENT
-
     last = max((r.round for r in rows), default=0)
     out = []
     for rnd in range(1, last):
@@ -233,12 +238,6 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
     """A small simulation through Flower's engine: each round's wall time at the server
     over the slowest hospital's own compute that round; what SecAgg+ adds to a round; the
     array bytes per site and round, as sent, in float32 and with 16-bit updates."""
-    from rich.console import Console
-
-    from server.results import read_rows
-    from simulations.config import load_config
-    from simulations.runner import Runner
-
     cfg_file = out / "sim.toml"
     cfg_file.write_text(SIM_CONFIG.format(sites=sites, cases=cases, image_size=image_size,
                                           rounds=rounds), encoding="utf-8")
@@ -280,10 +279,6 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
 def round_overheads(rows) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
     """(round wall time at the server, slowest hospital's own compute) per round of a
     ServerApp's results rows."""
-    from server.results import FEDERATION
-    from server.strategy import ROUND_SECONDS
-    from shared_model.contract import wire
-
     out = []
     for rnd in sorted({r.round for r in rows}):
         wall = [r.value for r in rows if r.round == rnd and r.site == FEDERATION
@@ -300,9 +295,6 @@ def round_overheads(rows) -> list[tuple[float, float]]:  # type: ignore[no-untyp
 def _clientapp_start_s() -> float:
     """Wall seconds of a fresh Python importing the ClientApp (what each message costs a
     deployed node before any work: Flower starts one process per message)."""
-    import subprocess
-    import sys
-
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import client.app"], check=True,
                    capture_output=True)
@@ -312,9 +304,6 @@ def _clientapp_start_s() -> float:
 def deploy_figures(out: Path, rounds: int = 5) -> list[Figure]:
     """`medfuse deploy local` with 2 hospitals: the seconds each round takes beyond the
     slowest hospital's own compute."""
-    from server.ops.deploy import DeployConfig, deploy_local
-    from server.results import RESULTS_FILE, read_rows
-
     cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / "deploy", min_nodes=2,
                        public=False, run_config={"batch-size": 16}, timed_nodes=True)
     outcome = deploy_local(cfg, echo=lambda line: None)
@@ -360,15 +349,11 @@ class _PeakMemory:
     SuperLink, Ray's workers, the ServerApp), sampled twice a second."""
 
     def __init__(self) -> None:
-        import threading
-
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        import psutil
-
         me = psutil.Process()
         while not self._stop.is_set():
             total = 0
@@ -394,13 +379,6 @@ def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
     """Simulated federations of growing size (20-case hospitals, 32 px, one DP round in
     which `sampled` hospitals train and evaluate): peak memory of the whole process tree
     and round time, and a plot of both against the number of hospitals."""
-    from rich.console import Console
-
-    from server.results import FEDERATION, read_rows
-    from server.strategy import ROUND_SECONDS
-    from simulations.config import load_config
-    from simulations.runner import Runner
-
     points = []
     for n in counts:
         cfg_file = out / f"scale-{n}.toml"
@@ -428,8 +406,6 @@ def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
 
 
 def _scale_plot(points: list[dict], path: Path) -> None:
-    from shared_model.tooling.figures import pyplot, save_png
-
     fig, ax = pyplot().subplots(figsize=(6, 3.6))
     xs = [p["hospitals"] for p in points]
     ax.plot(xs, [p["peak_gb"] for p in points], "o-", label="peak memory (GB)")
@@ -446,8 +422,6 @@ def _scale_plot(points: list[dict], path: Path) -> None:
 def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
               echo: Callable[[str], object] = print) -> list[Figure]:
     """Every figure, printed as it is measured, then bench.json under `out`."""
-    from shared_model.files import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)

@@ -31,8 +31,8 @@ from shared_model.tooling.cli_opts import (
 from shared_model.tooling.synth import PublicConfig, SynthConfig, write_federation, write_public
 
 # Modules that load torch (torch itself, the dataset, tokenizer and training code, the
-# bench) are imported inside the commands that use them: `medfuse --help` imports this
-# module and should not wait for torch.
+# bench) are imported inside the commands that use them, marked `# lazy:`: `medfuse --help`
+# imports this module and should not wait for torch. "(--help)" in those comments means that.
 
 METRIC_COLUMNS = tuple(m.name for m in shown_in(View.TABLES))
 
@@ -127,7 +127,7 @@ def train_pooled(
     ),
 ) -> None:
     """Pooled baseline: train on the union of the sites' train splits, test per site."""
-    import torch
+    import torch  # lazy: keeps `medfuse --help` fast (torch)
 
     label_set = parse_labels(labels)
     try:
@@ -151,8 +151,8 @@ def train_pooled(
 
 def _open_sites(paths: list[Path], labels: tuple[str, ...], model: ModelConfig) -> list:
     """Open every site (exit 1 naming the first that cannot be used), a line each."""
-    from shared_model.dataset import SiteError, open_site
-    from shared_model.tokenizer import Tokenizer
+    from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
 
     tokenizer = Tokenizer(model.vocab_size)
     opened = []
@@ -172,8 +172,8 @@ def _open_sites(paths: list[Path], labels: tuple[str, ...], model: ModelConfig) 
 
 def _pooled_one(name: str, model_cfg: ModelConfig, central, opened: list) -> dict:
     """Train one modality on the pooled train splits, with a progress bar; its metrics."""
-    from shared_model.central import train_central
-    from shared_model.tokenizer import Tokenizer
+    from shared_model.central import train_central  # lazy: loads torch and opacus (--help)
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
 
     with Progress(
         TextColumn(f"[bold]{name}[/bold] epoch {{task.completed}}/{{task.total}}"),
@@ -200,6 +200,7 @@ def bench(
     """Measure what privacy and the federation cost on this machine: DP-SGD step time over
     a plain step (all layers and fewer), array bytes per round over 2 x the model; print
     each figure beside its goal and write bench.json."""
+    # lazy: the bench loads torch, opacus, pandas and Flower; `medfuse --help` imports this
     from simulations.bench import run_bench
 
     run_bench(out, quick=quick, echo=lambda line: console.print(line, highlight=False))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
 from rich import box
@@ -364,6 +365,7 @@ def audit_rows(results: pd.DataFrame, order: Sequence[str] = ()
 def leak_thresholds() -> tuple[float, float]:
     """(LEAKS from, SOME LEAK from) on the AUC's lower bound, `client.audit`'s own
     (imported only when there is an audit to judge: the module loads torch)."""
+    # lazy: client.audit loads torch, opacus and sklearn (seconds); this module stays light
     from client.audit import CLEAR_LEAK, SOME_LEAK
 
     return CLEAR_LEAK, SOME_LEAK
@@ -526,7 +528,7 @@ def terminal_tables(summary: Summary) -> list[Table]:
 
 
 def _ticker():
-    import matplotlib.ticker
+    import matplotlib.ticker  # lazy: matplotlib is slow (0.2 s); as pyplot(), on first plot
 
     return matplotlib.ticker
 
@@ -803,8 +805,6 @@ def _html(
     personalised: tuple[list[str], list[list[str]]] | None = None,
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
-    import jinja2
-
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("simulations", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True,

@@ -89,11 +89,11 @@ def simulate(
 
     An experiment already finished in the output folder (same settings) is not run again.
     """
-    # imported here, not at the top: the runner and its experiment kinds load torch,
-    # pandas and Flower's tooling (seconds), and `medfuse --help` imports this module
+    # `medfuse --help` imports this module: what the command runs is imported here
+    # lazy: the config, runner and experiment kinds load torch and pandas (seconds)
     from simulations.config import DEFAULT_CONFIG, ConfigError, load_config
-    from simulations.experiments.context import SimulationError
-    from simulations.runner import Runner
+    from simulations.experiments.context import SimulationError  # lazy: loads torch (--help)
+    from simulations.runner import Runner  # lazy: loads torch and pandas (--help)
 
     console = Console()
     config, site_dirs = _split_paths(list(paths or []), sites)
@@ -112,7 +112,7 @@ def simulate(
         highlight=False, soft_wrap=True,
     )
     if dashboard:
-        from server.ops.dashboard import serve_in_background  # loads torch: as above
+        from server.ops.dashboard import serve_in_background  # lazy: loads torch (--help)
 
         cfg.out.mkdir(parents=True, exist_ok=True)
         _, url = serve_in_background(cfg.out.resolve())
@@ -134,7 +134,7 @@ def simulate(
 
 def _print_outcome(console: Console, outcome) -> None:
     """The summary tables, where the files are, and what failed (on stderr)."""
-    from simulations.report import terminal_tables  # loads pandas: as above
+    from simulations.report import terminal_tables  # lazy: loads pandas (--help)
 
     assert outcome.files is not None
     console.print()

@@ -53,3 +53,27 @@ def test_only_the_flower_glue_imports_flwr():
 
 def test_the_medfuse_command_composes_every_room():
     assert {"client", "server", "simulations"} <= _imports(ROOT / "medfuse.py")
+
+
+def _function_imports(path: Path) -> list[int]:
+    """Line numbers of the imports inside a function (a def, or a method) of `path`."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines |= {sub.lineno for sub in ast.walk(node)
+                      if isinstance(sub, (ast.Import, ast.ImportFrom))}
+    return sorted(lines)
+
+
+def test_an_import_inside_a_function_says_why():
+    # An import belongs at the top of its module; one kept inside a function (to keep
+    # `medfuse --help` or a ClientApp's start fast, or to break a cycle) says why in a
+    # `# lazy:` comment on its line or the line above.
+    offenders = []
+    for room in ROOMS:
+        for f in _files(room):
+            text = f.read_text(encoding="utf-8").splitlines()
+            for n in _function_imports(f):
+                if not any("# lazy:" in line for line in text[max(n - 2, 0):n]):
+                    offenders.append(f"{f.relative_to(ROOT)}:{n}")
+    assert offenders == []

@@ -5,8 +5,9 @@
     medfuse deploy local   a SuperLink and SuperNodes over TLS with node auth on 127.0.0.1
     medfuse dashboard DIR  a live page of a run on 127.0.0.1
 
-`medfuse.py` imports this module for every `medfuse` call, `--help` included: the training
-code behind `pretrain` is imported by that command only.
+`medfuse.py` imports this module for every `medfuse` call, `--help` included: what loads
+torch (the training code behind `pretrain`, the tokenizer, the dashboard's checkpoint
+reader) is imported by the command that uses it only, marked `# lazy:`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from pydantic import ValidationError
 
-from server.ops.dashboard import serve_in_background, state, summary_line
 from server.ops.deploy import DeployConfig, deploy_local
 from server.ops.federation import PROJECT_DIR, DeployError
 from server.ops.handouts import REGISTER_TXT
@@ -31,7 +30,6 @@ from server.ops.provision import ProvisionError, provision
 from shared_model.config import CENTRAL
 from shared_model.contract.metric_registry import HEADLINE
 from shared_model.contract.run_config import model_config_for
-from shared_model.tokenizer import Tokenizer
 from shared_model.tooling.cli_opts import (
     DEFAULT_LABELS_TEXT,
     LabelsOpt,
@@ -115,6 +113,8 @@ def deploy_local_cmd(
         fail(exc)
 
     if dashboard:
+        from server.ops.dashboard import serve_in_background  # lazy: loads torch (--help)
+
         _, url = serve_in_background((cfg.out / "output").resolve())
         typer.echo(f"[deploy] dashboard: {url}")
     try:
@@ -170,11 +170,13 @@ def pretrain_cmd(
 ) -> None:
     """Train the model centrally (no DP) on public data; a federation starts from the file
     with run config initial-model=FILE. The model settings must be the run's."""
-    # startup time: the training code (shared_model.central and what it loads, about half a
-    # second) loads only when pretraining runs
+    import torch  # lazy: keeps `medfuse --help` fast (torch)
+
+    # lazy: the training code loads torch and opacus, only when pretraining runs (--help)
     from server.ops.pretrain import pretrain
-    from shared_model.central import CentralConfig
-    from shared_model.dataset import SiteError, open_site
+    from shared_model.central import CentralConfig  # lazy: loads torch and opacus (--help)
+    from shared_model.dataset import SiteError, open_site  # lazy: loads torch and pandas
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
 
     label_set = parse_labels(labels)
     try:
@@ -201,6 +203,9 @@ def dashboard(
 ) -> None:
     """Serve a live page on 127.0.0.1 that follows the run: rounds done and planned,
     accuracy per site, epsilon against budget, updates accepted or left out and why."""
+    # lazy: the dashboard reads checkpoints, which loads torch (--help)
+    from server.ops.dashboard import serve_in_background, state, summary_line
+
     if not run_dir.is_dir():
         fail(f"{run_dir} is not a folder (give the run's output-dir)")
     try:

@@ -172,8 +172,8 @@ def prepare_sites(cfg: DeployConfig, workdir: Path) -> dict[str, Path]:
 
 def public_start(cfg: DeployConfig, run_config: Mapping[str, object], echo: Echo) -> Path:
     """The public model the federation starts from, cached beside the synthetic sites."""
-    # startup time: `medfuse --help` imports this module (server/ops/cli.py); the training
-    # code behind the public model (about half a second more) loads only when it is wanted
+    # `medfuse --help` imports this module (server/ops/cli.py)
+    # lazy: the training code behind the public model loads torch and opacus (seconds)
     from server.ops.pretrain import cached_public_model
 
     run = RunConfig.parse({**pyproject_defaults(), **run_config})

@@ -120,33 +120,37 @@ def _reports_complete(cases: CaseResults) -> bool:
 
 
 # ------------------------------------------------------------------ exact computations
-# shared_model.metrics imports torch, scikit-learn and rouge-score: only where computed
+
+
+def _metrics():
+    """shared_model.metrics, imported where a metric is computed, not where the registry
+    is read (the dashboard and the tables read names and directions only)."""
+    # lazy: shared_model.metrics imports torch, scikit-learn and rouge-score (seconds)
+    from shared_model import metrics
+
+    return metrics
 
 
 def _classification(key: str) -> Callable[[CaseResults, int], float]:
     def exact(cases: CaseResults, num_classes: int) -> float:
-        from shared_model.metrics import classification_metrics
-
-        return classification_metrics(cases.labels, cases.probs, num_classes)[key]
+        return _metrics().classification_metrics(cases.labels, cases.probs, num_classes)[key]
     return exact
 
 
 def _exact_iou(cases: CaseResults, num_classes: int) -> float | None:
-    from shared_model.metrics import mean_iou
-
-    return mean_iou(cases.boxes, cases.true_boxes, cases.has_box) if _has_boxes(cases) else None
+    if not _has_boxes(cases):
+        return None
+    return _metrics().mean_iou(cases.boxes, cases.true_boxes, cases.has_box)
 
 
 def _exact_bleu4(cases: CaseResults, num_classes: int) -> float | None:
-    from shared_model.metrics import bleu4
-
-    return bleu4([[r] for r in cases.refs], cases.hyps) if _reports_complete(cases) else None
+    if not _reports_complete(cases):
+        return None
+    return _metrics().bleu4([[r] for r in cases.refs], cases.hyps)
 
 
 def _exact_rouge_l(cases: CaseResults, num_classes: int) -> float | None:
-    from shared_model.metrics import rouge_l
-
-    return rouge_l(cases.refs, cases.hyps) if _reports_complete(cases) else None
+    return _metrics().rouge_l(cases.refs, cases.hyps) if _reports_complete(cases) else None
 
 
 def _exact_empty_reports(cases: CaseResults, num_classes: int) -> float | None:
@@ -168,11 +172,10 @@ def _exact_box_rate_normal(cases: CaseResults, num_classes: int) -> float | None
 
 
 def _iou_per_case(cases: CaseResults) -> np.ndarray | None:
-    from shared_model.metrics import box_iou_rows
-
     if not _boxes_complete(cases):
         return None
-    return np.where(cases.has_box > 0.5, box_iou_rows(cases.boxes, cases.true_boxes), 0.0)
+    iou = _metrics().box_iou_rows(cases.boxes, cases.true_boxes)
+    return np.where(cases.has_box > 0.5, iou, 0.0)
 
 
 def _lesion_per_case(cases: CaseResults) -> np.ndarray | None:
@@ -180,9 +183,7 @@ def _lesion_per_case(cases: CaseResults) -> np.ndarray | None:
 
 
 def _rouge_l_per_case(cases: CaseResults) -> np.ndarray | None:
-    from shared_model.metrics import rouge_l_rows
-
-    return rouge_l_rows(cases.refs, cases.hyps) if _reports_complete(cases) else None
+    return _metrics().rouge_l_rows(cases.refs, cases.hyps) if _reports_complete(cases) else None
 
 
 def _empty_per_case(cases: CaseResults) -> np.ndarray | None:

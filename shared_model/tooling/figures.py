@@ -15,10 +15,10 @@ from shared_model.files import atomic_write
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (imported on first use: it is slow)."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow (0.2 s); loads where a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above, and only once the backend is Agg
 
     return plt
 

@@ -954,8 +954,9 @@ def _quantise(a: np.ndarray, top: int, dtype: type) -> np.ndarray:
 def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> None:
     """A 12-bit (BitsStored 12, BitsAllocated 16) MONOCHROME2 CR image, no dates, UIDs
     derived from (seed, site, case)."""
+    # lazy: pydicom is slow (0.1 s) and `medfuse --help` imports this module (deploy)
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # lazy: as above
 
     seed, site, case = key
 
