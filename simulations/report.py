@@ -239,17 +239,18 @@ def _n_cell(summary: Summary, experiment: str) -> str:
     return f"{sites} × {seeds}"
 
 
-def mean_rows(summary: Summary, with_std: bool = True, spread: bool = False
-              ) -> tuple[list[str], list[list[str]]]:
-    """The mean over hospitals per experiment; `spread` (the HTML report): each mean with
-    its spread (SPREAD_NOTE) and what it is over."""
+def mean_rows(summary: Summary, with_std: bool = True, spread: bool = False,
+              view: View = View.TABLES) -> tuple[list[str], list[list[str]]]:
+    """The mean over hospitals per experiment, of the metrics `view` lists; `spread` (the
+    HTML report): each mean with its spread (SPREAD_NOTE) and what it is over."""
+    metrics = [(m.label, m.name) for m in shown_in(view)]
     headers = (["experiment"] + (["hospitals × seeds"] if spread else [])
-               + [h for h, _ in SUMMARY_METRICS] + ["epsilon", "time (s)"])
+               + [h for h, _ in metrics] + ["epsilon", "time (s)"])
     rows = []
     for _, row in summary.mean.iterrows():
         cells = [_spread_cell(summary, row["experiment"], m) if spread
                  else _cell(row, m) if with_std else fmt(row[m], m)
-                 for _, m in SUMMARY_METRICS]
+                 for _, m in metrics]
         secs = row.get(SECONDS, math.nan)
         rows.append(
             [str(row["experiment"])]
@@ -498,8 +499,8 @@ def terminal_tables(summary: Summary) -> list[Table]:
     """The summary for the terminal: the mean table, and accuracy per hospital when there
     are not too many hospitals to read."""
     out = []
-    _, rows = mean_rows(summary, with_std=False)
-    headers = ["experiment", *(m.narrow for m in shown_in(View.TABLES)), "eps", "time s"]
+    _, rows = mean_rows(summary, with_std=False, view=View.TERMINAL)
+    headers = ["experiment", *(m.narrow for m in shown_in(View.TERMINAL)), "eps", "time s"]
     # one space between columns and no frame: ten columns fit 80 characters (a pipe or a
     # CI log is 80 wide), where a framed table cut every number to "1.0…"
     t = Table(

@@ -34,6 +34,7 @@ class View(Enum):
 
     ROUND = "round"  # the per-round table at the server (beside loss and epsilon)
     TABLES = "tables"  # final-metric tables: report, summaries, deploy and CLI tables
+    TERMINAL = "terminal"  # also the simulation's 80-column terminal table (ten columns fit)
 
 
 PerCase = Callable[["CaseResults"], "np.ndarray | None"]  # (N,) in [0, 1], None: no column
@@ -231,33 +232,35 @@ def _per_case_mean(slot: Slot) -> DpRelease:
 
 # ------------------------------------------------------------------ the table
 
+SHOWN = frozenset({View.TABLES, View.TERMINAL})  # every table, the terminal's too
+
 
 METRICS: tuple[Metric, ...] = (
     Metric(wire.M_LOSS, "loss", higher_is_better=False, present=_always,
            exact=lambda c, k: c.loss_sum / c.n, dp=None),
     Metric(wire.M_ACCURACY, "accuracy", higher_is_better=True, present=_always,
            exact=_classification(wire.M_ACCURACY), dp=DpRelease((), noised_accuracy),
-           views=frozenset({View.ROUND, View.TABLES}), short="acc"),
+           views=frozenset({View.ROUND, View.TABLES, View.TERMINAL}), short="acc"),
     Metric(wire.M_MACRO_F1, "macro-F1", higher_is_better=True, present=_always,
            exact=_classification(wire.M_MACRO_F1),
            dp=DpRelease((), lambda s: noised_macro_f1(s.confusion)),
-           views=frozenset({View.ROUND, View.TABLES})),
+           views=frozenset({View.ROUND, View.TABLES, View.TERMINAL})),
     Metric(wire.M_AUROC, "AUROC", higher_is_better=True, present=_always,
-           exact=_classification(wire.M_AUROC), dp=None, views=frozenset({View.TABLES})),
+           exact=_classification(wire.M_AUROC), dp=None, views=SHOWN),
     Metric(wire.M_IOU, "IoU", higher_is_better=True, present=_has_boxes, exact=_exact_iou,
            dp=DpRelease((IOU_SUM, LESIONS),
                         lambda s: _share(s[IOU_SUM.name] / max(s[LESIONS.name], 1.0))),
-           views=frozenset({View.TABLES})),
+           views=SHOWN),
     Metric(wire.M_BLEU4, "BLEU-4", higher_is_better=True, present=_has_reports,
-           exact=_exact_bleu4, dp=None, views=frozenset({View.TABLES})),
+           exact=_exact_bleu4, dp=None, views=SHOWN),
     Metric(wire.M_ROUGE_L, "ROUGE-L", higher_is_better=True, present=_has_reports,
-           exact=_exact_rouge_l, dp=_per_case_mean(ROUGE_L_SUM), views=frozenset({View.TABLES})),
+           exact=_exact_rouge_l, dp=_per_case_mean(ROUGE_L_SUM), views=SHOWN),
     Metric(wire.M_EMPTY_REPORTS, "empty reports", higher_is_better=False,
            present=_has_reports, exact=_exact_empty_reports,
            dp=_per_case_mean(EMPTY_REPORTS_SUM)),
     Metric(wire.M_BOX_RATE_NORMAL, "box rate (normal)", higher_is_better=False,
            present=_has_boxes, exact=_exact_box_rate_normal, dp=None,
-           views=frozenset({View.TABLES}), short="box@normal"),
+           views=SHOWN, short="box@normal"),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
