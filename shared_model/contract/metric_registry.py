@@ -193,6 +193,26 @@ def _empty_per_case(cases: CaseResults) -> np.ndarray | None:
     return np.array([len(h) == 0 for h in cases.hyps])
 
 
+def _pointing_per_case(cases: CaseResults) -> np.ndarray | None:
+    """1 where a lesion case's predicted box centre falls inside its true box (the
+    pointing game of Zhang et al. 2016: localisation without asking for the box's extent),
+    0 elsewhere."""
+    if not _boxes_complete(cases):
+        return None
+    cx = (cases.boxes[:, 0] + cases.boxes[:, 2]) / 2
+    cy = (cases.boxes[:, 1] + cases.boxes[:, 3]) / 2
+    t = cases.true_boxes
+    inside = (t[:, 0] <= cx) & (cx <= t[:, 2]) & (t[:, 1] <= cy) & (cy <= t[:, 3])
+    return (inside & (cases.has_box > 0.5)).astype(float)
+
+
+def _exact_pointing(cases: CaseResults, num_classes: int) -> float | None:
+    hits, lesions = _pointing_per_case(cases), _lesion_per_case(cases)
+    if hits is None or lesions is None or not lesions.any():
+        return None
+    return float(hits.sum() / lesions.sum())
+
+
 IOU_SUM = Slot("iou-sum", _iou_per_case)  # IoU of each lesion case, 0 elsewhere
 LESIONS = Slot("lesions", _lesion_per_case)  # 1 for a lesion case
 ROUGE_L_SUM = Slot("rouge-l-sum", _rouge_l_per_case)
@@ -251,6 +271,8 @@ METRICS: tuple[Metric, ...] = (
            dp=DpRelease((IOU_SUM, LESIONS),
                         lambda s: _share(s[IOU_SUM.name] / max(s[LESIONS.name], 1.0))),
            views=SHOWN),
+    Metric(wire.M_POINTING, "pointing game", higher_is_better=True, present=_has_boxes,
+           exact=_exact_pointing, dp=None, views=frozenset({View.TABLES}), short="pointing"),
     Metric(wire.M_BLEU4, "BLEU-4", higher_is_better=True, present=_has_reports,
            exact=_exact_bleu4, dp=None, views=SHOWN),
     Metric(wire.M_ROUGE_L, "ROUGE-L", higher_is_better=True, present=_has_reports,

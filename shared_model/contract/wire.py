@@ -57,6 +57,7 @@ M_BLEU4 = "bleu4"
 M_ROUGE_L = "rouge-l"
 M_EMPTY_REPORTS = "empty-reports"  # share of generated reports with no word
 M_BOX_RATE_NORMAL = "box-rate-normal"  # share of lesion-free cases given a box
+M_POINTING = "pointing"  # share of lesion cases whose predicted box centre is in the true box
 
 # ConfigRecord in replies: who answered and why a reply carries no update. Every reply's
 # SITE record holds SITE_NAME, SITE_ERROR and SITE_DETAIL ("" when there is nothing to say)

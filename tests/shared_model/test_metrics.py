@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from shared_model.contract import wire
+from shared_model.contract.metric_registry import BY_NAME
 from shared_model.metrics import bleu4, classification_metrics, mean_iou, rouge_l
+from shared_model.train import CaseResults
 
 
 def one_hot_probs(pred: list[int], num_classes: int) -> np.ndarray:
@@ -177,3 +179,16 @@ def test_box_rate_normal_counts_boxes_predicted_on_lesion_free_cases() -> None:
     assert metrics[wire.M_BOX_RATE_NORMAL] == pytest.approx(2 / 3)
     no_scores = dataclasses.replace(cases, lesion_scores=None)
     assert wire.M_BOX_RATE_NORMAL not in summarise(no_scores, 2)
+
+
+def test_pointing_game_counts_lesion_cases_whose_box_centre_hits_the_true_box():
+    # three lesion cases (centre in, centre out, centre on the edge) and one normal case
+    # whose predicted box would hit: the normal one does not count
+    true = np.array([[0.2, 0.2, 0.6, 0.6], [0.2, 0.2, 0.4, 0.4], [0.0, 0.0, 0.5, 0.5],
+                     [0.2, 0.2, 0.6, 0.6]])
+    pred = np.array([[0.3, 0.3, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9], [0.4, 0.4, 0.6, 0.6],
+                     [0.3, 0.3, 0.5, 0.5]])
+    cases = CaseResults(labels=np.zeros(4, dtype=np.int64), probs=np.full((4, 2), 0.5),
+                        loss_sum=0.0, boxes=pred, true_boxes=true,
+                        has_box=np.array([1.0, 1.0, 1.0, 0.0]), refs=None, hyps=None)
+    assert BY_NAME["pointing"].exact(cases, 2) == pytest.approx(2 / 3)
