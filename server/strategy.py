@@ -50,6 +50,7 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from server.averaging import ParameterAverage
 from server.clock import RoundClock
 from server.grid import WireGrid
 from server.guard import ReplyGuard
@@ -211,6 +212,8 @@ class GuardedStrategy(Strategy):
     max_norm : L2 bound of an update (new - global) over all arrays (the guard's).
     total_rounds, round_offset, round_lr, evaluate_in_train : the clock's (server/clock.py).
     on_round_end, audit_log : the recorder's (server/recorder.py).
+    average_decay : > 0: the final model is an average of the rounds' models
+        (server/averaging.py, ema-decay); 0: the last round's.
     """
 
     def __init__(
@@ -224,10 +227,13 @@ class GuardedStrategy(Strategy):
         audit_log: Path | None = None,
         evaluate_in_train: bool = False,
         round_lr: Callable[[int], float] | None = None,
+        average_decay: float = 0.0,
     ) -> None:
         super().__init__()
         self.strategy = strategy
-        self.guard = ReplyGuard(strategy, max_norm=max_norm)
+        self.average = (ParameterAverage(strategy, decay=average_decay,
+                                         last_round=total_rounds) if average_decay else None)
+        self.guard = ReplyGuard(self.average or strategy, max_norm=max_norm)
         self.recorder = Recorder(self.guard, on_round_end=on_round_end, audit_log=audit_log,
                                  privacy_spent=_accountant(strategy))
         self.clock = RoundClock(self.recorder, total_rounds=total_rounds,
@@ -264,6 +270,8 @@ class GuardedStrategy(Strategy):
             for attr in _STATEFUL_ATTRS
             if isinstance(value := getattr(self.strategy, attr, None), dict | list)
         }
+        if self.average is not None and self.average.average is not None:
+            inner["average"] = dict(self.average.average)
         return {
             "inner_class": type(self.strategy).__name__,
             "inner": inner,
@@ -280,7 +288,9 @@ class GuardedStrategy(Strategy):
                 f"{type(self.strategy).__name__}"
             )
         for attr, value in state.get("inner", {}).items():
-            if attr in _STATEFUL_ATTRS and hasattr(self.strategy, attr):
+            if attr == "average" and self.average is not None:
+                self.average.average = {k: np.asarray(v).copy() for k, v in value.items()}
+            elif attr in _STATEFUL_ATTRS and hasattr(self.strategy, attr):
                 arrays = {k: np.asarray(v).copy() for k, v in value.items()}
                 setattr(self.strategy, attr, list(arrays.values())
                         if attr == "momentum_vector" else arrays)

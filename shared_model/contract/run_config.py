@@ -108,6 +108,10 @@ class Rounds(_Section):
     server_momentum: float = Field(
         ge=0.0, lt=1.0, description="fedavgm: momentum of the server's step along the "
         "round's mean update (a step of 1 along the mean at 0: FedAvg)")
+    ema_decay: float = Field(
+        ge=0.0, lt=1.0, description="> 0: the final model is an exponential moving average "
+        "of the rounds' models with this decay (post-processing, no privacy cost); 0: the "
+        "last round's model")
     trimmed_beta: float = Field(gt=0.0, lt=0.5, description="fedtrimmedavg cut fraction")
     byzantine_nodes: int = Field(ge=0, le=MAX_NODES,
                                  description="krum / bulyan: tolerated malicious nodes")

@@ -98,22 +98,30 @@ def test_final_model_and_card(tmp_path):
 # ------------------------------------------------------------------ resume
 
 
-def _run_config(strategy: str) -> RunConfig:
+def _run_config(strategy: str, **extra: object) -> RunConfig:
     flat = pyproject_defaults()
     flat.update({"strategy": strategy, "num-server-rounds": 4, "min-train-nodes": 3,
-                 "min-available-nodes": 3, "min-evaluate-nodes": 3, "server-lr": 0.05})
+                 "min-available-nodes": 3, "min-evaluate-nodes": 3, "server-lr": 0.05,
+                 **extra})
     return RunConfig.parse(flat)
 
 
-def _federation(run: RunConfig, out, offset=0, arrays=None, crash_before_round=None):
-    """Run the guarded strategy the way server/app.py does, with checkpoints to `out`."""
+def _federation(run: RunConfig, out, offset=0, arrays=None, crash_before_round=None,
+                globals_seen=None):
+    """Run the guarded strategy the way server/app.py does, with checkpoints to `out`;
+    each round's global model is appended to `globals_seen` where given."""
     grid = FakeGrid({100 + i: deterministic_site(i, 10 * (i + 1)) for i in range(3)},
                     crash_before_round=crash_before_round)
     rows: list[Row] = []
+
+    def hook(rnd, global_arrays, new_rows) -> None:
+        rows.extend(new_rows)
+        if globals_seen is not None:
+            globals_seen.append(numpy_arrays(global_arrays))
+
     guarded = GuardedStrategy(build_strategy(run), max_norm=run.update_max_norm,
                               total_rounds=run.num_server_rounds, round_offset=offset,
-                              on_round_end=lambda rnd, global_arrays, new_rows:
-                              rows.extend(new_rows))
+                              on_round_end=hook, average_decay=run.ema_decay)
     if offset:
         ck = load_latest(out)
         guarded.load_checkpoint_state(ck.strategy_state)
@@ -164,3 +172,26 @@ def test_fedadam_state_is_what_makes_the_resume_exact(tmp_path):
     forgetful, _ = _federation(run, tmp_path / "b", offset=2)
     # Assert
     assert any(not np.array_equal(forgetful[k], straight[k]) for k in straight)
+
+
+def test_parameter_average_is_the_final_model_and_resumes_exactly(tmp_path):
+    # Prepare: the rounds' aggregates of a plain run (averaging changes only the last
+    # round's output, so an averaging run trains through the same aggregates)
+    init = array_record(state())
+    plain_run, ema_run = _run_config("fedavg"), _run_config("fedavg", **{"ema-decay": 0.5})
+    seen: list[dict[str, np.ndarray]] = []
+    plain, _ = _federation(plain_run, tmp_path / "plain", arrays=init, globals_seen=seen)
+    expected = {k: v.astype(np.float64) for k, v in seen[0].items()}
+    for rnd in seen[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * rnd[k] for k in expected}
+    # Execute: straight, and crashed in round 3 then resumed
+    straight, _ = _federation(ema_run, tmp_path / "straight", arrays=init)
+    with pytest.raises(Crash):
+        _federation(ema_run, tmp_path / "crashed", arrays=init, crash_before_round=3)
+    resumed, _ = _federation(ema_run, tmp_path / "crashed", offset=2)
+    # Assert
+    assert len(seen) == 4
+    for name in straight:
+        np.testing.assert_allclose(straight[name], expected[name], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    assert any(not np.allclose(straight[k], plain[k]) for k in straight)
