@@ -124,3 +124,12 @@ def views_of(k: int, v: Views = MILD):
     if k == 1:
         return None
     return lambda batch: augment(repeat(batch, k), v)
+
+
+def views_for(name: str):
+    """The batch transform of a config's `views` ("none", "mild", "strong"): one random
+    view of each example per step."""
+    if name == "none":
+        return None
+    v = {"mild": MILD, "strong": STRONG}[name]
+    return lambda batch: augment(batch, v)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from shared_model.augment import views_for
 from shared_model.config import CentralConfig, ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.model import MedFuseModel
@@ -62,7 +63,8 @@ def train_central(
     loss_fn = make_loss_fn(model_cfg)
     history = []
     for epoch in range(cfg.epochs):
-        stats = train_epoch(model, optimizer, loader, loss_fn, model_cfg, device)
+        stats = train_epoch(model, optimizer, loader, loss_fn, model_cfg, device,
+                            views=views_for(cfg.views))
         scheduler.step()
         history.append({"epoch": float(epoch + 1), "train-loss": stats.loss})
         if on_epoch is not None:

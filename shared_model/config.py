@@ -185,6 +185,9 @@ class CentralConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
     device: str = "auto"
+    # random views of every batch (shared_model.augment): "strong" is the public model's
+    # domain randomisation, so that its features fit scanners and report habits it never saw
+    views: Literal["none", "mild", "strong"] = "none"
 
 
 CENTRAL = CentralConfig()  # the defaults, which the commands show as their own
