@@ -61,6 +61,9 @@ def data_synth(
     difficulty: Annotated[str, typer.Option(
         help="standard, or hard: fainter findings, more clutter, fewer informative "
         "reports")] = "standard",
+    style: Annotated[str, typer.Option(
+        help="house, or unseen: scanners and report styles the synthetic public corpus "
+        "never uses (a test of how a public start transfers)")] = "house",
     overwrite: Annotated[bool, typer.Option(help="replace existing site folders")] = False,
 ) -> None:
     """Write synthetic hospitals in dataset format v1."""
@@ -72,6 +75,7 @@ def data_synth(
             label_skew=label_skew,
             image_size=image_size,
             difficulty=difficulty,
+            style=style,
         )
         paths = write_federation(out, cfg, overwrite=overwrite)
     except ValidationError as exc:
@@ -86,6 +90,9 @@ def data_synth_public(
     out: Annotated[Path, typer.Option(help="folder to write the corpus into (one site folder)")],
     cases: Annotated[int, typer.Option(min=50, help="cases in the archive")] = 2000,
     seed: Annotated[int, typer.Option(help="same seed, same bytes (streams of its own)")] = 0,
+    sources: Annotated[int, typer.Option(
+        min=1, max=64, help="source hospitals pooled in the archive, each with its own "
+        "scanner and one of the archive's report styles")] = 12,
     image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
     difficulty: Annotated[str, typer.Option(
         help="standard, or hard: fainter findings, more clutter, fewer informative "
@@ -95,12 +102,15 @@ def data_synth_public(
         "report-mining labellers do (nothing said = normal, uncertain = positive, half "
         "the resolved-disease remarks misread), then 8% replaced")] = "noisy",
 ) -> None:
-    """Write a SYNTHETIC stand-in for a public archive (NIH ChestX-ray14, OpenI, ...):
-    several source hospitals of its own, an archive's report style, 8% label noise.
-    For a real public dataset, convert it to format v1 and pass its folder to pretrain."""
+    """Write a SYNTHETIC stand-in for a pooled public archive (NIH ChestX-ray14, CheXpert,
+    MIMIC-CXR, PadChest): many source hospitals of its own, each with its own scanner
+    (tone curve, bit depth, noise, blur, resolution, aspect ratio, frames and side
+    markers) and one of several report styles, 8% label noise. For a real public dataset,
+    convert it to format v1 and pass its folder to pretrain."""
     try:
-        path = write_public(out, PublicConfig(cases=cases, seed=seed, image_size=image_size,
-                                              difficulty=difficulty, labeller=labeller))
+        path = write_public(out, PublicConfig(cases=cases, seed=seed, sources=sources,
+                                              image_size=image_size, difficulty=difficulty,
+                                              labeller=labeller))
     except (ValidationError, FileExistsError, ValueError) as exc:
         fail(exc)
     console.print(f"wrote {path} ({cases} cases; synthetic, not a real public dataset)")

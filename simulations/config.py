@@ -252,11 +252,14 @@ class SimulationConfig(Section):
             "experiment": exp.model_dump(mode="json", exclude={
                 k for k in ("audit", "personalise_epsilon") if not getattr(exp, k)}),
             "seed": seed,
-            "sites": self.sites.model_dump(mode="json"),
+            # sites.style and public.views count only when not the default, as above
+            "sites": self.sites.model_dump(
+                mode="json", exclude={"style"} if self.sites.style == "house" else None),
             "model": self.model.model_dump(mode="json"),
         }
         if self.public.enabled and self.uses_public(exp):
-            payload["public"] = self.public.model_dump(mode="json")
+            payload["public"] = self.public.model_dump(
+                mode="json", exclude={"views"} if self.public.views == "none" else None)
         if exp.kind == "federated":
             # "-" for both paths: where the sites and outputs are does not decide a result
             # (and fingerprints of finished experiments stay what they were)

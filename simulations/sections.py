@@ -27,7 +27,7 @@ from shared_model.contract.run_config import (
     pyproject_defaults,
 )
 from shared_model.contract.validation import messages
-from shared_model.tooling.synth import Difficulty, Labeller
+from shared_model.tooling.synth import Difficulty, Labeller, Style
 
 Kind = Literal["pooled", "local", "public", "federated"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]
@@ -108,7 +108,7 @@ class Section(BaseModel):
 
 
 # keys that describe synthetic data only: dropped when real folders replace it
-SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "difficulty")
+SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "difficulty", "style")
 SYNTHETIC_PUBLIC_KEYS = ("difficulty", "labeller")
 
 
@@ -125,6 +125,9 @@ class SitesConfig(Section):
     difficulty: Difficulty = Field(
         "standard", description="synthetic: standard, or hard (fainter findings, more "
         "clutter, fewer informative reports)")
+    style: Style = Field(
+        "house", description="synthetic: house, or unseen (scanners and report styles the "
+        "synthetic public corpus never uses: how a public start transfers)")
     seed: int = Field(0, ge=0, description="data seed: synthetic hospitals and partitioning")
     partition: Partition = Field("natural", description="natural = one hospital per folder")
     hospitals: int | None = Field(None, ge=2, le=10_000, description="re-partitioned count")
@@ -193,9 +196,11 @@ class ModelSection(Section):
 class PublicSection(Section):
     """The public data the federation starts from (`medfuse pretrain`), built once.
 
-    synthetic: the project's SYNTHETIC stand-in for a public archive (its own seeds,
-    scanners, report style and label noise: never a federation's data); folders: public
-    datasets converted to format v1; none: federations start from random weights."""
+    synthetic: the project's SYNTHETIC stand-in for a pooled public archive (many source
+    hospitals with their own seeds, scanners and report styles, and label noise: never a
+    federation's data); folders: public datasets converted to format v1; none:
+    federations start from random weights. `views`: domain randomisation while
+    pretraining (CentralConfig.views)."""
 
     source: Literal["synthetic", "folders", "none"] = "none"
     folders: tuple[Path, ...] = Field((), description="public folders (format v1)")
@@ -207,6 +212,9 @@ class PublicSection(Section):
     labeller: Labeller = Field(
         "noisy", description="synthetic archive: true labels with random noise, or labels "
         "mined from its reports as report-mining labellers do")
+    views: Literal["none", "mild", "strong"] = Field(
+        "none", description="random views of each batch while pretraining (domain "
+        "randomisation, shared_model/augment.py): none, mild or strong")
 
     @model_validator(mode="after")
     def _check(self) -> PublicSection:

@@ -60,8 +60,11 @@ def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], No
         label_skew=s.label_skew or None,
         image_size=cfg.model.image_size,
         difficulty=s.difficulty,
+        style=s.style,
     )
-    stamp = {"synthetic": synth.model_dump(mode="json")}
+    # style counts only when not "house": stamps written before it existed still match
+    stamp = {"synthetic": synth.model_dump(
+        mode="json", exclude={"style"} if synth.style == "house" else None)}
     base = root / "synthetic"
     if base.is_dir() and _stamp_matches(base, stamp) and len(list_sites(base)) == s.count:
         echo(f"sites: {s.count} synthetic hospitals already in {base}")

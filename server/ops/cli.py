@@ -162,6 +162,11 @@ def pretrain_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = CENTRAL.device,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
+    views: Annotated[str, typer.Option(
+        help="none, mild or strong: random views of each batch (domain randomisation: "
+        "tone, blur, noise, shifts, zoom, report word dropout), so the model sees more "
+        "scanners than the corpus has")
+    ] = "none",
     model_size: Annotated[str, typer.Option(help="small or large, as the run's")] = "small",
     fusion: Annotated[str, typer.Option(help="concat, gated or bilinear, as the run's")] = "gated",
     modality: Annotated[str, typer.Option(help="fused, image or text, as the run's")] = "fused",
@@ -181,7 +186,7 @@ def pretrain_cmd(
     label_set = parse_labels(labels)
     try:
         central = CentralConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                device=device)
+                                device=device, views=views)
         model = model_config_for(model_size, image_size, fusion, modality, len(label_set))
         opened = [open_site(p, labels=label_set, model=model,
                             tokenizer=Tokenizer(model.vocab_size)) for p in public]

@@ -16,6 +16,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -26,7 +27,13 @@ from shared_model.dataset import SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model_file import payload
 from shared_model.tokenizer import Tokenizer
-from shared_model.tooling.synth import Difficulty, Labeller, PublicConfig, write_public
+from shared_model.tooling.synth import (
+    PUBLIC_GENERATOR,
+    Difficulty,
+    Labeller,
+    PublicConfig,
+    write_public,
+)
 
 
 def corpus_digest(folders: Sequence[Path]) -> str:
@@ -74,6 +81,38 @@ def pretrain(
     return result
 
 
+def _variant(difficulty: Difficulty, labeller: Labeller) -> dict[str, str]:
+    """The synthetic corpus settings that are not the default (they name its folder)."""
+    return {k: v for k, v in {"difficulty": difficulty, "labeller": labeller}.items()
+            if v != PublicConfig.model_fields[k].default}
+
+
+def public_model_key(
+    model_cfg: ModelConfig,
+    labels: Sequence[str],
+    *,
+    folders: Sequence[Path] = (),
+    cases: int = 2000,
+    seed: int = 0,
+    difficulty: Difficulty = "standard",
+    labeller: Labeller = "noisy",
+    views: Literal["none", "mild", "strong"] = "none",
+    epochs: int = 8,
+    batch_size: int = 32,
+) -> str:
+    """The cached public model's key: what decides it (see `cached_public_model`)."""
+    spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
+            "seed": seed, "epochs": epochs, "batch": batch_size}
+    if not folders:  # a model of an older synthetic corpus is not reused
+        spec["generator"] = PUBLIC_GENERATOR
+    if views != "none":  # a model pretrained without views is not reused for views
+        spec["views"] = views
+    # a variant corpus gets a key and a folder of its own; the standard one keeps its names
+    spec.update(_variant(difficulty, labeller))
+    return hashlib.sha256(json.dumps([spec, model_cfg.model_dump(), list(labels)],
+                                 sort_keys=True).encode()).hexdigest()[:12]
+
+
 def cached_public_model(
     root: Path,
     model_cfg: ModelConfig,
@@ -84,6 +123,7 @@ def cached_public_model(
     seed: int = 0,
     difficulty: Difficulty = "standard",
     labeller: Labeller = "noisy",
+    views: Literal["none", "mild", "strong"] = "none",
     epochs: int = 8,
     batch_size: int = 32,
     device: str = "auto",
@@ -92,23 +132,21 @@ def cached_public_model(
     """The public model for `model_cfg`, built once under `root` and reused after.
 
     `folders`: public datasets in format v1; none: the project's synthetic public corpus
-    (`cases`, `seed`, `difficulty`, `labeller`), written under `root` on first use. One
-    file per (public data, model config, labels), so a changed setting builds a new one."""
-    spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
-            "seed": seed, "epochs": epochs, "batch": batch_size}
-    # a variant corpus gets a key and a folder of its own; the standard one keeps its names
-    variant = {k: v for k, v in {"difficulty": difficulty, "labeller": labeller}.items()
-               if v != PublicConfig.model_fields[k].default}
-    spec.update(variant)
-    key = hashlib.sha256(json.dumps([spec, model_cfg.model_dump(), list(labels)],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    (`cases`, `seed`, `difficulty`, `labeller`), written under `root` on first use.
+    `views`: random views of each batch while pretraining (CentralConfig.views). One file
+    per (public data, corpus generator, model config, labels, views), so a changed setting
+    builds a new one."""
+    key = public_model_key(model_cfg, labels, folders=folders, cases=cases, seed=seed,
+                           difficulty=difficulty, labeller=labeller, views=views,
+                           epochs=epochs, batch_size=batch_size)
+    variant = _variant(difficulty, labeller)
     root = Path(root)
     target = root / f"model-{key}.pt"
     if target.is_file():
         return target
     if not folders:
         corpus = root / "-".join([f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}",
-                                  *variant.values()])
+                                  f"g{PUBLIC_GENERATOR}", *variant.values()])
         if not (corpus / MANIFEST).is_file():
             echo(f"writing the synthetic public corpus ({cases} cases) to {corpus}")
             shutil.rmtree(corpus, ignore_errors=True)
@@ -121,7 +159,7 @@ def cached_public_model(
     echo(f"pretraining the public model on {sum(len(s.train) for s in opened)} public "
          f"cases ({epochs} epochs)")
     res = pretrain(opened, model_cfg, CentralConfig(epochs=epochs, batch_size=batch_size,
-                                                    device=device), target)
+                                                    device=device, views=views), target)
     echo(f"public model {target}: public test {HEADLINE.label} "
          f"{res.overall.get(HEADLINE.name, math.nan):.3f} ({res.seconds:.0f} s)")
     return target

@@ -22,6 +22,14 @@ What the data is built to test:
   style's `marker`). Even-numbered sites write a `split` column; odd ones leave the split
   to the reader's case_id hash.
 
+* `style = "unseen"` draws every site's scanner from `UNSEEN_SCANNERS` and its report
+  style from `UNSEEN_REPORT_STYLES`: families the public corpus never draws from (section
+  headers, abbreviations and phrases partitioned in `VOCABULARY`; tone, blur, noise,
+  resolution, aspect, frame and format outside `PUBLIC_SCANNERS`), so it tests whether a
+  public start transfers to a hospital whose style the public data never showed. Its
+  random streams are keyed (seed, UNSEEN_TAG, ...): it repeats no house federation's case.
+  "house" (the default) writes exactly what it wrote before the unseen style existed.
+
 * `difficulty = "hard"` (`HARDNESS`) draws clear findings fainter, among more vessel
   shadows, and writes an informative report on 35% of clear films instead of 62%: a
   hospital alone learns less from a few hundred cases. The public archive's
@@ -50,7 +58,7 @@ from shared_model.config import DEFAULT_LABELS, MANIFEST
 
 Box = tuple[float, float, float, float]
 Ellipse = tuple[float, float, float, float]  # cx, cy, semi-axis x, semi-axis y
-ImageFormat = Literal["png8", "dicom12", "png16", "jpeg", "png_rgb"]
+ImageFormat = Literal["png8", "dicom12", "png16", "jpeg", "png_rgb", "dicom"]
 ReportMode = Literal["informative", "vague", "uninformative"]
 Zone = Literal["", "apex", "upper", "middle", "lower", "base"]
 FindingKind = Literal["none", "nodule", "patchy", "effusion", "hazy_basal", "heart"]
@@ -60,6 +68,7 @@ ZONES: tuple[Zone, ...] = ("upper", "middle", "lower")  # where nodules and patc
 FORMATS: tuple[ImageFormat, ...] = ("png8", "dicom12", "png16", "jpeg", "png_rgb")
 EXTENSIONS: dict[ImageFormat, str] = {
     "png8": ".png", "dicom12": ".dcm", "png16": ".png", "jpeg": ".jpg", "png_rgb": ".png",
+    "dicom": ".dcm",  # bit depth and polarity set by Scanner.bits / Scanner.monochrome1
 }
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "case_id", "image", "report", "label", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
@@ -97,6 +106,7 @@ class Hardness:
 
 Difficulty = Literal["standard", "hard"]
 Labeller = Literal["noisy", "mined"]
+Style = Literal["house", "unseen"]
 HARDNESS: dict[Difficulty, Hardness] = {
     "standard": Hardness(
         nodule=(0.4, 0.55), patchy=(0.3, 0.45), effusion=(0.48, 0.6), hazy=(0.22, 0.32),
@@ -133,6 +143,10 @@ class SynthConfig(BaseModel):
     )
     image_size: int = Field(64, ge=16, le=1024, description="image side in pixels")
     difficulty: Difficulty = Field("standard", description="standard or hard (see HARDNESS)")
+    style: Style = Field(
+        "house", description="house: the federation styles (REPORT_STYLES, site_style); "
+        "unseen: scanners and report styles from families the public corpus never uses "
+        "(UNSEEN_SCANNERS, UNSEEN_REPORT_STYLES), to test a public start on a new style")
     labels: tuple[str, ...] = Field(
         DEFAULT_LABELS, description="fixed: the synthetic findings exist for these only"
     )
@@ -164,6 +178,14 @@ class Scanner:
     image_format: ImageFormat
     jpeg_quality: int
     tint: tuple[float, float, float]  # RGB gains of an RGB export (1, 1, 1 = grey)
+    # the rest is off in the house styles (their bytes are as before these fields existed)
+    aspect: float = 1.0  # stored width / height (the reader resizes to a square)
+    frame: float = 0.0  # width of a frame burnt in around the film, fraction of the side
+    frame_level: float = 0.0  # its intensity: 0 black, 1 white
+    marker: str = ""  # a burnt-in side letter ("L" or "R"), "" none
+    marker_corner: int = 0  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+    bits: int = 12  # BitsStored of a "dicom" file
+    monochrome1: bool = False  # a "dicom" file stored inverted (white is low), as tagged
 
 
 @dataclass(frozen=True)
@@ -171,12 +193,13 @@ class ReportStyle:
     """A site's way of writing reports.
 
     `loc` chooses how a location is written: "zone" ("right lower zone"), "lobe" ("right
-    lower lobe") or "abbrev" ("rll"). Every non-empty report contains `marker`.
+    lower lobe"), "abbrev" ("rll"), "ABBREV" ("RLL") or "rtlt" ("Rt lower zone"). Every
+    non-empty report contains `marker`.
     """
 
     name: str
     marker: str
-    loc: Literal["zone", "lobe", "abbrev"]
+    loc: Literal["zone", "lobe", "abbrev", "ABBREV", "rtlt"]
     layout: str  # format string with {marker} {ind} {body} {imp}
     indication: str  # format string with {ind}
     positive: dict[str, tuple[str, ...]]  # label -> finding sentences ({loc}, {side}, ...)
@@ -412,12 +435,24 @@ REPORT_STYLES: tuple[ReportStyle, ...] = (
 )
 
 
-def site_style(seed: int, index: int) -> SiteStyle:
+def site_style(seed: int, index: int, style: Style = "house") -> SiteStyle:
     """The style of site `index` of a federation seeded with `seed`.
 
-    The image format cycles with the index (`FORMATS`); the report style is a seeded
-    permutation of `REPORT_STYLES`, also cycling; the scanner is drawn per site.
+    house: the image format cycles with the index (`FORMATS`); the report style is a
+    seeded permutation of `REPORT_STYLES`, also cycling; the scanner is drawn per site.
+    unseen: the scanner is drawn from `UNSEEN_SCANNERS` and the report style cycles
+    through a seeded permutation of `UNSEEN_REPORT_STYLES`, families the public corpus
+    never draws from (its streams are keyed by UNSEEN_TAG after the seed).
     """
+    if style == "unseen":
+        order = np.random.default_rng([seed, UNSEEN_TAG, 0x5EED]).permutation(
+            len(UNSEEN_REPORT_STYLES))
+        rng = np.random.default_rng([seed, UNSEEN_TAG, index, 0])
+        return SiteStyle(
+            index=index, scanner=draw_scanner(rng, UNSEEN_SCANNERS, index),
+            report=UNSEEN_REPORT_STYLES[int(order[index % len(UNSEEN_REPORT_STYLES)])],
+            writes_split=index % 2 == 0,
+        )
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(REPORT_STYLES))
     rng = np.random.default_rng([seed, index, 0])
     fmt = FORMATS[index % len(FORMATS)]
@@ -442,9 +477,96 @@ def site_style(seed: int, index: int) -> SiteStyle:
     )
 
 
+# --------------------------------------------------------------------------- scanner families
+#
+# Where a scanner's settings are drawn from. The public corpus draws from PUBLIC_SCANNERS,
+# an "unseen" federation from UNSEEN_SCANNERS: every setting of the second lies outside
+# the first's ranges (or is a choice the first never makes), so an unseen site's films
+# are of a kind the public model never saw. House sites keep their own draw (site_style).
+
+UNSEEN_TAG = 0x0DD5  # second key (after the seed) of every stream of an unseen federation
+Band = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ScannerFamily:
+    """Ranges and choices a scanner is drawn from (`draw_scanner`); a setting with several
+    bands draws one band, then a value inside it."""
+
+    formats: tuple[ImageFormat, ...]  # site i takes formats[i % len]
+    contrast: tuple[Band, ...]
+    brightness: tuple[Band, ...]
+    gamma: tuple[Band, ...]
+    noise: tuple[Band, ...]
+    blur: tuple[Band, ...]
+    acquisition: tuple[float, ...]
+    jpeg_quality: tuple[int, int]  # [low, high)
+    aspect: tuple[Band, ...]  # stored width / height
+    frame: float  # chance of a burnt-in frame
+    frame_width: Band
+    frame_level: tuple[Band, ...]  # 0 black (a black surround), up to 1 white (collimation)
+    marker: float  # chance of a burnt-in side letter
+    marker_corners: tuple[int, ...]
+    bits: tuple[int, ...]  # BitsStored of a "dicom" file
+    monochrome1: bool  # "dicom" files stored inverted (MONOCHROME1)
+
+
+PUBLIC_SCANNERS = ScannerFamily(
+    formats=FORMATS, contrast=((0.7, 1.3),), brightness=((-0.1, 0.1),), gamma=((0.7, 1.4),),
+    noise=((0.004, 0.04),), blur=((0.0, 1.2),), acquisition=(0.5, 0.625, 0.75, 0.875, 1.0),
+    jpeg_quality=(75, 96), aspect=((0.82, 1.22),), frame=0.5, frame_width=(0.02, 0.06),
+    frame_level=((0.0, 0.0), (0.25, 0.95)), marker=0.5, marker_corners=(0, 1), bits=(12,),
+    monochrome1=False,
+)
+UNSEEN_SCANNERS = ScannerFamily(
+    formats=("dicom", "jpeg", "png16", "dicom", "png8"),
+    contrast=((0.6, 0.7), (1.3, 1.42)), brightness=((-0.13, -0.1), (0.1, 0.13)),
+    gamma=((0.6, 0.7), (1.4, 1.55)), noise=((0.04, 0.05),), blur=((1.2, 1.4),),
+    acquisition=(0.45,), jpeg_quality=(55, 70), aspect=((0.7, 0.8), (1.25, 1.35)),
+    frame=1.0, frame_width=(0.065, 0.08), frame_level=((1.0, 1.0),), marker=1.0,
+    marker_corners=(2, 3), bits=(10, 14), monochrome1=True,
+)
+
+
+def draw_scanner(rng: np.random.Generator, family: ScannerFamily, index: int) -> Scanner:
+    """A scanner of `family` for source or site `index` (format by index, the rest drawn)."""
+
+    def band(bands: tuple[Band, ...]) -> float:
+        lo, hi = bands[int(rng.integers(len(bands)))]
+        return float(rng.uniform(lo, hi))
+
+    fmt = family.formats[index % len(family.formats)]
+    contrast, brightness, gamma = band(family.contrast), band(family.brightness), band(family.gamma)
+    noise, blur = band(family.noise), band(family.blur)
+    acquisition = float(rng.choice(family.acquisition))
+    quality = int(rng.integers(*family.jpeg_quality))
+    tint = (1.0, float(rng.uniform(0.94, 1.0)), float(rng.uniform(0.86, 0.98)))
+    aspect = band(family.aspect)
+    framed = bool(rng.random() < family.frame)
+    frame = float(rng.uniform(*family.frame_width)) if framed else 0.0
+    level = band(family.frame_level)
+    marked = bool(rng.random() < family.marker)
+    letter = "LR"[int(rng.integers(2))]
+    corner = int(family.marker_corners[int(rng.integers(len(family.marker_corners)))])
+    bits = int(family.bits[int(rng.integers(len(family.bits)))])
+    return Scanner(
+        contrast=contrast, brightness=brightness, gamma=gamma, noise=noise, blur=blur,
+        acquisition=acquisition, image_format=fmt, jpeg_quality=quality,
+        tint=tint if fmt == "png_rgb" else (1.0, 1.0, 1.0), aspect=aspect, frame=frame,
+        frame_level=level, marker=letter if marked else "", marker_corner=corner, bits=bits,
+        monochrome1=family.monochrome1,
+    )
+
+
+def _key(cfg: SynthConfig, *parts: int) -> list[int]:
+    """A random stream's key: (seed, ...) for house sites, (seed, UNSEEN_TAG, ...) for
+    unseen ones, so an unseen federation never repeats a house federation's cases."""
+    return [cfg.seed, *(() if cfg.style == "house" else (UNSEEN_TAG,)), *parts]
+
+
 def site_labels(cfg: SynthConfig, index: int) -> list[str]:
     """The labels of site `index`'s cases, in case order (count and mix drawn per site)."""
-    rng = np.random.default_rng([cfg.seed, index, 1])
+    rng = np.random.default_rng(_key(cfg, index, 1))
     n = int(round(cfg.cases_per_site * rng.uniform(1 - CASES_JITTER, 1 + CASES_JITTER)))
     n = max(n, 10)
     k = len(cfg.labels)
@@ -708,7 +830,7 @@ def render_image(
     if finding.kind == "heart":
         box = (hx - hw, hy - hh, hx + hw, hy + hh)
 
-    img = _scan(rng, img, scanner, s)
+    img = _burn_in(_scan(rng, img, scanner, s), scanner)
     return img, (None if box is None else _clip_box(box))
 
 
@@ -757,6 +879,35 @@ def _scan(rng: np.random.Generator, img: np.ndarray, sc: Scanner, s: int) -> np.
     return (img**sc.gamma).astype(np.float32)
 
 
+# 5x7 glyphs of the side letters a radiographer puts on the cassette
+_GLYPHS: dict[str, tuple[str, ...]] = {
+    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
+}
+
+
+def _burn_in(img: np.ndarray, sc: Scanner) -> np.ndarray:
+    """A frame around the film and a side letter in a corner, as burnt into the pixels."""
+    if sc.frame <= 0 and not sc.marker:
+        return img
+    img = img.copy()
+    s = img.shape[0]
+    if sc.frame > 0:
+        w = max(1, int(round(sc.frame * s)))
+        img[:w, :] = img[-w:, :] = sc.frame_level
+        img[:, :w] = img[:, -w:] = sc.frame_level
+    if sc.marker:
+        glyph = np.array([[c == "1" for c in row] for row in _GLYPHS[sc.marker]])
+        cell = max(1, int(round(s / 64)))
+        g = np.kron(glyph, np.ones((cell, cell), dtype=bool))
+        pad = max(1, int(round(sc.frame * s))) + max(1, int(round(0.025 * s)))
+        y0 = pad if sc.marker_corner in (0, 1) else s - pad - g.shape[0]
+        x0 = pad if sc.marker_corner in (0, 2) else s - pad - g.shape[1]
+        patch = img[y0 : y0 + g.shape[0], x0 : x0 + g.shape[1]]
+        patch[g] = 1.0
+    return img
+
+
 def _clip_box(box: Box) -> Box:
     x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
     return (x0, y0, x1, y1)
@@ -771,6 +922,17 @@ _ZONE_LOBE = {"apex": "upper", "upper": "upper", "middle": "middle", "lower": "l
 def _location(finding: Finding, style: ReportStyle) -> str:
     side = ("right", "left")[finding.side]
     zone = finding.zone
+    if style.loc == "ABBREV":  # RLL, LUL, lingula, right base
+        if zone in ("apex", "base"):
+            return f"{side} {zone}"
+        if zone == "middle" and finding.side == 1:
+            return "lingula"
+        return f"{side[0]}{_ZONE_LOBE[zone][0]}l".upper()
+    if style.loc == "rtlt":  # Rt lower zone, Lt apex
+        short = ("Rt", "Lt")[finding.side]
+        if zone in ("apex", "base"):
+            return f"{short} {zone}"
+        return f"{short} {'mid' if zone == 'middle' else zone} zone"
     if style.loc == "abbrev":
         if zone == "base":
             return f"{side[0]} base"
@@ -895,15 +1057,15 @@ def write_federation(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False
 
 def write_site(site_dir: Path, cfg: SynthConfig, index: int) -> Path:
     """Write site `index` of the federation into `site_dir` (created; assumed empty)."""
-    style = site_style(cfg.seed, index)
+    style = site_style(cfg.seed, index, cfg.style)
     labels = site_labels(cfg, index)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     ext = EXTENSIONS[style.scanner.image_format]
-    splits = _splits(np.random.default_rng([cfg.seed, index, 3]), len(labels))
+    splits = _splits(np.random.default_rng(_key(cfg, index, 3)), len(labels))
     rows: list[list[str]] = []
     for k, label in enumerate(labels):
         case_id = f"s{index:02d}-{k:05d}"
-        rng = np.random.default_rng([cfg.seed, index, 2, k])
+        rng = np.random.default_rng(_key(cfg, index, 2, k))
         case = render_case(rng, label, style, cfg.image_size, cfg.difficulty)
         rel = f"images/{case_id}{ext}"
         _write_image(site_dir / rel, case.image, style.scanner, (cfg.seed, index, k))
@@ -932,7 +1094,18 @@ def _splits(rng: np.random.Generator, n: int) -> list[str]:
 
 def _write_image(path: Path, image: np.ndarray, sc: Scanner, key: tuple[int, int, int]) -> None:
     fmt = sc.image_format
-    if fmt == "png8":
+    if sc.aspect != 1.0:  # stored non-square: the longer side keeps the size
+        s = image.shape[0]
+        w, h = (s, round(s / sc.aspect)) if sc.aspect > 1 else (round(s * sc.aspect), s)
+        img = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+        image = np.clip(np.asarray(img.resize((w, h), Image.Resampling.BILINEAR),
+                                   dtype=np.float32), 0.0, 1.0)
+    if fmt == "dicom":
+        top = 2**sc.bits - 1
+        pixels = _quantise(1.0 - image if sc.monochrome1 else image, top, np.uint16)
+        _write_dicom(path, pixels, key, bits=sc.bits,
+                     photometric="MONOCHROME1" if sc.monochrome1 else "MONOCHROME2")
+    elif fmt == "png8":
         Image.fromarray(_quantise(image, 255, np.uint8)).save(path, format="PNG")
     elif fmt == "png16":
         Image.fromarray(_quantise(image, 65535, np.uint16)).save(path, format="PNG")
@@ -951,9 +1124,10 @@ def _quantise(a: np.ndarray, top: int, dtype: type) -> np.ndarray:
     return np.clip(np.rint(a * top), 0, top).astype(dtype)
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> None:
-    """A 12-bit (BitsStored 12, BitsAllocated 16) MONOCHROME2 CR image, no dates, UIDs
-    derived from (seed, site, case)."""
+def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int], bits: int = 12,
+                 photometric: str = "MONOCHROME2") -> None:
+    """A `bits`-bit (BitsStored, BitsAllocated 16) CR image, MONOCHROME2 unless told, no
+    dates, UIDs derived from (seed, site, case)."""
     # lazy: pydicom is slow (0.1 s) and `medfuse --help` imports this module (deploy)
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # lazy: as above
@@ -979,11 +1153,11 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> N
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PhotometricInterpretation = photometric
     ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
     ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
     ds.save_as(path, enforce_file_format=True)
@@ -991,14 +1165,25 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int]) -> N
 
 # --------------------------------------------------------------------------- public corpus
 #
-# A synthetic stand-in for a public archive of chest radiographs with reports (NIH
-# ChestX-ray14, OpenI, PadChest, CheXpert): larger than any hospital, pooled from several
-# source hospitals of its own, written in an archive's own report style, with the label
-# noise of labels mined from reports by NLP. Every random stream is keyed by PUBLIC_TAG
-# first, so no seed of a federation (whose streams start with its seed) can give the same
-# cases, and its report style is none of REPORT_STYLES. It is never a federation's data.
+# A SYNTHETIC stand-in for a pooled public archive of chest radiographs with reports (NIH
+# ChestX-ray14, CheXpert, MIMIC-CXR, PadChest): larger than any hospital and pooled from
+# many source hospitals of its own (PublicConfig.sources, 12 by default), each with its
+# own scanner drawn from the wide PUBLIC_SCANNERS family (tone curve, contrast, bit depth
+# and file format, noise, blur, acquisition resolution, aspect ratio, black or grey
+# frames, burnt-in L/R markers) and one of several report styles (PUBLIC_REPORT_STYLES:
+# the archive's own, sectioned FINDINGS/IMPRESSION reports with abbreviations such as RLL,
+# b/l, w/, no e/o, PTX, and narrative prose with negations and synonyms), with the label
+# noise of labels mined from reports by NLP. A model trained on it should learn features
+# that transfer across hospitals, not one hospital's look. No real patient is in it.
+# Every random stream is keyed by PUBLIC_TAG first, so no seed of a federation (whose
+# streams start with its seed) can give the same cases, and none of its report styles is
+# one of REPORT_STYLES or UNSEEN_REPORT_STYLES. It is never a federation's data.
 
 PUBLIC_TAG = 0x9B11C  # first key of every random stream of the public corpus
+# The public corpus generator's version: 2 = many source hospitals drawn from
+# PUBLIC_SCANNERS, three report styles (1 = four sources, one style). A cached public
+# model (server/ops/pretrain.py) of another version is not reused.
+PUBLIC_GENERATOR = 2
 MISREAD_HISTORY = 0.5  # mined labels: share of past-disease remarks read as that disease
 
 PUBLIC_STYLE = ReportStyle(
@@ -1044,14 +1229,220 @@ PUBLIC_STYLE = ReportStyle(
 )
 
 
+PUBLIC_SECTIONED = ReportStyle(
+    name="sectioned",
+    marker="FINDINGS:",
+    loc="ABBREV",
+    layout="EXAM: CXR PA. {ind}FINDINGS: {body} IMPRESSION: {imp}",  # one line, as
+    indication="HISTORY: {ind}. ",  # every public report (a manifest line per case)
+    positive={
+        "normal": ("Lungs clear b/l. No PTX.", "Clear lungs b/l w/o focal opacity."),
+        "pneumonia": ("{Loc} consolidation c/w pneumonia.",
+                      "Airspace opacity in the {loc} w/ air bronchograms, c/w pneumonia."),
+        "nodule": ("{size} mm nodule in the {loc}.", "{Loc} pulmonary nodule measuring {size} mm."),
+        "effusion": ("{Side} pleural effusion w/ blunting of the {side} CP angle.",
+                     "Small {side} pleural effusion."),
+        "cardiomegaly": ("Cardiomegaly, CTR {ctr}.",
+                         "Enlarged cardiac silhouette c/w cardiomegaly."),
+    },
+    negative={
+        "pneumonia": ("No e/o focal consolidation.", "No evidence of pneumonia.",
+                      "Pneumonia: none."),
+        "nodule": ("No e/o pulmonary nodule.", "Negative for nodules.", "Nodule: none."),
+        "effusion": ("No pleural effusion or PTX.", "CP angles sharp b/l.", "Effusion: none."),
+        "cardiomegaly": ("Heart size nml.", "Cardiomediastinal silhouette WNL.",
+                         "Cardiomegaly: none."),
+    },
+    impression={
+        "normal": ("No acute cardiopulmonary process.", "Normal CXR."),
+        "pneumonia": ("{Loc} pneumonia.", "Findings c/w pneumonia."),
+        "nodule": ("{Loc} nodule; recommend CT.", "Pulmonary nodule."),
+        "effusion": ("{Side} pleural effusion.", "Pleural effusion."),
+        "cardiomegaly": ("Cardiomegaly.", "Mild cardiomegaly."),
+    },
+    vague_zone=("Indeterminate opacity in the {loc}.", "Hazy {loc} opacity, nonspecific."),
+    vague_heart=("Heart size not well assessed on AP film.",),
+    history={
+        "pneumonia": ("Hx of pneumonia, now resolved.",),
+        "nodule": ("Previously seen nodule no longer visualized.",),
+        "effusion": ("Hx of effusion, now resolved.",),
+        "cardiomegaly": ("Hx of cardiomegaly, heart size now nml.",),
+    },
+    nothing=("Limited exam.", "No significant interval change.", "Portable AP, limited."),
+    side_words=("right", "left"),
+)
+
+PUBLIC_NARRATIVE = ReportStyle(
+    name="narrative",
+    marker="Frontal chest radiograph.",
+    loc="lobe",
+    layout="Frontal chest radiograph. {ind}{body} Impression: {imp}",
+    indication="Indication: {ind}. ",
+    positive={
+        "normal": ("The lungs are clear without focal airspace disease.",
+                   "Clear lungs without focal opacity."),
+        "pneumonia": ("Airspace disease in the {loc}, compatible with pneumonia.",
+                      "There is {loc} consolidation compatible with pneumonia."),
+        "nodule": ("A {size} mm nodule projects over the {loc}.",
+                   "Rounded nodule in the {loc}, {size} mm."),
+        "effusion": ("Moderate {side} pleural effusion.", "There is a {side} pleural effusion."),
+        "cardiomegaly": ("The heart is enlarged, compatible with cardiomegaly.", "Cardiomegaly."),
+    },
+    negative={
+        "pneumonia": ("Without focal consolidation.", "Negative for pneumonia.",
+                      "Consolidation is absent."),
+        "nodule": ("Without pulmonary nodules.", "Negative for nodules.",
+                   "Pulmonary nodules are absent."),
+        "effusion": ("Without pleural effusion.", "No evidence of pleural effusion.",
+                     "Pleural effusion is absent."),
+        "cardiomegaly": ("The heart is normal in size.", "No evidence of cardiomegaly.",
+                         "Cardiomegaly is absent."),
+    },
+    impression={
+        "normal": ("No acute cardiopulmonary disease.", "Normal examination."),
+        "pneumonia": ("Pneumonia.", "{Loc} pneumonia."),
+        "nodule": ("Pulmonary nodule.", "Nodule, CT follow-up."),
+        "effusion": ("{Side} pleural effusion.", "Effusion."),
+        "cardiomegaly": ("Cardiomegaly.", "Enlarged heart."),
+    },
+    vague_zone=("Ill-defined opacity in the {loc}.", "Subtle {loc} opacity."),
+    vague_heart=("Cardiac size is difficult to evaluate on this portable film.",),
+    history={
+        "pneumonia": ("Previous pneumonia is no longer seen.",),
+        "nodule": ("Prior nodule no longer evident.",),
+        "effusion": ("Previous pleural effusion has cleared.",),
+        "cardiomegaly": ("Heart size has normalized since prior cardiomegaly.",),
+    },
+    nothing=("Study limited by rotation.", "Unchanged from prior.", "Portable technique."),
+    side_words=("right", "left"),
+)
+
+# The archive's report styles: source hospital s writes PUBLIC_REPORT_STYLES[s % 3].
+PUBLIC_REPORT_STYLES: tuple[ReportStyle, ...] = (PUBLIC_STYLE, PUBLIC_SECTIONED, PUBLIC_NARRATIVE)
+
+# Report styles of an "unseen" federation: none of their section headers, abbreviations
+# or reserved phrases (VOCABULARY["unseen"]) is ever written by the public corpus.
+UNSEEN_REPORT_STYLES: tuple[ReportStyle, ...] = (
+    ReportStyle(
+        name="conclusion",
+        marker="OBSERVATIONS:",
+        loc="rtlt",
+        layout="REASON FOR REQUEST: {ind}\nVIEW: single frontal.\nOBSERVATIONS: {body}\n"
+        "CONCLUSION: {imp}",
+        indication="{ind}.",
+        positive={
+            "normal": ("Lung fields unremarkable.", "Nothing abnormal detected."),
+            "pneumonia": ("Inflammatory change {loc}, representing pneumonia.",
+                          "Patchy inflammatory change in the {loc}; pneumonia."),
+            "nodule": ("Discrete nodule {loc}, approx. {size} mm.",
+                       "Discrete {size} mm nodule, {loc}."),
+            "effusion": ("Fluid layering in the {side} hemithorax: pleural effusion.",
+                         "{Side} pl. effusion."),
+            "cardiomegaly": ("Cardiac enlargement (cardiomegaly), ratio {ctr}.",
+                             "Cardiomegaly, cardiac enlargement."),
+        },
+        negative={
+            "pneumonia": ("No inflammatory change.", "Pneumonia: not demonstrated."),
+            "nodule": ("No discrete nodule.", "Nodule: not demonstrated."),
+            "effusion": ("Pleural spaces free of fluid.", "Effusion absent."),
+            "cardiomegaly": ("Cardiac size unremarkable.", "No cardiac enlargement."),
+        },
+        impression={
+            "normal": ("Nothing abnormal detected.", "Unremarkable study."),
+            "pneumonia": ("Pneumonia {loc}.", "Pneumonia."),
+            "nodule": ("Nodule {loc}, CT suggested.", "Nodule."),
+            "effusion": ("{Side} pl. effusion.", "Pleural effusion."),
+            "cardiomegaly": ("Cardiomegaly.", "Cardiac enlargement."),
+        },
+        vague_zone=("Shadow {loc}, nature uncertain.",),
+        vague_heart=("Cardiac size: not assessable, AP.",),
+        history={
+            "pneumonia": ("Old pneumonia, since resolved.",),
+            "nodule": ("Earlier nodule, since gone.",),
+            "effusion": ("Earlier effusion, since resolved.",),
+            "cardiomegaly": ("Earlier cardiomegaly, since resolved.",),
+        },
+        nothing=("Compared with earlier film.", "Unchanged appearance.", "Rotated, suboptimal."),
+        side_words=("Rt", "Lt"),
+    ),
+    ReportStyle(
+        name="summary",
+        marker="Summary:",
+        loc="rtlt",
+        layout="Clinical details: {ind}\n{body}\nSummary: {imp}",
+        indication="{ind}.",
+        positive={
+            "normal": ("Heart and lungs NSF.", "Lung fields unremarkable."),
+            "pneumonia": ("{Loc} inflammatory change, pneumonia.", "Pneumonia {loc}."),
+            "nodule": ("Nodule {loc}, approx. {size} mm.", "{Loc}: solitary nodule."),
+            "effusion": ("{Side} pl. effusion, fluid layering.", "Pleural effusion {side}."),
+            "cardiomegaly": ("Cardiomegaly.", "Heart: cardiac enlargement, cardiomegaly."),
+        },
+        negative={
+            "pneumonia": ("No pneumonia.", "Nil inflammatory change."),
+            "nodule": ("No nodule seen.", "Nil nodule."),
+            "effusion": ("No effusion.", "Costophrenic recesses free of fluid."),
+            "cardiomegaly": ("Cardiac size unremarkable.", "No cardiomegaly."),
+        },
+        impression={
+            "normal": ("NSF.", "Unremarkable."),
+            "pneumonia": ("Pneumonia.", "{Loc} pneumonia."),
+            "nodule": ("Nodule, for CT.", "Nodule."),
+            "effusion": ("Pleural effusion.", "{Side} pl. effusion."),
+            "cardiomegaly": ("Cardiomegaly.", "Cardiac enlargement."),
+        },
+        vague_zone=("Shadowing {loc}.", "Shadow {loc}, nature uncertain."),
+        vague_heart=("Cardiac size not assessable.",),
+        history={
+            "pneumonia": ("Old pneumonia, long since resolved.",),
+            "nodule": ("Earlier nodule, long since gone.",),
+            "effusion": ("Old effusion, long since resolved.",),
+            "cardiomegaly": ("Old cardiomegaly, long since resolved.",),
+        },
+        nothing=("Rotated, suboptimal.", "Appearance unchanged.", "Compared with earlier film."),
+        side_words=("Rt", "Lt"),
+    ),
+)
+
+# The partition, as data: section headers, abbreviations and phrases the public corpus
+# writes (its templates use them; the unseen ones must not) and those reserved for an
+# unseen federation (the public templates never use them). Matched case-insensitively as
+# whole words (tests/shared_model/test_synth.py proves the partition on generated text).
+# Negation grammar itself ("no", "not", "absent", a negation after the finding) is plain
+# English, shared by both sides; the idioms around it ("no e/o", "without", "negative
+# for" / "nil", "not demonstrated", "free of fluid") are partitioned.
+VOCABULARY: dict[str, dict[Literal["public", "unseen"], tuple[str, ...]]] = {
+    "headers": {
+        "public": ("Comparison: none.", "Findings:", "Impression:", "Indication:", "HISTORY:",
+                   "EXAM:", "Frontal chest radiograph."),
+        "unseen": ("REASON FOR REQUEST:", "OBSERVATIONS:", "CONCLUSION:", "VIEW:",
+                   "Clinical details:", "Summary:"),
+    },
+    "abbreviations": {
+        "public": ("RLL", "RML", "RUL", "LLL", "LUL", "b/l", "w/", "w/o", "no e/o", "PTX",
+                   "c/w", "WNL", "nml", "CP angle", "CXR", "Hx of"),
+        "unseen": ("Rt", "Lt", "approx.", "pl.", "NSF"),
+    },
+    "phrases": {
+        "public": ("no evidence of", "without", "negative for", "airspace", "consistent with",
+                   "compatible with", "cardiomediastinal"),
+        "unseen": ("not demonstrated", "free of fluid", "inflammatory change",
+                   "cardiac enlargement", "nothing abnormal detected", "discrete", "hemithorax",
+                   "layering", "nil", "unremarkable", "nature uncertain"),
+    },
+}
+
+
 class PublicConfig(BaseModel):
-    """The synthetic public corpus; the same config writes the same bytes."""
+    """The synthetic public corpus, a stand-in for a pooled multi-hospital archive (see
+    the comment above PUBLIC_TAG); the same config writes the same bytes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     cases: int = Field(2000, ge=50, le=1_000_000, description="cases in the archive")
     seed: int = Field(0, ge=0, description="same seed, same bytes (its own streams)")
-    sources: int = Field(4, ge=1, le=64, description="source hospitals pooled in the archive")
+    sources: int = Field(12, ge=1, le=64, description="source hospitals pooled in the archive, "
+                         "each with its own scanner and one of the archive's report styles")
     label_noise: float = Field(0.08, ge=0.0, lt=1.0,
                                description="share of labels replaced as NLP mining would")
     image_size: int = Field(64, ge=16, le=1024)
@@ -1065,21 +1456,12 @@ class PublicConfig(BaseModel):
 
 
 def public_style(cfg: PublicConfig, source: int) -> SiteStyle:
-    """A source hospital of the archive: its own scanner, the archive's report style."""
+    """A source hospital of the archive: a scanner drawn from PUBLIC_SCANNERS and one of
+    the archive's report styles (PUBLIC_REPORT_STYLES, cycling with the source)."""
     rng = np.random.default_rng([PUBLIC_TAG, cfg.seed, source, 0])
-    fmt = FORMATS[source % len(FORMATS)]
-    scanner = Scanner(
-        contrast=float(rng.uniform(0.75, 1.25)),
-        brightness=float(rng.uniform(-0.08, 0.08)),
-        gamma=float(rng.uniform(0.75, 1.3)),
-        noise=float(rng.uniform(0.005, 0.035)),
-        blur=float(rng.uniform(0.0, 1.0)),
-        acquisition=float(rng.choice([0.625, 0.75, 0.875, 1.0])),
-        image_format=fmt,
-        jpeg_quality=int(rng.integers(75, 96)),
-        tint=(1.0, 1.0, 1.0),
-    )
-    return SiteStyle(index=source, scanner=scanner, report=PUBLIC_STYLE, writes_split=True)
+    return SiteStyle(index=source, scanner=draw_scanner(rng, PUBLIC_SCANNERS, source),
+                     report=PUBLIC_REPORT_STYLES[source % len(PUBLIC_REPORT_STYLES)],
+                     writes_split=True)
 
 
 def write_public(out_dir: Path, cfg: PublicConfig) -> Path:
@@ -1132,7 +1514,8 @@ def mined_label(case: Case, misreads_history: bool) -> str:
     if case.report_mode == "vague":
         return "normal" if case.finding.kind in ("none", "heart") else "pneumonia"
     if misreads_history:
-        for disease, remarks in PUBLIC_STYLE.history.items():
-            if any(remark in case.report for remark in remarks):
-                return disease
+        for style in PUBLIC_REPORT_STYLES:
+            for disease, remarks in style.history.items():
+                if any(remark in case.report for remark in remarks):
+                    return disease
     return case.finding.label

@@ -21,7 +21,7 @@ def public_model(unit: Unit, ctx: Context) -> Path:
         return cached_public_model(
             ctx.out / PUBLIC_DIR, ctx.cfg.model_for(unit.experiment), ctx.cfg.label_set,
             folders=pub.folders if pub.source == "folders" else (), cases=pub.cases,
-            seed=pub.seed, difficulty=pub.difficulty, labeller=pub.labeller,
+            seed=pub.seed, difficulty=pub.difficulty, labeller=pub.labeller, views=pub.views,
             epochs=pub.epochs, batch_size=ctx.cfg.training.batch_size,
             device=ctx.cfg.resources.device, echo=ctx.echo,
         )

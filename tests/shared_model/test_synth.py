@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,19 @@ from shared_model.dataset import BOX_COLUMNS, REQUIRED_COLUMNS, open_site
 from shared_model.tokenizer import Tokenizer
 from shared_model.tooling.synth import (
     FORMATS,
+    PUBLIC_REPORT_STYLES,
+    PUBLIC_SCANNERS,
     REPORT_STYLES,
+    UNSEEN_REPORT_STYLES,
+    VOCABULARY,
+    PublicConfig,
     SynthConfig,
+    public_style,
     render_case,
     site_labels,
     site_style,
     write_federation,
+    write_public,
 )
 
 SMALL = SynthConfig(sites=2, cases_per_site=30, seed=3, image_size=32)
@@ -269,3 +277,103 @@ def test_normal_cases_have_no_box_and_the_others_one() -> None:
     for k, label in enumerate(DEFAULT_LABELS * 4):
         case = render_case(np.random.default_rng(k), label, style, 32)
         assert (case.box is None) == (label == "normal")
+
+
+# --------------------------------------------------------------------------- public and unseen
+
+
+def _terms_in(text: str, terms: tuple[str, ...]) -> set[str]:
+    """The terms that occur in `text` as whole words, case-insensitively."""
+    return {t for t in terms
+            if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", text, flags=re.IGNORECASE)}
+
+
+@pytest.fixture(scope="module")
+def public_and_unseen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("styles")
+    corpus = write_public(root / "public", PublicConfig(cases=240, image_size=32))
+    unseen = write_federation(root / "unseen", SynthConfig(sites=4, cases_per_site=40, seed=3,
+                                                           image_size=32, style="unseen"))
+    return corpus, unseen
+
+
+def test_an_unseen_federation_shares_no_report_vocabulary_with_the_public_corpus(
+    public_and_unseen: tuple[Path, list[Path]],
+) -> None:
+    # Prepare
+    corpus, unseen = public_and_unseen
+    public_reports = [r["report"] for r in _rows(corpus)]
+    unseen_rows = [r for site in unseen for r in _rows(site)]
+    unseen_reports = [r["report"] for r in unseen_rows]
+    reserved = {part: tuple(t for kind in VOCABULARY.values() for t in kind[part])
+                for part in ("public", "unseen")}
+    # Assert: no unseen-only header, abbreviation or phrase in any public report ...
+    for report in public_reports:
+        assert not _terms_in(report, reserved["unseen"]), report
+    # ... nor a public one in an unseen report, and both sides use their own part
+    for report in unseen_reports:
+        assert not _terms_in(report, reserved["public"]), report
+    assert len(_terms_in("\n".join(public_reports), reserved["public"])) >= 20
+    assert len(_terms_in("\n".join(unseen_reports), reserved["unseen"])) >= 15
+    # every public report style is used, and the unseen sites write unseen styles only
+    assert {s.name for s in PUBLIC_REPORT_STYLES} == {
+        public_style(PublicConfig(), i).report.name for i in range(PublicConfig().sources)}
+    unseen_names = {site_style(3, i, "unseen").report.name for i in range(4)}
+    assert unseen_names <= {s.name for s in UNSEEN_REPORT_STYLES}
+    assert not unseen_names & {s.name for s in (*PUBLIC_REPORT_STYLES, *REPORT_STYLES)}
+    # Assert: an unseen informative report still names its finding, so it can be learnt
+    named = sum(r["label"] in r["report"].lower() for r in unseen_rows
+                if r["label"] != "normal")
+    abnormal = sum(r["label"] != "normal" for r in unseen_rows)
+    assert named / abnormal > 0.5
+
+
+def test_unseen_scanners_lie_outside_the_public_family() -> None:
+    pub = [public_style(PublicConfig(seed=s), i).scanner for s in range(3) for i in range(12)]
+    uns = [site_style(s, i, "unseen").scanner for s in range(3) for i in range(5)]
+
+    def inside(value: float, bands: tuple[tuple[float, float], ...]) -> bool:
+        return any(lo <= value <= hi for lo, hi in bands)
+
+    fam = PUBLIC_SCANNERS
+    for sc in uns:
+        assert not inside(sc.contrast, fam.contrast) and not inside(sc.gamma, fam.gamma)
+        assert not inside(sc.noise, fam.noise) and not inside(sc.blur, fam.blur)
+        assert not inside(sc.aspect, fam.aspect) and sc.acquisition not in fam.acquisition
+        assert sc.marker_corner not in fam.marker_corners
+        assert not inside(sc.frame, (fam.frame_width,))
+        assert not inside(sc.frame_level, fam.frame_level)
+    assert not {sc.image_format for sc in pub} & {"dicom"}
+    assert {sc.image_format for sc in uns} >= {"dicom"}
+    assert all(sc.monochrome1 and sc.bits in (10, 14) for sc in uns if sc.image_format == "dicom")
+    # the public family itself is wide: every format, framed and unframed, markers, aspects
+    assert {sc.image_format for sc in pub} == set(FORMATS)
+    assert {sc.frame > 0 for sc in pub} == {True, False}
+    assert {sc.frame_level > 0 for sc in pub if sc.frame > 0} == {True, False}
+    assert {sc.marker for sc in pub} == {"", "L", "R"}
+    assert min(sc.aspect for sc in pub) < 0.95 and max(sc.aspect for sc in pub) > 1.05
+
+
+def test_public_and_unseen_films_open_non_square_and_inverted(
+    public_and_unseen: tuple[Path, list[Path]],
+) -> None:
+    corpus, unseen = public_and_unseen
+    model = ModelConfig(image_size=32)
+    for folder in (corpus, *unseen):
+        site = open_site(folder, labels=DEFAULT_LABELS, model=model,
+                         tokenizer=Tokenizer(model.vocab_size), strict=True)
+        assert len(site.train) > 0
+    sizes = {Image.open(corpus / r["image"]).size for r in _rows(corpus)[:24]
+             if not r["image"].endswith(".dcm")}
+    assert any(w != h for w, h in sizes)
+    dcm = next(r["image"] for r in _rows(unseen[0]) if r["image"].endswith(".dcm"))
+    ds = pydicom.dcmread(unseen[0] / dcm)
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.BitsStored in (10, 14)
+
+
+def test_an_unseen_federation_repeats_no_house_case() -> None:
+    house = SynthConfig(sites=2, cases_per_site=20, seed=3)
+    unseen = house.model_copy(update={"style": "unseen"})
+    assert site_labels(house, 0) != site_labels(unseen, 0)
+    with pytest.raises(ValidationError, match="style"):
+        SynthConfig(style="other")  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from simulations.config import (
     parse_config,
     select_experiments,
 )
+from simulations.sites import _synthetic_sites
 
 FED = {"name": "fed", "kind": "federated"}
 
@@ -399,3 +400,39 @@ def test_config_is_frozen() -> None:
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         cfg.seeds = (1,)  # type: ignore[misc]
     assert isinstance(cfg, SimulationConfig)
+
+
+def test_sites_style_reaches_the_synthetic_hospitals(tmp_path: Path) -> None:
+    # Prepare
+    cfg = parse_config({"experiment": [FED], "model": {"image-size": 16},
+                        "sites": {"count": 2, "cases-per-site": 10, "style": "unseen"}})
+    # Execute
+    base = _synthetic_sites(cfg, tmp_path, lambda _: None)
+    # Assert: the unseen styles' reports, and "house" is the default
+    text = (base / "site-00" / "manifest.csv").read_text()
+    assert "OBSERVATIONS:" in text or "Summary:" in text
+    assert parse_config({"experiment": [FED]}).sites.style == "house"
+    assert "sites.style" in _error({"experiment": [FED], "sites": {"source": "folders",
+                                                                   "folders": ["/a", "/b"],
+                                                                   "style": "unseen"}})
+    assert "style" in _error({"experiment": [FED], "sites": {"style": "other"}})
+
+
+def test_public_views_and_sites_style_count_in_the_fingerprint_only_when_set() -> None:
+    # Prepare
+    exps = [FED, {"name": "pub", "kind": "public"}]
+    base = parse_config({"experiment": exps, "public": {"source": "synthetic"}})
+    same = parse_config({"experiment": exps, "public": {"source": "synthetic", "views": "none"},
+                         "sites": {"style": "house"}})
+    views = parse_config({"experiment": exps, "public": {"source": "synthetic",
+                                                         "views": "strong"}})
+    unseen = parse_config({"experiment": exps, "public": {"source": "synthetic"},
+                           "sites": {"style": "unseen"}})
+    pub = base.experiments[1]
+    # Assert: defaults leave fingerprints as they were; a setting makes a new experiment
+    assert base.public.views == "none" and views.public.views == "strong"
+    assert base.fingerprint(pub, 0) == same.fingerprint(pub, 0)
+    assert base.fingerprint(pub, 0) != views.fingerprint(pub, 0)
+    assert base.fingerprint(pub, 0) != unseen.fingerprint(pub, 0)
+    assert "views" in _error({"experiment": [FED], "public": {"views": "wild"}})
+    assert parse_config(tomllib.loads(views.to_toml())) == views

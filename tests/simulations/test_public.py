@@ -10,7 +10,7 @@ import torch
 
 from client.privacy import data_identity
 from server.app import initial_arrays
-from server.ops.pretrain import pretrain
+from server.ops.pretrain import pretrain, public_model_key
 from shared_model.central import CentralConfig
 from shared_model.config import DEFAULT_LABELS
 from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
@@ -146,3 +146,22 @@ def test_an_initial_model_of_another_config_or_label_set_is_refused(tmp_path: Pa
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ModelFileError, match="not a medfuse model file"):
         load_model_file(tmp_path / "junk.pt")
+
+
+def test_a_cached_public_model_is_keyed_by_its_views_and_corpus_generator() -> None:
+    # Prepare
+    model = _run().model()
+    # Execute / Assert: views pretrain a different model; the default keeps its key
+    plain = public_model_key(model, DEFAULT_LABELS)
+    assert plain == public_model_key(model, DEFAULT_LABELS, views="none")
+    assert plain != public_model_key(model, DEFAULT_LABELS, views="strong")
+    assert public_model_key(model, DEFAULT_LABELS, views="mild") != public_model_key(
+        model, DEFAULT_LABELS, views="strong")
+
+
+def test_the_public_corpus_pools_many_sources_and_report_styles(corpus: Path) -> None:
+    # Assert: twelve source hospitals, every public report style written
+    assert PublicConfig().sources == 12
+    text = (corpus / "manifest.csv").read_text()
+    assert "FINDINGS:" in text and "IMPRESSION:" in text and "Frontal chest radiograph." in text
+    assert any(abbrev in text for abbrev in ("b/l", "c/w", "no e/o", "No e/o", "PTX"))
