@@ -373,8 +373,12 @@ def personalise(
     site_dir: Annotated[Path, typer.Argument(help="this hospital's site folder")],
     out: Annotated[Path, typer.Option(help="the personalised model file to write")] = Path(
         "personalised.pt"),
-    epochs: Annotated[int, typer.Option(min=1, help="local epochs of DP fine-tuning")] = 2,
-    lr: Annotated[float, typer.Option(help="SGD learning rate (the DP recipe's)")] = 0.05,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="local epochs of DP fine-tuning [default: 5]")] = None,
+    lr: Annotated[float | None, typer.Option(help="SGD learning rate [default: 0.3]")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="what trains: classifier (the classification heads: least noise per "
+             "coordinate), heads, no-embeddings or all [default: classifier]")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     epsilon_budget: Annotated[float, typer.Option(help="this data's total budget (it can "
                                                        "only go down)")] = 8.0,
@@ -389,7 +393,7 @@ def personalise(
     import torch  # lazy: keeps `medfuse --help` fast (torch)
 
     # lazy: the training code loads torch and opacus; `medfuse --help` imports this
-    from client.local import Budget, LocalSteps, local_evaluate, private_round
+    from client.local import Budget, local_evaluate, personal_steps, private_round
     from client.privacy import LedgerError, LedgerStore, default_store_root  # lazy: loads torch
     from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
     from shared_model.model_file import (  # lazy: loads torch (--help)
@@ -407,7 +411,7 @@ def personalise(
         dev = pick_device(device)
         outcome = private_round(
             LedgerStore(state_dir or default_store_root()), mf.model_config, site, mf.state,
-            LocalSteps(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="sgd"),
+            personal_steps(epochs, lr, layers, batch_size),
             Budget(epsilon=epsilon_budget, delta=delta), device=dev)
     except (ModelFileError, SiteError, LedgerError, OSError, ValueError) as exc:
         fail(exc)

@@ -29,8 +29,8 @@ import math
 import secrets
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 from opacus import PrivacyEngine
@@ -128,6 +128,27 @@ class LocalSteps:
                    proximal_mu=proximal_mu, optimizer=recipe.optimizer,
                    momentum=recipe.momentum, train_layers=recipe.train_layers,
                    augmult=recipe.augmult)
+
+
+# How a hospital adapts the federation's final model to its own cases with the epsilon it
+# kept (`medfuse personalise`, the simulation's personalised rows): the classification
+# heads only, so the reserve's noise spreads over ~70 k coordinates instead of ~1 M. The
+# federation learns what is common; the heads learn the hospital's own label mix and
+# readers. Measured on five hard synthetic hospitals (200 cases, label mix Dirichlet 0.5,
+# a far public start, federation at epsilon 5 then 3 kept): 0.645 for the federation's
+# model, 0.863 personalised this way, 0.781 fine-tuning every weight at lr 0.1.
+PERSONALISE = LocalSteps(epochs=5, lr=0.3, batch_size=32, optimizer="sgd",
+                         train_layers="classifier")
+
+
+def personal_steps(epochs: int | None = None, lr: float | None = None,
+                   layers: str | None = None, batch_size: int | None = None) -> LocalSteps:
+    """`PERSONALISE` with what a person changed (None keeps the default); `ValueError`
+    naming `layers` where it is not one of TrainLayers."""
+    if layers is not None and layers not in get_args(TrainLayers):
+        raise ValueError(f"layers={layers!r}: allowed are {', '.join(get_args(TrainLayers))}")
+    changed = {"epochs": epochs, "lr": lr, "train_layers": layers, "batch_size": batch_size}
+    return replace(PERSONALISE, **{k: v for k, v in changed.items() if v is not None})
 
 
 @dataclass(frozen=True)

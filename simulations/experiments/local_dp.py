@@ -30,11 +30,12 @@ def run_config(unit: Unit, ctx: Context) -> RunConfig:
 
 def train_privately(unit: Unit, ctx: Context, run: RunConfig, site: SiteData,
                     start: Mapping[str, torch.Tensor], *, epochs: int, dp: DPSettings,
-                    run_id: int | None) -> TrainOutcome:
+                    run_id: int | None, steps: LocalSteps | None = None) -> TrainOutcome:
     """One DP-SGD round of `site` alone, charged to its ledger in the experiment's store
-    (each experiment is a federation of its own: it spends its own budget)."""
+    (each experiment is a federation of its own: it spends its own budget); `steps`
+    default: the run's recipe for `epochs` epochs."""
     store = LedgerStore(unit.folder(ctx.out) / LEDGER_DIR)
-    steps = LocalSteps.of(run.recipe(), epochs=epochs, batch_size=run.batch_size)
+    steps = steps or LocalSteps.of(run.recipe(), epochs=epochs, batch_size=run.batch_size)
     with ctx.threads():
         return private_round(store, run.model(), site, start, steps,
                              Budget(epsilon=run.epsilon, delta=run.delta), device=ctx.device,

@@ -1,6 +1,7 @@
 """`personalise-epsilon`: after a DP federation, each hospital fine-tunes the final model on
-its own train split with DP-SGD (`medfuse personalise`'s step), spending the epsilon its
-node kept out of the federation, charged to the experiment's ledger store."""
+its own train split with DP-SGD (`medfuse personalise`'s step and recipe,
+`client.local.PERSONALISE`), spending the epsilon its node kept out of the federation,
+charged to the experiment's ledger store."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from client.local import DPSettings
+from client.local import PERSONALISE, DPSettings
 from shared_model.contract.metric_registry import HEADLINE
 from simulations import report
 from simulations.experiments.context import Context, ResultRow, Unit
@@ -24,8 +25,8 @@ def personalised_rows(unit: Unit, ctx: Context, state: Mapping[str, torch.Tensor
     rows: list[ResultRow] = []
     for site in ctx.opened:
         # run_id None: a fresh secret id, as `medfuse personalise` releases outside any run
-        out = train_privately(unit, ctx, run, site, state, epochs=ctx.cfg.training.local_epochs,
-                              dp=dp, run_id=None)
+        out = train_privately(unit, ctx, run, site, state, epochs=PERSONALISE.epochs, dp=dp,
+                              run_id=None, steps=PERSONALISE)
         if out.refused or out.state is None:
             ctx.echo(f"  {exp.name} {site.name}: personalisation refused: {out.reason}")
             continue

