@@ -21,7 +21,7 @@ import base64
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ EVAL = "eval/"
 TRAIN_LOSS = "train/loss"
 EPSILON = "train/epsilon"
 SECONDS = "seconds"
+TEST_CASES = "test-cases"  # each hospital's number of test cases (what its metrics are over)
 # (label, metric) of the final-metric tables, from the metric registry
 SUMMARY_METRICS: tuple[tuple[str, str], ...] = tuple(
     (m.label, m.name) for m in shown_in(View.TABLES))
@@ -164,6 +165,7 @@ class Summary:
     experiments: list[str]
     sites: list[str]
     labels: dict[str, str] = field(default_factory=dict)
+    test_cases: dict[str, int] = field(default_factory=dict)  # site -> its test cases
 
 
 def summarize(results: pd.DataFrame, meta: pd.DataFrame | None = None) -> Summary:
@@ -192,7 +194,28 @@ def summarize(results: pd.DataFrame, meta: pd.DataFrame | None = None) -> Summar
     labels = {}
     if meta is not None and not meta.empty and "label" in meta.columns:
         labels = dict(zip(meta["experiment"], meta["label"], strict=False))
-    return Summary(per_site=site_mean, mean=mean, experiments=order, sites=sites, labels=labels)
+    return Summary(per_site=site_mean, mean=mean, experiments=order, sites=sites, labels=labels,
+                   test_cases=test_cases(results))
+
+
+def test_cases(results: pd.DataFrame) -> dict[str, int]:
+    """Each hospital's number of test cases ({} where the results do not hold them)."""
+    rows = results[results["metric"] == TEST_CASES]
+    return {str(s): int(v) for s, v in zip(rows["site"], rows["value"], strict=True)}
+
+
+def accuracy_interval(per_site: pd.Series, cases: Mapping[str, int]) -> tuple[float, float]:
+    """A 95% interval of the mean test accuracy over hospitals (`per_site`: site ->
+    accuracy), from the binomial sampling of each hospital's test cases: the variance
+    of the mean is the sum of p(1-p)/n over hospitals over their number squared (normal
+    approximation). (nan, nan) where a hospital's count is unknown."""
+    known = [(p, cases.get(str(site), 0)) for site, p in per_site.items() if np.isfinite(p)]
+    if not known or any(n <= 0 for _, n in known):
+        return math.nan, math.nan
+    k = len(known)
+    mean = sum(p for p, _ in known) / k
+    half = 1.96 * math.sqrt(sum(p * (1 - p) / n for p, n in known)) / k
+    return max(mean - half, 0.0), min(mean + half, 1.0)
 
 
 def fmt(value: float, metric: str = "") -> str:
@@ -214,8 +237,10 @@ def _cell(row: pd.Series, metric: str) -> str:
 SPREAD_NOTE = (
     "Beside each mean: with several seeds, ± the standard deviation over seeds of the mean "
     "over hospitals; with one seed, (lowest–highest hospital), the spread over hospitals, "
-    "not a confidence interval. hospitals × seeds: what the mean is over. The results table "
-    "does not hold each hospital's number of test cases, so no interval over cases is given."
+    "not a confidence interval. "
+    f"Beside mean {HEADLINE.label}: [a 95% interval] from the sampling of each hospital's "
+    "test cases (binomial, normal approximation), where the results hold their number. "
+    "hospitals × seeds: what the mean is over, and how many test cases each hospital has."
 )
 
 
@@ -226,8 +251,12 @@ def _spread_cell(summary: Summary, experiment: str, metric: str) -> str:
     if row.get("seeds", 1) > 1:
         return _cell(row, metric)
     text = fmt(row.get(metric, math.nan), metric)
-    sites = summary.per_site[summary.per_site["experiment"] == experiment][metric]
-    sites = sites[np.isfinite(sites.to_numpy(dtype=float))]
+    mine = summary.per_site[summary.per_site["experiment"] == experiment]
+    sites = mine[metric][np.isfinite(mine[metric].to_numpy(dtype=float))]
+    if metric == HEADLINE.name:
+        low, high = accuracy_interval(mine.set_index("site")[metric], summary.test_cases)
+        if np.isfinite(low):
+            text += f" [{fmt(low, metric)}, {fmt(high, metric)}]"
     if len(sites) > 1:
         text += f" ({fmt(sites.min(), metric)}–{fmt(sites.max(), metric)})"
     return text
@@ -236,7 +265,12 @@ def _spread_cell(summary: Summary, experiment: str, metric: str) -> str:
 def _n_cell(summary: Summary, experiment: str) -> str:
     sites = summary.per_site.loc[summary.per_site["experiment"] == experiment, "site"].nunique()
     seeds = summary.mean.set_index("experiment").at[experiment, "seeds"]
-    return f"{sites} × {seeds}"
+    names = summary.per_site.loc[summary.per_site["experiment"] == experiment, "site"]
+    counts = [summary.test_cases[s] for s in names if s in summary.test_cases]
+    if not counts:
+        return f"{sites} × {seeds}"
+    span = str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+    return f"{sites} × {seeds}; {span} test cases each"
 
 
 def mean_rows(summary: Summary, with_std: bool = True, spread: bool = False,

@@ -226,6 +226,7 @@ class Runner:
         rows = KINDS[kind_of(unit.experiment)](unit, ctx)
         seconds = time.monotonic() - started
         rows.append(unit.row(0, report.ALL_SITES, report.SECONDS, seconds))
+        rows += [unit.row(0, s.name, report.TEST_CASES, len(s.test)) for s in ctx.opened]
         report.write_csv_atomic(report.results_frame(rows), folder / ROWS_FILE)
         done = {
             "experiment": unit.experiment.name,

@@ -281,3 +281,13 @@ def test_html_audit_table_gives_client_audits_verdict(tmp_path: Path) -> None:
     assert "<th>verdict</th>" in page
     assert "<td>SOME LEAK</td>" in page and "<td>NO MEASURABLE LEAK</td>" in page
     assert f"LEAKS from {CLEAR_LEAK}" in page
+
+
+def test_the_accuracy_interval_comes_from_each_hospitals_test_cases():
+    # two hospitals at 0.8 and 0.6 on 100 and 25 cases: var of the mean =
+    # (0.8*0.2/100 + 0.6*0.4/25) / 4 = 0.0028, half-width 1.96 * 0.0529 = 0.1037
+    per_site = pd.Series({"site-00": 0.8, "site-01": 0.6})
+    low, high = report.accuracy_interval(per_site, {"site-00": 100, "site-01": 25})
+    assert (low, high) == pytest.approx((0.7 - 0.1037, 0.7 + 0.1037), abs=1e-4)
+    # a hospital whose count is unknown: no interval rather than a wrong one
+    assert all(math.isnan(v) for v in report.accuracy_interval(per_site, {"site-00": 100}))
