@@ -426,6 +426,36 @@ def _final_site_values(results: pd.DataFrame, metric: str) -> pd.Series:
     return last.groupby(["experiment", "site"])["value"].mean()
 
 
+def _first(meta: pd.DataFrame, kind: str, dp: bool) -> str | None:
+    rows = meta[(meta["kind"] == kind) & (meta["dp"].astype(str) == str(dp))]
+    return str(rows["experiment"].iloc[0]) if len(rows) else None
+
+
+def joining_sentence(summary: Summary, meta: pd.DataFrame | None,
+                     results: pd.DataFrame) -> str:
+    """One sentence: what joining the federation gives a hospital, without and with DP,
+    against what it gets alone (the first such experiments of the run); '' where the run
+    has no such pair."""
+    if meta is None or meta.empty or not {"kind", "dp"} <= set(meta.columns):
+        return ""
+    acc = summary.mean.set_index("experiment")[HEADLINE.name].to_dict()
+    parts = []
+    for dp, alone_label in ((False, "training alone"), (True, "fine-tuning alone with DP")):
+        fed, alone = _first(meta, "federated", dp), _first(meta, "local", dp)
+        if fed not in acc or alone not in acc:
+            continue
+        text = (f"{'with' if dp else 'without'} DP, {fed} {acc[fed]:.3f} against {alone_label} "
+                f"{acc[alone]:.3f} ({100 * (acc[fed] - acc[alone]):+.1f} points)")
+        mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
+        if dp and fed in mine.index.get_level_values(0):
+            text += f"; {fed} personalised {mine[fed].mean():.3f}"
+        parts.append(text)
+    if not parts:
+        return ""
+    return (f"What joining gives a hospital (mean test {HEADLINE.label} over hospitals): "
+            + "; ".join(parts) + ".")
+
+
 def personalised_rows(results: pd.DataFrame, order: Sequence[str] = ()
                       ) -> tuple[list[str], list[list[str]]]:
     """Per personalised experiment and hospital: the federation's final model and the
@@ -816,7 +846,7 @@ def write_report(
     ]
     report_html = out_dir / REPORT_FILE
     atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit,
-                                         personalised))
+                                         personalised, joining_sentence(summary, meta, results)))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,
@@ -838,6 +868,7 @@ def _html(
     notes: Sequence[str],
     audit: tuple[list[str], list[list[str]]] | None = None,
     personalised: tuple[list[str], list[list[str]]] | None = None,
+    joining: str = "",
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
     env = jinja2.Environment(
@@ -846,6 +877,7 @@ def _html(
     )
     return env.get_template("report.html.j2").render(
         title=title, notes=[NOTES, *notes], written=time.strftime("%Y-%m-%d %H:%M:%S"),
+        joining=joining,
         mean=mean_rows(summary, spread=True), per_site=site_accuracy_rows(summary, spread=True),
         spread_note=SPREAD_NOTE,
         detail=detail_rows(summary),

@@ -291,3 +291,21 @@ def test_the_accuracy_interval_comes_from_each_hospitals_test_cases():
     assert (low, high) == pytest.approx((0.7 - 0.1037, 0.7 + 0.1037), abs=1e-4)
     # a hospital whose count is unknown: no interval rather than a wrong one
     assert all(math.isnan(v) for v in report.accuracy_interval(per_site, {"site-00": 100}))
+
+
+def test_report_says_in_one_sentence_what_joining_gives_with_and_without_dp():
+    rows = []
+    for exp, accs in {"alone": (0.6, 0.8), "alone-dp": (0.7, 0.9), "fed": (0.9, 1.0),
+                      "fed-dp": (0.75, 0.85)}.items():
+        rows += [(exp, 0, 8, f"site-0{i}", "test/accuracy", a) for i, a in enumerate(accs)]
+    rows += [("fed-dp", 0, 8, f"site-0{i}", "personalised/accuracy", a)
+             for i, a in enumerate((0.8, 0.9))]
+    results = report.results_frame(rows)
+    meta = pd.DataFrame({"experiment": ["alone", "alone-dp", "fed", "fed-dp"],
+                         "kind": ["local", "local", "federated", "federated"],
+                         "dp": [False, True, False, True]})
+    text = report.joining_sentence(report.summarize(results, meta), meta, results)
+    assert "without DP, fed 0.950 against training alone 0.700 (+25.0 points)" in text
+    assert "with DP, fed-dp 0.800 against fine-tuning alone with DP 0.800 (+0.0 points)" in text
+    assert "fed-dp personalised 0.850" in text
+    assert report.joining_sentence(report.summarize(results, meta), None, results) == ""
