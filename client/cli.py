@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -346,15 +347,29 @@ def audit_log_show(
     last: Annotated[int, typer.Option(min=1, help="the last N entries")] = 50,
     node_key: NodeKeyOpt = None,
 ) -> None:
-    """Print what crossed the network, one line per message, after verifying the log
+    """Print what crossed the network, a short block per message, after verifying the log
     (exit 2 where there is no log, 1 where it does not verify)."""
     log_file, entries = _verified_log(path, node_key)
-    table = Table(title=f"{log_file}: {len(entries)} entries (verified)")
-    for col in ("#", "time", "who", "what", "arrays", "metrics"):
-        table.add_column(col, overflow="fold")
-    for r in rows_for_display(entries[-last:]):
-        table.add_row(str(r.seq), r.time, r.who, r.what, r.arrays, r.metrics)
-    console.print(table)
+    shown = entries[-last:]
+    width = max(min(console.width, 100), 60)
+    title = f"{log_file}: {len(entries)} entries (verified); the last {len(shown)}:"
+    console.print("\n".join(textwrap.wrap(title, width, break_long_words=True)),
+                  soft_wrap=True, highlight=False, markup=False)
+    for r in rows_for_display(shown):
+        console.print(entry_block(r, width), soft_wrap=True, highlight=False, markup=False)
+
+
+def entry_block(r, width: int) -> str:
+    """One message of the audit log as a few lines of at most `width` characters: who,
+    when and what on the first, then the arrays and the metrics, wrapped under their
+    label (a table folded 45 entries into 1,399 lines at 80 columns)."""
+    head = f"#{r.seq} {r.time.replace('T', ' ')}  {r.who}  {r.what}"
+    lines = textwrap.wrap(head, width, subsequent_indent="    ")
+    for label, text in (("arrays", r.arrays), ("metrics", r.metrics)):
+        lines += textwrap.wrap(text, width, initial_indent=f"    {label}: ",
+                               subsequent_indent=" " * (6 + len(label)),
+                               break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def audit_log_verify(

@@ -430,3 +430,21 @@ def test_every_keyed_file_is_guarded_by_the_key() -> None:
     for name in (INDEX_FILE, f"0123456789abcdef/{LEDGER_FILE}", audit_log.LOG_FILE,
                  audit_log.LOG_FILE + ".head"):
         assert any(fnmatch.fnmatch(name, p) for p in chain_key.KEYED_FILES), name
+
+
+def test_audit_log_show_fits_80_columns_in_a_few_lines_an_entry(tmp_path: Path) -> None:
+    log_file = tmp_path / "state" / audit_log.LOG_FILE
+    metrics = {f"metric-number-{i}": 0.123456 * i for i in range(9)}  # as many as a reply
+    for i in range(5):
+        audit_log.append(log_file, {"what": f"train run {10**19 + i}", "who": "site-00",
+                                    "metrics": metrics,
+                                    "arrays": {"count": 69, "bytes": 3_760_000,
+                                               "sha256": "ab" * 32}})
+    shown = CliRunner().invoke(medfuse_app, ["audit-log", "show", str(log_file.parent)],
+                               env={"COLUMNS": "80"})
+    lines = shown.output.splitlines()
+    assert shown.exit_code == 0, shown.output
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert len(lines) <= 2 + 5 * 6  # a title (its path wraps), then at most 6 lines an entry
+    assert sum(line.startswith("#") for line in lines) == 5
+    assert "metric-number-8=0.9876" in shown.output
