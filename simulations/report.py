@@ -439,6 +439,7 @@ def joining_sentence(summary: Summary, meta: pd.DataFrame | None,
     if meta is None or meta.empty or not {"kind", "dp"} <= set(meta.columns):
         return ""
     acc = summary.mean.set_index("experiment")[HEADLINE.name].to_dict()
+    mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
     parts = []
     for dp, alone_label in ((False, "training alone"), (True, "fine-tuning alone with DP")):
         fed, alone = _first(meta, "federated", dp), _first(meta, "local", dp)
@@ -446,7 +447,6 @@ def joining_sentence(summary: Summary, meta: pd.DataFrame | None,
             continue
         text = (f"{'with' if dp else 'without'} DP, {fed} {acc[fed]:.3f} against {alone_label} "
                 f"{acc[alone]:.3f} ({100 * (acc[fed] - acc[alone]):+.1f} points)")
-        mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
         if dp and fed in mine.index.get_level_values(0):
             text += f"; {fed} personalised {mine[fed].mean():.3f}"
         parts.append(text)
