@@ -49,6 +49,7 @@ from shared_model.model import MedFuseModel, TrainLayers, freeze
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
     CaseResults,
+    calibrated_threshold,
     evaluate_cases,
     make_loss_fn,
     proximal_pull,
@@ -681,13 +682,20 @@ def local_cases(
     split: Literal["val", "test"] = "val",
     batch_size: int = 64,
 ) -> CaseResults:
-    """The shared `evaluate_cases` of `state` on one split of this site."""
+    """The shared `evaluate_cases` of `state` on one split of this site; the test split's
+    lesion threshold calibrated on this site's validation split (`calibrated_threshold`)."""
     data = site.val if split == "val" else site.test
     model = MedFuseModel(model_cfg)
     model.load_state_dict(dict(state), strict=True)
     model.to(device)
-    return evaluate_cases(model, data, model_cfg, Tokenizer(model_cfg.vocab_size), device,
-                          batch_size=batch_size)
+    tok = Tokenizer(model_cfg.vocab_size)
+    threshold = 0.5
+    if split == "test" and model_cfg.localisation and len(site.val):
+        val = evaluate_cases(model, site.val, model_cfg, tok, device, batch_size=batch_size,
+                             generate=False)
+        threshold = calibrated_threshold(val)
+    return evaluate_cases(model, data, model_cfg, tok, device, batch_size=batch_size,
+                          label_names=site.labels, lesion_threshold=threshold)
 
 
 def local_evaluate(

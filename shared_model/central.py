@@ -19,7 +19,15 @@ from shared_model.config import CentralConfig, ModelConfig
 from shared_model.dataset import SiteData
 from shared_model.model import MedFuseModel
 from shared_model.tokenizer import Tokenizer
-from shared_model.train import evaluate, make_loss_fn, pick_device, seed_everything, train_epoch
+from shared_model.train import (
+    calibrated_threshold,
+    evaluate,
+    evaluate_cases,
+    make_loss_fn,
+    pick_device,
+    seed_everything,
+    train_epoch,
+)
 
 
 @dataclass
@@ -69,10 +77,15 @@ def train_central(
         history.append({"epoch": float(epoch + 1), "train-loss": stats.loss})
         if on_epoch is not None:
             on_epoch(epoch + 1, stats.loss)
+    threshold = _threshold(model, sites, model_cfg, tokenizer, device)
+    labels = sites[0].labels if sites else ()
     per_site = {
-        s.name: evaluate(model, s.test, model_cfg, tokenizer, device) for s in sites if len(s.test)
+        s.name: evaluate(model, s.test, model_cfg, tokenizer, device, label_names=labels,
+                         lesion_threshold=threshold)
+        for s in sites if len(s.test)
     }
-    overall = evaluate(model, ConcatDataset([s.test for s in sites]), model_cfg, tokenizer, device)
+    overall = evaluate(model, ConcatDataset([s.test for s in sites]), model_cfg, tokenizer,
+                       device, label_names=labels, lesion_threshold=threshold)
     result = CentralResult(
         per_site=per_site,
         overall=overall,
@@ -81,3 +94,13 @@ def train_central(
         history=history,
     )
     return model, result
+
+
+def _threshold(model: MedFuseModel, sites: Sequence[SiteData], model_cfg: ModelConfig,
+               tokenizer: Tokenizer, device: torch.device) -> float:
+    """The lesion threshold calibrated on the union of the validation splits."""
+    val = ConcatDataset([s.val for s in sites if len(s.val)])
+    if not model_cfg.localisation or len(val) == 0:
+        return 0.5
+    return calibrated_threshold(evaluate_cases(model, val, model_cfg, tokenizer, device,
+                                               generate=False))

@@ -42,7 +42,7 @@ from shared_model.config import (
     label_problem,
 )
 
-FORMAT = 1  # bump when the payload's keys change
+FORMAT = 2  # bump when the payload's keys change (2: model.ARCHITECTURE 2's layers)
 
 MAX_FILE_BYTES = 1 << 30  # 1 GiB on disk and unpacked: ~2x MAX_PARAMETERS of float32
 MAX_ZIP_ENTRIES = 4096  # torch writes one entry per tensor storage plus a few
@@ -59,6 +59,10 @@ class ModelFileError(ValueError):
     """The file cannot be used as asked; the message says why (for a person)."""
 
 
+LESION_THRESHOLD = "lesion_threshold"  # payload key of the calibrated threshold
+DEFAULT_LESION_THRESHOLD = 0.5
+
+
 @dataclass(frozen=True)
 class ModelFile:
     path: Path
@@ -66,6 +70,14 @@ class ModelFile:
     model_config: ModelConfig
     labels: tuple[str, ...]
     meta: dict[str, Any]  # everything else in the payload (round, corpus digest, metrics)
+
+    @property
+    def lesion_threshold(self) -> float:
+        """The lesion score above which a box is drawn: calibrated on a validation split
+        where the file was written with one (`lesion_threshold` in the payload), else 0.5,
+        the score the training loss makes a coin flip."""
+        value = self.meta.get(LESION_THRESHOLD, DEFAULT_LESION_THRESHOLD)
+        return float(value)
 
 
 def payload(state: Mapping[str, torch.Tensor], model_config: Mapping[str, Any] | ModelConfig,
@@ -150,7 +162,7 @@ def estimate_size(cfg: ModelConfig) -> SizeEstimate:
     has_image, has_text = cfg.modality != "text", cfg.modality != "image"
     f, k, v, e = cfg.fused_dim, cfg.num_classes, cfg.vocab_size, cfg.embed_dim
     parts: dict[str, tuple[int, int]] = {}
-    c = d_image = 0
+    c = d_image = side = 0
     if has_image:
         w0, side = cfg.cnn_widths[0], cfg.image_size
         params = cfg.in_channels * w0 * 9 + 2 * w0  # stem conv + norm
@@ -184,10 +196,11 @@ def estimate_size(cfg: ModelConfig) -> SizeEstimate:
     heads = f * k + k
     if has_image and has_text and cfg.loss_aux_image > 0:
         heads += d_image * k + k
-    if cfg.localisation:
-        d_loc = f if not has_image else c + 4 + (f if not has_text else 0)
-        heads += d_loc * f + f + f * 4 + 4 + f + 1
-    parts["heads"] = (heads, 2 * f + 2 * k)
+    head_acts = 2 * f + 2 * k
+    if cfg.localisation and has_image:  # GridLocaliser: conv3x3 c -> c, conv1x1 c -> 4
+        heads += c * c * 9 + c + c * 4 + 4
+        head_acts += (2 * c + 4) * side * side
+    parts["heads"] = (heads, head_acts)
     if cfg.generation:
         hd, g = cfg.decoder_hidden, cfg.max_gen_tokens
         lstm = 4 * hd * (e + f) + 4 * hd * hd + 8 * hd

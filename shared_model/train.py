@@ -143,6 +143,9 @@ class CaseResults:
     refs: list[list[str]] | None  # reference report tokens; None without generation
     hyps: list[list[str]] | None  # generated tokens (report hidden)
     lesion_scores: np.ndarray | None = None  # (N,) predicted P(lesion); None without box head
+    lesion_threshold: float = 0.5  # a box is drawn where lesion_scores >= this
+    attention_peaks: np.ndarray | None = None  # (N, 2) x, y (fractions) of the image attention's peak
+    label_names: tuple[str, ...] = ()  # class index -> name; () where unknown
 
     @property
     def n(self) -> int:
@@ -157,18 +160,22 @@ def evaluate_cases(
     tokenizer: Tokenizer,
     device: torch.device,
     batch_size: int = 64,
+    label_names: tuple[str, ...] = (),
+    lesion_threshold: float = 0.5,
+    generate: bool = True,
 ) -> CaseResults:
     """Run the model over one split and keep each case's outputs.
 
     Generation is scored with the report hidden (the encoder sees only EMPTY): the decoder
-    must describe the image, not copy the report it was given.
+    must describe the image, not copy the report it was given. `generate=False` skips it
+    (the costly part) where only the scores are wanted, as for calibration.
     """
     net = unwrap(model).to(device)
     net.eval()
     loss_fn = make_loss_fn(cfg)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     loss_sum = 0.0
-    labels, probs, boxes, true_boxes, has_box, scores = [], [], [], [], [], []
+    labels, probs, boxes, true_boxes, has_box, scores, peaks = [], [], [], [], [], [], []
     refs: list[list[str]] = []
     hyps: list[list[str]] = []
     for raw in loader:
@@ -178,13 +185,15 @@ def evaluate_cases(
         loss_sum += float(loss) * batch.size
         labels.append(batch.label.cpu())
         probs.append(out.logits.softmax(-1).cpu())
+        if out.image_attention is not None:
+            peaks.append(attention_peak(out.image_attention).cpu())
         if out.box is not None:
             boxes.append(out.box.cpu())
             true_boxes.append(batch.box.cpu())
             has_box.append(batch.has_box.cpu())
             if out.lesion_logit is not None:
                 scores.append(out.lesion_logit.sigmoid().cpu())
-        if cfg.generation:
+        if cfg.generation and generate:
             hidden = torch.full_like(batch.tokens, PAD)
             hidden[:, 0] = EMPTY
             generated = net.generate(batch.image, hidden)
@@ -199,9 +208,43 @@ def evaluate_cases(
         probs=cat(probs) if probs else np.zeros((0, cfg.num_classes)),
         loss_sum=loss_sum,
         boxes=cat(boxes), true_boxes=cat(true_boxes), has_box=cat(has_box),
-        refs=refs if cfg.generation else None, hyps=hyps if cfg.generation else None,
+        refs=refs if cfg.generation and generate else None,
+        hyps=hyps if cfg.generation and generate else None,
         lesion_scores=cat(scores),
+        lesion_threshold=lesion_threshold,
+        attention_peaks=cat(peaks),
+        label_names=tuple(label_names),
     )
+
+
+def calibrated_threshold(val: CaseResults, default: float = 0.5) -> float:
+    """The lesion-score threshold that best separates lesion from lesion-free cases of a
+    validation split (Youden's J: the largest true-positive minus false-positive rate),
+    midway between neighbouring scores; `default` where the split lacks either kind.
+
+    Calibrated where the labels are, at the site: a threshold is a release of its own
+    (it depends on the site's cases), so it never leaves with a DP evaluation."""
+    if val.lesion_scores is None or val.has_box is None:
+        return default
+    scores, lesion = val.lesion_scores, val.has_box > 0.5
+    if lesion.all() or not lesion.any():
+        return default
+    cuts = np.unique(scores)
+    cuts = np.concatenate(((cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-6])) if cuts.size > 1 \
+        else cuts
+    tpr = (scores[lesion][:, None] >= cuts).mean(0)  # (M,)
+    fpr = (scores[~lesion][:, None] >= cuts).mean(0)  # (M,)
+    return float(cuts[int(np.argmax(tpr - fpr))])
+
+
+def attention_peak(attention: torch.Tensor) -> torch.Tensor:
+    """(B, 2) x, y (fractions of the image) of the centre of each map's highest cell;
+    attention (B, h, w)."""
+    b, h, w = attention.shape
+    best = attention.flatten(1).argmax(-1)  # (B,)
+    x = (best % w).to(attention.dtype) + 0.5  # (B,)
+    y = torch.div(best, w, rounding_mode="floor").to(attention.dtype) + 0.5  # (B,)
+    return torch.stack((x / w, y / h), dim=-1)  # (B, 2)
 
 
 @torch.no_grad()
@@ -242,7 +285,10 @@ def evaluate(
     tokenizer: Tokenizer,
     device: torch.device,
     batch_size: int = 64,
+    label_names: tuple[str, ...] = (),
+    lesion_threshold: float = 0.5,
 ) -> dict[str, float]:
     """Loss, classification, localisation and generation metrics on one split (exact)."""
-    cases = evaluate_cases(model, dataset, cfg, tokenizer, device, batch_size=batch_size)
+    cases = evaluate_cases(model, dataset, cfg, tokenizer, device, batch_size=batch_size,
+                           label_names=label_names, lesion_threshold=lesion_threshold)
     return summarise(cases, cfg.num_classes)

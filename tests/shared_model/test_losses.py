@@ -7,10 +7,16 @@ import torch
 
 from shared_model.batch import Batch
 from shared_model.config import ModelConfig
-from shared_model.losses import box_loss, multitask_loss, token_loss
+from shared_model.losses import (
+    cell_box_loss,
+    cell_lesion_loss,
+    multitask_loss,
+    positive_cells,
+    token_loss,
+)
 from shared_model.model import ModelOutput
 
-B, K, G, V = 4, 5, 6, 64
+B, K, G, V, N = 4, 5, 6, 64, 16  # N: a 4 x 4 feature map
 CFG = ModelConfig.small(vocab_size=V, num_classes=K)
 
 
@@ -36,13 +42,16 @@ def _batch() -> Batch:
 def _output(seed: int = 0) -> ModelOutput:
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(B, 2, generator=g) * 0.5
+    cxy = torch.rand(B, N, 2, generator=g) * 0.5
     return ModelOutput(
         logits=torch.randn(B, K, generator=g).requires_grad_(),
-        box=torch.cat((xy, xy + 0.3), dim=-1).requires_grad_(),
-        lesion_logit=torch.randn(B, generator=g).requires_grad_(),
+        box=torch.cat((xy, xy + 0.3), dim=-1),
+        lesion_logit=torch.randn(B, generator=g),
         gen_logits=torch.randn(B, G - 1, V, generator=g).requires_grad_(),
         text_attention=None,
         image_attention=None,
+        cell_boxes=torch.cat((cxy, cxy + 0.3), dim=-1).requires_grad_(),
+        cell_logits=torch.randn(B, N, generator=g).requires_grad_(),
     )
 
 
@@ -50,41 +59,64 @@ def _rows(x: Batch | ModelOutput, idx: list[int]):
     return type(x)(*(None if t is None else t[idx] for t in x))
 
 
-def test_box_loss_ignores_rows_without_a_box() -> None:
-    # Prepare: change the prediction and target of rows 1 and 3 (no box) only
+def test_positive_cells_are_the_centre_cell_and_the_central_half_of_the_box() -> None:
+    # a small box (inside one cell of the 4 x 4 map), a large one, and no box
+    box = torch.tensor([[0.30, 0.30, 0.40, 0.40], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    pos = positive_cells(box, torch.tensor([1.0, 1.0, 0.0]), N).view(3, 4, 4)
+    assert pos[0].sum() == 1 and pos[0, 1, 1]  # the cell (x 0.25-0.5, y 0.25-0.5)
+    assert pos[1].sum() == 4 and pos[1, 1:3, 1:3].all()  # centres within 0.25 of 0.5
+    assert not pos[2].any()
+
+
+def test_cell_box_loss_reads_only_the_positive_cells_of_lesion_cases() -> None:
+    # Prepare: change every cell box that is not positive
     batch, out = _batch(), _output()
-    other_pred = out.box.detach().clone()
-    other_pred[[1, 3]] = torch.tensor([0.0, 0.0, 1.0, 1.0])
-    other_target = batch.box.clone()
-    other_target[[1, 3]] = torch.tensor([0.4, 0.4, 0.41, 0.41])
+    pos = positive_cells(batch.box, batch.has_box, N)
+    other = out.cell_boxes.detach().clone()
+    other[~pos] = torch.tensor([0.0, 0.0, 1.0, 1.0])
     # Execute
-    loss = box_loss(out.box, batch.box, batch.has_box)
+    loss = cell_box_loss(out.cell_boxes, batch.box, pos)
     loss.backward()
-    same = box_loss(other_pred, other_target, batch.has_box)
     # Assert
-    assert float(loss.detach()) == pytest.approx(float(same), rel=1e-6)
-    assert torch.equal(out.box.grad[[1, 3]], torch.zeros(2, 4))
-    assert out.box.grad[[0, 2]].abs().sum() > 0
+    assert float(loss.detach()) == pytest.approx(float(cell_box_loss(other, batch.box, pos)))
+    assert torch.equal(out.cell_boxes.grad[~pos], torch.zeros(int((~pos).sum()), 4))
+    assert out.cell_boxes.grad[pos].abs().sum() > 0
 
 
-def test_box_loss_is_a_sum_over_box_rows_divided_by_the_batch_size() -> None:
-    # one exact box (loss 0) and one row with no box, in a batch of 2
-    pred = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.3, 0.3]])
-    exact = box_loss(pred, pred.clone(), torch.tensor([1.0, 0.0]))
-    # one box off by 0.1 in x1 (smooth L1 = 0.5 * 0.1^2 / 4 coordinates) over batch of 2
-    target = torch.tensor([[0.1, 0.1, 0.6, 0.5], [0.0, 0.0, 0.0, 0.0]])
-    off = box_loss(pred, target, torch.tensor([1.0, 0.0]))
+def test_cell_box_loss_is_zero_on_exact_boxes_and_a_mean_over_the_batch() -> None:
+    batch = _batch()
+    pos = positive_cells(batch.box, batch.has_box, N)
+    exact = batch.box.unsqueeze(1).expand(B, N, 4).clone()
+    assert float(cell_box_loss(exact, batch.box, pos)) == pytest.approx(0.0, abs=1e-6)
+    # one lesion case off by 0.1 in x1 at each positive cell: (smooth L1 + 1 - IoU) / B
+    off = exact.clone()
+    off[0, :, 2] += 0.1
     iou = 0.16 / 0.20
-    assert float(exact) == pytest.approx(0.0, abs=1e-7)
-    assert float(off) == pytest.approx((0.5 * 0.01 / 4 + 1 - iou) / 2, rel=1e-5)
+    expected = (0.5 * 0.01 / 4 + 1 - iou) / B
+    assert float(cell_box_loss(off, batch.box, pos)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_box_loss_without_boxes_is_zero_and_connected() -> None:
-    pred = torch.rand(3, 4).sort(-1).values.requires_grad_()
-    loss = box_loss(pred, torch.zeros(3, 4), torch.zeros(3))
+def test_cell_losses_without_lesions_are_connected() -> None:
+    cells = torch.rand(3, N, 2).requires_grad_()
+    boxes = torch.cat((cells * 0.5, cells * 0.5 + 0.2), dim=-1)
+    pos = positive_cells(torch.zeros(3, 4), torch.zeros(3), N)
+    loss = cell_box_loss(boxes, torch.zeros(3, 4), pos)
     loss.backward()
-    assert float(loss.detach()) == 0.0 and loss.requires_grad
-    assert torch.equal(pred.grad, torch.zeros(3, 4))
+    assert float(loss.detach()) == 0.0 and torch.equal(cells.grad, torch.zeros(3, N, 2))
+    # the lesion score still learns "no lesion anywhere" on a lesion-free film
+    logits = torch.zeros(3, N, requires_grad=True)
+    cell_lesion_loss(logits, pos).backward()
+    assert (logits.grad > 0).all()
+
+
+def test_cell_lesion_loss_balances_positive_and_negative_cells() -> None:
+    # a case with one positive cell: that cell weighs as much as the other 15 together
+    pos = torch.zeros(1, N, dtype=torch.bool)
+    pos[0, 5] = True
+    logits = torch.zeros(1, N, requires_grad=True)
+    cell_lesion_loss(logits, pos).backward()
+    assert float(logits.grad[0, 5]) == pytest.approx(-0.5)
+    assert float(logits.grad[0, 0]) == pytest.approx(0.5 / (N - 1))
 
 
 def test_token_loss_ignores_pad_targets() -> None:
@@ -119,7 +151,7 @@ def test_zero_weight_heads_contribute_nothing_but_stay_connected() -> None:
     # Assert: only classification counts; the other heads get zero gradients, not none
     assert parts["total"] == pytest.approx(parts["cls"], rel=1e-6)
     assert parts["box"] > 0 and parts["lesion"] > 0 and parts["gen"] > 0
-    for t in (out.box, out.lesion_logit, out.gen_logits):
+    for t in (out.cell_boxes, out.cell_logits, out.gen_logits):
         assert t.grad is not None and torch.equal(t.grad, torch.zeros_like(t))
 
 
@@ -134,7 +166,8 @@ def test_weights_scale_each_part() -> None:
 
 
 def test_heads_that_are_off_contribute_nothing() -> None:
-    out = _output()._replace(box=None, lesion_logit=None, gen_logits=None)
+    out = _output()._replace(box=None, lesion_logit=None, gen_logits=None, cell_boxes=None,
+                             cell_logits=None)
     total, parts = multitask_loss(out, _batch(), CFG)
     assert float(total.detach()) == pytest.approx(parts["cls"], rel=1e-6)
     assert parts["box"] == parts["lesion"] == parts["gen"] == 0.0

@@ -90,15 +90,23 @@ def test_head_shapes(fusion: str, modality: str) -> None:
     out = _run(model, batch, cfg)
     # Assert
     assert out.logits.shape == (B, cfg.num_classes)
-    assert out.box is not None and out.box.shape == (B, 4)
-    assert ((out.box >= 0) & (out.box <= 1)).all()
-    assert (out.box[:, 2:] >= out.box[:, :2]).all()
-    assert out.lesion_logit is not None and out.lesion_logit.shape == (B,)
-    if modality == "text":
+    if modality == "text":  # where the lesion is, is the image's to say
+        assert out.box is None and out.lesion_logit is None and out.cell_boxes is None
         assert out.gen_logits is None and out.image_attention is None
     else:
-        assert out.gen_logits is not None and out.gen_logits.shape == (B, G - 1, V)
         h = S // 2 ** len(cfg.cnn_widths)
+        assert out.box is not None and out.box.shape == (B, 4)
+        assert out.cell_boxes is not None and out.cell_boxes.shape == (B, h * h, 4)
+        for boxes in (out.box, out.cell_boxes.flatten(0, 1)):
+            assert ((boxes >= 0) & (boxes <= 1)).all()
+            assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert out.lesion_logit is not None and out.lesion_logit.shape == (B,)
+        # the case's box and score are its best cell's; the attention is that score's softmax
+        best = out.cell_logits.argmax(-1)
+        torch.testing.assert_close(out.box, out.cell_boxes[torch.arange(B), best])
+        torch.testing.assert_close(out.lesion_logit, out.cell_logits.max(-1).values)
+        torch.testing.assert_close(out.image_attention.flatten(1), out.cell_logits.softmax(-1))
+        assert out.gen_logits is not None and out.gen_logits.shape == (B, G - 1, V)
         assert out.image_attention is not None and out.image_attention.shape == (B, h, h)
         torch.testing.assert_close(out.image_attention.sum((1, 2)), torch.ones(B))
     if modality == "image":

@@ -271,7 +271,7 @@ def _zip_bomb(path: Path) -> Path:
     (lambda p: p.write_bytes(pickle.dumps({"format": 1})), "not a file PyTorch saves"),
     (lambda p: torch.save({"format": 1}, p), "no weights or no model_config"),
     (lambda p: torch.save(payload({}, CFG, DEFAULT_LABELS) | {"format": 9}, p),
-     "model file format 9; this medfuse reads format 1"),
+     "model file format 9; this medfuse reads format 2"),
     (lambda p: torch.save(payload({}, CFG, DEFAULT_LABELS) | {"model_config": [1]}, p),
      "model_config is list"),
     (_zip_bomb, "unpacks to 1 entries, 4.0 GiB"),
