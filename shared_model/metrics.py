@@ -4,12 +4,19 @@ Thin wrappers over well-kept libraries (scikit-learn, nltk, rouge-score); what t
 the handling of the cases a single hospital produces: a site with one class, a split
 with no lesion box, an empty report. None of them downloads anything; text metrics take
 our own tokens (`Tokenizer.decode` output), never nltk's punkt.
+
+Beside the scores themselves, the field reads each head against what a trivial model
+gets: mAP at IoU 0.4 (the RSNA / ChestX-ray14 localisation threshold) beside the IoU of
+the class's mean box, and BLEU / ROUGE-L beside the best constant report, with the
+clinical efficacy of the generated reports (`shared_model.report_labeller`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,6 +26,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from shared_model.boxes import box_iou
 from shared_model.contract import wire
+from shared_model.report_labeller import NORMAL, read_finding
 
 Tokens = Sequence[str]
 # One reference token list, or several references for the same hypothesis (nltk layout).
@@ -102,13 +110,25 @@ def bleu4(references: Sequence[Reference], hypotheses: Sequence[Tokens]) -> floa
     `references[i]` is the token list of hypothesis i's reference, or a list of token
     lists when it has several. 0.0 for empty input.
     """
+    return _corpus_bleu(references, hypotheses, (0.25, 0.25, 0.25, 0.25))
+
+
+def bleu1(references: Sequence[Reference], hypotheses: Sequence[Tokens]) -> float:
+    """Corpus BLEU-1 (clipped unigram precision times the brevity penalty), as report
+    generation papers print beside BLEU-4: it says whether the right words come at all,
+    where BLEU-4 also asks for their order. Same inputs and smoothing as `bleu4`."""
+    return _corpus_bleu(references, hypotheses, (1.0,))
+
+
+def _corpus_bleu(references: Sequence[Reference], hypotheses: Sequence[Tokens],
+                 weights: tuple[float, ...]) -> float:
     _check_pairs(references, hypotheses)
     if not hypotheses:
         return 0.0
     score = corpus_bleu(
         [_reference_set(r) for r in references],
         [list(h) for h in hypotheses],
-        weights=(0.25, 0.25, 0.25, 0.25),
+        weights=weights,
         smoothing_function=SmoothingFunction().method1,
     )
     return float(score)
@@ -174,3 +194,171 @@ def _reference_set(ref: Reference) -> list[list[str]]:
 def _check_pairs(references: Sequence[Reference], hypotheses: Sequence[Tokens]) -> None:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses: one each")
+
+
+# ------------------------------------------------------------------ localisation, as scored
+
+
+DETECTION_IOU = 0.4  # a hit at IoU >= 0.4: the RSNA pneumonia / ChestX-ray14 threshold
+
+
+def average_precision(scores: np.ndarray, hits: np.ndarray, num_truths: int) -> float:
+    """AP of ranked detections by all-point interpolation (VOC 2010+, COCO's area rule):
+    the area under the precision-recall curve whose precision at each recall is the best
+    precision at that recall or beyond. Ties in score keep their given order (a stable
+    sort), so the value does not depend on the platform. NaN without ground truth."""
+    if num_truths <= 0:
+        return math.nan
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hit = np.asarray(hits, dtype=bool)[order]
+    tp, fp = np.cumsum(hit), np.cumsum(~hit)
+    recall = np.concatenate(([0.0], tp / num_truths))
+    precision = np.concatenate(([0.0], tp / np.maximum(tp + fp, 1)))
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(recall) * envelope[1:]))
+
+
+def per_class_ap(
+    pred_boxes: np.ndarray, true_boxes: np.ndarray, has_box: np.ndarray,
+    labels: np.ndarray, pred_labels: np.ndarray, scores: np.ndarray,
+    iou_threshold: float = DETECTION_IOU,
+) -> dict[int, float]:
+    """AP of each class with at least one lesion case (class index -> AP).
+
+    Each case is one detection: its predicted box, of its predicted class, ranked by its
+    score. Among class c's detections (the cases predicted c) a hit is a case whose true
+    class is c, that has a true box, at IoU >= `iou_threshold`; the ground truths are
+    the lesion cases of true class c. A case has one box and one detection, so there is
+    nothing to match and no detection can claim a box twice.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    pred_labels = np.asarray(pred_labels).reshape(-1)
+    lesion = np.asarray(has_box).reshape(-1) > 0.5
+    iou = box_iou_rows(pred_boxes, true_boxes)
+    good = lesion & (labels == pred_labels) & (iou >= iou_threshold)  # NaN boxes: never
+    out: dict[int, float] = {}
+    for c in np.unique(labels[lesion]):
+        mine = pred_labels == c
+        out[int(c)] = average_precision(np.asarray(scores)[mine], good[mine],
+                                        int((lesion & (labels == c)).sum()))
+    return out
+
+
+def mean_ap(per_class: dict[int, float]) -> float:
+    """mAP: the mean of the classes' APs; NaN for a split with no lesion case."""
+    return float(np.mean(list(per_class.values()))) if per_class else math.nan
+
+
+def mean_box_iou(true_boxes: np.ndarray, has_box: np.ndarray, labels: np.ndarray,
+                 pred_labels: np.ndarray) -> float:
+    """Mean IoU of the baseline "the mean box of the predicted class" over the lesion
+    cases: each case gets the mean true box of the other lesion cases of its predicted
+    class in the split (left out itself, so the baseline never sees the box it is scored
+    on), or of all other lesion cases where its predicted class has none. The floor a box
+    head must beat: a predicted class alone already says roughly where its lesion lies.
+    NaN with fewer than two lesion cases (nothing to average but the case itself)."""
+    boxes = np.asarray(true_boxes, dtype=np.float64)
+    lesion = np.flatnonzero(np.asarray(has_box).reshape(-1) > 0.5)
+    if lesion.size < 2:
+        return math.nan
+    labels, pred_labels = np.asarray(labels).reshape(-1), np.asarray(pred_labels).reshape(-1)
+    guesses = []
+    for i in lesion:
+        others = lesion[lesion != i]
+        same = others[labels[others] == pred_labels[i]]
+        guesses.append(boxes[same if same.size else others].mean(axis=0))
+    return float(box_iou_rows(np.stack(guesses), boxes[lesion]).mean())
+
+
+def pointing_hits(peaks: np.ndarray, true_boxes: np.ndarray) -> np.ndarray:
+    """(N,) whether each point (x, y) lies in its true box, edges included."""
+    p, t = np.asarray(peaks, dtype=np.float64), np.asarray(true_boxes, dtype=np.float64)
+    return ((t[:, 0] <= p[:, 0]) & (p[:, 0] <= t[:, 2])
+            & (t[:, 1] <= p[:, 1]) & (p[:, 1] <= t[:, 3]))
+
+
+def pointing_game(peaks: np.ndarray, true_boxes: np.ndarray, has_box: np.ndarray) -> float:
+    """The pointing game (Zhang et al. 2016): the share of lesion cases whose attention
+    peak falls inside the true box. It asks whether the model looks at the lesion, not
+    how well a box head draws it; NaN without a lesion case."""
+    lesion = np.asarray(has_box).reshape(-1) > 0.5
+    if not lesion.any():
+        return math.nan
+    return float(pointing_hits(peaks, true_boxes)[lesion].mean())
+
+
+# ------------------------------------------------------------------ reports, as scored
+
+
+def distinct_share(hypotheses: Sequence[Tokens]) -> float:
+    """Share of distinct reports among the generated ones: 1/N when the decoder writes
+    one report whatever the film (a collapse BLEU can reward), 1 when all differ."""
+    if not hypotheses:
+        return 0.0
+    return len({tuple(h) for h in hypotheses}) / len(hypotheses)
+
+
+def clinical_efficacy(truth: Sequence[str], read: Sequence[str]) -> dict[str, float]:
+    """CE precision, recall and F1 of the labeller's readings `read` of the generated
+    reports against the true labels `truth` (names, one per case).
+
+    Macro averages over the disease labels present in the truth or read, "normal" left
+    out, as the CheXpert-based clinical-efficacy scores of report generation do (a
+    generator that writes "normal" for everything scores 0, not the normal share). A
+    label's precision is 0 where it is never read, its recall 0 where it is never true
+    (zero_division=0). NaN for all three when no disease is true or read.
+    """
+    if len(truth) != len(read):
+        raise ValueError(f"{len(truth)} true labels but {len(read)} readings: one each")
+    diseases = sorted((set(truth) | set(read)) - {NORMAL})
+    if not diseases:
+        return {wire.M_CE_PRECISION: math.nan, wire.M_CE_RECALL: math.nan,
+                wire.M_CE_F1: math.nan}
+    t, r = np.asarray(truth, dtype=object), np.asarray(read, dtype=object)
+    precision, recall, f1 = [], [], []
+    for d in diseases:
+        tp = float(np.sum((t == d) & (r == d)))
+        p = tp / max(float(np.sum(r == d)), 1.0)
+        q = tp / max(float(np.sum(t == d)), 1.0)
+        precision.append(p)
+        recall.append(q)
+        f1.append(2 * p * q / (p + q) if p + q > 0 else 0.0)
+    return {wire.M_CE_PRECISION: float(np.mean(precision)),
+            wire.M_CE_RECALL: float(np.mean(recall)), wire.M_CE_F1: float(np.mean(f1))}
+
+
+def read_reports(hypotheses: Sequence[Tokens], label_names: Sequence[str]) -> list[str]:
+    """The labeller's reading of each report (a name of `label_names`, or "normal").
+    Cached on its inputs: four metrics read the same reports."""
+    return list(_read_all(tuple(tuple(h) for h in hypotheses), tuple(label_names)))
+
+
+@lru_cache(maxsize=4)
+def _read_all(hypotheses: tuple[tuple[str, ...], ...], labels: tuple[str, ...]
+              ) -> tuple[str, ...]:
+    return tuple(read_finding(h, labels) for h in hypotheses)
+
+
+CONSTANT_CANDIDATES = 30  # the most common references tried as the constant report
+
+
+def best_constant_report(references: Sequence[Tokens]) -> tuple[tuple[str, ...], float, float]:
+    """The best constant report of a split and its scores: among the split's most common
+    references (at most `CONSTANT_CANDIDATES`, ties in order of first appearance), the
+    one whose corpus BLEU-4 is highest when every case gets it; (its tokens, its BLEU-4,
+    its mean ROUGE-L). The floor a generator must beat: a template report already scores
+    well on n-gram overlap. Cached on the references (two metrics read it)."""
+    return _best_constant(tuple(tuple(r) for r in references))
+
+
+@lru_cache(maxsize=4)
+def _best_constant(refs: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], float, float]:
+    if not refs:
+        return (), 0.0, 0.0
+    best: tuple[str, ...] = ()
+    best_bleu = -1.0
+    for candidate, _ in Counter(refs).most_common(CONSTANT_CANDIDATES):
+        score = bleu4(refs, [candidate] * len(refs))
+        if score > best_bleu:
+            best, best_bleu = candidate, score
+    return best, best_bleu, rouge_l(refs, [best] * len(refs))

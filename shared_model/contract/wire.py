@@ -57,7 +57,17 @@ M_BLEU4 = "bleu4"
 M_ROUGE_L = "rouge-l"
 M_EMPTY_REPORTS = "empty-reports"  # share of generated reports with no word
 M_BOX_RATE_NORMAL = "box-rate-normal"  # share of lesion-free cases given a box
-M_POINTING = "pointing"  # share of lesion cases whose predicted box centre is in the true box
+M_POINTING = "pointing"  # share of lesion cases whose attention peak is in the true box
+M_MAP40 = "map40"  # detection mAP at IoU >= 0.4 (one detection per case)
+M_IOU_MEANBOX = "iou-meanbox"  # IoU of the baseline: the predicted class's mean true box
+M_CE_PRECISION = "ce-precision"  # clinical efficacy: labeller's reading vs true label
+M_CE_RECALL = "ce-recall"
+M_CE_F1 = "ce-f1"
+M_DISTINCT_REPORTS = "distinct-reports"  # share of distinct generated reports
+M_FINDING_AGREEMENT = "finding-agreement"  # report's finding == the classifier's class
+M_BLEU1 = "bleu1"
+M_CONST_BLEU4 = "const-bleu4"  # BLEU-4 of the best constant report
+M_CONST_ROUGE_L = "const-rouge-l"  # ROUGE-L of the best constant report
 
 # ConfigRecord in replies: who answered and why a reply carries no update. Every reply's
 # SITE record holds SITE_NAME, SITE_ERROR and SITE_DETAIL ("" when there is nothing to say)

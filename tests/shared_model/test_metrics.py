@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from shared_model.config import DEFAULT_LABELS
 from shared_model.contract import wire
-from shared_model.contract.metric_registry import BY_NAME
-from shared_model.metrics import bleu4, classification_metrics, mean_iou, rouge_l
-from shared_model.train import CaseResults
+from shared_model.contract.metric_registry import (
+    BY_NAME,
+    View,
+    class_aps,
+    release_slots,
+    released_under_dp,
+)
+from shared_model.metrics import (
+    average_precision,
+    best_constant_report,
+    bleu1,
+    bleu4,
+    classification_metrics,
+    clinical_efficacy,
+    mean_iou,
+    rouge_l,
+)
+from shared_model.train import CaseResults, summarise
 
 
 def one_hot_probs(pred: list[int], num_classes: int) -> np.ndarray:
@@ -163,10 +180,6 @@ def test_text_metrics_refuse_unpaired_input() -> None:
 
 def test_box_rate_normal_counts_boxes_predicted_on_lesion_free_cases() -> None:
     # Prepare: three lesion-free cases (two given a box) and one lesion case
-    import dataclasses
-
-    from shared_model.train import CaseResults, summarise
-
     cases = CaseResults(
         labels=np.array([0, 0, 0, 1]), probs=np.array([[.9, .1]] * 3 + [[.2, .8]]),
         loss_sum=1.0, boxes=np.zeros((4, 4)), true_boxes=np.zeros((4, 4)),
@@ -181,14 +194,239 @@ def test_box_rate_normal_counts_boxes_predicted_on_lesion_free_cases() -> None:
     assert wire.M_BOX_RATE_NORMAL not in summarise(no_scores, 2)
 
 
-def test_pointing_game_counts_lesion_cases_whose_box_centre_hits_the_true_box():
-    # three lesion cases (centre in, centre out, centre on the edge) and one normal case
-    # whose predicted box would hit: the normal one does not count
-    true = np.array([[0.2, 0.2, 0.6, 0.6], [0.2, 0.2, 0.4, 0.4], [0.0, 0.0, 0.5, 0.5],
-                     [0.2, 0.2, 0.6, 0.6]])
-    pred = np.array([[0.3, 0.3, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9], [0.4, 0.4, 0.6, 0.6],
-                     [0.3, 0.3, 0.5, 0.5]])
-    cases = CaseResults(labels=np.zeros(4, dtype=np.int64), probs=np.full((4, 2), 0.5),
-                        loss_sum=0.0, boxes=pred, true_boxes=true,
-                        has_box=np.array([1.0, 1.0, 1.0, 0.0]), refs=None, hyps=None)
-    assert BY_NAME["pointing"].exact(cases, 2) == pytest.approx(2 / 3)
+def test_box_rate_normal_draws_a_box_at_the_split_lesion_threshold() -> None:
+    # Prepare: three lesion-free cases scored .9, .6, .1 and one lesion case
+    cases = CaseResults(
+        labels=np.array([0, 0, 0, 1]), probs=np.array([[.9, .1]] * 3 + [[.2, .8]]),
+        loss_sum=1.0, boxes=np.zeros((4, 4)), true_boxes=np.zeros((4, 4)),
+        has_box=np.array([0.0, 0.0, 0.0, 1.0]), refs=None, hyps=None,
+        lesion_scores=np.array([0.9, 0.6, 0.1, 0.9]), lesion_threshold=0.65,
+    )
+    rate = BY_NAME[wire.M_BOX_RATE_NORMAL].exact
+    # Execute / Assert: only .9 reaches .65; at .6 the .6 box is drawn too (>=)
+    assert rate(cases, 2) == pytest.approx(1 / 3)
+    assert rate(dataclasses.replace(cases, lesion_threshold=0.6), 2) == pytest.approx(2 / 3)
+    assert rate(dataclasses.replace(cases, lesion_threshold=0.95), 2) == 0.0
+
+
+# ------------------------------------------------------------------ localisation
+
+NORMAL_BOX = [0.0, 0.0, 0.0, 0.0]
+
+
+def _boxes_case(labels: list[int], pred: list[int], boxes: list[list[float]],
+                true: list[list[float]], scores: list[float], **extra: object) -> CaseResults:
+    """Cases of three classes (0 normal, 1 and 2 with a lesion box)."""
+    return CaseResults(
+        labels=np.array(labels), probs=one_hot_probs(pred, 3), loss_sum=0.0,
+        boxes=np.array(boxes, dtype=float), true_boxes=np.array(true, dtype=float),
+        has_box=np.array([float(k != 0) for k in labels]), refs=None, hyps=None,
+        lesion_scores=np.array(scores, dtype=float), **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_a_perfect_box_scores_map_and_iou_one() -> None:
+    # Prepare: both lesion cases boxed exactly, of their class; the normal one left alone
+    true = [[.1, .1, .4, .4], [.5, .5, .8, .8], NORMAL_BOX]
+    cases = _boxes_case([1, 2, 0], [1, 2, 0], true, true, [.9, .8, .1])
+    # Execute
+    metrics = summarise(cases, 3)
+    # Assert
+    assert metrics[wire.M_MAP40] == pytest.approx(1.0)
+    assert metrics[wire.M_IOU] == pytest.approx(1.0)
+    assert class_aps(cases) == {1: pytest.approx(1.0), 2: pytest.approx(1.0)}
+
+
+def test_a_box_shifted_below_iou_0_4_or_empty_is_no_hit() -> None:
+    # Prepare: class 1's box shifted by .15: inter .15^2 = .0225, union .09 + .09 - .0225
+    #   = .1575 -> IoU 1/7 < .4: AP 0; class 2's box predicted empty: IoU 0, AP 0
+    true = [[.1, .1, .4, .4], [.5, .5, .8, .8], [.2, .2, .6, .6], NORMAL_BOX]
+    pred = [[.25, .25, .55, .55], NORMAL_BOX, [.2, .2, .6, .6], NORMAL_BOX]
+    cases = _boxes_case([1, 2, 2, 0], [1, 2, 2, 0], pred, true, [.9, .8, .7, .1])
+    # Execute
+    metrics = summarise(cases, 3)
+    # Assert: class 1 AP 0; class 2 (two ground truths): miss at .8, then hit at .7:
+    #   P 1/2 at R 1/2, never more -> AP 1/4; mAP = 1/8
+    assert class_aps(cases) == {1: 0.0, 2: pytest.approx(0.25)}
+    assert metrics[wire.M_MAP40] == pytest.approx(1 / 8)
+    assert metrics[wire.M_IOU] == pytest.approx((1 / 7 + 0 + 1) / 3)
+
+
+def test_map40_ranks_each_class_detections_by_lesion_score() -> None:
+    # Prepare
+    # class 1 detections (predicted 1), by score: .9 hit, .8 miss (a normal case), .7 hit;
+    #   its ground truths: the three class-1 lesion cases (one of them predicted 2)
+    #   P/R: 1 @ 1/3, 1/2 @ 1/3, 2/3 @ 2/3 -> AP = 1/3 * 1 + 1/3 * 2/3 = 5/9
+    # class 2 detections: .6 miss (a class-1 case), .5 hit; one ground truth
+    #   P/R: 0 @ 0, 1/2 @ 1 -> AP = 1/2
+    # mAP = (5/9 + 1/2) / 2 = 19/36
+    box = [.1, .1, .5, .5]
+    labels, pred = [1, 0, 1, 1, 2], [1, 1, 1, 2, 2]
+    true = [box, NORMAL_BOX, box, box, box]
+    cases = _boxes_case(labels, pred, [box] * 5, true, [.9, .8, .7, .6, .5])
+    # Execute
+    aps = class_aps(cases)
+    # Assert
+    assert aps == {1: pytest.approx(5 / 9), 2: pytest.approx(0.5)}
+    assert summarise(cases, 3)[wire.M_MAP40] == pytest.approx(19 / 36)
+    # the same detections in another order: the score, not the case order, ranks them
+    order = [4, 3, 2, 1, 0]
+    shuffled = _boxes_case([labels[i] for i in order], [pred[i] for i in order], [box] * 5,
+                           [true[i] for i in order], [[.9, .8, .7, .6, .5][i] for i in order])
+    assert summarise(shuffled, 3)[wire.M_MAP40] == pytest.approx(19 / 36)
+
+
+def test_average_precision_by_all_point_interpolation() -> None:
+    # hits at ranks 1 and 3 of 3, 4 ground truths (2 never detected):
+    # P/R 1 @ 1/4, 1/2 @ 1/4, 2/3 @ 1/2 -> AP = 1/4 * 1 + 1/4 * 2/3 = 5/12
+    assert average_precision(np.array([.3, .2, .1]), np.array([1, 0, 1]), 4) == \
+        pytest.approx(5 / 12)
+    assert average_precision(np.zeros(0), np.zeros(0), 2) == 0.0
+    assert math.isnan(average_precision(np.zeros(1), np.zeros(1), 0))
+
+
+def test_localisation_without_lesion_cases_is_nan_and_without_a_box_head_absent() -> None:
+    # Prepare: two normal cases only
+    cases = _boxes_case([0, 0], [0, 1], [NORMAL_BOX, [.1, .1, .2, .2]], [NORMAL_BOX] * 2,
+                        [.1, .9], attention_peaks=np.array([[.5, .5], [.5, .5]]))
+    no_head = dataclasses.replace(cases, boxes=None, true_boxes=None, has_box=None,
+                                  lesion_scores=None, attention_peaks=None)
+    # Execute
+    metrics, without = summarise(cases, 3), summarise(no_head, 3)
+    # Assert: NaN as IoU has it (nothing to score), absent without the head
+    for name in (wire.M_MAP40, wire.M_IOU_MEANBOX, wire.M_IOU, wire.M_POINTING):
+        assert math.isnan(metrics[name]), name
+        assert name not in without, name
+
+
+def test_the_mean_box_baseline_leaves_each_case_out() -> None:
+    # Prepare
+    # case 0 (class 1, predicted 2): the other class-2 box [.1,.1,.4,.4] vs [0,0,.2,.2]:
+    #   inter .1^2 = .01, union .04 + .09 - .01 = .12 -> 1/12
+    # case 1 (class 1, predicted 1): the other class-1 box [0,0,.2,.2] vs [0,0,.4,.4]:
+    #   .04 / .16 -> 1/4
+    # case 2 (class 2, predicted 2): no other class-2 lesion case: the mean of all others,
+    #   [0,0,.3,.3] vs [.1,.1,.4,.4]: inter .2^2 = .04, union .09 + .09 - .04 = .14 -> 2/7
+    # case 3 is normal: not scored, not averaged. mean = (1/12 + 1/4 + 2/7) / 3 = 13/63
+    true = [[0, 0, .2, .2], [0, 0, .4, .4], [.1, .1, .4, .4], [.6, .6, .9, .9]]
+    cases = _boxes_case([1, 1, 2, 0], [2, 1, 2, 0], [[0, 0, 1, 1]] * 4, true, [.5] * 4)
+    # Execute / Assert
+    assert summarise(cases, 3)[wire.M_IOU_MEANBOX] == pytest.approx(13 / 63)
+    # one lesion case has no other box to average
+    one = _boxes_case([1, 0], [1, 0], [[0, 0, 1, 1]] * 2, true[:2], [.5] * 2)
+    assert math.isnan(summarise(one, 3)[wire.M_IOU_MEANBOX])
+
+
+def test_pointing_game_counts_lesion_cases_whose_attention_peak_is_in_the_true_box():
+    # Prepare: three lesion cases (peak in, out, on the edge) and one normal case whose
+    # peak would hit (not counted); the predicted boxes' centres (.9, .9) hit nothing, so
+    # the predicted box plays no part
+    true = [[.2, .2, .6, .6], [.2, .2, .4, .4], [0, 0, .5, .5], [.2, .2, .6, .6]]
+    peaks = np.array([[.4, .4], [.7, .7], [.5, .5], [.4, .4]])
+    cases = _boxes_case([1, 1, 2, 0], [1, 1, 2, 0], [[.8, .8, 1, 1]] * 4, true, [.5] * 4,
+                        attention_peaks=peaks)
+    # Execute / Assert: 2 of 3
+    assert summarise(cases, 3)[wire.M_POINTING] == pytest.approx(2 / 3)
+    assert wire.M_POINTING not in summarise(dataclasses.replace(cases, attention_peaks=None), 3)
+
+
+# ------------------------------------------------------------------ reports
+
+
+def test_bleu1_by_hand() -> None:
+    # "heart size enlarged" against "heart size is normal": 2 of 3 unigrams match;
+    # brevity penalty exp(1 - 4/3) -> BLEU-1 = 2/3 * exp(-1/3)
+    ref, hyp = "heart size is normal".split(), "heart size enlarged".split()
+    assert bleu1([ref], [hyp]) == pytest.approx(2 / 3 * math.exp(-1 / 3))
+    assert bleu1([ref], [ref]) == pytest.approx(1.0)
+
+
+def _report_case(labels: list[int], pred: list[int], refs: list[str], hyps: list[str],
+                 names: tuple[str, ...] = DEFAULT_LABELS) -> CaseResults:
+    return CaseResults(
+        labels=np.array(labels), probs=one_hot_probs(pred, len(DEFAULT_LABELS)), loss_sum=0.0,
+        boxes=None, true_boxes=None, has_box=None, refs=[r.split() for r in refs],
+        hyps=[h.split() for h in hyps], label_names=names,
+    )
+
+
+def test_a_constant_report_is_one_distinct_report_and_the_constant_baseline() -> None:
+    # Prepare: the most common reference written for every case
+    common = "no acute cardiopulmonary disease is seen"
+    refs = [common, "the heart is enlarged", common, "small right pleural effusion"]
+    cases = _report_case([0, 4, 0, 3], [0, 0, 0, 0], refs, [common] * 4)
+    # Execute
+    metrics = summarise(cases, 5)
+    # Assert: one report of four; it is the best constant, so it scores the baseline
+    assert metrics[wire.M_DISTINCT_REPORTS] == pytest.approx(1 / 4)
+    assert metrics[wire.M_CONST_BLEU4] == pytest.approx(metrics[wire.M_BLEU4])
+    assert metrics[wire.M_CONST_BLEU4] == pytest.approx(max(
+        bleu4([r.split() for r in refs], [c.split()] * 4) for c in refs))
+    # ROUGE-L: two copies (1); "the heart is enlarged" shares "is": P 1/6, R 1/4,
+    # F 1/5; the effusion report shares nothing -> (1 + 1 + 1/5 + 0) / 4 = 0.55
+    assert metrics[wire.M_CONST_ROUGE_L] == pytest.approx(0.55)
+    assert metrics[wire.M_CONST_ROUGE_L] == pytest.approx(metrics[wire.M_ROUGE_L])
+    # the references as reports: three distinct of four
+    varied = dataclasses.replace(cases, hyps=[r.split() for r in refs])
+    assert summarise(varied, 5)[wire.M_DISTINCT_REPORTS] == pytest.approx(3 / 4)
+
+
+def test_the_best_constant_report_is_searched_not_just_the_most_common() -> None:
+    # "no acute disease" is the most common reference, but as a constant its brevity
+    # penalty costs more than its matches gain: 0.200 against 0.250 for either 4-word
+    # report (the references' median length); of the two tied, the first seen
+    refs = [r.split() for r in ("no acute disease", "the heart is enlarged", "no acute disease",
+                                "small right pleural effusion")]
+    best, score, _ = best_constant_report(refs)
+    assert best == ("the", "heart", "is", "enlarged")
+    assert score == pytest.approx(0.25)
+    assert score == pytest.approx(bleu4(refs, [list(best)] * 4))
+    assert score > bleu4(refs, [refs[0]] * 4)
+
+
+def test_clinical_efficacy_and_finding_agreement_on_hand_made_reports() -> None:
+    # Prepare: true names pneumonia, effusion, normal, nodule, nodule, effusion; read
+    #   pneumonia, normal (negated), cardiomegaly, nodule, pneumonia, effusion
+    # pneumonia:    TP 1, read 2, true 1 -> P 1/2, R 1,   F1 2/3
+    # effusion:     TP 1, read 1, true 2 -> P 1,   R 1/2, F1 2/3
+    # nodule:       TP 1, read 1, true 2 -> P 1,   R 1/2, F1 2/3
+    # cardiomegaly: TP 0, read 1, true 0 -> 0, 0, 0 ("normal" left out of the average)
+    # macro P = 5/2 / 4 = 5/8, R = 2 / 4 = 1/2, F1 = 2 / 4 = 1/2
+    # agreement with the classifier (predicted 1 3 0 2 0 3): cases 0, 3, 5 -> 1/2
+    hyps = ["patchy consolidation right lower zone", "no pleural effusion",
+            "the heart is enlarged", "<num> mm nodule in the rul",
+            "consolidation c w pneumonia", "small right pleural effusion"]
+    cases = _report_case([1, 3, 0, 2, 2, 3], [1, 3, 0, 2, 0, 3], hyps, hyps)
+    # Execute
+    metrics = summarise(cases, 5)
+    # Assert
+    assert metrics[wire.M_CE_PRECISION] == pytest.approx(5 / 8)
+    assert metrics[wire.M_CE_RECALL] == pytest.approx(1 / 2)
+    assert metrics[wire.M_CE_F1] == pytest.approx(1 / 2)
+    assert metrics[wire.M_FINDING_AGREEMENT] == pytest.approx(1 / 2)
+    # without class names the labeller has nothing to read against: absent
+    unnamed = summarise(dataclasses.replace(cases, label_names=()), 5)
+    for name in (wire.M_CE_PRECISION, wire.M_CE_RECALL, wire.M_CE_F1,
+                 wire.M_FINDING_AGREEMENT):
+        assert name not in unnamed, name
+    assert wire.M_DISTINCT_REPORTS in unnamed
+
+
+def test_clinical_efficacy_is_nan_when_no_disease_is_true_or_read() -> None:
+    out = clinical_efficacy(["normal", "normal"], ["normal", "normal"])
+    assert all(math.isnan(v) for v in out.values())
+    with pytest.raises(ValueError, match="one each"):
+        clinical_efficacy(["normal"], [])
+
+
+def test_the_new_metrics_are_exact_only_and_in_the_full_tables_only() -> None:
+    # a DP evaluation releases none of them: the release vector keeps its four slots
+    added = (wire.M_MAP40, wire.M_IOU_MEANBOX, wire.M_POINTING, wire.M_BLEU1,
+             wire.M_CONST_BLEU4, wire.M_CONST_ROUGE_L, wire.M_DISTINCT_REPORTS,
+             wire.M_CE_PRECISION, wire.M_CE_RECALL, wire.M_CE_F1, wire.M_FINDING_AGREEMENT)
+    for name in added:
+        assert BY_NAME[name].dp is None, name
+        assert BY_NAME[name].views == frozenset({View.TABLES}), name
+    assert not set(added) & {m.name for m in released_under_dp()}
+    assert [s.name for s in release_slots()] == [
+        "iou-sum", "lesions", "rouge-l-sum", "empty-reports-sum"]
