@@ -19,7 +19,8 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from shared_model.config import ModelConfig, TrainLayers
-from shared_model.tokenizer import BOS, EMPTY, EOS, PAD
+from shared_model.decoder import BEAM, ReportDecoder
+from shared_model.tokenizer import EMPTY, PAD
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -286,73 +287,6 @@ class GridLocaliser(nn.Module):
         return cell_boxes[rows, best], cell_logits[rows, best], cell_boxes
 
 
-class ReportDecoder(nn.Module):
-    """LSTM language model conditioned on the fused vector: the vector sets the initial
-    state and is also fed at every step, so the conditioning does not fade along the
-    report.
-
-    It has its own embedding: sharing the encoder's would run one module twice per
-    forward pass, which Opacus' per-sample hooks do not handle reliably.
-    """
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.hidden = cfg.decoder_hidden
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD)
-        self.init = nn.Linear(cfg.fused_dim, 2 * cfg.decoder_hidden)
-        self.lstm = DPLSTM(cfg.embed_dim + cfg.fused_dim, cfg.decoder_hidden, batch_first=True)
-        self.out = nn.Linear(cfg.decoder_hidden, cfg.vocab_size)
-
-    def initial_state(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h0, c0 = self.init(fused).split(self.hidden, dim=-1)  # (B, Hd) each
-        return torch.tanh(h0).unsqueeze(0), c0.unsqueeze(0).contiguous()  # (1, B, Hd) each
-
-    def step(
-        self,
-        fused: torch.Tensor,
-        inputs: torch.Tensor,
-        state: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Next-token logits for `inputs` (B, L) from `state`; teacher forcing is one call
-        with the whole target, greedy decoding one call per token."""
-        mask = (inputs != PAD).unsqueeze(-1)  # (B, L, 1)
-        x = self.embed(inputs) * mask  # (B, L, E)
-        cond = fused.unsqueeze(1).expand(-1, inputs.shape[1], -1)  # (B, L, F)
-        h, state = self.lstm(torch.cat((x, cond), dim=-1), state)  # (B, L, Hd)
-        return self.out(h), state  # (B, L, V)
-
-    def forward(self, fused: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.step(fused, inputs, self.initial_state(fused))
-        return logits  # (B, L, V)
-
-    def greedy(self, fused: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Greedy decoding, (B, max_len): BOS, then one `step` per position, each row's
-        tokens after its first EOS set to PAD.
-
-        Always exactly `max_len - 1` steps, whatever the tokens: no early stop once every
-        row has ended. How long an evaluation takes must not depend on the data, or a
-        crafted decoder that ends at once unless a target case is in the batch turns the
-        time of a node's reply into a membership bit (a timing side channel). A finished
-        row is fed PAD and its further tokens are discarded, so the output is the one an
-        early stop gives.
-        """
-        b = fused.shape[0]
-        out = torch.full((b, max_len), PAD, dtype=torch.int64, device=fused.device)
-        out[:, 0] = BOS
-        done = torch.zeros(b, dtype=torch.bool, device=fused.device)
-        state = self.initial_state(fused)
-        token = out[:, :1]  # (B, 1)
-        for t in range(1, max_len):
-            logits, state = self.step(fused, token, state)  # (B, 1, V)
-            logits = logits[:, -1]  # (B, V)
-            logits[:, [PAD, BOS]] = float("-inf")  # never emitted, only implied
-            nxt = logits.argmax(-1).masked_fill(done, PAD)  # (B,)
-            out[:, t] = nxt
-            done |= nxt == EOS
-            token = nxt.unsqueeze(1)
-        return out
-
-
 # ---------------------------------------------------------------------------- model
 
 # Parameters each choice leaves frozen (at the initial model's values), by name prefix.
@@ -459,8 +393,8 @@ class MedFuseModel(nn.Module):
         if cfg.localisation and self.image is not None:
             self.locate = GridLocaliser(self.image.channels)
         self.decoder: ReportDecoder | None = None
-        if cfg.generation:
-            self.decoder = ReportDecoder(cfg)
+        if cfg.generation and self.image is not None:  # it writes what it sees
+            self.decoder = ReportDecoder(cfg, self.image.channels)
         self._aliases = _aliased_names(self)
         self.register_state_dict_post_hook(_drop_aliases)
         self.register_load_state_dict_pre_hook(_fill_aliases)
@@ -489,14 +423,19 @@ class MedFuseModel(nn.Module):
         image: torch.Tensor | None,
         tokens: torch.Tensor | None,
         gen_tokens: torch.Tensor | None = None,
+        label: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """`label` (B,): the true classes the decoder is conditioned on when it learns
+        (teacher forcing of the finding); without it, the predicted classes."""
         fused, img, text_att = self.encode(image, tokens)  # (B, F)
         logits = self.classifier(fused)  # (B, K)
         box = lesion = gen_logits = cell_boxes = None
         if self.locate is not None and img is not None:
             box, lesion, cell_boxes = self.locate(img.fmap, img.cell_logits)  # (B, 4), (B,), ...
-        if self.decoder is not None and gen_tokens is not None:
-            gen_logits = self.decoder(fused, gen_tokens[:, :-1])  # (B, G-1, V)
+        if self.decoder is not None and gen_tokens is not None and img is not None:
+            finding = self._finding(logits if label is None else None, label)  # (B, K)
+            gen_logits = self.decoder(fused, _regions(img), finding,
+                                      gen_tokens[:, :-1])  # (B, G-1, V)
         return ModelOutput(
             logits=logits,
             box=box,
@@ -515,22 +454,37 @@ class MedFuseModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, image: torch.Tensor, tokens: torch.Tensor | None, max_len: int | None = None
+        self, image: torch.Tensor, tokens: torch.Tensor | None, max_len: int | None = None,
+        beam: int = BEAM,
     ) -> torch.Tensor:
-        """Greedy description, (B, L) int64 laid out like `Batch.gen_tokens`: BOS, ids...,
+        """The description, (B, L) int64 laid out like `Batch.gen_tokens`: BOS, ids...,
         EOS, then PAD; L is `max_len` (default `cfg.max_gen_tokens`), and a row that
-        reaches it without EOS is cut there. Always `max_len - 1` decoder steps, however
-        early the rows end (`ReportDecoder.greedy`: no timing side channel). Runs in eval
-        mode and restores the mode."""
+        reaches it without EOS is cut there. Conditioned on the predicted class, so the
+        report states the finding the classifier gives; beam search with repeated
+        trigrams, OOV and special tokens barred, always `max_len - 1` decoder steps
+        however early the rows end (no timing side channel: `ReportDecoder.generate`).
+        Runs in eval mode and restores the mode."""
         if self.decoder is None:
-            raise RuntimeError("this model was built with generation=False")
+            raise RuntimeError("this model was built without a report decoder")
         max_len = self.cfg.max_gen_tokens if max_len is None else max_len
         if max_len < 2:
             raise ValueError(f"max_len={max_len}: need at least 2 (BOS and one token)")
         was_training = self.training
         self.eval()
         try:
-            fused, _, _ = self.encode(image, tokens)  # (B, F)
-            return self.decoder.greedy(fused, max_len)  # (B, L)
+            fused, img, _ = self.encode(image, tokens)  # (B, F)
+            assert img is not None  # a decoder is built only with an image encoder
+            finding = self._finding(self.classifier(fused), None)  # (B, K)
+            return self.decoder.generate(fused, _regions(img), finding, max_len, beam=beam)
         finally:
             self.train(was_training)
+
+    def _finding(self, logits: torch.Tensor | None, label: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) one-hot of `label`, or of the predicted class where no label is given."""
+        cls = label if label is not None else logits.detach().argmax(-1)  # (B,)
+        return F.one_hot(cls, self.cfg.num_classes).to(self.classifier.weight.dtype)
+
+
+def _regions(img: ImageFeatures) -> torch.Tensor:
+    """(B, h*w, C) the feature map's cells, the decoder's attention reads them."""
+    return img.fmap.flatten(2).transpose(1, 2)

@@ -201,11 +201,12 @@ def estimate_size(cfg: ModelConfig) -> SizeEstimate:
         heads += c * c * 9 + c + c * 4 + 4
         head_acts += (2 * c + 4) * side * side
     parts["heads"] = (heads, head_acts)
-    if cfg.generation:
-        hd, g = cfg.decoder_hidden, cfg.max_gen_tokens
-        lstm = 4 * hd * (e + f) + 4 * hd * hd + 8 * hd
-        parts["report decoder"] = (v * e + f * 2 * hd + 2 * hd + lstm + hd * v + v,
-                                   g * (e + f + 6 * hd + v))
+    if cfg.generation and has_image:  # shared_model/decoder.py
+        hd, g, n = cfg.decoder_hidden, cfg.max_gen_tokens, side * side
+        lstm = 4 * hd * (e + f + k) + 4 * hd * hd + 8 * hd
+        attention = (c * hd + hd) + (hd * hd + hd) + hd + ((hd + c) * hd + hd)
+        parts["report decoder"] = (v * e + (f + k) * 2 * hd + 2 * hd + lstm + attention
+                                   + hd * v + v, g * (e + f + k + 6 * hd + n * hd + v))
     return SizeEstimate(parts)
 
 

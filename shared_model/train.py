@@ -55,11 +55,13 @@ def make_loss_fn(cfg: ModelConfig) -> LossFn:
 
 
 def forward(model: nn.Module, batch: Batch, cfg: ModelConfig) -> ModelOutput:
-    """Feed only the modalities the model has, and the decoder target when it generates."""
+    """Feed only the modalities the model has, and the decoder target when it generates
+    (conditioned on the true finding, as the target is teacher-forced)."""
     image = batch.image if cfg.modality != "text" else None
     tokens = batch.tokens if cfg.modality != "image" else None
-    gen = batch.gen_tokens if cfg.generation else None
-    return model(image, tokens, gen)
+    if not cfg.generation:
+        return model(image, tokens)
+    return model(image, tokens, batch.gen_tokens, batch.label)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class CaseResults:
     hyps: list[list[str]] | None  # generated tokens (report hidden)
     lesion_scores: np.ndarray | None = None  # (N,) predicted P(lesion); None without box head
     lesion_threshold: float = 0.5  # a box is drawn where lesion_scores >= this
-    attention_peaks: np.ndarray | None = None  # (N, 2) x, y (fractions) of the image attention's peak
+    attention_peaks: np.ndarray | None = None  # (N, 2) x, y fractions: the attention's peak
     label_names: tuple[str, ...] = ()  # class index -> name; () where unknown
 
     @property
