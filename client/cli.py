@@ -205,22 +205,26 @@ def audit_table(rows: list[dict]):
 
 def predict(
     model: Annotated[Path, typer.Argument(help="a medfuse model file (final/model.pt)")],
-    site_dir: Annotated[Path | None, typer.Argument(help="a site folder (format v1)")] = None,
+    site_dir: Annotated[Path | None, typer.Argument(
+        help="a folder in format v1: any split, labels optional")] = None,
     image: Annotated[Path | None, typer.Option(help="one image instead of a site")] = None,
     report: Annotated[Path | None, typer.Option(
         help="with --image: a text file holding its report")] = None,
     report_text: Annotated[str, typer.Option(
         help="with --image: its report's words themselves")] = "",
-    out: Annotated[Path, typer.Option(help="predictions.csv, cases/*.png, index.html")] = Path(
-        "predictions"),
+    out: Annotated[Path, typer.Option(
+        help="predictions.csv, cases/, thumbs/, attention/, index.html")] = Path("predictions"),
     labels: LabelsOpt = "",
     limit: Annotated[int | None, typer.Option(min=1, help="at most this many cases")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
 ) -> None:
-    """The model on your own cases: class probabilities, lesion box, a generated
-    description, the image attention map and the report's words shaded by attention;
-    predictions.csv, one PNG per case and an index.html gallery. Cases that cannot be read
-    are listed, and are rows of the CSV with the reason. Nothing leaves here."""
+    """The model on your own cases: class probabilities, the lesion score (and box where
+    it reaches the model's threshold), a generated description, the image attention map
+    and the report's words shaded by attention; predictions.csv, per case the film at its
+    own resolution and an attention picture, and an index.html gallery to filter and sort.
+    Every row is predicted whatever its split; labels, where given, are the truth shown
+    and scored. Cases that cannot be read are listed, and are rows of the CSV with the
+    reason. Nothing leaves here."""
     # lazy: the prediction code loads torch and opacus; `medfuse --help` imports this
     from client.predict import (
         cases_of_site,
@@ -230,13 +234,16 @@ def predict(
         skipped_of_site,
         write_outputs,
     )
-    from shared_model.dataset import BadRow, SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.dataset import (  # lazy: loads torch (--help)
+        BadRow,
+        SiteError,
+        open_for_inference,
+    )
     from shared_model.model_file import (  # lazy: loads torch (--help)
         ModelFileError,
         check_matches,
         load_model_file,
     )
-    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
     from shared_model.train import pick_device  # lazy: loads torch and opacus (--help)
 
     if (site_dir is None) == (image is None):
@@ -254,8 +261,7 @@ def predict(
         if image is not None:
             cases = [_predict_image_case(image, _predict_report(report, report_text), mf)]
         else:
-            site = open_site(site_dir, labels=mf.labels, model=mf.model_config,
-                             tokenizer=Tokenizer(mf.model_config.vocab_size))
+            site = open_for_inference(site_dir, labels=mf.labels, model=mf.model_config)
             cases, skipped = cases_of_site(site), skipped_of_site(site)
         dev = pick_device(device)
     except (ModelFileError, SiteError, OSError, ValueError) as exc:
@@ -281,7 +287,8 @@ def predict(
         right = sum(p.label == p.true_label for p in known)
         _say(f"accuracy on the labelled cases: {right}/{len(known)} "
              f"({right / len(known):.3f})")
-    _say(f"written: {files['csv']}, {out / 'cases'}/, {files['index']}")
+    _say(f"written: {files['csv']}, {out / 'cases'}/ (films), {out / 'attention'}/, "
+         f"{files['index']} (gallery)")
 
 
 _LISTED_SKIPPED = 20  # skipped cases listed on the terminal; the CSV has every one

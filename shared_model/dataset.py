@@ -11,6 +11,11 @@ through. A row that cannot be used is skipped and counted (or, with `strict=True
 whole site is refused); problems with the site as a whole (no folder, no manifest, missing
 columns, no usable training rows) raise `SiteError` with a message meant for a person.
 
+`open_for_inference` opens a folder to predict on, not to train on: it asks only for
+`INFERENCE_COLUMNS` (a label, a split and a box are optional), keeps every row in manifest
+order whatever its split, and applies the same row checks, so a row it cannot use is
+listed with the same reason `medfuse data check` gives.
+
 There are no module-level caches here. The ClientApp keeps the sites it opened, per
 process, keyed by every file's name, size and modification time, so a changed folder is
 opened again; in deployment Flower starts a fresh ClientApp process per message, so
@@ -37,6 +42,8 @@ from torch.utils.data import Dataset
 from shared_model.config import MANIFEST, ModelConfig
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("case_id", "image", "report", "label")
+# What prediction needs: a case to predict has no truth yet, so no label or split.
+INFERENCE_COLUMNS: tuple[str, ...] = ("case_id", "image", "report")
 BOX_COLUMNS: tuple[str, ...] = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm")
@@ -199,6 +206,35 @@ class SiteData:
         yield from (self.train, self.val, self.test)
 
 
+@dataclass(frozen=True)
+class InferenceCase:
+    """One readable row of a folder opened for prediction; `label` ("" where the manifest
+    gives none) and `box` are the truth, shown beside the prediction, never its input.
+    `image_path` is the original file, so a picture can show it at its own resolution."""
+
+    row: int
+    case_id: str
+    image_path: Path
+    image: torch.Tensor  # (C, S, S) float32, normalised as in training
+    report: str
+    label: str
+    box: tuple[float, float, float, float] | None
+    split: str  # as the manifest gives it; "" where it gives none
+
+
+@dataclass(frozen=True)
+class InferenceSite:
+    """A folder opened for prediction: its readable cases in manifest order, and every
+    row that is not one with its reason (so none is silently left out)."""
+
+    name: str
+    path: Path
+    labels: tuple[str, ...]
+    total_rows: int
+    cases: tuple[InferenceCase, ...]
+    bad_rows: tuple[BadRow, ...]
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -270,6 +306,30 @@ def open_site(
         norm_std=(PIXEL_STD,) * images.shape[1],
         summary=summary,
     )
+
+
+def open_for_inference(
+    site_dir: Path, *, labels: Sequence[str], model: ModelConfig
+) -> InferenceSite:
+    """Open ONE folder to predict on: every row, any split, labels optional.
+
+    A folder of test cases only, or of cases nobody has labelled yet, is what a model is
+    used on, so neither is refused here as `open_site` refuses it for training. Rows are
+    checked as for training, except that an empty or absent label and split are no
+    reason; an unknown label still is (a typo would pose as a wrong prediction). Raises
+    `SiteError` only for the folder as a whole (no folder, no manifest, a column of
+    `INFERENCE_COLUMNS` missing); `ValueError` for `labels` not matching `model`.
+    """
+    label_set = _check_labels(labels, model)
+    site_dir = Path(site_dir)
+    frame = _read_manifest(site_dir, INFERENCE_COLUMNS)
+    candidates = _inference_rows(frame, site_dir.resolve(), label_set)
+    rows, bad, images = _decode(candidates, model, keep_images=True, by_split=False)
+    assert images is not None
+    images = images[: len(rows)].sub_(PIXEL_MEAN).div_(PIXEL_STD)  # (N, C, S, S)
+    cases = tuple(_inference_case(r, images[k], label_set) for k, r in enumerate(rows))
+    return InferenceSite(name=_site_name(site_dir), path=site_dir, labels=label_set,
+                         total_rows=len(candidates), cases=cases, bad_rows=tuple(bad))
 
 
 def check_site(
@@ -398,9 +458,11 @@ def _scan(
 
 
 def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, ...],
-               has_split: bool, first_row: dict[str, int]) -> _Row:
+               has_split: bool, first_row: dict[str, int], *,
+               label_optional: bool = False) -> _Row:
     """One manifest row (`row_no` as a spreadsheet counts: the header is row 1), with
-    every reason it is unusable; images are not read yet."""
+    every reason it is unusable; images are not read yet. `label_optional` (prediction)
+    lets an empty label pass: a case to predict need not be labelled."""
     # A cell that is not UTF-8 (a report pasted from a Latin-1 system) makes its row bad,
     # not the site; the case_id is shown with the odd bytes escaped, a report never.
     reasons: list[str] = [r for c in REQUIRED_COLUMNS if (r := _not_utf8(c, rec[c]))]
@@ -412,7 +474,7 @@ def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, 
     else:
         first_row[case_id] = row_no
     label = rec["label"].strip()
-    if label not in labels:
+    if label not in labels and (label or not label_optional):
         shown = f"unknown label {label!r}" if label else "empty label"
         reasons.append(f"{shown} (allowed: {', '.join(labels)})")
     split_value = rec["split"].strip() if has_split else ""
@@ -433,12 +495,13 @@ def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, 
     )
 
 
-def _decode(candidates: list[_Row], model: ModelConfig, keep_images: bool
-            ) -> tuple[list[_Row], list[BadRow], torch.Tensor | None]:
+def _decode(candidates: list[_Row], model: ModelConfig, keep_images: bool, *,
+            by_split: bool = True) -> tuple[list[_Row], list[BadRow], torch.Tensor | None]:
     """Decode the images in split order, so that each split is a contiguous slice of one
-    image tensor; (usable rows, bad rows by row number, images or None)."""
-    order = {s: k for k, s in enumerate(SPLITS)}
-    candidates = sorted(candidates, key=lambda r: (order[r.split], r.row_no))
+    image tensor (or, `by_split=False`, in manifest order, as prediction lists them);
+    (usable rows, bad rows by row number, images or None)."""
+    order = {s: k for k, s in enumerate(SPLITS)} if by_split else {}
+    candidates = sorted(candidates, key=lambda r: (order.get(r.split, 0), r.row_no))
     side = model.image_size
     images = (torch.empty((len(candidates), model.in_channels, side, side),
                           dtype=torch.float32) if keep_images else None)
@@ -478,8 +541,10 @@ def _escape_bytes(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _read_manifest(site_dir: Path) -> pd.DataFrame:
-    """The manifest as strings ("" for empty cells), column names stripped and lower-cased."""
+def _read_manifest(site_dir: Path, required: Sequence[str] = REQUIRED_COLUMNS
+                   ) -> pd.DataFrame:
+    """The manifest as strings ("" for empty cells), column names stripped and lower-cased;
+    `required` is what training needs unless the caller (prediction) needs less."""
     if not site_dir.is_dir():
         raise SiteError(
             f"Site folder {str(site_dir)!r} does not exist or is not a folder. A site is a "
@@ -489,8 +554,8 @@ def _read_manifest(site_dir: Path) -> pd.DataFrame:
     if not manifest.is_file():
         raise SiteError(
             f"Site folder {str(site_dir)!r} has no {MANIFEST}. Every site needs one, with the "
-            f"columns {', '.join(REQUIRED_COLUMNS)} (and optionally split and "
-            f"{', '.join(BOX_COLUMNS)}), one row per case."
+            f"columns {', '.join(required)} (and optionally "
+            f"{_optional_columns(required)}), one row per case."
         )
     try:
         # utf-8-sig drops the byte-order mark that spreadsheet programs write.
@@ -515,23 +580,55 @@ def _read_manifest(site_dir: Path) -> pd.DataFrame:
     header = next((r for c in frame.columns if (r := _not_utf8("the header row", c))), "")
     if header:
         raise SiteError(f"{MANIFEST} in {str(site_dir)!r}: row 1: {header}, with a header "
-                        f"row of {', '.join(REQUIRED_COLUMNS)}.")
+                        f"row of {', '.join(required)}.")
     twice = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
     if twice:
         raise SiteError(
             f"{MANIFEST} in {str(site_dir)!r} has the column(s) {', '.join(twice)} more than "
             "once (column names are compared ignoring case and surrounding spaces); keep one."
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
     if missing:
         found = ", ".join(frame.columns) if len(frame.columns) else "none"
         raise SiteError(
             f"{MANIFEST} in {str(site_dir)!r} lacks the required column(s) "
             f"{', '.join(missing)}; the columns found are: {found}. Required: "
-            f"{', '.join(REQUIRED_COLUMNS)} (report may be empty)."
+            f"{', '.join(required)} (report may be empty)."
         )
     # Short rows leave NaN even with na_filter off; a missing cell is an empty one.
     return frame.fillna("").astype(str)
+
+
+def _inference_rows(frame: pd.DataFrame, root: Path, labels: tuple[str, ...]) -> list[_Row]:
+    """Every case row of a manifest checked as `_check_row` checks it, where neither an
+    empty label nor any split is a reason: the split is only shown, where it is valid."""
+    first_row: dict[str, int] = {}
+    rows: list[_Row] = []
+    for i, rec in enumerate(frame.to_dict("records")):
+        if any(v.strip() for v in rec.values()):  # a blank line is no case, but counts
+            row = _check_row({**rec, "label": rec.get("label", "")}, i + 2, root, labels,
+                             False, first_row, label_optional=True)
+            given = rec.get("split", "").strip()
+            row.split = given if given in SPLITS else ""
+            rows.append(row)
+    return rows
+
+
+def _optional_columns(required: Sequence[str]) -> str:
+    """The optional columns for a message: those of the training set `required` leaves out,
+    then split and the box."""
+    rest = [c for c in REQUIRED_COLUMNS if c not in required]
+    return f"{', '.join([*rest, 'split'])} and {', '.join(BOX_COLUMNS)}"
+
+
+def _inference_case(row: _Row, image: torch.Tensor, labels: tuple[str, ...]
+                    ) -> InferenceCase:
+    """A checked, decoded row as a case to predict (`image` (C, S, S), normalised)."""
+    assert row.path is not None
+    return InferenceCase(
+        row=row.row_no, case_id=row.case_id, image_path=row.path, image=image,
+        report=row.report, label=labels[row.label_id] if row.label_id >= 0 else "",
+        box=row.box, split=row.split)
 
 
 def _image_path(root: Path, raw: str) -> tuple[str, Path | None]:

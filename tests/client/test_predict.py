@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -282,3 +283,195 @@ def test_an_unreadable_or_missing_image_is_an_error_naming_it(tmp_path: Path):
         assert result.exit_code == 2
         assert str(path) in _one_line_error(result)
     assert not (tmp_path / "pred").exists()
+
+
+# ------------------------------------------------- any folder, the threshold, the gallery
+
+
+def _folder(source: Path, dest: Path, rows: int = 6, *, split: str | None = "test",
+            label: bool = True, broken: int | None = None) -> Path:
+    """A small copy of a site: its first `rows` cases, every split set to `split` (the
+    column left out for None), the label column kept or left out, the image of row
+    `broken` (0-based) replaced by a file that is not an image."""
+    import shutil
+
+    frame = pd.read_csv(source / "manifest.csv", dtype=str, keep_default_na=False)
+    boxed = frame[frame["bbox_x0"] != ""].head(2)
+    frame = pd.concat([boxed, frame[frame["bbox_x0"] == ""]]).head(rows)
+    frame = frame.drop(columns=[c for c in ("split", "label") if
+                                (c == "split" and split is None) or (c == "label" and not label)])
+    if split is not None:
+        frame["split"] = split
+    dest.mkdir(parents=True)
+    for name in frame["image"]:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / name, dest / name)
+    if broken is not None:
+        (dest / frame["image"].iloc[broken]).write_bytes(PNG + b"not an image")
+    frame.to_csv(dest / "manifest.csv", index=False)
+    return dest
+
+
+def _threshold_model(path: Path, threshold: float) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig.small(image_size=32)
+    torch.save(payload(MedFuseModel(cfg).state_dict(), cfg, DEFAULT_LABELS, round=1,
+                       lesion_threshold=threshold), path)
+    return path
+
+
+def _predict(model: Path, site: Path, out: Path):
+    return CliRunner().invoke(app, ["predict", str(model), str(site), "--out", str(out)])
+
+
+def test_a_test_only_folder_is_predicted_every_row_with_its_accuracy(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    from shared_model.dataset import SiteError, open_site
+    from shared_model.tokenizer import Tokenizer
+
+    # Prepare: no training row at all, which training refuses
+    site = _folder(tiny_federation[0], tmp_path / "site", split="test")
+    cfg = ModelConfig.small(image_size=32)
+    with pytest.raises(SiteError, match="no usable training rows"):
+        open_site(site, labels=DEFAULT_LABELS, model=cfg, tokenizer=Tokenizer(cfg.vocab_size))
+    # Execute
+    result = _predict(_model_file(tmp_path / "m.pt"), site, tmp_path / "pred")
+    # Assert: every row predicted, in manifest order, its split and truth kept
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False)
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(frame["case_id"]) == list(manifest["case_id"])
+    assert set(frame["split"]) == {"test"} and (frame["error"] == "").all()
+    assert list(frame["true_label"]) == list(manifest["label"])
+    assert "accuracy on the labelled cases: " in result.output
+
+
+def test_an_unlabelled_folder_is_predicted_without_an_accuracy_line(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare: only case_id, image, report (and the box columns): no label, no split
+    site = _folder(tiny_federation[0], tmp_path / "site", split=None, label=False)
+    assert "label" not in (site / "manifest.csv").read_text().splitlines()[0].split(",")
+    # Execute
+    result = _predict(_model_file(tmp_path / "m.pt"), site, tmp_path / "pred")
+    # Assert
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False)
+    assert len(frame) == 6 and (frame["true_label"] == "").all()
+    assert set(frame["predicted"]) <= set(DEFAULT_LABELS) and (frame["error"] == "").all()
+    assert "accuracy" not in result.output
+    page = (tmp_path / "pred" / "index.html").read_text(encoding="utf-8")
+    assert page.count('data-verdict="unlabelled"') == 6 and "accuracy" not in page
+
+
+def test_an_unreadable_image_in_an_unlabelled_folder_is_listed_and_the_rest_predicted(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare
+    site = _folder(tiny_federation[0], tmp_path / "site", split=None, label=False, broken=3)
+    bad_id = pd.read_csv(site / "manifest.csv", dtype=str)["case_id"].iloc[3]
+    # Execute
+    result = _predict(_model_file(tmp_path / "m.pt"), site, tmp_path / "pred")
+    # Assert: named on the terminal (its row: header 1, so the 4th case is row 5), in the
+    # CSV with its reason and in the page; the five others predicted
+    assert result.exit_code == 0, result.output
+    assert "1 case(s) not predicted" in result.output
+    assert f"manifest row 5, {bad_id}: unreadable" in result.output
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False)
+    errors = frame[frame["error"] != ""]
+    assert list(errors["case_id"]) == [bad_id] and "unreadable" in errors["error"].iloc[0]
+    assert (frame[frame["error"] == ""]["predicted"] != "").sum() == 5
+    page = (tmp_path / "pred" / "index.html").read_text(encoding="utf-8")
+    assert "Not predicted (1)" in page and f"<td>{bad_id}</td>" in page
+    assert page.count("<figure") == 5
+
+
+def test_an_unknown_label_is_a_listed_row_while_an_empty_one_is_a_case(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    from shared_model.dataset import open_for_inference
+
+    # Prepare: one label a typo, one empty
+    site = _folder(tiny_federation[0], tmp_path / "site", split="")
+    frame = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    frame.loc[1, "label"], frame.loc[2, "label"] = "pneumonai", ""
+    frame.to_csv(site / "manifest.csv", index=False)
+    # Execute
+    opened = open_for_inference(site, labels=DEFAULT_LABELS,
+                                model=ModelConfig.small(image_size=32))
+    # Assert
+    assert [b.case_id for b in opened.bad_rows] == [frame["case_id"][1]]
+    assert "unknown label 'pneumonai'" in opened.bad_rows[0].reason
+    assert [c.case_id for c in opened.cases] == [frame["case_id"][k] for k in (0, 2, 3, 4, 5)]
+    assert opened.cases[1].label == "" and opened.cases[0].box is not None
+    assert all(c.split == "" for c in opened.cases)  # none given: none made up
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.99])
+def test_a_box_only_where_the_lesion_score_reaches_the_threshold(
+    tiny_federation: list[Path], tmp_path: Path, threshold: float
+):
+    # Prepare
+    model = _threshold_model(tmp_path / "m.pt", threshold)
+    site = _folder(tiny_federation[0], tmp_path / "site")
+    image = next(p for p in sorted(site.rglob("*.png")))
+    # Execute
+    result = _predict(model, site, tmp_path / "pred")
+    one = CliRunner().invoke(app, ["predict", str(model), "--image", str(image),
+                                   "--out", str(tmp_path / "one")])
+    # Assert: the score always there; a box exactly where it reaches the threshold
+    assert result.exit_code == 0 and one.exit_code == 0, result.output + one.output
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert frame["lesion_score"].notna().all()
+    boxed = frame["box_x0"].notna()
+    assert (boxed == (frame["lesion_score"] >= threshold)).all()
+    assert boxed.all() if threshold == 0.0 else not boxed.any()
+    page = (tmp_path / "pred" / "index.html").read_text(encoding="utf-8")
+    assert page.count('class="box pred"') == boxed.sum()
+    assert "lesion score" in one.output
+    assert ("no lesion box" in one.output) == (threshold == 0.99)
+
+
+def test_the_gallery_links_small_thumbnails_of_the_original_film_with_both_boxes(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    from PIL import Image
+
+    from client.predict import PRED_COLOUR, THUMB_PX, TRUE_COLOUR
+
+    # Prepare: a site whose first case is a 600 x 400 film with a true box
+    site = _folder(tiny_federation[0], tmp_path / "site")
+    frame = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    Image.open(site / frame["image"][0]).convert("L").resize((600, 400)).save(
+        site / frame["image"][0])
+    # Execute
+    result = _predict(_threshold_model(tmp_path / "m.pt", 0.0), site, tmp_path / "pred")
+    # Assert: the page links files by relative path and stays small
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pred"
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "data:image" not in page and "http" not in page
+    assert len(page.encode("utf-8")) < 4000 + 2000 * len(frame)
+    for control in ('id="f-class"', 'id="f-verdict"', 'id="f-sort"', 'value="lesion"',
+                    'value="prob"', 'value="wrong"', 'value="unlabelled"', "<script>"):
+        assert control in page
+    assert page.count('class="box true"') == (frame["bbox_x0"] != "").sum() == 2
+    assert TRUE_COLOUR in page and PRED_COLOUR in page  # the legend
+    # the film at its own resolution, the true box drawn in its colour; a small thumbnail
+    name = frame["case_id"][0]
+    film = Image.open(out / "cases" / f"{name}.png").convert("RGB")
+    assert film.size == (600, 400)
+    x0, y0 = float(frame["bbox_x0"][0]) * 600, float(frame["bbox_y0"][0]) * 400
+    y1 = float(frame["bbox_y1"][0]) * 400
+    edge = {film.getpixel((x, round((y0 + y1) / 2))) for x in range(int(x0) - 2, int(x0) + 3)}
+    assert _rgb(TRUE_COLOUR) in edge
+    thumb = Image.open(out / "thumbs" / f"{name}.jpg")
+    assert max(thumb.size) <= THUMB_PX and f'src="thumbs/{name}.jpg"' in page
+    assert f'href="cases/{name}.png"' in page and f'href="attention/{name}.png"' in page
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    from PIL import ImageColor
+
+    return ImageColor.getrgb(hex_colour)[:3]
