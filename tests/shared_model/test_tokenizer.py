@@ -22,6 +22,7 @@ from shared_model.tokenizer import (
     PAD,
     VOCAB_FILE,
     Tokenizer,
+    describing_part,
 )
 
 OOV_WORDS = ["zorblax", "quuxitis", "flimflammery", "snarglepox"]
@@ -203,3 +204,23 @@ def test_bad_max_len_is_refused(tok: Tokenizer) -> None:
         tok.encode("heart", 0)
     with pytest.raises(ValueError, match="max_len"):
         tok.encode_target("heart", 1)
+
+
+@pytest.mark.parametrize(("report", "described"), [
+    ("cxr: hx line placement. hrt enlarged. no focal opacity.", "hrt enlarged. no focal opacity."),
+    ("Exam: chest, AP portable. Reason: chest pain.\nLungs: nodule right mid zone, 23 mm.",
+     "Lungs: nodule right mid zone, 23 mm."),
+    ("EXAMINATION: Chest radiograph, PA.\nINDICATION: screening.\nFINDINGS: No effusion.",
+     "FINDINGS: No effusion."),
+    ("Clinical history: follow-up. Comparison with prior. Conclusion: normal.",
+     "Conclusion: normal."),
+    ("No history of effusion. Heart normal.", "No history of effusion. Heart normal."),
+])
+def test_the_decoder_target_is_what_describes_the_film(report: str, described: str) -> None:
+    # the request (header, indication, history, comparison) is not in the image
+    assert " ".join(describing_part(report).split()) == described
+
+
+def test_encode_target_leaves_the_request_out(tok: Tokenizer) -> None:
+    target = tok.encode_target("Reason: chest pain. Heart normal.", 6)
+    assert tok.decode(target.tolist()) == ["heart", "normal"]
