@@ -19,6 +19,7 @@ class Batch(NamedTuple):
     label: torch.Tensor  # (B,) int64 class index in the federation's label set
     has_box: torch.Tensor  # (B,) float32 1.0 where the case has a lesion box
     box: torch.Tensor  # (B, 4) float32 x0, y0, x1, y1 as fractions; zeros where no box
+    describes: torch.Tensor  # (B,) float32 1.0 where the report states the case's finding
 
     @classmethod
     def of(cls, items: Sequence[torch.Tensor]) -> Batch:

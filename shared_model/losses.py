@@ -73,7 +73,8 @@ def cell_lesion_loss(cell_logits: torch.Tensor, pos: torch.Tensor) -> torch.Tens
     return per_case.sum() / max(cell_logits.shape[0], 1)
 
 
-def token_loss(gen_logits: torch.Tensor, gen_tokens: torch.Tensor) -> torch.Tensor:
+def token_loss(gen_logits: torch.Tensor, gen_tokens: torch.Tensor,
+               describes: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the next token, PAD targets ignored: the mean over each sample's
     own tokens, then the mean over samples (not the mean over all tokens of the batch,
     whose denominator would mix samples).
@@ -82,7 +83,9 @@ def token_loss(gen_logits: torch.Tensor, gen_tokens: torch.Tensor) -> torch.Tens
     with the per-sample mean its one token, "stop at once", weighs as much as a whole
     report. Every site has some empty reports but opens its real ones with a word of its
     own, so a federated average of decoders learnt that EOS is the likeliest first token
-    everywhere and generated nothing. The per-sample mask keeps the loss DP-safe.
+    everywhere and generated nothing. So is a report that does not state the case's
+    finding (`describes` 0: `dataset._states_finding`). The per-sample masks keep the
+    loss DP-safe.
     """
     b = gen_logits.shape[0]
     target = gen_tokens[:, 1:]  # (B, G-1)
@@ -91,6 +94,8 @@ def token_loss(gen_logits: torch.Tensor, gen_tokens: torch.Tensor) -> torch.Tens
     ).view_as(target)  # (B, G-1)
     count = (target != PAD).sum(-1).clamp_min(1)  # (B,)
     described = (target[:, 0] != EOS).to(ce.dtype)  # (B,) 0 for an empty report
+    if describes is not None:
+        described = described * describes.to(ce.dtype)  # (B,) 0 where it states no finding
     return (ce.sum(-1) / count * described).sum() / max(b, 1)
 
 
@@ -119,7 +124,7 @@ def multitask_loss(
         total = total + cfg.loss_aux_image * aux
         parts["aux-image"] = float(aux.detach())
     if out.gen_logits is not None:
-        gen = token_loss(out.gen_logits, batch.gen_tokens)
+        gen = token_loss(out.gen_logits, batch.gen_tokens, batch.describes)
         total = total + cfg.loss_gen * gen
         parts["gen"] = float(gen.detach())
     parts["total"] = float(total.detach())

@@ -22,10 +22,10 @@ import torch
 
 from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
 from shared_model.config import MANIFEST, ModelConfig
-from shared_model.model import ARCHITECTURE
 from shared_model.contract.metric_registry import HEADLINE
 from shared_model.dataset import SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
+from shared_model.model import ARCHITECTURE
 from shared_model.model_file import payload
 from shared_model.tokenizer import Tokenizer
 from shared_model.tooling.synth import (

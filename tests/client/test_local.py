@@ -256,7 +256,7 @@ def _fake_like(site: SiteData) -> SiteData:
         "train", torch.randn(t.images.shape, generator=g), torch.zeros_like(t.tokens),
         torch.zeros_like(t.gen_tokens), torch.zeros_like(t.label_ids),
         torch.zeros_like(t.has_box), torch.zeros_like(t.boxes),
-        [f"fake-{i}" for i in range(len(t))], [""] * len(t),
+        [f"fake-{i}" for i in range(len(t))], [""] * len(t), torch.ones(len(t)),
     )
     return dataclasses.replace(site, train=fake)
 

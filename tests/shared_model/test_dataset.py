@@ -18,6 +18,7 @@ from shared_model.dataset import (
     PIXEL_STD,
     BadRow,
     SiteError,
+    _states_finding,
     check_site,
     hash_split,
     load_image,
@@ -243,13 +244,14 @@ def test_open_site_builds_splits_with_the_sample_contract(tmp_path: Path) -> Non
     # Assert
     assert data.name == "site-a"
     assert (len(data.train), len(data.val), len(data.test)) == (4, 2, 1)
-    image, tokens, gen, label, has_box, box = data.train[0]
+    image, tokens, gen, label, has_box, box, describes = data.train[0]
     assert image.shape == (1, 16, 16) and image.dtype == torch.float32
     assert tokens.shape == (MODEL.max_report_tokens,) and tokens.dtype == torch.int64
     assert gen.shape == (MODEL.max_gen_tokens,) and gen.dtype == torch.int64
     assert label.dtype == torch.int64 and int(label) == 0
     assert has_box.dtype == torch.float32 and float(has_box) == 1.0
     assert box.tolist() == pytest.approx([0.1, 0.2, 0.5, 0.6])
+    assert describes.dtype == torch.float32 and float(describes) in (0.0, 1.0)
     assert float(data.train[1][4]) == 0.0 and data.train[1][5].tolist() == [0.0] * 4
     assert data.train.case_ids == ("ok-0", "ok-1", "ok-2", "ok-3")
     assert data.val.reports == ("report 0", "report 1")
@@ -588,3 +590,17 @@ def test_a_header_that_is_not_utf8_names_the_manifest_and_row_1(tmp_path: Path) 
     message = str(caught.value)
     assert "manifest.csv" in message and str(site) in message and "row 1" in message
     assert "not UTF-8" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("report", "label", "describes"), [
+    ("Findings: patchy consolidation in the right lower zone.", "pneumonia", True),
+    ("Findings: limited study. Heart size cannot be assessed.", "pneumonia", False),
+    ("Lungs clear. No effusion.", "normal", True),
+    ("Hx: pneumonia. Heart size cannot be assessed.", "normal", True),
+    ("Right pleural effusion.", "normal", False),
+    ("Anything at all.", "atelectasis", True),  # a label the labeller has no terms for
+])
+def test_the_decoder_learns_only_from_reports_that_state_the_finding(
+        report: str, label: str, describes: bool) -> None:
+    labels = (*DEFAULT_LABELS, "atelectasis")
+    assert _states_finding(report, labels.index(label), labels) is describes

@@ -36,6 +36,7 @@ def _batch() -> Batch:
         label=torch.tensor([0, 1, 2, 4]),
         has_box=torch.tensor([1.0, 0.0, 1.0, 0.0]),
         box=torch.tensor([[0.1, 0.1, 0.5, 0.5], [0, 0, 0, 0], [0.2, 0.3, 0.6, 0.9], [0, 0, 0, 0]]),
+        describes=torch.ones(B),
     )
 
 
@@ -193,3 +194,13 @@ def test_an_empty_report_teaches_the_decoder_nothing() -> None:
     # and the per-sample mean over the batch is unchanged for the real report
     alone = token_loss(logits.detach()[1:], gen[1:])
     assert float(loss) == pytest.approx(float(alone) / 2, rel=1e-6)
+
+
+def test_a_report_that_states_no_finding_teaches_the_decoder_nothing() -> None:
+    # "heart size cannot be assessed" on a pneumonia film: a reference, never a target
+    gen = torch.tensor([[1, 7, 8, 2, 0, 0], [1, 9, 8, 2, 0, 0]])
+    logits = torch.randn(2, G - 1, V, requires_grad=True)
+    loss = token_loss(logits, gen, torch.tensor([0.0, 1.0]))
+    loss.backward()
+    assert torch.equal(logits.grad[0], torch.zeros(G - 1, V))
+    assert float(loss) == pytest.approx(float(token_loss(logits.detach()[1:], gen[1:])) / 2)

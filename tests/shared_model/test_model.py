@@ -71,6 +71,7 @@ def _batch(b: int = B, seed: int = 0) -> Batch:
         label=torch.randint(0, 5, (b,), generator=g),
         has_box=(torch.arange(b) % 2 == 0).float(),
         box=torch.cat((xy, xy + 0.4), dim=-1) * (torch.arange(b) % 2 == 0).float()[:, None],
+        describes=torch.ones(b),
     )
 
 
