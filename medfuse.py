@@ -55,6 +55,7 @@ data = typer.Typer(help="Site data: check (hospital), synthesise (researcher).",
 data.command("check")(hospital.data_check)
 data.command("synth")(research.data_synth)
 data.command("synth-public")(research.data_synth_public)
+data.add_typer(research.data_import, name="import")
 app.add_typer(data, name="data")
 privacy = typer.Typer(help="A site's privacy budget.", no_args_is_help=True)
 privacy.command("show")(hospital.privacy_show)

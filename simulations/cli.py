@@ -3,6 +3,8 @@ pooled baseline (`medfuse simulate` lives in `simulations/simulate.py`).
 
     medfuse data synth          synthetic hospitals in format v1
     medfuse data synth-public   a synthetic stand-in for a public archive
+    medfuse data import ...     a public archive (OpenI, MIMIC-CXR, CheXpert, a CSV) as
+                                simulated hospitals in format v1
     medfuse train-pooled        pooled (centralised) baseline on the union of sites
     medfuse bench               what DP and the federation cost, measured here
 """
@@ -10,6 +12,8 @@ pooled baseline (`medfuse simulate` lives in `simulations/simulate.py`).
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -238,3 +242,187 @@ def _epoch_done(progress: Progress, task: object, name: str, epoch: int, loss: f
     progress.update(task, completed=epoch, loss=loss)  # type: ignore[arg-type]
     if not progress.console.is_terminal:  # logs and CI: a line per epoch instead of a bar
         progress.console.print(f"{name} epoch {epoch}: train loss {loss:.4f}")
+
+
+# ---------------------------------------------------------------------- data import
+
+data_import = typer.Typer(
+    help="A public archive (OpenI, MIMIC-CXR, CheXpert, any CSV) as simulated hospitals in "
+    "format v1: one site folder per hospital, skipped.csv (every study left out, and why).",
+    no_args_is_help=True)
+
+PUBLIC_TABLES = Path(os.environ.get("MEDFUSE_PUBLIC_TABLES",
+                                    Path.home() / ".cache" / "medfuse" / "public-tables"))
+OutOpt = Annotated[Path, typer.Option(help="folder to write site-00, site-01, ... into")]
+SitesOpt = Annotated[int, typer.Option(min=1, help="simulated hospitals")]
+SkewOpt = Annotated[float | None, typer.Option(
+    help="Dirichlet alpha of the label skew across hospitals (smaller = more skew); "
+    "left out: iid")]
+SeedOpt = Annotated[int, typer.Option(help="same seed, same hospitals")]
+MinCasesOpt = Annotated[int, typer.Option(min=1, help="fewest cases a hospital may get")]
+UncertainOpt = Annotated[str, typer.Option(
+    help="an uncertain (-1) label: positive (U-Ones), negative (U-Zeros) or skip the study")]
+MultiOpt = Annotated[str, typer.Option(
+    help="a study positive for several labels: skip, or priority (the first in label-set "
+    "order: pneumonia, nodule, effusion, cardiomegaly)")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace an earlier import in --out")]
+LinkOpt = Annotated[str, typer.Option(help="hardlink (copy where impossible) or copy images")]
+
+
+def _import_options(**fields: object):
+    """ImportOptions from the command's options, a bad one as one line."""
+    from simulations.importers import ImportOptions  # lazy: pandas, partitioners (--help)
+
+    try:
+        return ImportOptions(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        fail(_synth_option_error(exc))
+
+
+def _write_sites(read, out: Path, opts, *, notice: str, overwrite: bool, link: str,
+                 started: float) -> None:
+    """Read the archive (`read()`), write the hospitals, print a line per site."""
+    from simulations.importers import ArchiveError, write_import  # lazy: pandas (--help)
+    from simulations.partition import PartitionError  # lazy: pandas (--help)
+
+    if link not in ("hardlink", "copy"):
+        fail(f"--link {link!r}: allowed are hardlink, copy")
+    try:
+        summary = write_import(read(), out, opts, notice=notice, overwrite=overwrite,
+                               link=link)  # type: ignore[arg-type]
+    except (ArchiveError, PartitionError, FileExistsError) as exc:
+        fail(exc)
+    for line in summary.lines():
+        console.print(line, highlight=False, soft_wrap=True)  # a line each: logs are grepped
+    console.print(f"wrote {len(summary.folders)} site folder(s) under {out} in "
+                  f"{time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
+
+
+@data_import.command("openi")
+def import_openi(
+    out: OutOpt,
+    archive: Annotated[Path, typer.Argument(
+        help="NLMCXR_reports.tgz (scripts/fetch-public-tables.sh puts it in the cache)")
+    ] = PUBLIC_TABLES / "NLMCXR_reports.tgz",
+    images: Annotated[Path | None, typer.Option(
+        help="folder of the NLMCXR PNGs (<image id>.png): each report with its frontal film")
+    ] = None,
+    synthetic_films: Annotated[bool, typer.Option(
+        help="no images: pair each real report with a SYNTHETIC film of its label "
+        "(a semi-synthetic site)")] = False,
+    views: Annotated[Path | None, typer.Option(
+        help="the DICOM view table (default: nlmcxr_dicom_metadata.csv.gz beside ARCHIVE)")
+    ] = None,
+    sites: SitesOpt = 1, label_skew: SkewOpt = None, seed: SeedOpt = 0,
+    min_cases: MinCasesOpt = 10, multi_label: MultiOpt = "skip",
+    film_size: Annotated[int, typer.Option(help="synthetic film side in pixels")] = 64,
+    overwrite: OverwriteOpt = False, link: LinkOpt = "hardlink",
+) -> None:
+    """OpenI (Indiana University, CC BY-NC-ND 4.0): report XMLs, labels from MeSH majors."""
+    from simulations.importers import iter_archive, openi_cases, read_views  # lazy: (--help)
+    from simulations.importers.common import ArchiveError  # lazy: pandas (--help)
+    from simulations.importers.openi import VIEW_TABLE  # lazy: pandas (--help)
+
+    started = time.monotonic()
+    if (images is None) == (not synthetic_films):
+        fail("openi: give --images DIR (the NLMCXR PNGs) or --synthetic-films, one of them")
+    if images is not None and not images.is_dir():
+        fail(f"--images {images}: no such folder")
+    opts = _import_options(sites=sites, label_skew=label_skew, seed=seed, min_cases=min_cases,
+                           multi_label=multi_label, film_size=film_size)
+    try:
+        table = views or archive.with_name(VIEW_TABLE)
+        view_map = read_views(table) if images is not None else None
+    except ArchiveError as exc:
+        fail(f"{exc} (--images needs the view table: pass --views)")
+
+    def read():
+        return openi_cases(iter_archive(archive), opts, images=images, views=view_map)
+
+    notice = ("Reports: OpenI, Indiana University chest X-ray collection, CC BY-NC-ND 4.0 "
+              "(non-commercial, no derivatives): do not redistribute or commit these sites.")
+    _write_sites(read, out, opts, notice=notice, overwrite=overwrite, link=link,
+                 started=started)
+
+
+@data_import.command("mimic-cxr")
+def import_mimic(
+    out: OutOpt,
+    root: Annotated[Path, typer.Argument(
+        help="MIMIC-CXR-JPG root: files/, mimic-cxr-2.0.0-chexpert.csv(.gz), "
+        "mimic-cxr-2.0.0-metadata.csv(.gz)")],
+    reports: Annotated[Path | None, typer.Option(
+        help="root of the reports files/pNN/pNNNNNNNN/sNNNNNNNN.txt (default: ROOT)")] = None,
+    sites: SitesOpt = 1, label_skew: SkewOpt = None, seed: SeedOpt = 0,
+    min_cases: MinCasesOpt = 10, uncertain: UncertainOpt = "skip",
+    multi_label: MultiOpt = "skip", overwrite: OverwriteOpt = False,
+    link: LinkOpt = "hardlink",
+) -> None:
+    """MIMIC-CXR-JPG (PhysioNet credentialed): CheXpert labels, a PA (else AP) film."""
+    from simulations.importers import mimic_cases  # lazy: pandas (--help)
+
+    started = time.monotonic()
+    if not root.is_dir():
+        fail(f"{root}: no such folder (expected the MIMIC-CXR-JPG root)")
+    opts = _import_options(sites=sites, label_skew=label_skew, seed=seed, min_cases=min_cases,
+                           uncertain=uncertain, multi_label=multi_label)
+    _write_sites(lambda: mimic_cases(root, opts, reports), out, opts,
+                 notice="Source: MIMIC-CXR-JPG (PhysioNet credentialed licence): keep these "
+                 "sites where the licence allows.", overwrite=overwrite, link=link,
+                 started=started)
+
+
+@data_import.command("chexpert")
+def import_chexpert(
+    out: OutOpt,
+    root: Annotated[Path, typer.Argument(
+        help="the CheXpert folder holding train.csv / valid.csv (CheXpert-v1.0-small)")],
+    sites: SitesOpt = 1, label_skew: SkewOpt = None, seed: SeedOpt = 0,
+    min_cases: MinCasesOpt = 10, uncertain: UncertainOpt = "skip",
+    multi_label: MultiOpt = "skip", overwrite: OverwriteOpt = False,
+    link: LinkOpt = "hardlink",
+) -> None:
+    """CheXpert (Stanford): labels per study, a PA (else AP) frontal film, no reports."""
+    from simulations.importers import chexpert_cases  # lazy: pandas (--help)
+
+    started = time.monotonic()
+    if not root.is_dir():
+        fail(f"{root}: no such folder (expected the CheXpert folder with train.csv)")
+    opts = _import_options(sites=sites, label_skew=label_skew, seed=seed, min_cases=min_cases,
+                           uncertain=uncertain, multi_label=multi_label)
+    _write_sites(lambda: chexpert_cases(root, opts), out, opts,
+                 notice="Source: CheXpert (Stanford research use agreement); no reports: "
+                 "the report column is empty.", overwrite=overwrite, link=link,
+                 started=started)
+
+
+@data_import.command("csv")
+def import_csv(
+    out: OutOpt,
+    table: Annotated[Path, typer.Argument(help="a CSV with one row per study")],
+    id_col: Annotated[str, typer.Option(help="column of the study id")],
+    image_col: Annotated[str, typer.Option(help="column of the image path (under --images)")],
+    label_col: Annotated[str, typer.Option(help="column of the label")],
+    report_col: Annotated[str, typer.Option(help="column of the report (none: empty)")] = "",
+    label_map: Annotated[str, typer.Option(
+        help="label values to the label set: 'No Finding=normal,Effusion=effusion'")] = "",
+    images: Annotated[Path | None, typer.Option(
+        help="folder the image paths are relative to (default: the CSV's folder)")] = None,
+    labels: LabelsOpt = DEFAULT_LABELS_TEXT,
+    sites: SitesOpt = 1, label_skew: SkewOpt = None, seed: SeedOpt = 0,
+    min_cases: MinCasesOpt = 10, overwrite: OverwriteOpt = False, link: LinkOpt = "hardlink",
+) -> None:
+    """Any archive with one row per study: name its columns."""
+    from simulations.importers import CsvColumns, csv_cases, parse_value_map  # lazy: (--help)
+
+    started = time.monotonic()
+    try:
+        columns = CsvColumns(case_id=id_col, image=image_col, label=label_col,
+                             report=report_col, value_map=parse_value_map(label_map))
+    except ValueError as exc:
+        fail(exc)
+    opts = _import_options(labels=parse_labels(labels), sites=sites, label_skew=label_skew,
+                           seed=seed, min_cases=min_cases)
+    _write_sites(lambda: csv_cases(table, columns, opts, images), out, opts,
+                 notice=f"Source: {table.name}.", overwrite=overwrite, link=link,
+                 started=started)
