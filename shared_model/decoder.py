@@ -8,7 +8,7 @@ conditioning, and its state h_t then scores every cell of the image feature map,
 word is predicted from h_t and the cells it looked at, c_t:
 
     h_t = LSTM([embed(x_t); fused; finding], h_{t-1})
-    a_t = softmax_n(w^T tanh(W_v v_n + W_h h_t)),  c_t = sum_n a_t,n v_n
+    a_t = softmax_n((W_h h_t) . (W_v v_n) / sqrt(d)),  c_t = sum_n a_t,n v_n
     p(x_{t+1}) = softmax(out(tanh(W [h_t; c_t])))
 
 Because the attention comes after the recurrence, teacher forcing is one LSTM call over
@@ -100,7 +100,6 @@ class ReportDecoder(nn.Module):
         self.lstm = DPLSTM(cfg.embed_dim + d_cond, hd, batch_first=True)
         self.att_region = nn.Linear(d_regions, hd)
         self.att_hidden = nn.Linear(hd, hd)
-        self.att_score = nn.Linear(hd, 1, bias=False)
         self.mix = nn.Linear(hd + d_regions, hd)
         self.out = nn.Linear(hd, cfg.vocab_size)
 
@@ -112,11 +111,15 @@ class ReportDecoder(nn.Module):
     def attend(
         self, h: torch.Tensor, regions: torch.Tensor, keys: torch.Tensor
     ) -> torch.Tensor:
-        """Context (B, L, C): additive attention of each h_t (B, L, Hd) over the cells
-        `regions` (B, N, C), whose projections `keys` (B, N, Hd) are computed once."""
+        """Context (B, L, C): scaled dot-product attention (Luong et al. 2015's "general"
+        score) of each h_t (B, L, Hd) over the cells `regions` (B, N, C), whose projections
+        `keys` (B, N, Hd) are computed once. Lu et al. score additively, through a
+        (B, L, N, Hd) tensor that made the decoder half of a training step (220 ms
+        against 117 ms without a decoder, batch 32 on one core); the dot product needs
+        none."""
         query = self.att_hidden(h)  # (B, L, Hd)
-        energy = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2))  # (B, L, N, Hd)
-        weights = self.att_score(energy).squeeze(-1).softmax(-1)  # (B, L, N)
+        energy = torch.einsum("bld,bnd->bln", query, keys) / self.hidden ** 0.5  # (B, L, N)
+        weights = energy.softmax(-1)  # (B, L, N)
         return torch.einsum("bln,bnc->blc", weights, regions)  # (B, L, C)
 
     def step(

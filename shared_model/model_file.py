@@ -204,9 +204,9 @@ def estimate_size(cfg: ModelConfig) -> SizeEstimate:
     if cfg.generation and has_image:  # shared_model/decoder.py
         hd, g, n = cfg.decoder_hidden, cfg.max_gen_tokens, side * side
         lstm = 4 * hd * (e + f + k) + 4 * hd * hd + 8 * hd
-        attention = (c * hd + hd) + (hd * hd + hd) + hd + ((hd + c) * hd + hd)
+        attention = (c * hd + hd) + (hd * hd + hd) + ((hd + c) * hd + hd)
         parts["report decoder"] = (v * e + (f + k) * 2 * hd + 2 * hd + lstm + attention
-                                   + hd * v + v, g * (e + f + k + 6 * hd + n * hd + v))
+                                   + hd * v + v, g * (e + f + k + 6 * hd + n + v))
     return SizeEstimate(parts)
 
 
