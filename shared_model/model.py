@@ -26,8 +26,9 @@ NormLayer = Callable[[int], nn.Module]
 
 # Bumped when the layers change under the same ModelConfig: a cached public model or a
 # model file of another architecture is then not reused. 2: the grid box head, the
-# attention supervised by the lesion, the decoder that attends over the image.
-ARCHITECTURE = 2
+# attention supervised by the lesion, the decoder that attends over the image (3: its
+# attention by dot product).
+ARCHITECTURE = 3
 
 
 class ModelOutput(NamedTuple):

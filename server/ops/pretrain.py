@@ -26,7 +26,7 @@ from shared_model.contract.metric_registry import HEADLINE
 from shared_model.dataset import SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model import ARCHITECTURE
-from shared_model.model_file import payload
+from shared_model.model_file import ModelFileError, load_model_file, payload
 from shared_model.tokenizer import Tokenizer
 from shared_model.tooling.synth import (
     PUBLIC_GENERATOR,
@@ -114,6 +114,19 @@ def public_model_key(
                                  sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _fits(path: Path, echo: Callable[[str], object]) -> bool:
+    """Whether a cached public model still loads into today's model: a cache written by
+    a commit whose layers changed without a new `ARCHITECTURE` (a development build) is
+    rebuilt, said once, instead of stopping every run that starts from it."""
+    try:
+        load_model_file(path)  # refused where its weights do not fit its model_config
+    except ModelFileError as exc:
+        echo(f"the cached public model {path} does not fit this medfuse's model "
+             f"({' '.join(str(exc).split())[:160]}); building it again")
+        return False
+    return True
+
+
 def cached_public_model(
     root: Path,
     model_cfg: ModelConfig,
@@ -143,7 +156,7 @@ def cached_public_model(
     variant = _variant(difficulty, labeller)
     root = Path(root)
     target = root / f"model-{key}.pt"
-    if target.is_file():
+    if target.is_file() and _fits(target, echo):
         return target
     if not folders:
         corpus = root / "-".join([f"corpus-seed{seed}-cases{cases}-px{model_cfg.image_size}",

@@ -10,11 +10,12 @@ import torch
 
 from client.privacy import data_identity
 from server.app import initial_arrays
-from server.ops.pretrain import pretrain, public_model_key
+from server.ops.pretrain import cached_public_model, pretrain, public_model_key
 from shared_model.central import CentralConfig
 from shared_model.config import DEFAULT_LABELS
 from shared_model.contract.run_config import RunConfig, RunConfigError, pyproject_defaults
 from shared_model.dataset import open_site
+from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFileError, load_model_file, payload
 from shared_model.tokenizer import Tokenizer
 from shared_model.tooling.synth import (
@@ -165,3 +166,23 @@ def test_the_public_corpus_pools_many_sources_and_report_styles(corpus: Path) ->
     text = (corpus / "manifest.csv").read_text()
     assert "FINDINGS:" in text and "IMPRESSION:" in text and "Frontal chest radiograph." in text
     assert any(abbrev in text for abbrev in ("b/l", "c/w", "no e/o", "No e/o", "PTX"))
+
+
+def test_a_cached_public_model_that_no_longer_fits_the_model_is_built_again(
+    corpus: Path, tmp_path: Path
+) -> None:
+    # Prepare: the cache file under today's key holds weights of other layers (a build of
+    # a commit that changed the layers without a new ARCHITECTURE)
+    cfg = _run().model()
+    said: list[str] = []
+    kwargs = dict(folders=[corpus], epochs=1, device="cpu", echo=said.append)
+    key = public_model_key(cfg, DEFAULT_LABELS, folders=[corpus], epochs=1)
+    stale = dict(MedFuseModel(cfg).state_dict())
+    stale["decoder.att_score.weight"] = torch.zeros(1, 4)
+    torch.save(payload(stale, cfg, DEFAULT_LABELS), tmp_path / f"model-{key}.pt")
+    # Execute
+    path = cached_public_model(tmp_path, cfg, DEFAULT_LABELS, **kwargs)
+    # Assert: rebuilt, said once, and a file that loads
+    assert path == tmp_path / f"model-{key}.pt"
+    assert any("does not fit" in line and "building it again" in line for line in said)
+    assert load_model_file(path).model_config == cfg
