@@ -58,6 +58,11 @@ EXPERIMENTS_FILE = "experiments.csv"
 SUMMARY_FILE = "summary.md"
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
+# the audit's ROC points per hospital (false and true positive rates at each threshold,
+# no case's score or identity), next to audit-roc.png in each experiment's seed folder
+ROC_FILE = "audit-roc.csv"
+ROC_COLUMNS = ("site", "attack", "fpr", "tpr")
+RUN_EXPERIMENTS_DIR = "experiments"  # context.EXPERIMENTS_DIR (context imports this module)
 
 
 # ---------------------------------------------------------------------- the long table
@@ -302,8 +307,10 @@ def site_accuracy_rows(
     summary: Summary, metric: str = HEADLINE.name, spread: bool = False
 ) -> tuple[list[str], list[list[str]]]:
     """Each hospital's final value per experiment, and the mean (with its spread, see
-    SPREAD_NOTE, when `spread`)."""
-    headers = ["hospital"] + summary.experiments
+    SPREAD_NOTE, when `spread`; then also each hospital's number of test cases, what its
+    values are over, where the results hold them)."""
+    cases = spread and bool(summary.test_cases)
+    headers = ["hospital"] + (["test cases"] if cases else []) + summary.experiments
     table = summary.per_site.pivot_table(
         index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
     )
@@ -311,6 +318,7 @@ def site_accuracy_rows(
     for site in summary.sites:
         rows.append(
             [site]
+            + ([str(summary.test_cases.get(site, "-"))] if cases else [])
             + [
                 fmt(table.at[site, e], metric)
                 if site in table.index and e in table.columns
@@ -319,9 +327,11 @@ def site_accuracy_rows(
             ]
         )
     means = summary.mean.set_index("experiment")
-    rows.append([MEAN] + [_spread_cell(summary, e, metric)
-                          if spread else fmt(means.at[e, metric], metric)
-                          for e in summary.experiments])
+    total = sum(summary.test_cases.get(site, 0) for site in summary.sites)
+    rows.append([MEAN] + ([f"{total} in all"] if cases else [])
+                + [_spread_cell(summary, e, metric)
+                   if spread else fmt(means.at[e, metric], metric)
+                   for e in summary.experiments])
     return headers, rows
 
 
@@ -691,11 +701,15 @@ def plot_overview_curves(results: pd.DataFrame, experiments: Sequence[str], path
     return save_png(fig, path)
 
 
-def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.name) -> Path:
+def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.name
+                           ) -> Path | None:
     """Final test accuracy of each hospital under each experiment (bars; dots when there
-    are many hospitals)."""
-    plt = pyplot()
+    are many hospitals); None when there is no final test metric (a blank figure would
+    read as a broken plot)."""
     sites, exps = summary.sites, summary.experiments
+    if not sites or not exps:
+        return None
+    plt = pyplot()
     table = summary.per_site.pivot_table(
         index="site", columns="experiment", values=metric, aggfunc="first", dropna=False
     )
@@ -704,17 +718,7 @@ def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.
     width = min(18.0, max(8.0, 0.45 * len(sites) * max(1, min(len(exps), 4)) / 2 + 5))
     fig, ax = plt.subplots(figsize=(width, 4.2))
     x = np.arange(len(sites))
-    if not sites or not exps:
-        ax.text(
-            0.5,
-            0.5,
-            "no final test metrics",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            color="grey",
-        )
-    elif len(sites) <= 12:
+    if len(sites) <= 12:
         w = 0.8 / len(exps)
         for i, exp in enumerate(exps):
             ax.bar(x - 0.4 + w * (i + 0.5), table[exp].to_numpy(dtype=float), w, label=exp)
@@ -727,18 +731,17 @@ def plot_per_site_accuracy(summary: Summary, path: Path, metric: str = HEADLINE.
     ax.set_ylabel(f"test {metric}")
     ax.set_ylim(0, 1.0)
     ax.grid(axis="y", alpha=0.3)
-    if exps:
-        _legend_outside(ax)
+    _legend_outside(ax)
     ax.set_title(f"final test {metric} per hospital")
     fig.tight_layout()
     return save_png(fig, path)
 
 
-def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None = None) -> Path:
+def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None = None
+                         ) -> Path | None:
     """Mean test accuracy against the privacy spent (epsilon, log scale); one line per
-    series of DP experiments, dashed lines for the experiments without DP."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    series of DP experiments, dashed lines for the experiments without DP. None when no
+    experiment has a mean accuracy (nothing to draw)."""
     mean = summary.mean.set_index("experiment") if not summary.mean.empty else None
     series = {}
     if meta is not None and not meta.empty and "series" in meta.columns:
@@ -754,6 +757,10 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
                 points.setdefault(series.get(exp, exp), []).append((eps, acc, exp))
             else:  # no DP (infinite), or nothing spent (the public model alone): a line
                 refs.append((exp, acc, "no DP" if math.isinf(eps) else "no site data"))
+    if not points and not refs:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for name, pts in points.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{name} (DP)")
@@ -781,14 +788,89 @@ def plot_privacy_utility(summary: Summary, path: Path, meta: pd.DataFrame | None
     ax.set_ylabel(f"mean test {HEADLINE.label}")
     ax.set_ylim(0, 1.0)
     ax.grid(alpha=0.3)
-    if points or refs:
-        _legend_outside(ax)
+    _legend_outside(ax)
     ax.set_title("privacy-utility")
     fig.tight_layout()
     return save_png(fig, path)
 
 
+# ---------------------------------------------------------------------- the audit's ROC
 
+
+def roc_points(results: Sequence[Any]) -> pd.DataFrame:
+    """The ROC points of membership-attack results (anything with site, attack, fpr and
+    tpr, as client.audit.AttackResult) as ROC_COLUMNS: the rates at each threshold only,
+    no case's loss or identity, so the curve can be redrawn without the cases."""
+    rows = [(r.site, r.attack, float(f), float(t))
+            for r in results for f, t in zip(r.fpr, r.tpr, strict=True)]
+    return pd.DataFrame(rows, columns=list(ROC_COLUMNS))
+
+
+def write_roc_points(results: Sequence[Any], folder: Path) -> Path:
+    """ROC_FILE in an experiment's seed folder, beside audit-roc.png: the report reads
+    only files, and the attack's curve is otherwise gone once the audit returns."""
+    path = Path(folder) / ROC_FILE
+    write_csv_atomic(roc_points(results), path)
+    return path
+
+
+def read_roc_points(out_dir: Path, experiments: Sequence[str]) -> pd.DataFrame:
+    """The ROC points each experiment's seed folders under `out_dir` kept (experiment,
+    seed, then ROC_COLUMNS); empty where none did (not audited, or an older run)."""
+    cols = ["experiment", "seed", *ROC_COLUMNS]
+    frames = []
+    for exp in experiments:
+        for path in sorted((Path(out_dir) / RUN_EXPERIMENTS_DIR / exp).glob(f"seed-*/{ROC_FILE}")):
+            seed = path.parent.name.removeprefix("seed-")
+            if not seed.isdigit():
+                continue
+            frame = pd.read_csv(path, dtype={"site": str, "attack": str})
+            frames.append(frame.assign(experiment=exp, seed=int(seed)))
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def plot_audit_roc(roc: pd.DataFrame, results: pd.DataFrame, path: Path,
+                   attack: str = "loss") -> Path | None:
+    """The attack's ROC per hospital, one panel per audited experiment, with the chance
+    diagonal: where the table's AUC and its TPR at low FPR come from. A hospital has one
+    colour in every panel (the legend beside the last panel); with several seeds each
+    seed's curve is drawn. None when the run kept no ROC points for `attack`."""
+    mine = roc[roc["attack"] == attack]
+    if mine.empty:
+        return None
+    exps = list(dict.fromkeys(mine["experiment"]))
+    sites = site_order(mine["site"].tolist())
+    named = len(sites) <= 10
+    auc = results[results["metric"] == f"{AUDIT}{attack}-auc"].groupby("experiment")["value"]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(exps), figsize=(3.8 * len(exps) + 2.0, 4.0),
+                             squeeze=False)
+    for ax, exp in zip(axes[0], exps, strict=True):
+        part = mine[mine["experiment"] == exp]
+        first = part["seed"].min()
+        for (seed, site), curve in part.groupby(["seed", "site"], sort=True):
+            ax.plot(curve["fpr"], curve["tpr"], lw=1.1, color=f"C{sites.index(site) % 10}",
+                    label=site if named and seed == first else None)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        mean_auc = auc.mean().get(exp, math.nan)
+        ax.set_title(exp if math.isnan(mean_auc) else f"{exp} (mean AUC {mean_auc:.2f})",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+    _legend_outside(axes[0][-1])
+    fig.suptitle(f"membership inference: ROC of the {attack} attack per hospital")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def left_out_note(what: str, names: Sequence[str]) -> str:
+    """One line naming what was not drawn and why, so that a missing figure is read as
+    'nothing to show' rather than as a broken report ('' when nothing was left out)."""
+    return f"{what}: {', '.join(names)}." if names else ""
 
 
 # ---------------------------------------------------------------------- the report
@@ -823,12 +905,13 @@ def write_report(
     summary_md = out_dir / SUMMARY_FILE
     atomic_write_text(summary_md, md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     experiments = experiment_order(results, meta)
-    main_plots = [
-        (
-            f"final test {HEADLINE.label} per hospital",
-            plot_per_site_accuracy(summary, plots_dir / "per-site-accuracy.png"),
-        ),
+    drawn_or_not = [
+        (f"final test {HEADLINE.label} per hospital",
+         plot_per_site_accuracy(summary, plots_dir / "per-site-accuracy.png")),
         ("privacy-utility", plot_privacy_utility(summary, plots_dir / "privacy-utility.png", meta)),
+    ]
+    main_plots = [
+        *[(title, fig) for title, fig in drawn_or_not if fig is not None],
         *([("global vs personalised", fig)] if (fig := plot_personalised(
             results, plots_dir / "personalised.png")) is not None else []),
         *([("round time", fig)] if (fig := plot_round_times(
@@ -844,13 +927,28 @@ def write_report(
         if (fig := plot_learning_curves(results, exp, plots_dir / f"curves-{_safe(exp)}.png"))
         is not None
     ]
+    roc = plot_audit_roc(read_roc_points(out_dir, experiments), results,
+                         plots_dir / "audit-roc.png")
+    audit_plots = [("membership inference: ROC of the loss attack per hospital", roc)
+                   ] if roc is not None else []
+    curved = {title.removeprefix("learning curves: ") for title, _ in curve_plots}
+    left_out = {
+        "main": left_out_note("not drawn, no data", [t for t, f in drawn_or_not if f is None]),
+        "curves": left_out_note(
+            "no per-round values, so no learning curves (final numbers in the tables)",
+            [e for e in experiments if e not in curved]),
+        "audit": left_out_note("no ROC curve: the run kept no ROC points "
+                               f"({ROC_FILE}) for", [r[0] for r in audit[1]])
+        if audit[1] and roc is None else "",
+    }
     report_html = out_dir / REPORT_FILE
     atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit,
-                                         personalised, joining_sentence(summary, meta, results)))
+                                         personalised, joining_sentence(summary, meta, results),
+                                         audit_plots, left_out))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,
-        plots=[p for _, p in main_plots + curve_plots],
+        plots=[p for _, p in main_plots + curve_plots + audit_plots],
         summary=summary,
     )
 
@@ -869,6 +967,8 @@ def _html(
     audit: tuple[list[str], list[list[str]]] | None = None,
     personalised: tuple[list[str], list[list[str]]] | None = None,
     joining: str = "",
+    audit_plots: Sequence[tuple[str, Path]] = (),
+    left_out: Mapping[str, str] | None = None,
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
     env = jinja2.Environment(
@@ -886,4 +986,6 @@ def _html(
         personalised=personalised if personalised and personalised[1] else None,
         main_plots=[_plot(t, p) for t, p in main_plots],
         curve_plots=[_plot(t, p) for t, p in curve_plots],
+        audit_plots=[_plot(t, p) for t, p in audit_plots],
+        left_out={"main": "", "curves": "", "audit": "", **(left_out or {})},
     )

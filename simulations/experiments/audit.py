@@ -23,6 +23,7 @@ def audit_rows(unit: Unit, ctx: Context, model: ModelConfig,
                 results += audit_site(model, state, site, device=ctx.device)
     roc_plot(results, unit.folder(ctx.out) / "audit-roc.png",
              title=f"membership inference: {unit.experiment.name}")
+    report.write_roc_points(results, unit.folder(ctx.out))  # report.html draws them
     ctx.echo(f"  {unit.experiment.name} audit: {verdict(results)}")
     return [unit.row(rnd, r.site, f"{report.AUDIT}{r.attack}-{key}", value)
             for r in results

@@ -309,3 +309,90 @@ def test_report_says_in_one_sentence_what_joining_gives_with_and_without_dp():
     assert "with DP, fed-dp 0.800 against fine-tuning alone with DP 0.800 (+0.0 points)" in text
     assert "fed-dp personalised 0.850" in text
     assert report.joining_sentence(report.summarize(results, meta), None, results) == ""
+
+
+def _audited(tmp_path: Path, keep_roc: bool) -> tuple[pd.DataFrame, Path]:
+    """Two hospitals' test accuracy and loss-attack audit of `fedavg`; its seed folder
+    keeps the attack's ROC points when `keep_roc`."""
+    from types import SimpleNamespace
+
+    rows = []
+    for i, site in enumerate(SITES):
+        rows += [("fedavg", 0, 2, site, TEST + "accuracy", 0.7),
+                 ("fedavg", 0, 2, site, report.AUDIT + "loss-auc", 0.55 + 0.1 * i),
+                 ("fedavg", 0, 2, site, report.AUDIT + "loss-auc-lo", 0.45),
+                 ("fedavg", 0, 2, site, report.AUDIT + "loss-auc-hi", 0.7),
+                 ("fedavg", 0, 2, site, report.AUDIT + "loss-tpr@1%fpr", 0.02)]
+    out = tmp_path / "run"
+    if keep_roc:
+        folder = out / report.RUN_EXPERIMENTS_DIR / "fedavg" / "seed-0"
+        folder.mkdir(parents=True)
+        attack = [SimpleNamespace(site=s, attack="loss", fpr=(0.0, 0.3, 1.0),
+                                  tpr=(0.0, 0.4 + 0.1 * i, 1.0)) for i, s in enumerate(SITES)]
+        report.write_roc_points(attack, folder)
+    return results_frame(rows), out
+
+
+def test_the_audit_roc_is_drawn_from_the_points_the_run_kept(tmp_path: Path, saved_figures) -> None:  # noqa: ANN001, E501
+    # Prepare
+    results, out = _audited(tmp_path, keep_roc=True)
+
+    # Execute
+    files = write_report(results, out)
+
+    # Assert: the kept file holds rates only; one ROC line per hospital and the chance line
+    kept = pd.read_csv(out / "experiments" / "fedavg" / "seed-0" / report.ROC_FILE)
+    assert list(kept.columns) == list(report.ROC_COLUMNS) and len(kept) == 6
+    fig = saved_figures["audit-roc.png"]
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == [*SITES, "chance"]
+    assert list(ax.get_lines()[-1].get_xdata()) == [0, 1]  # the diagonal
+    assert "fedavg (mean AUC 0.60)" == ax.get_title()
+    page = files.report_html.read_text(encoding="utf-8")
+    audit_section = page.split("<h2>Membership inference</h2>")[1].split("<h2>")[0]
+    assert 'alt="membership inference: ROC of the loss attack per hospital"' in audit_section
+    assert "no ROC curve" not in page
+
+
+def test_an_audit_without_roc_points_says_so_in_one_line(tmp_path: Path) -> None:
+    # Prepare: an audit whose run kept no ROC points (an older run)
+    results, out = _audited(tmp_path, keep_roc=False)
+
+    # Execute
+    files = write_report(results, out)
+
+    # Assert
+    page = files.report_html.read_text(encoding="utf-8")
+    assert "audit-roc.png" not in {p.name for p in files.plots}
+    assert "no ROC curve: the run kept no ROC points (audit-roc.csv) for: fedavg." in page
+
+
+def test_a_figure_without_data_is_left_out_with_a_note(tmp_path: Path) -> None:
+    # Prepare: no final test metric at all, and baselines with no per-round values
+    empty = summarize(report.empty_results())
+
+    # Execute
+    per_site = report.plot_per_site_accuracy(empty, tmp_path / "a.png")
+    privacy = report.plot_privacy_utility(empty, tmp_path / "b.png")
+    page = write_report(_baselines_table(), tmp_path / "run").report_html.read_text(
+        encoding="utf-8")
+
+    # Assert
+    assert per_site is None and privacy is None and not list(tmp_path.glob("*.png"))
+    assert ("no per-round values, so no learning curves (final numbers in the tables): "
+            "local-dp, public-only.") in page
+
+
+def test_html_per_hospital_table_gives_each_hospitals_test_cases(tmp_path: Path) -> None:
+    # Prepare
+    rows = [("fedavg", 0, 2, s, TEST + "accuracy", 0.7) for s in SITES]
+    rows += [("fedavg", 0, 0, s, report.TEST_CASES, n) for s, n in zip(SITES, (30, 45),
+                                                                      strict=True)]
+
+    # Execute
+    page = write_report(results_frame(rows), tmp_path).report_html.read_text(encoding="utf-8")
+
+    # Assert
+    assert "<th>hospital</th><th>test cases</th><th>fedavg</th>" in page
+    assert "<td>site-00</td><td>30</td><td>0.700</td>" in page
+    assert "<td>mean</td><td>75 in all</td>" in page

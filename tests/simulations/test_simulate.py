@@ -219,9 +219,10 @@ run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
     assert "| fedavg-dp |" in md and "| pooled |" in md and "| local-only |" in md
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes().startswith(PNG) and png.stat().st_size > 5000
-    # 3 overviews, global-vs-personalised and round times, a curve each
-    assert len(list((out / "plots").glob("*.png"))) == 9
+    # 3 overviews, global-vs-personalised, round times and the audit's ROC, a curve each
+    assert len(list((out / "plots").glob("*.png"))) == 10
     assert (out / "plots" / "round-times.png").is_file()
+    assert (out / "plots" / "audit-roc.png").is_file()
     assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
     assert _flower_processes(out / "flower" / "flwr-home") == []
     # the audit: one AUC per hospital, in the report, with its ROC plot
