@@ -1,7 +1,7 @@
 """`medfuse`: one command line, each role's commands from its own room.
 
 Hospital IT (client/cli.py):       data check, privacy show, audit, predict,
-                                   personalise, audit-log
+                                   personalise, calibrate, audit-log
 Coordinator (server/ops/cli.py):       provision, pretrain, deploy local, dashboard
 Researcher  (simulations/):        simulate, train-pooled, bench, data synth, data synth-public
 
@@ -63,6 +63,7 @@ app.add_typer(privacy, name="privacy")
 app.command("audit")(hospital.audit)
 app.command("predict")(hospital.predict)
 app.command("personalise")(hospital.personalise)
+app.command("calibrate")(hospital.calibrate)
 audit_log = typer.Typer(help="What crossed the network: show or verify a node's or a run's "
                         "audit log.", no_args_is_help=True)
 audit_log.command("show")(hospital.audit_log_show)

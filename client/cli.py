@@ -5,6 +5,7 @@
     medfuse audit MODEL SITE...    can someone with the model tell who was in the data?
     medfuse predict MODEL SITE     predictions with attention maps, a gallery
     medfuse personalise MODEL SITE DP fine-tuning on this site, charged to its ledger
+    medfuse calibrate MODEL SITE   the lesion threshold, set on this site's val split
     medfuse audit-log show|verify  what crossed the network, and that the log is intact
 """
 
@@ -451,3 +452,63 @@ def personalise(
                   f"{after.get(HEADLINE.name, float('nan')):.3f}; epsilon spent on this data "
                   f"{outcome.epsilon:.2f} of {outcome.epsilon_budget:g}")
     console.print(f"written: {out}")
+
+
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="a medfuse model file (final/model.pt)")],
+    site_dir: Annotated[Path, typer.Argument(help="this hospital's site folder")],
+    out: Annotated[Path, typer.Option(help="the calibrated model file to write")] = Path(
+        "calibrated.pt"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+) -> None:
+    """Set the model's lesion threshold on this hospital's validation split (the score
+    that best separates its lesion from its lesion-free cases, Youden's J) and write a copy
+    of the model file holding it: `predict` then draws a box only above it. The threshold
+    is computed from this site's cases: keep the file here."""
+    import torch  # lazy: keeps `medfuse --help` fast (torch)
+
+    from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.model import MedFuseModel  # lazy: loads torch (--help)
+    from shared_model.model_file import (  # lazy: loads torch (--help)
+        LESION_THRESHOLD,
+        ModelFileError,
+        load_model_file,
+        payload,
+    )
+    from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
+    from shared_model.train import (  # lazy: loads torch and opacus (--help)
+        calibrated_threshold,
+        evaluate_cases,
+        pick_device,
+    )
+
+    try:
+        mf = load_model_file(model)
+        cfg = mf.model_config
+        site = open_site(site_dir, labels=mf.labels, model=cfg,
+                         tokenizer=Tokenizer(cfg.vocab_size))
+        dev = pick_device(device)
+    except (ModelFileError, SiteError, OSError, ValueError) as exc:
+        fail(exc)
+    if not cfg.localisation or cfg.modality == "text":
+        fail(f"{model}: this model draws no lesion box, so it has no threshold to set")
+    net = MedFuseModel(cfg)
+    net.load_state_dict(mf.state, strict=True)
+    val = evaluate_cases(net.to(dev), site.val, cfg, Tokenizer(cfg.vocab_size), dev,
+                         generate=False)
+    lesion = val.has_box > 0.5 if val.has_box is not None else None
+    if lesion is None or lesion.all() or not lesion.any():
+        fail(f"{site.name}: the val split needs lesion and lesion-free cases to set a "
+             f"threshold on ({len(site.val)} val cases)")
+    threshold = calibrated_threshold(val)
+    kept = {k: v for k, v in mf.meta.items() if k not in ("format", LESION_THRESHOLD)}
+    blob = payload(mf.state, cfg, mf.labels, **kept, **{LESION_THRESHOLD: threshold},
+                   calibrated_on=site.name)
+    atomic_write(out, lambda fh: torch.save(blob, fh))
+    scores = val.lesion_scores
+    console.print(
+        f"{site.name}: lesion threshold {threshold:.3f} (was {mf.lesion_threshold:.3f}) on "
+        f"{len(site.val)} val cases: a box on {(scores[lesion] >= threshold).mean():.0%} of "
+        f"the {int(lesion.sum())} lesion cases and {(scores[~lesion] >= threshold).mean():.0%}"
+        f" of the {int((~lesion).sum())} lesion-free ones", markup=False, highlight=False)
+    console.print(f"written: {out}", markup=False, highlight=False)

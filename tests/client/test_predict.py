@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 
 from medfuse import app
 from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.dataset import open_site
 from shared_model.model import MedFuseModel
-from shared_model.model_file import payload
+from shared_model.model_file import load_model_file, payload
+from shared_model.tokenizer import Tokenizer
+from shared_model.train import calibrated_threshold, evaluate_cases
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -475,3 +478,28 @@ def _rgb(hex_colour: str) -> tuple[int, int, int]:
     from PIL import ImageColor
 
     return ImageColor.getrgb(hex_colour)[:3]
+
+
+def test_calibrate_writes_the_threshold_set_on_the_sites_val_split(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Prepare
+    model = _model_file(tmp_path / "model.pt")
+    out = tmp_path / "calibrated.pt"
+    # Execute
+    result = CliRunner().invoke(app, ["calibrate", str(model), str(tiny_federation[0]),
+                                      "--out", str(out)])
+    # Assert: the file holds the val split's Youden threshold, and the same weights
+    assert result.exit_code == 0, result.output
+    mf, calibrated = load_model_file(model), load_model_file(out)
+    site = open_site(tiny_federation[0], labels=mf.labels, model=mf.model_config,
+                     tokenizer=Tokenizer(mf.model_config.vocab_size))
+    net = MedFuseModel(mf.model_config)
+    net.load_state_dict(mf.state)
+    val = evaluate_cases(net, site.val, mf.model_config, Tokenizer(mf.model_config.vocab_size),
+                         torch.device("cpu"), generate=False)
+    assert calibrated.lesion_threshold == pytest.approx(calibrated_threshold(val))
+    assert calibrated.lesion_threshold != mf.lesion_threshold
+    assert all(torch.equal(calibrated.state[k], v) for k, v in mf.state.items())
+    assert calibrated.meta["calibrated_on"] == site.name
+    assert f"lesion threshold {calibrated.lesion_threshold:.3f}" in result.output
