@@ -496,11 +496,11 @@ def calibrate(
     net.load_state_dict(mf.state, strict=True)
     val = evaluate_cases(net.to(dev), site.val, cfg, Tokenizer(cfg.vocab_size), dev,
                          generate=False)
-    lesion = val.has_box > 0.5 if val.has_box is not None else None
-    if lesion is None or lesion.all() or not lesion.any():
+    threshold = calibrated_threshold(val)
+    if threshold is None or val.lesion_scores is None or val.has_box is None:
         fail(f"{site.name}: the val split needs lesion and lesion-free cases to set a "
              f"threshold on ({len(site.val)} val cases)")
-    threshold = calibrated_threshold(val)
+    lesion = val.has_box > 0.5
     kept = {k: v for k, v in mf.meta.items() if k not in ("format", LESION_THRESHOLD)}
     blob = payload(mf.state, cfg, mf.labels, **kept, **{LESION_THRESHOLD: threshold},
                    calibrated_on=site.name)

@@ -42,19 +42,19 @@ from client.privacy import AccountantName, BudgetError, Ledger, LedgerStore, noi
 from client.release import COUNT_NOISE, noised_count
 from client.site import DEFAULT_EVAL_EPSILON_BUDGET, NodeConfig, RoundAsk, round_refusal
 from shared_model.augment import views_of
-from shared_model.config import ModelConfig
+from shared_model.config import DEFAULT_LESION_THRESHOLD, ModelConfig
 from shared_model.contract.run_config import LocalRecipe, RunConfig
 from shared_model.dataset import SiteData, SiteSplit
 from shared_model.model import MedFuseModel, TrainLayers, freeze
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
     CaseResults,
-    calibrated_threshold,
     evaluate_cases,
     make_loss_fn,
     proximal_pull,
     seed_everything,
     summarise,
+    threshold_on,
     train_epoch,
     unwrap,
 )
@@ -683,17 +683,14 @@ def local_cases(
     batch_size: int = 64,
 ) -> CaseResults:
     """The shared `evaluate_cases` of `state` on one split of this site; the test split's
-    lesion threshold calibrated on this site's validation split (`calibrated_threshold`)."""
+    lesion threshold set on this site's validation split (`threshold_on`)."""
     data = site.val if split == "val" else site.test
     model = MedFuseModel(model_cfg)
     model.load_state_dict(dict(state), strict=True)
     model.to(device)
     tok = Tokenizer(model_cfg.vocab_size)
-    threshold = 0.5
-    if split == "test" and model_cfg.localisation and len(site.val):
-        val = evaluate_cases(model, site.val, model_cfg, tok, device, batch_size=batch_size,
-                             generate=False)
-        threshold = calibrated_threshold(val)
+    threshold = (threshold_on(model, site.val, model_cfg, tok, device, batch_size)
+                 if split == "test" else DEFAULT_LESION_THRESHOLD)
     return evaluate_cases(model, data, model_cfg, tok, device, batch_size=batch_size,
                           label_names=site.labels, lesion_threshold=threshold)
 

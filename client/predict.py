@@ -33,7 +33,6 @@ escaped.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from shared_model.config import DEFAULT_LESION_THRESHOLD
 from shared_model.dataset import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -56,7 +56,7 @@ from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFile
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer, split_words
-from shared_model.tooling.figures import pyplot
+from shared_model.tooling.figures import pyplot, save_png
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 as fractions of width, height
 
@@ -99,7 +99,7 @@ class Prediction:
     true_label: str = ""
     split: str = ""
     true_box: Box | None = None
-    lesion_threshold: float = 0.5
+    lesion_threshold: float = DEFAULT_LESION_THRESHOLD
 
 
 def case_from_file(image: Path, report: str, model: ModelFile) -> Case:
@@ -277,18 +277,7 @@ def case_png(pred: Prediction, image: torch.Tensor, path: Path) -> Path:
     fig.text(0.02, 0.02, f"generated: {pred.description or '(none)'}"[:160], fontsize=8,
              parse_math=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return _save_figure_paletted(fig, path)
-
-
-def _save_figure_paletted(fig, path: Path) -> Path:
-    """`fig` as a PNG of at most 256 colours: a third of the full-colour file, with the
-    heat map and text still clear, so a few hundred cases stay a few MB."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=80, format="png")
-    pyplot().close(fig)
-    with Image.open(buffer) as picture:
-        paletted = picture.convert("RGB").quantize(256)
-    return _save_image(paletted, path, "PNG")
+    return save_png(fig, path, dpi=80, palette=True)
 
 
 def _shaded_words(tx, pred: Prediction) -> None:

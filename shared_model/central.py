@@ -20,12 +20,11 @@ from shared_model.dataset import SiteData
 from shared_model.model import MedFuseModel
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
-    calibrated_threshold,
     evaluate,
-    evaluate_cases,
     make_loss_fn,
     pick_device,
     seed_everything,
+    threshold_on,
     train_epoch,
 )
 
@@ -99,8 +98,5 @@ def train_central(
 def _threshold(model: MedFuseModel, sites: Sequence[SiteData], model_cfg: ModelConfig,
                tokenizer: Tokenizer, device: torch.device) -> float:
     """The lesion threshold calibrated on the union of the validation splits."""
-    val = ConcatDataset([s.val for s in sites if len(s.val)])
-    if not model_cfg.localisation or len(val) == 0:
-        return 0.5
-    return calibrated_threshold(evaluate_cases(model, val, model_cfg, tokenizer, device,
-                                               generate=False))
+    return threshold_on(model, ConcatDataset([s.val for s in sites]), model_cfg, tokenizer,
+                        device)

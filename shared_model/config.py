@@ -44,6 +44,9 @@ def cache_root() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path("~/.cache/medfuse").expanduser()
 
+# The lesion score above which a box is drawn where none was calibrated: the score the
+# lesion loss (a balanced binary cross-entropy) makes a coin flip.
+DEFAULT_LESION_THRESHOLD = 0.5
 DEFAULT_LABELS: tuple[str, ...] = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
 MAX_LABEL_CHARS = 64
 LABEL_RULE = (f"a label is 1-{MAX_LABEL_CHARS} printable characters, no comma, no control "

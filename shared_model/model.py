@@ -434,7 +434,7 @@ class MedFuseModel(nn.Module):
         if self.locate is not None and img is not None:
             box, lesion, cell_boxes = self.locate(img.fmap, img.cell_logits)  # (B, 4), (B,), ...
         if self.decoder is not None and gen_tokens is not None and img is not None:
-            finding = self._finding(logits if label is None else None, label)  # (B, K)
+            finding = self._finding(logits, label)  # (B, K)
             gen_logits = self.decoder(fused, _regions(img), finding,
                                       gen_tokens[:, :-1])  # (B, G-1, V)
         return ModelOutput(
@@ -480,8 +480,9 @@ class MedFuseModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def _finding(self, logits: torch.Tensor | None, label: torch.Tensor | None) -> torch.Tensor:
-        """(B, K) one-hot of `label`, or of the predicted class where no label is given."""
+    def _finding(self, logits: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) one-hot of `label`, or of the predicted class (from `logits`, (B, K))
+        where no label is given."""
         cls = label if label is not None else logits.detach().argmax(-1)  # (B,)
         return F.one_hot(cls, self.cfg.num_classes).to(self.classifier.weight.dtype)
 

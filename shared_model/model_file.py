@@ -36,6 +36,7 @@ import torch
 from pydantic import ValidationError
 
 from shared_model.config import (
+    DEFAULT_LESION_THRESHOLD,
     LABEL_RULE,
     MAX_CLASSES,
     ModelConfig,
@@ -60,7 +61,6 @@ class ModelFileError(ValueError):
 
 
 LESION_THRESHOLD = "lesion_threshold"  # payload key of the calibrated threshold
-DEFAULT_LESION_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class ModelFile:
     @property
     def lesion_threshold(self) -> float:
         """The lesion score above which a box is drawn: calibrated on a validation split
-        where the file was written with one (`lesion_threshold` in the payload), else 0.5,
-        the score the training loss makes a coin flip."""
+        where the file was written with one (`lesion_threshold` in the payload, written by
+        `medfuse calibrate`), else `DEFAULT_LESION_THRESHOLD`."""
         value = self.meta.get(LESION_THRESHOLD, DEFAULT_LESION_THRESHOLD)
         return float(value)
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared_model.batch import Batch
-from shared_model.config import ModelConfig
+from shared_model.config import DEFAULT_LESION_THRESHOLD, ModelConfig
 from shared_model.contract.metric_registry import METRICS
 from shared_model.losses import multitask_loss
 from shared_model.model import MedFuseModel, ModelOutput
@@ -145,7 +145,7 @@ class CaseResults:
     refs: list[list[str]] | None  # reference report tokens; None without generation
     hyps: list[list[str]] | None  # generated tokens (report hidden)
     lesion_scores: np.ndarray | None = None  # (N,) predicted P(lesion); None without box head
-    lesion_threshold: float = 0.5  # a box is drawn where lesion_scores >= this
+    lesion_threshold: float = DEFAULT_LESION_THRESHOLD  # a box where lesion_scores >= this
     attention_peaks: np.ndarray | None = None  # (N, 2) x, y fractions: the attention's peak
     label_names: tuple[str, ...] = ()  # class index -> name; () where unknown
 
@@ -163,7 +163,7 @@ def evaluate_cases(
     device: torch.device,
     batch_size: int = 64,
     label_names: tuple[str, ...] = (),
-    lesion_threshold: float = 0.5,
+    lesion_threshold: float = DEFAULT_LESION_THRESHOLD,
     generate: bool = True,
 ) -> CaseResults:
     """Run the model over one split and keep each case's outputs.
@@ -219,24 +219,37 @@ def evaluate_cases(
     )
 
 
-def calibrated_threshold(val: CaseResults, default: float = 0.5) -> float:
+def calibrated_threshold(val: CaseResults) -> float | None:
     """The lesion-score threshold that best separates lesion from lesion-free cases of a
     validation split (Youden's J: the largest true-positive minus false-positive rate),
-    midway between neighbouring scores; `default` where the split lacks either kind.
+    midway between neighbouring scores; None where the split lacks either kind.
 
     Calibrated where the labels are, at the site: a threshold is a release of its own
     (it depends on the site's cases), so it never leaves with a DP evaluation."""
     if val.lesion_scores is None or val.has_box is None:
-        return default
+        return None
     scores, lesion = val.lesion_scores, val.has_box > 0.5
     if lesion.all() or not lesion.any():
-        return default
+        return None
     cuts = np.unique(scores)
     cuts = np.concatenate(((cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1e-6])) if cuts.size > 1 \
         else cuts
     tpr = (scores[lesion][:, None] >= cuts).mean(0)  # (M,)
     fpr = (scores[~lesion][:, None] >= cuts).mean(0)  # (M,)
     return float(cuts[int(np.argmax(tpr - fpr))])
+
+
+def threshold_on(model: nn.Module, val: Dataset, cfg: ModelConfig, tokenizer: Tokenizer,
+                 device: torch.device, batch_size: int = 64) -> float:
+    """The lesion threshold `calibrated_threshold` sets on the split `val` (scores only,
+    no generation), or `DEFAULT_LESION_THRESHOLD` where there is none to set: no box
+    head, no case, or no lesion or no lesion-free case."""
+    if not cfg.localisation or len(val) == 0:  # type: ignore[arg-type]
+        return DEFAULT_LESION_THRESHOLD
+    cases = evaluate_cases(model, val, cfg, tokenizer, device, batch_size=batch_size,
+                           generate=False)
+    threshold = calibrated_threshold(cases)
+    return DEFAULT_LESION_THRESHOLD if threshold is None else threshold
 
 
 def attention_peak(attention: torch.Tensor) -> torch.Tensor:
@@ -288,7 +301,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
     label_names: tuple[str, ...] = (),
-    lesion_threshold: float = 0.5,
+    lesion_threshold: float = DEFAULT_LESION_THRESHOLD,
 ) -> dict[str, float]:
     """Loss, classification, localisation and generation metrics on one split (exact)."""
     cases = evaluate_cases(model, dataset, cfg, tokenizer, device, batch_size=batch_size,

@@ -28,7 +28,7 @@ from shared_model.metrics import (
     mean_iou,
     rouge_l,
 )
-from shared_model.train import CaseResults, summarise
+from shared_model.train import CaseResults, calibrated_threshold, summarise
 
 
 def one_hot_probs(pred: list[int], num_classes: int) -> np.ndarray:
@@ -430,3 +430,25 @@ def test_the_new_metrics_are_exact_only_and_in_the_full_tables_only() -> None:
     assert not set(added) & {m.name for m in released_under_dp()}
     assert [s.name for s in release_slots()] == [
         "iou-sum", "lesions", "rouge-l-sum", "empty-reports-sum"]
+
+
+def _scored(scores: list[float], lesion: list[int]) -> CaseResults:
+    n = len(scores)
+    return CaseResults(
+        labels=np.zeros(n, dtype=np.int64), probs=np.full((n, 2), 0.5), loss_sum=0.0,
+        boxes=np.zeros((n, 4)), true_boxes=np.zeros((n, 4)),
+        has_box=np.asarray(lesion, dtype=float), refs=None, hyps=None,
+        lesion_scores=np.asarray(scores, dtype=float))
+
+
+def test_the_calibrated_threshold_separates_lesion_from_lesion_free_cases() -> None:
+    # separable: midway between the highest lesion-free and the lowest lesion score
+    assert calibrated_threshold(_scored([0.1, 0.3, 0.7, 0.9], [0, 0, 1, 1])) == pytest.approx(0.5)
+    # one lesion-free case scores high: Youden's J keeps every lesion case above the cut
+    th = calibrated_threshold(_scored([0.1, 0.2, 0.95, 0.6, 0.8], [0, 0, 0, 1, 1]))
+    assert th == pytest.approx(0.4)
+    # nothing to separate: one kind only, or no lesion head
+    assert calibrated_threshold(_scored([0.2, 0.9], [1, 1])) is None
+    assert calibrated_threshold(_scored([0.2, 0.9], [0, 0])) is None
+    assert calibrated_threshold(dataclasses.replace(_scored([0.2], [1]),
+                                                    lesion_scores=None)) is None
