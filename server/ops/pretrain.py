@@ -23,7 +23,7 @@ import torch
 from shared_model.central import CentralConfig, CentralResult, EpochCallback, train_central
 from shared_model.config import MANIFEST, ModelConfig
 from shared_model.contract.metric_registry import HEADLINE
-from shared_model.dataset import SiteData, open_site
+from shared_model.dataset import PREPROCESSING, SiteData, open_site
 from shared_model.files import atomic_write, atomic_write_text
 from shared_model.model import ARCHITECTURE
 from shared_model.model_file import ModelFileError, load_model_file, payload
@@ -103,7 +103,8 @@ def public_model_key(
 ) -> str:
     """The cached public model's key: what decides it (see `cached_public_model`)."""
     spec = {"folders": [str(Path(f).resolve()) for f in folders], "cases": cases,
-            "seed": seed, "epochs": epochs, "batch": batch_size, "architecture": ARCHITECTURE}
+            "seed": seed, "epochs": epochs, "batch": batch_size, "architecture": ARCHITECTURE,
+            "preprocessing": PREPROCESSING}
     if not folders:  # a model of an older synthetic corpus is not reused
         spec["generator"] = PUBLIC_GENERATOR
     if views != "none":  # a model pretrained without views is not reused for views

@@ -22,6 +22,7 @@ from shared_model.dataset import (
     check_site,
     hash_split,
     load_image,
+    mask_border,
     open_site,
 )
 
@@ -604,3 +605,40 @@ def test_the_decoder_learns_only_from_reports_that_state_the_finding(
         report: str, label: str, describes: bool) -> None:
     labels = (*DEFAULT_LABELS, "atelectasis")
     assert _states_finding(report, labels.index(label), labels) is describes
+
+
+def _film(rng: np.random.Generator, h: int = 60, w: int = 50) -> np.ndarray:
+    """A noisy film: no line of it is flat."""
+    return np.clip(0.4 + 0.2 * rng.standard_normal((h, w)), 0.0, 1.0).astype(np.float32)
+
+
+def test_a_burnt_in_frame_is_blacked_out_and_the_film_kept() -> None:
+    film = _film(np.random.default_rng(0))
+    framed = film.copy()
+    framed[:4], framed[-5:], framed[:, :3], framed[:, -4:] = 1.0, 0.9, 1.0, 0.95
+
+    out = mask_border(framed)
+
+    # every frame line is black, plus one line for a codec's ringing; the rest untouched
+    assert (out[:5] == 0).all() and (out[-6:] == 0).all()
+    assert (out[:, :4] == 0).all() and (out[:, -5:] == 0).all()
+    np.testing.assert_array_equal(out[5:-6, 4:-5], framed[5:-6, 4:-5])
+    assert out.shape == framed.shape  # the geometry, and so every box, is unchanged
+
+
+def test_a_jpeg_frame_is_found_and_a_frameless_or_flat_film_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(1)
+    framed = _film(rng)
+    framed[:5] = framed[-5:] = framed[:, :5] = framed[:, -5:] = 1.0
+    Image.fromarray((framed * 255).astype(np.uint8)).save(tmp_path / "f.jpg", quality=55)
+    jpeg = np.asarray(Image.open(tmp_path / "f.jpg"), dtype=np.float32) / 255
+
+    assert (mask_border(jpeg)[:5] == 0).all() and (mask_border(jpeg)[:, -5:] == 0).all()
+    film = _film(rng)
+    np.testing.assert_array_equal(mask_border(film), film)
+    flat = np.full((20, 24), 0.7, dtype=np.float32)
+    np.testing.assert_array_equal(mask_border(flat), flat)  # no frame ends inside it
+    rgb = np.repeat(framed[..., None], 3, axis=2)
+    assert (mask_border(rgb)[:5] == 0).all() and mask_border(rgb).shape == rgb.shape
