@@ -6,6 +6,7 @@ import csv
 import hashlib
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from shared_model.dataset import (
     SiteError,
     _states_finding,
     check_site,
+    decode_pixels,
+    equalise,
     hash_split,
     load_image,
     mask_border,
@@ -142,13 +145,14 @@ def test_png_16bit_is_scaled_by_65535_not_255(tmp_path: Path) -> None:
     grey16(tmp_path / "low.png", 4096)
 
     # Execute
-    full, fmt, size = load_image(tmp_path / "full.png", MODEL)
-    low, _, _ = load_image(tmp_path / "low.png", MODEL)
+    model_input, fmt, size = load_image(tmp_path / "full.png", MODEL)
+    full, _ = decode_pixels(tmp_path / "full.png")
+    low, _ = decode_pixels(tmp_path / "low.png")
 
     # Assert
     assert fmt == "png 16-bit grey"
     assert size == (W, H)
-    assert full.shape == (1, 16, 16) and full.dtype == np.float32
+    assert model_input.shape == (1, 16, 16) and model_input.dtype == np.float32
     np.testing.assert_allclose(full, 1.0, atol=1e-6)
     np.testing.assert_allclose(low, 4096 / 65535, atol=1e-6)
 
@@ -156,7 +160,7 @@ def test_png_16bit_is_scaled_by_65535_not_255(tmp_path: Path) -> None:
 def test_png_8bit_grey(tmp_path: Path) -> None:
     grey8(tmp_path / "a.png", 51)
 
-    pixels, fmt, _ = load_image(tmp_path / "a.png", MODEL)
+    pixels, fmt = decode_pixels(tmp_path / "a.png")
 
     assert fmt == "png 8-bit grey"
     np.testing.assert_allclose(pixels, 51 / 255, atol=1e-6)
@@ -168,8 +172,9 @@ def test_dicom_12bit_is_scaled_by_4095(tmp_path: Path) -> None:
     dicom(tmp_path / "half.dcm", np.full((H, W), 2048))
 
     # Execute
-    full, fmt, size = load_image(tmp_path / "full.dcm", MODEL)
-    half, _, _ = load_image(tmp_path / "half.dcm", MODEL)
+    _, fmt, size = load_image(tmp_path / "full.dcm", MODEL)
+    full, _ = decode_pixels(tmp_path / "full.dcm")
+    half, _ = decode_pixels(tmp_path / "half.dcm")
 
     # Assert
     assert fmt == "dicom 12-bit grey"
@@ -187,9 +192,9 @@ def test_dicom_monochrome1_inverted_rescale_and_first_frame(tmp_path: Path) -> N
     dicom(tmp_path / "multi.dcm", frames)
 
     # Execute
-    m1, fmt, _ = load_image(tmp_path / "m1.dcm", MODEL)
-    neg, _, _ = load_image(tmp_path / "neg.dcm", MODEL)
-    multi, _, _ = load_image(tmp_path / "multi.dcm", MODEL)
+    m1, fmt = decode_pixels(tmp_path / "m1.dcm")
+    neg, _ = decode_pixels(tmp_path / "neg.dcm")
+    multi, _ = decode_pixels(tmp_path / "multi.dcm")
 
     # Assert
     assert "monochrome1" in fmt
@@ -210,11 +215,14 @@ def test_rgb_png_and_jpeg_grey_and_three_channels(tmp_path: Path) -> None:
     three = ModelConfig(image_size=16, in_channels=3)
     luma = (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255
 
-    # Execute
-    png_grey, png_fmt, _ = load_image(tmp_path / "c.png", MODEL)
-    png_rgb, _, _ = load_image(tmp_path / "c.png", three)
-    jpg_grey, jpg_fmt, _ = load_image(tmp_path / "c.jpg", MODEL)
-    grey_as_rgb, _, _ = load_image(tmp_path / "g.png", three)
+    # Execute: the model's input, before its per-film equalisation
+    def raw(path: Path, model: ModelConfig) -> np.ndarray:
+        with mock.patch("shared_model.dataset.equalise", lambda c: c):
+            return load_image(path, model)[0]
+
+    png_grey, png_rgb = raw(tmp_path / "c.png", MODEL), raw(tmp_path / "c.png", three)
+    jpg_grey, grey_as_rgb = raw(tmp_path / "c.jpg", MODEL), raw(tmp_path / "g.png", three)
+    png_fmt, jpg_fmt = decode_pixels(tmp_path / "c.png")[1], decode_pixels(tmp_path / "c.jpg")[1]
 
     # Assert
     assert png_fmt == "png 8-bit rgb" and jpg_fmt == "jpeg rgb"
@@ -423,7 +431,8 @@ def test_normalisation_is_a_constant_not_a_statistic_of_the_records(tmp_path: Pa
     assert len(same) == 2
     torch.testing.assert_close(with_it.train.images[same], without.train.images)
     assert with_it.norm_mean == without.norm_mean == (PIXEL_MEAN,)
-    assert float(without.train.images.mean()) == pytest.approx((0.2 - PIXEL_MEAN) / PIXEL_STD,
+    # a flat film equalises to white, then the constant normalisation
+    assert float(without.train.images.mean()) == pytest.approx((1.0 - PIXEL_MEAN) / PIXEL_STD,
                                                                abs=1e-3)
 
 def test_reports_spanning_lines_survive(tmp_path: Path) -> None:
@@ -642,3 +651,15 @@ def test_a_jpeg_frame_is_found_and_a_frameless_or_flat_film_is_left_alone(
     np.testing.assert_array_equal(mask_border(flat), flat)  # no frame ends inside it
     rgb = np.repeat(framed[..., None], 3, axis=2)
     assert (mask_border(rgb)[:5] == 0).all() and mask_border(rgb).shape == rgb.shape
+
+
+def test_equalised_films_do_not_depend_on_the_scanners_tone_curve() -> None:
+    film = _film(np.random.default_rng(2))
+    film[:3] = 0.0  # a masked border stays black and is not ranked
+
+    curves = [film, film**0.6, (0.8 * film) ** 1.5, np.sqrt(film)]  # black stays black
+
+    outs = [equalise(c.astype(np.float32)) for c in curves]
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], atol=1e-6)
+    assert (outs[0][:3] == 0).all() and outs[0].max() == 1.0
