@@ -44,6 +44,9 @@ def data_check(
     strict: Annotated[bool, typer.Option(help="any bad row makes the site unusable")] = False,
     labels: LabelsOpt = DEFAULT_LABELS_TEXT,
     image_size: Annotated[int, typer.Option(help="model input size")] = 64,
+    modality: Annotated[str, typer.Option(
+        help="the model the site is checked for: fused, image, or text (rows without an "
+        "image are usable by a text-only model only)")] = "fused",
 ) -> None:
     """Check site folders: counts per label and split, formats, and every unusable row.
 
@@ -54,7 +57,10 @@ def data_check(
     from shared_model.tokenizer import Tokenizer  # lazy: loads torch (--help)
 
     label_set = parse_labels(labels)
-    model = ModelConfig(image_size=image_size, num_classes=len(label_set))
+    if modality not in ("fused", "image", "text"):
+        fail(f"--modality {modality!r}: allowed are fused, image, text")
+    model = ModelConfig(image_size=image_size, num_classes=len(label_set), modality=modality,
+                        generation=modality != "text")
     tokenizer = Tokenizer(model.vocab_size)
     summaries = []
     for site in site_dirs:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from shared_model.dataset import SPLITS, SiteSummary
+from shared_model.dataset import NO_IMAGE_REASON, SPLITS, SiteSummary
 
 # Distinct original sizes listed one by one before the rest are only counted.
 MAX_SIZES_SHOWN = 5
@@ -43,6 +43,9 @@ def render_summary(
             )
         console.print(Text("image formats: " + _formats_line(summary)))
         console.print(Text("original sizes (w x h): " + _sizes_line(summary)))
+    line = text_only_line(summary)
+    if line:
+        console.print(Text(line))
     if summary.bad_rows:
         console.print(_bad_rows_table(summary, max_bad_rows))
     console.print(_verdict(summary))
@@ -52,6 +55,24 @@ def exit_code(summaries: Iterable[SiteSummary], strict: bool) -> int:
     """0 when every site is usable (under `strict`, also without a bad row), else 1."""
     ok = all(s.usable and not (strict and s.bad_rows) for s in summaries)
     return 0 if ok else 1
+
+
+def text_only_line(summary: SiteSummary) -> str:
+    """What the check says about rows without an image ('' when every row has one): a
+    TEXT-ONLY site trains the report branch alone (modality "text"); checked for a model
+    that reads films, its image-less rows are bad, and the line says how to check it as
+    a text-only site instead."""
+    if summary.text_only:
+        return (f"TEXT-ONLY site: none of its {summary.usable_rows} usable rows has an image; "
+                "usable by a text-only model (modality \"text\") only")
+    if summary.text_only_rows:
+        return (f"{summary.text_only_rows} of {summary.usable_rows} usable rows have no image "
+                "(used by a text-only model only)")
+    no_image = sum(b.reason.startswith(NO_IMAGE_REASON) for b in summary.bad_rows)
+    if no_image:
+        return (f"{no_image} row(s) have no image: a text-only site? `medfuse data check "
+                "--modality text` checks it for the report branch alone")
+    return ""
 
 
 def _counts_table(summary: SiteSummary) -> Table:

@@ -71,6 +71,7 @@ from shared_model import chain_key
 from shared_model.config import MANIFEST
 from shared_model.dataset import decode_pixels
 from shared_model.files import PRIVATE, atomic_write_text
+from shared_model.tokenizer import split_words
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ MAX_STEPS = 10_000_000  # an entry with more steps than this is not a real round
 RECORD_DIGEST_CHARS = 16  # 64 bits of sha256 per record: collisions are not a concern
 PIXELS_TAG = b"medfuse-pixels/1\n"  # what a record digest is of: decoded pixels
 BYTES_TAG = b"medfuse-bytes/1\n"  # a file no decoder reads: its bytes
+REPORT_TAG = b"medfuse-report/1\n"  # a row without an image (text-only): case id and words
 
 HistoryItem = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' form
 RdpCache = dict[tuple[float, float], np.ndarray]
@@ -134,11 +136,15 @@ class DataIdentity:
 
 
 def data_identity(data_path: Path, cache: dict[str, str] | None = None) -> DataIdentity:
-    """The records of every image the manifest names (missing files are skipped).
+    """The records of every image the manifest names (missing files are skipped), and of
+    every row without an image (a text-only site) its report (`report_record_digest`).
 
     The image is the patient's record: a renamed site, a moved or copied folder, an edited
     report or an image re-encoded without loss keep the identity (`record_digest`);
-    adding or removing cases changes it (and the store then finds the overlap).
+    adding or removing cases changes it (and the store then finds the overlap). Where a
+    row has no image, its report is all the model reads of the patient, so the report
+    and its case id are the record (many patients share a word-for-word "normal"
+    report: the words alone would merge them, and their hospitals' ledgers with them).
 
     `cache` maps the sha256 of a file's bytes to its record: a file already in it is only
     read and hashed, never decoded again (`LedgerStore.identify` keeps one per store).
@@ -147,12 +153,21 @@ def data_identity(data_path: Path, cache: dict[str, str] | None = None) -> DataI
     folder = Path(data_path)
     manifest = folder / MANIFEST
     try:
-        images = pd.read_csv(manifest, usecols=["image"], dtype=str, keep_default_na=False)
+        images = pd.read_csv(manifest, usecols=lambda c: c in ("case_id", "image", "report"),
+                             dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise LedgerError(f"cannot read {manifest} to identify the data: {exc}") from None
+    if "image" not in images.columns:
+        raise LedgerError(f"cannot read {manifest} to identify the data: no image column")
+    blank = [""] * len(images)
+    reports = images["report"] if "report" in images.columns else blank
+    case_ids = images["case_id"] if "case_id" in images.columns else blank
     digests = set()
-    for rel in images["image"]:
+    for rel, report, case_id in zip(images["image"], reports, case_ids, strict=True):
         path = folder / rel.strip()
+        if not rel.strip() and (record := report_record_digest(case_id, report)):
+            digests.add(record)
+            continue
         if not (rel.strip() and path.is_file()):
             continue
         raw = path.read_bytes()
@@ -165,9 +180,21 @@ def data_identity(data_path: Path, cache: dict[str, str] | None = None) -> DataI
             record = cache[by_bytes] = record_digest(path, raw)
         digests.add(record)
     if not digests:
-        raise LedgerError(f"{folder}: no readable image to identify the data by")
+        raise LedgerError(f"{folder}: no readable image (nor report of a row without one) "
+                          "to identify the data by")
     records = tuple(sorted(digests))
     return DataIdentity(hashlib.sha256("\n".join(records).encode()).hexdigest(), records)
+
+
+def report_record_digest(case_id: str, report: str) -> str:
+    """The record of a row without an image: sha256 of its case id and its report's words
+    as the model's tokenizer splits them, so a re-spaced or re-cased report keeps its
+    record; '' for a report with no word (nothing the model reads of the patient)."""
+    words = " ".join(split_words(report))
+    if not words:
+        return ""
+    text = f"{case_id.strip()}\n{words}".encode()
+    return hashlib.sha256(REPORT_TAG + text).hexdigest()[:RECORD_DIGEST_CHARS]
 
 
 def record_digest(path: Path, raw: bytes | None = None) -> str:

@@ -65,6 +65,9 @@ PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
 # How many bad rows a strict-mode SiteError lists before pointing to `medfuse data check`.
 MAX_LISTED_BAD_ROWS = 50
+# Why an empty image cell is a bad row for a model that reads the film.
+NO_IMAGE_REASON = ("empty image path (a row without an image is usable only by a text-only "
+                   "model, modality \"text\")")
 
 Split = Literal["train", "val", "test"]
 
@@ -126,6 +129,13 @@ class SiteSummary:
     usable: bool
     error: str = ""
     hash_split_rows: int = 0  # usable rows whose split came from the case_id hash
+    # usable rows without an image: only a text-only model (modality "text") keeps them
+    text_only_rows: int = 0
+
+    @property
+    def text_only(self) -> bool:
+        """Whether no usable row has an image: a site for the report branch alone."""
+        return self.usable_rows > 0 and self.text_only_rows == self.usable_rows
 
     def counts_frame(self) -> pd.DataFrame:
         """Counts as a labels x splits table (pandas), for printing or tests."""
@@ -260,9 +270,12 @@ def open_site(
     """Open ONE site folder: validate every row, decode every image, split, normalise.
 
     Bad rows are skipped and listed in `summary.bad_rows`; with `strict=True` any bad row
-    refuses the site. Raises `SiteError` (a message for a person) when the site cannot be
-    used; raises `ValueError` only for a programming error (`labels` not matching
-    `model.num_classes`).
+    refuses the site. For a text-only model (`model.modality == "text"`) a row with an
+    empty image cell is usable: the report branch never reads the film, so its image
+    tensor is left at zero (a real-report site with no films trains the report branch);
+    for any other model such a row is bad and says why. Raises `SiteError` (a message
+    for a person) when the site cannot be used; raises `ValueError` only for a
+    programming error (`labels` not matching `model.num_classes`).
     """
     label_set = _check_labels(labels, model)
     site_dir = Path(site_dir)
@@ -473,7 +486,8 @@ class _Scan:
 def _scan(
     site_dir: Path, labels: tuple[str, ...], model: ModelConfig, *, keep_images: bool
 ) -> _Scan:
-    """Read the manifest, validate each row and decode each image of one site."""
+    """Read the manifest, validate each row and decode each image of one site; a row
+    without an image passes only where the model is text-only (`_image_optional`)."""
     frame = _read_manifest(site_dir)
     root = site_dir.resolve()
     has_split = "split" in frame.columns
@@ -481,17 +495,25 @@ def _scan(
     candidates: list[_Row] = []
     for i, rec in enumerate(frame.to_dict("records")):
         if any(v.strip() for v in rec.values()):  # a blank line is no case, but counts
-            candidates.append(_check_row(rec, i + 2, root, labels, has_split, first_row))
+            candidates.append(_check_row(rec, i + 2, root, labels, has_split, first_row,
+                                         image_optional=_image_optional(model)))
     rows, bad, images = _decode(candidates, model, keep_images)
     return _Scan(total_rows=len(candidates), rows=rows, bad_rows=bad, images=images)
 
 
+def _image_optional(model: ModelConfig) -> bool:
+    """Whether rows may come without an image: only for a model that never reads one."""
+    return model.modality == "text"
+
+
 def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, ...],
                has_split: bool, first_row: dict[str, int], *,
-               label_optional: bool = False) -> _Row:
+               label_optional: bool = False, image_optional: bool = False) -> _Row:
     """One manifest row (`row_no` as a spreadsheet counts: the header is row 1), with
     every reason it is unusable; images are not read yet. `label_optional` (prediction)
-    lets an empty label pass: a case to predict need not be labelled."""
+    lets an empty label pass: a case to predict need not be labelled. `image_optional`
+    (a text-only model) lets an empty image cell pass; a non-empty one is still checked,
+    so a broken path is reported whatever the model."""
     # A cell that is not UTF-8 (a report pasted from a Latin-1 system) makes its row bad,
     # not the site; the case_id is shown with the odd bytes escaped, a report never.
     reasons: list[str] = [r for c in REQUIRED_COLUMNS if (r := _not_utf8(c, rec[c]))]
@@ -513,8 +535,11 @@ def _check_row(rec: dict[str, str], row_no: int, root: Path, labels: tuple[str, 
     box_reason, box = _parse_box(rec)
     if box_reason:
         reasons.append(box_reason)
+    no_image = not rec["image"].strip()
     path_reason, path = _image_path(root, rec["image"])
-    if path_reason:
+    if no_image and not image_optional:
+        reasons.append(NO_IMAGE_REASON)
+    elif path_reason and not no_image:
         reasons.append(path_reason)
     return _Row(
         row_no=row_no, case_id=case_id, image=rec["image"].strip(), report=rec["report"],
@@ -547,6 +572,8 @@ def _decode(candidates: list[_Row], model: ModelConfig, keep_images: bool, *,
             else:
                 if images is not None and not row.reasons:
                     images[len(rows)] = torch.from_numpy(pixels)
+        elif images is not None and not row.reasons:
+            images[len(rows)] = 0.0  # no film (a text-only row): never read, kept finite
         if row.reasons:
             bad.append(BadRow(row=row.row_no, case_id=row.case_id, reason="; ".join(row.reasons)))
         else:
@@ -940,11 +967,12 @@ def _summary(site_dir: Path, labels: tuple[str, ...], scan: _Scan) -> SiteSummar
         total_rows=scan.total_rows,
         usable_rows=len(scan.rows),
         counts=counts,
-        formats=dict(Counter(r.fmt for r in scan.rows).most_common()),
-        sizes=dict(Counter(r.size for r in scan.rows).most_common()),
+        formats=dict(Counter(r.fmt for r in scan.rows if r.path is not None).most_common()),
+        sizes=dict(Counter(r.size for r in scan.rows if r.path is not None).most_common()),
         bad_rows=tuple(scan.bad_rows),
         usable=any(r.split == "train" for r in scan.rows),
         hash_split_rows=sum(r.hashed for r in scan.rows),
+        text_only_rows=sum(r.path is None for r in scan.rows),
     )
 
 

@@ -73,6 +73,29 @@ def classification_metrics(
     }
 
 
+def per_class_auroc(y_true: np.ndarray, probs: np.ndarray) -> dict[int, float]:
+    """One-vs-rest AUROC of every class (class index -> AUROC), the per-label breakdown
+    of the macro AUROC: with one dominant label ("normal" is 70% of the OpenI reports)
+    the macro hides which findings a model ranks well.
+
+    Every class of `probs` gets an entry, so the keys never depend on the data: NaN for
+    a class with no positive or no negative case in the split (nothing to rank, and 0.5
+    or 1.0 would be invented), and for every class when a probability is not finite.
+    """
+    y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != y_true.shape[0]:
+        raise ValueError(f"probs must have shape (N, K) with N={y_true.shape[0]}, "
+                         f"got {probs.shape}")
+    finite = bool(np.isfinite(probs).all())
+    out: dict[int, float] = {}
+    for c in range(probs.shape[1]):
+        positive = y_true == c
+        ranked = finite and positive.any() and not positive.all()
+        out[c] = float(roc_auc_score(positive, probs[:, c])) if ranked else math.nan
+    return out
+
+
 def _macro_ovr_auroc(y_true: np.ndarray, probs: np.ndarray) -> float:
     present = np.unique(y_true)
     if present.size < 2 or not np.isfinite(probs).all():

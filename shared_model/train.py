@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LESION_THRESHOLD, ModelConfig
-from shared_model.contract.metric_registry import METRICS
+from shared_model.contract.metric_registry import METRICS, exact_per_label
 from shared_model.losses import multitask_loss
 from shared_model.model import MedFuseModel, ModelOutput
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer
@@ -290,6 +290,7 @@ def summarise(cases: CaseResults, num_classes: int) -> dict[str, float]:
         value = metric.exact(cases, num_classes) if metric.present(cases) else None
         if value is not None:
             metrics[metric.name] = value
+    metrics.update(exact_per_label(cases, num_classes))  # one-vs-rest AUROC per label
     return {k: float(v) for k, v in metrics.items()}
 
 

@@ -280,7 +280,7 @@ def _import_options(**fields: object):
 
 
 def _write_sites(read, out: Path, opts, *, notice: str, overwrite: bool, link: str,
-                 started: float) -> None:
+                 started: float, text_only: bool = False) -> None:
     """Read the archive (`read()`), write the hospitals, print a line per site."""
     from simulations.importers import ArchiveError, write_import  # lazy: pandas (--help)
     from simulations.partition import PartitionError  # lazy: pandas (--help)
@@ -289,7 +289,7 @@ def _write_sites(read, out: Path, opts, *, notice: str, overwrite: bool, link: s
         fail(f"--link {link!r}: allowed are hardlink, copy")
     try:
         summary = write_import(read(), out, opts, notice=notice, overwrite=overwrite,
-                               link=link)  # type: ignore[arg-type]
+                               link=link, text_only=text_only)  # type: ignore[arg-type]
     except (ArchiveError, PartitionError, FileExistsError) as exc:
         fail(exc)
     for line in summary.lines():
@@ -310,6 +310,9 @@ def import_openi(
     synthetic_films: Annotated[bool, typer.Option(
         help="no images: pair each real report with a SYNTHETIC film of its label "
         "(a semi-synthetic site)")] = False,
+    text_only: Annotated[bool, typer.Option(
+        help="no images: the real reports alone, image cells empty, for a text-only model "
+        "(modality \"text\"); nothing synthetic")] = False,
     views: Annotated[Path | None, typer.Option(
         help="the DICOM view table (default: nlmcxr_dicom_metadata.csv.gz beside ARCHIVE)")
     ] = None,
@@ -324,8 +327,9 @@ def import_openi(
     from simulations.importers.openi import VIEW_TABLE  # lazy: pandas (--help)
 
     started = time.monotonic()
-    if (images is None) == (not synthetic_films):
-        fail("openi: give --images DIR (the NLMCXR PNGs) or --synthetic-films, one of them")
+    if (images is not None) + synthetic_films + text_only != 1:
+        fail("openi: give --images DIR (the NLMCXR PNGs), --synthetic-films or --text-only, "
+             "one of them")
     if images is not None and not images.is_dir():
         fail(f"--images {images}: no such folder")
     opts = _import_options(sites=sites, label_skew=label_skew, seed=seed, min_cases=min_cases,
@@ -342,7 +346,7 @@ def import_openi(
     notice = ("Reports: OpenI, Indiana University chest X-ray collection, CC BY-NC-ND 4.0 "
               "(non-commercial, no derivatives): do not redistribute or commit these sites.")
     _write_sites(read, out, opts, notice=notice, overwrite=overwrite, link=link,
-                 started=started)
+                 started=started, text_only=text_only)
 
 
 @data_import.command("mimic-cxr")

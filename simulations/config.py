@@ -23,7 +23,7 @@ key, the value and what is allowed. `simulations/default.toml` is the built-in d
 
     [[experiment]]
     name = "fedavg-dp"
-    kind = "federated"               # pooled | local | federated
+    kind = "federated"               # pooled | local | federated | public | bow
     strategy = "fedavg"              # any of the ServerApp's strategies
     dp = true
     epsilons = [1.0, 2.0, 4.0, 8.0]  # expands to fedavg-dp-eps1 ... (privacy-utility curve)

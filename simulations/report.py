@@ -18,6 +18,7 @@ curves; without it the report still works from the long table alone.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import re
 import time
@@ -32,7 +33,7 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
-from shared_model.contract.metric_registry import HEADLINE, View, shown_in
+from shared_model.contract.metric_registry import HEADLINE, PER_LABEL, View, per_label_of, shown_in
 from shared_model.files import atomic_write_text
 from shared_model.tooling.figures import pyplot, save_png
 
@@ -63,6 +64,9 @@ PLOTS_DIR = "plots"
 ROC_FILE = "audit-roc.csv"
 ROC_COLUMNS = ("site", "attack", "fpr", "tpr")
 RUN_EXPERIMENTS_DIR = "experiments"  # context.EXPERIMENTS_DIR (context imports this module)
+# the report branch's attention over a few test reports (experiments.attention, which
+# loads torch: the name is repeated here)
+ATTENTION_FILE = "text-attention.json"
 
 
 # ---------------------------------------------------------------------- the long table
@@ -360,6 +364,46 @@ def detail_rows(summary: Summary) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+PER_LABEL_NOTE = (
+    "One-vs-rest AUROC of each label, final model on each hospital's test split, mean over "
+    "the hospitals whose test split holds both positives and negatives of the label "
+    "(k/n: only k of the n hospitals could score it; with label skew a rare label is "
+    "absent from some hospitals' test splits), then over seeds."
+)
+
+
+def per_label_rows(results: pd.DataFrame, order: Sequence[str] = (),
+                   metric_label: str = PER_LABEL[0].label
+                   ) -> tuple[list[str], list[list[str]]]:
+    """Per experiment, each label's value of the per-label metric (`PER_LABEL`, one-vs-rest
+    AUROC) at the final round, as PER_LABEL_NOTE says; no rows when no experiment
+    measured one. Labels in the order the results first name them (the label set's)."""
+    test = results[results["metric"].str.startswith(TEST) & (results["site"] != ALL_SITES)]
+    named = test["metric"].str.slice(len(TEST)).map(per_label_of)
+    test = test.assign(label=named.map(lambda m: m[1] if m and m[0].label == metric_label
+                                       else None)).dropna(subset=["label"])
+    if test.empty:
+        return ["experiment"], []
+    labels = list(dict.fromkeys(test["label"]))
+    last = test[test["round"] == test.groupby(["experiment", "seed", "site"])["round"]
+                .transform("max")]
+    finite = last[np.isfinite(last["value"])]
+    by_seed = finite.groupby(["experiment", "label", "seed"])["value"].mean()
+    mean = by_seed.groupby(["experiment", "label"]).mean()
+    scored = finite.groupby(["experiment", "label"])["site"].nunique()
+    sites = last.groupby("experiment")["site"].nunique()
+    rows = []
+    for exp in list(dict.fromkeys([*[o for o in order if o in set(last["experiment"])],
+                                   *last["experiment"]])):
+        cells = []
+        for lab in labels:
+            value = mean.get((exp, lab), math.nan)
+            k, n = int(scored.get((exp, lab), 0)), int(sites.get(exp, 0))
+            cells.append(fmt(value) + (f" ({k}/{n})" if k < n else ""))
+        rows.append([exp, *cells])
+    return ["experiment", *labels], rows
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|")
@@ -554,9 +598,13 @@ def plot_round_times(results: pd.DataFrame, path: Path) -> Path | None:
 
 def summary_markdown(summary: Summary, title: str = "medfuse simulation",
                      audit: tuple[list[str], list[list[str]]] | None = None,
-                     personalised: tuple[list[str], list[list[str]]] | None = None) -> str:
+                     personalised: tuple[list[str], list[list[str]]] | None = None,
+                     per_label: tuple[list[str], list[list[str]]] | None = None) -> str:
     parts = [f"# {title}", "", NOTES, "", "## Mean over hospitals", ""]
     parts += [markdown_table(*mean_rows(summary)), ""]
+    if per_label and per_label[1]:
+        parts += ["## AUROC per label (one-vs-rest)", "", PER_LABEL_NOTE, "",
+                  markdown_table(*per_label), ""]
     parts += [f"## {HEADLINE.label.capitalize()} per hospital", "",
               markdown_table(*site_accuracy_rows(summary)), ""]
     if audit and audit[1]:
@@ -867,6 +915,34 @@ def plot_audit_roc(roc: pd.DataFrame, results: pd.DataFrame, path: Path,
     return save_png(fig, path)
 
 
+def shaded_words(words: Sequence[str], weights: Sequence[float]) -> list[tuple[str, float]]:
+    """(word, shade in [0, 1]) per word: its attention weight over the report's largest,
+    so the word the model leans on most is the darkest whatever the report's length."""
+    top = max((float(w) for w in weights), default=0.0)
+    return [(str(w), round(float(a) / top, 3) if top > 0 else 0.0)
+            for w, a in zip(words, weights, strict=False)]
+
+
+def read_attention(out_dir: Path, experiments: Sequence[str]) -> list[dict[str, Any]]:
+    """Per experiment that kept one, its first seed's attention file as the report shows
+    it: {"experiment", "seed", "cases": [{..., "shaded": [(word, shade), ...]}]}."""
+    out = []
+    for exp in experiments:
+        paths = sorted((Path(out_dir) / RUN_EXPERIMENTS_DIR / exp).glob(
+            f"seed-*/{ATTENTION_FILE}"))
+        if not paths:
+            continue
+        try:
+            cases = json.loads(paths[0].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for case in cases:
+            case["shaded"] = shaded_words(case.get("words", []), case.get("weights", []))
+        out.append({"experiment": exp, "seed": paths[0].parent.name.removeprefix("seed-"),
+                    "cases": cases})
+    return out
+
+
 def left_out_note(what: str, names: Sequence[str]) -> str:
     """One line naming what was not drawn and why, so that a missing figure is read as
     'nothing to show' rather than as a broken report ('' when nothing was left out)."""
@@ -901,7 +977,8 @@ def write_report(
     summary = summarize(results, meta)
     audit = audit_rows(results, summary.experiments)
     personalised = personalised_rows(results, summary.experiments)
-    md = summary_markdown(summary, title, audit, personalised)
+    per_label = per_label_rows(results, summary.experiments)
+    md = summary_markdown(summary, title, audit, personalised, per_label)
     summary_md = out_dir / SUMMARY_FILE
     atomic_write_text(summary_md, md + ("\n" + "\n".join(notes) + "\n" if notes else ""))
     experiments = experiment_order(results, meta)
@@ -944,7 +1021,8 @@ def write_report(
     report_html = out_dir / REPORT_FILE
     atomic_write_text(report_html, _html(title, summary, main_plots, curve_plots, notes, audit,
                                          personalised, joining_sentence(summary, meta, results),
-                                         audit_plots, left_out))
+                                         audit_plots, left_out, per_label,
+                                         read_attention(out_dir, experiments)))
     return ReportFiles(
         summary_md=summary_md,
         report_html=report_html,
@@ -969,6 +1047,8 @@ def _html(
     joining: str = "",
     audit_plots: Sequence[tuple[str, Path]] = (),
     left_out: Mapping[str, str] | None = None,
+    per_label: tuple[list[str], list[list[str]]] | None = None,
+    attention: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """report.html from its template (autoescaped: names and notes are text, not HTML)."""
     env = jinja2.Environment(
@@ -984,6 +1064,9 @@ def _html(
         audit=audit if audit and audit[1] else None,
         audit_thresholds=leak_thresholds() if audit and audit[1] else None,
         personalised=personalised if personalised and personalised[1] else None,
+        per_label=per_label if per_label and per_label[1] else None,
+        per_label_note=PER_LABEL_NOTE,
+        attention=list(attention),
         main_plots=[_plot(t, p) for t, p in main_plots],
         curve_plots=[_plot(t, p) for t, p in curve_plots],
         audit_plots=[_plot(t, p) for t, p in audit_plots],

@@ -29,7 +29,7 @@ from shared_model.contract.run_config import (
 from shared_model.contract.validation import messages
 from shared_model.tooling.synth import Difficulty, Labeller, Style
 
-Kind = Literal["pooled", "local", "public", "federated"]
+Kind = Literal["pooled", "local", "public", "federated", "bow"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]
 Scalar = bool | int | float | str
 
@@ -421,6 +421,8 @@ class Experiment(BaseModel):
                                    else " DP" if self.dp else "")
         if self.kind == "public":
             return "public model only"
+        if self.kind == "bow":
+            return "bag-of-words logistic regression"
         return f"{self.strategy}" + (
             f" DP eps={self.epsilon:g}" if self.dp and self.epsilon else " DP" if self.dp else ""
         )

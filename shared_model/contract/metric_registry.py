@@ -385,6 +385,72 @@ METRICS: tuple[Metric, ...] = (
            views=TABLES_ONLY, short="agree"),
 )
 
+
+
+# ------------------------------------------------------------------ per-label metrics
+
+
+@dataclass(frozen=True)
+class PerLabelMetric:
+    """A metric with one value per label of the label set (one-vs-rest), keyed
+    `prefix` + the label's name. Exact only: a value per label would add a slot per
+    label to the DP release vector (raising its sensitivity), and AUROC is a rank
+    statistic, not a sum of bounded per-case terms. Shown in a table of its own (the
+    label set decides its columns), not among `METRICS`' columns."""
+
+    prefix: str  # the wire key of label L is prefix + L
+    label: str  # in tables: "AUROC (one-vs-rest)"
+    higher_is_better: bool
+    present: Callable[[CaseResults], bool]
+    # class index -> value of a non-empty split; every class present as a key
+    exact: Callable[[CaseResults], dict[int, float]]
+
+    def key(self, label_name: str) -> str:
+        return self.prefix + label_name
+
+
+def class_aurocs(cases: CaseResults) -> dict[int, float]:
+    """One-vs-rest AUROC of every class (class index -> AUROC; NaN where the split has
+    no positive or no negative of it), as `class_aps` breaks mAP down by class."""
+    return _metrics().per_class_auroc(cases.labels, cases.probs)
+
+
+PER_LABEL: tuple[PerLabelMetric, ...] = (
+    PerLabelMetric(wire.M_AUROC_LABEL_PREFIX, "AUROC (one-vs-rest)", higher_is_better=True,
+                   present=_always, exact=class_aurocs),
+)
+
+
+def label_names_of(cases: CaseResults, num_classes: int) -> tuple[str, ...]:
+    """The names per-label keys use: the split's label names, or "class-K" where the
+    results do not know them. Decided by the model and the run's label set, never by
+    the data, so every reply of one kind carries the same keys."""
+    names = tuple(cases.label_names)
+    return names if len(names) == num_classes else tuple(f"class-{k}" for k in range(num_classes))
+
+
+def exact_per_label(cases: CaseResults, num_classes: int) -> dict[str, float]:
+    """Every per-label metric of one non-empty split, one key per label (NaN where a
+    label cannot be scored on this split)."""
+    names = label_names_of(cases, num_classes)
+    out: dict[str, float] = {}
+    for metric in PER_LABEL:
+        if not metric.present(cases):
+            continue
+        values = metric.exact(cases)
+        out.update({metric.key(name): float(values.get(k, np.nan))
+                    for k, name in enumerate(names)})
+    return out
+
+
+def per_label_of(name: str) -> tuple[PerLabelMetric, str] | None:
+    """(the per-label metric, the label) a key names, or None for any other key."""
+    for metric in PER_LABEL:
+        if name.startswith(metric.prefix) and len(name) > len(metric.prefix):
+            return metric, name[len(metric.prefix):]
+    return None
+
+
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 # the one number the one-line views show (round line, dashboard, plots, CLI prints)
 HEADLINE: Metric = BY_NAME[wire.M_ACCURACY]

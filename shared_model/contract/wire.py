@@ -52,6 +52,9 @@ M_LOSS = "loss"
 M_ACCURACY = "accuracy"
 M_MACRO_F1 = "macro-f1"
 M_AUROC = "auroc"
+# one-vs-rest AUROC of one label: this prefix + the label's name ("auroc-normal"), one key
+# per label of the run's label set (exact evaluation only)
+M_AUROC_LABEL_PREFIX = "auroc-"
 M_IOU = "iou"
 M_BLEU4 = "bleu4"
 M_ROUGE_L = "rouge-l"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from simulations.experiments import federated, local, local_dp, pooled, public
+from simulations.experiments import bow, federated, local, local_dp, pooled, public
 from simulations.experiments.context import Context, ResultRow, Unit
 from simulations.experiments.flower import check_outside_app
 from simulations.sections import Experiment
@@ -24,6 +24,7 @@ KINDS: dict[str, RunKind] = {
     "local-dp": local_dp.run,  # each hospital alone, DP-SGD from the public model
     "public": public.run,  # the public model alone
     "federated": federated.run,  # a Flower run in the simulation engine
+    "bow": bow.run,  # bag-of-words logistic regression on the pooled train reports
 }
 
 # What a kind needs of the output folder before any experiment starts (a failed check

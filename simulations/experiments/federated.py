@@ -25,6 +25,7 @@ from shared_model.contract.metric_registry import HEADLINE
 from shared_model.contract.run_config import RunConfig
 from shared_model.model_file import load_model_file
 from simulations import report
+from simulations.experiments.attention import write_attention
 from simulations.experiments.audit import audit_rows
 from simulations.experiments.context import (
     Context,
@@ -144,6 +145,8 @@ def _final_test(unit: Unit, ctx: Context, final: Path) -> list[ResultRow]:
         metrics, n = ctx.test(model.model_config, site, model.state)
         if n:
             rows += unit.metric_rows(rnd, site.name, metrics)
+    with ctx.threads():
+        write_attention(unit.folder(ctx.out), model.model_config, model.state, ctx.opened)
     if unit.experiment.audit:
         rows += audit_rows(unit, ctx, model.model_config, model.state, rnd)
     if unit.experiment.personalise_epsilon is not None:

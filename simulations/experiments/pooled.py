@@ -10,6 +10,7 @@ from shared_model.central import train_central
 from shared_model.model_file import load_model_file
 from shared_model.tokenizer import Tokenizer
 from simulations import report
+from simulations.experiments.attention import write_attention
 from simulations.experiments.audit import audit_rows
 from simulations.experiments.context import Context, ResultRow, SimulationError, Unit
 from simulations.experiments.public import public_model
@@ -38,6 +39,8 @@ def run(unit: Unit, ctx: Context) -> list[ResultRow]:
     for site, metrics in res.per_site.items():
         rows += unit.metric_rows(central.epochs, site, metrics)
         rows.append(unit.row(central.epochs, site, report.EPSILON, math.inf))
+    with ctx.threads():
+        write_attention(unit.folder(ctx.out), model, trained.state_dict(), ctx.opened)
     if unit.experiment.audit:
         rows += audit_rows(unit, ctx, model, trained.state_dict(), central.epochs)
     return rows

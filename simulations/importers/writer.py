@@ -9,7 +9,9 @@ hard-linked (copied where a link is impossible) under `images/<archive>/`, a fre
 Where a case has no image (`--synthetic-films`), a synthetic film of its label is drawn by
 `shared_model/tooling/synth.py` (the public archive's scanners): the site is then
 SEMI-SYNTHETIC, a real report beside a film that is not the patient's, and the README.txt
-written into the output and into every site says so.
+written into the output and into every site says so. With `text_only` no film is drawn:
+the image cell stays empty and the sites serve a text-only model (modality "text"), the
+report branch on real reports with nothing synthetic in them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ FILM_SCANNERS = 12  # films cycle through this many of the public archive's scan
 FILMS = ".films"  # staging folder of the films, removed once the sites are written
 SKIPPED = "skipped.csv"
 README = "README.txt"
+TEXT_ONLY = (
+    "TEXT-ONLY: real reports and no films (the image column is empty). These sites are "
+    "for the report branch alone: a simulation or federation with modality \"text\"; a "
+    "model that reads films refuses every row."
+)
 SEMI_SYNTHETIC = (
     "SEMI-SYNTHETIC: the reports are real, the films are NOT the patients' - each is a "
     "synthetic film of the report's label drawn by medfuse's generator. Results on these "
@@ -65,6 +72,7 @@ class ImportSummary:
     skipped: Counter  # reason kind -> studies
     read: int
     semi_synthetic: bool
+    text_only: bool = False
 
     def lines(self) -> list[str]:
         """A line per site ("site-00: 212 cases (normal 120, effusion 40, ...)"), then
@@ -81,6 +89,8 @@ class ImportSummary:
                        + "; ".join(f"{r} {n}" for r, n in self.skipped.most_common()))
         if self.semi_synthetic:
             out.append(SEMI_SYNTHETIC)
+        if self.text_only:
+            out.append(TEXT_ONLY)
         return out
 
 
@@ -118,15 +128,20 @@ def prepare_out(out: Path, overwrite: bool) -> None:
             p.unlink()
 
 
-def pool_of(imp: Imported, out: Path, opts: ImportOptions) -> list[PoolCase]:
+def pool_of(imp: Imported, out: Path, opts: ImportOptions, *,
+            text_only: bool = False) -> list[PoolCase]:
     """The cases as a pool for `write_partitioned_sites`: images relative to the
-    archive's image root, or (no image) a synthetic film staged under out/.films."""
+    archive's image root, or (no image) a synthetic film staged under out/.films, or
+    (`text_only`) no image at all: an empty image cell, which a text-only model reads."""
     films = out / FILMS
     pool = []
     for k, case in enumerate(imp.cases):
         record = {"case_id": case.case_id, "report": case.report, "label": case.label}
         record.update({c: "" for c in BOX_COLUMNS})
-        if case.image is None:
+        if text_only:
+            record["image"] = ""
+            source = out
+        elif case.image is None:
             films.mkdir(parents=True, exist_ok=True)
             pixels, box = draw_film(case.label, k, opts)
             record["image"] = f"film-{k:06d}.png"
@@ -146,10 +161,12 @@ def pool_of(imp: Imported, out: Path, opts: ImportOptions) -> list[PoolCase]:
 def write_import(
     imp: Imported, out: Path, opts: ImportOptions, *, notice: str = "",
     overwrite: bool = False, link: Literal["hardlink", "copy"] = "hardlink",
+    text_only: bool = False,
 ) -> ImportSummary:
     """Partition the cases into `opts.sites` hospitals and write them under `out`, with
     skipped.csv (every study left out, and why) and README.txt (`notice`, the policies,
-    the counts; the semi-synthetic warning where films were drawn)."""
+    the counts; the semi-synthetic warning where films were drawn, the text-only one
+    where `text_only` left every image cell empty)."""
     if not imp.cases:
         raise ArchiveError(f"no usable study in {imp.read} read: every one was skipped "
                            f"({_top_reasons(imp)})")
@@ -158,7 +175,7 @@ def write_import(
     labels = [c.label for c in imp.cases]
     parts = partition("dirichlet" if opts.label_skew else "iid", labels, opts.sites,
                       seed=opts.seed, alpha=opts.label_skew or 1.0, min_size=opts.min_cases)
-    pool = pool_of(imp, out, opts)
+    pool = pool_of(imp, out, opts, text_only=text_only)
     folders = write_partitioned_sites(pool, parts, out, seed=opts.seed, link=link)
     shutil.rmtree(out / FILMS, ignore_errors=True)
     _write_skipped(out / SKIPPED, imp)
@@ -166,7 +183,8 @@ def write_import(
     counts.index = site_folder_names(len(parts))
     counts = counts[[lab for lab in opts.labels if lab in counts.columns]]
     summary = ImportSummary(folders, counts, Counter(reason_kind(s.reason) for s in imp.skipped),
-                            imp.read, any(c.image is None for c in imp.cases))
+                            imp.read, not text_only and any(c.image is None for c in imp.cases),
+                            text_only=text_only)
     text = _readme(imp, opts, notice, summary)
     for folder in (out, *folders):
         (folder / README).write_text(text, encoding="utf-8")
@@ -190,6 +208,8 @@ def _readme(imp: Imported, opts: ImportOptions, notice: str, summary: ImportSumm
     head = [f"Imported from {imp.name} by `medfuse data import` (dataset format v1)."]
     if summary.semi_synthetic:
         head.append(SEMI_SYNTHETIC)
+    if summary.text_only:
+        head.append(TEXT_ONLY)
     if notice:
         head.append(notice)
     policy = (f"Policies: uncertain (-1) = {opts.uncertain}; several labels = "

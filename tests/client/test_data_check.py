@@ -95,3 +95,34 @@ def test_exit_codes(tmp_path: Path) -> None:
     assert exit_code([clean, with_bad], strict=True) == 1
     assert exit_code([clean], strict=True) == 0
     assert exit_code([clean, missing], strict=False) == 1
+
+
+def _text_only_site(root: Path) -> Path:
+    """Four train reports and a val report, no image at all."""
+    root.mkdir(parents=True)
+    with (root / "manifest.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case_id", "image", "report", "label", "split"])
+        writer.writerows([f"t{i}", "", "clear lungs", "normal", "val" if i == 4 else "train"]
+                         for i in range(5))
+    return root
+
+
+def test_a_text_only_site_is_said_to_be_one(tmp_path: Path) -> None:
+    # Prepare
+    site = _text_only_site(tmp_path / "site-t")
+    text_model = ModelConfig(image_size=16, modality="text", generation=False)
+    console, fused_console = Console(record=True, width=200), Console(record=True, width=200)
+
+    # Execute
+    render_summary(check_site(site, labels=DEFAULT_LABELS, model=text_model, tokenizer=None),
+                   console)
+    render_summary(check(site), fused_console)
+
+    # Assert: for a text model it is usable and TEXT-ONLY; for the fused model every row
+    # is bad, and the check says how to check it as a text-only site
+    text, fused = console.export_text(), fused_console.export_text()
+    assert "TEXT-ONLY site: none of its 5 usable rows has an image" in text
+    assert "USABLE: 5 of 5 rows usable" in text
+    assert "5 row(s) have no image: a text-only site?" in fused
+    assert "--modality text" in fused and "NOT USABLE" in fused

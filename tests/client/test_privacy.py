@@ -380,3 +380,26 @@ def test_render_shows_releases_and_both_budgets(store: LedgerStore, data_dir: Pa
     assert [s.root for s in find_stores(store.root)] == [store.root]
     assert [s.root for s in find_stores(store.root.parent)] == [store.root]
     assert (store.root / INDEX_FILE).exists()
+
+
+def test_a_text_only_site_is_identified_by_its_reports(tmp_path: Path):
+    # Prepare: rows without an image (a text-only site): the report is the record
+    def site(folder: Path, reports: list[str]) -> Path:
+        folder.mkdir()
+        lines = ["case_id,image,report,label"] + [f"c{i},,{r},normal"
+                                                  for i, r in enumerate(reports)]
+        (folder / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return folder
+
+    # Execute
+    a = data_identity(site(tmp_path / "a", ["No effusion.", "Small nodule."]))
+    respaced = data_identity(site(tmp_path / "b", ["no   EFFUSION", "small nodule"]))
+    other = data_identity(site(tmp_path / "c", ["No effusion.", "Large nodule."]))
+    same_words = data_identity(site(tmp_path / "d", ["No effusion.", "No effusion."]))
+
+    # Assert: one record per case; its words decide it, not spacing or case; two
+    # patients with the same words are two records (their case ids differ)
+    assert len(a.records) == 2
+    assert respaced == a
+    assert other.digest != a.digest and len(set(other.records) & set(a.records)) == 1
+    assert len(same_words.records) == 2

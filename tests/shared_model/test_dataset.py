@@ -653,6 +653,66 @@ def test_a_jpeg_frame_is_found_and_a_frameless_or_flat_film_is_left_alone(
     assert (mask_border(rgb)[:5] == 0).all() and mask_border(rgb).shape == rgb.shape
 
 
+# --------------------------------------------------------------------------- text-only rows
+
+TEXT_MODEL = ModelConfig(image_size=16, modality="text", generation=False)
+
+
+def _text_only_rows(n: int, split: str = "train") -> list[dict[str, str]]:
+    return [{"case_id": f"t-{split}-{i}", "image": "", "report": f"no effusion {i}",
+             "label": LABELS[i % len(LABELS)], "split": split} for i in range(n)]
+
+
+def test_rows_without_an_image_open_for_a_text_only_model(tmp_path: Path) -> None:
+    # Prepare: a site of real-report rows with empty image cells, and one film beside them
+    site = write_manifest(tmp_path / "s", _text_only_rows(6) + _text_only_rows(2, "test")
+                          + good_rows(tmp_path / "s", 1, prefix="film"))
+
+    # Execute
+    data = open_(site, model=TEXT_MODEL)
+
+    # Assert: every row is usable, an image-less row's tensor is finite (zero before
+    # normalisation), and the check counts the rows without an image
+    assert (len(data.train), len(data.test)) == (7, 2)
+    assert not data.summary.bad_rows and data.summary.text_only_rows == 8
+    assert not data.summary.text_only  # one row has a film
+    assert torch.isfinite(data.train.images).all()
+    assert torch.equal(data.train.images[0], torch.full_like(data.train.images[0],
+                                                             -PIXEL_MEAN / PIXEL_STD))
+    assert sum(data.summary.formats.values()) == 1 and len(data.summary.sizes) == 1
+
+
+def test_a_text_only_site_is_refused_for_a_model_that_reads_films(tmp_path: Path) -> None:
+    # Prepare
+    site = write_manifest(tmp_path / "s", _text_only_rows(4))
+
+    # Execute
+    with pytest.raises(SiteError) as exc:
+        open_(site)
+    summary = check_site(site, labels=LABELS, model=TEXT_MODEL, tokenizer=StubTokenizer())
+
+    # Assert: each row is bad with a reason that names the text-only model; the same
+    # site checked for that model is TEXT-ONLY
+    assert "no usable training rows" in str(exc.value)
+    assert [b.reason for b in exc.value.bad_rows] == [
+        'empty image path (a row without an image is usable only by a text-only model, '
+        'modality "text")'] * 4
+    assert summary.usable and summary.text_only and summary.usable_rows == 4
+
+
+def test_a_broken_image_path_stays_a_bad_row_for_a_text_only_model(tmp_path: Path) -> None:
+    # Prepare: a non-empty image cell must still be a file of the site
+    rows = _text_only_rows(2)
+    rows[1]["image"] = "img/missing.png"
+    site = write_manifest(tmp_path / "s", rows)
+
+    # Execute
+    data = open_(site, model=TEXT_MODEL)
+
+    # Assert
+    assert [b.reason for b in data.summary.bad_rows] == ["missing image file 'img/missing.png'"]
+
+
 def test_equalised_films_do_not_depend_on_the_scanners_tone_curve() -> None:
     film = _film(np.random.default_rng(2))
     film[:3] = 0.0  # a masked border stays black and is not ranked

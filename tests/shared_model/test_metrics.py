@@ -15,6 +15,8 @@ from shared_model.contract.metric_registry import (
     BY_NAME,
     View,
     class_aps,
+    exact_per_label,
+    per_label_of,
     release_slots,
     released_under_dp,
 )
@@ -26,6 +28,7 @@ from shared_model.metrics import (
     classification_metrics,
     clinical_efficacy,
     mean_iou,
+    per_class_auroc,
     rouge_l,
 )
 from shared_model.train import CaseResults, calibrated_threshold, summarise
@@ -82,6 +85,48 @@ def test_auroc_macro_one_vs_rest_by_hand() -> None:
 
     # Assert
     assert out[wire.M_AUROC] == pytest.approx(0.625)
+
+
+def test_per_label_auroc_by_hand_nan_where_a_label_cannot_be_ranked() -> None:
+    # Prepare: the four cases of the macro example above. Class 0: 3/4, class 1: 2/4
+    # (worked there); class 2 has no positive case: NaN, not 0.5. The class-2 scores
+    # alone would rank row 3 first, which must not matter.
+    y_true = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.5, 0.1], [0.6, 0.35, 0.05],
+                      [0.2, 0.1, 0.7]])
+
+    # Execute
+    out = per_class_auroc(y_true, probs)
+
+    # Assert: the mean of the defined ones is the macro AUROC
+    assert list(out) == [0, 1, 2]
+    assert out[0] == pytest.approx(0.75) and out[1] == pytest.approx(0.5)
+    assert math.isnan(out[2])
+    assert np.nanmean(list(out.values())) == pytest.approx(
+        classification_metrics(y_true, probs, 3)[wire.M_AUROC])
+
+
+def test_per_label_auroc_keys_come_from_the_label_set_never_the_data() -> None:
+    # Prepare: a split of one class (nothing can be ranked), and a perfect ranking
+    names = ("normal", "effusion")
+    one_class = CaseResults(labels=np.array([1, 1]), probs=np.array([[.3, .7], [.6, .4]]),
+                            loss_sum=1.0, boxes=None, true_boxes=None, has_box=None,
+                            refs=None, hyps=None, label_names=names)
+    ranked = dataclasses.replace(one_class, labels=np.array([1, 0]))
+    unnamed = dataclasses.replace(ranked, label_names=())
+
+    # Execute
+    empty, perfect = exact_per_label(one_class, 2), exact_per_label(ranked, 2)
+
+    # Assert: the same keys either way (NaN where unrankable), in summarise too, and
+    # index names where the label names are unknown
+    assert list(empty) == list(perfect) == ["auroc-normal", "auroc-effusion"]
+    assert all(math.isnan(v) for v in empty.values())
+    assert perfect == {"auroc-normal": 1.0, "auroc-effusion": 1.0}
+    assert set(perfect) <= set(summarise(ranked, 2))
+    assert list(exact_per_label(unnamed, 2)) == ["auroc-class-0", "auroc-class-1"]
+    assert per_label_of("auroc-effusion")[1] == "effusion"
+    assert per_label_of(wire.M_AUROC) is None
 
 
 def test_auroc_is_nan_for_a_site_with_one_class() -> None:

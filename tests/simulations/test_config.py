@@ -76,6 +76,37 @@ def test_dp_hard_config_is_the_far_public_start_world() -> None:
     assert {e.kind for e in cfg.experiments} == {"public", "local", "pooled", "federated"}
 
 
+def test_openi_reports_config_is_the_text_only_benchmark(tmp_path: Path) -> None:
+    # Prepare: the config names the imported sites under data/ (not in the repository);
+    # stand-ins of the same layout are given with --sites
+    sites = []
+    for i in range(5):
+        (tmp_path / f"site-0{i}").mkdir()
+        sites.append(tmp_path / f"site-0{i}")
+
+    # Execute
+    cfg = load_config(Path(__file__).parents[2] / "simulations" / "openi-reports.toml",
+                      sites=sites)
+
+    # Assert: the report branch alone everywhere; pooled, local-only, FedAvg, FedAvg + DP
+    # at epsilon 8 and the bag-of-words baseline, all on the five imported hospitals
+    exps = {e.name: e for e in cfg.experiments}
+    assert {e.modality for e in cfg.experiments} == {"text"}
+    assert sorted(e.kind for e in cfg.experiments) == [
+        "bow", "federated", "federated", "local", "pooled"]
+    assert exps["fedavg-dp"].dp and exps["fedavg-dp"].epsilon == 8.0
+    assert cfg.sites.num_hospitals == 5 and not cfg.public.enabled
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ({"dp": True}, ["dp=true", "bow baseline trains centrally"]),
+    ({"audit": True}, ["audit=true", "pooled and federated experiments only"]),
+])
+def test_the_bow_baseline_has_no_dp_and_no_audit(extra: dict, words: list[str]) -> None:
+    message = _error({"experiment": [{"name": "b", "kind": "bow", **extra}]})
+    assert all(w in message for w in words), message
+
+
 @pytest.mark.parametrize(
     ("raw", "key"),
     [

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from medfuse import app
 from shared_model.config import DEFAULT_LABELS, ModelConfig
-from shared_model.dataset import open_site
+from shared_model.dataset import SiteError, open_site
 from shared_model.tokenizer import Tokenizer
 from simulations.importers import (
     CsvColumns,
@@ -34,7 +34,7 @@ from simulations.importers import (
 )
 from simulations.importers.common import CHEXPERT_OBSERVATIONS, ArchiveError, choose_frontal
 from simulations.importers.openi import parse_report, report_text
-from simulations.importers.writer import SEMI_SYNTHETIC
+from simulations.importers.writer import SEMI_SYNTHETIC, TEXT_ONLY
 from tests.conftest import TINY_IMAGE
 
 # ---------------------------------------------------------------------- fixtures: OpenI
@@ -235,6 +235,69 @@ def test_semi_synthetic_openi_partitions_into_sites_that_open(tmp_path: Path):
         assert SEMI_SYNTHETIC in (site / "README.txt").read_text(encoding="utf-8")
         opened = _open(site)
         assert opened.summary.bad_rows == () and len(opened.train) > 0
+
+
+TEXT_MODEL = ModelConfig(image_size=TINY_IMAGE, modality="text", generation=False)
+REAL_OPENI = Path.home() / ".cache" / "medfuse" / "public-tables" / "NLMCXR_reports.tgz"
+
+
+def _open_text(site: Path):
+    return open_site(site, labels=DEFAULT_LABELS, model=TEXT_MODEL,
+                     tokenizer=Tokenizer(TEXT_MODEL.vocab_size))
+
+
+def test_text_only_openi_writes_reports_without_films_for_a_text_model(tmp_path: Path):
+    # Prepare
+    xmls = {n: _openi_xml(n, m, i, f, p) for n, (m, i, f, p) in OPENI.items()}
+    xmls |= _extra_cases(20, 14, ["normal"]) | _extra_cases(40, 8, ["Cardiomegaly"])
+    tgz = _write_tgz(tmp_path / "NLMCXR_reports.tgz", xmls)
+    imp = openi_cases(iter_archive(tgz), ImportOptions())
+    opts = ImportOptions(sites=2, label_skew=0.5, seed=1, min_cases=3)
+
+    # Execute
+    summary = write_import(imp, tmp_path / "out", opts, text_only=True)
+
+    # Assert: no film anywhere, every image cell empty, said TEXT-ONLY (not
+    # semi-synthetic); the sites open for a text model, and are refused for a fused one
+    assert not summary.semi_synthetic and TEXT_ONLY in summary.lines()
+    assert not list((tmp_path / "out").rglob("*.png"))
+    for site in summary.folders:
+        assert {r["image"] for r in _manifest(site)} == {""}
+        assert TEXT_ONLY in (site / "README.txt").read_text(encoding="utf-8")
+        opened = _open_text(site)
+        assert opened.summary.text_only and opened.summary.bad_rows == ()
+        with pytest.raises(SiteError, match="no usable training rows"):
+            _open(site)
+
+
+def test_import_openi_text_only_of_the_real_reports(tmp_path: Path):
+    """The 3,955 real OpenI report XMLs, where the cache holds them: no traceback, the
+    reports alone, and sites a text model opens. The real text stays under tmp_path."""
+    if not REAL_OPENI.is_file():
+        pytest.skip(f"no {REAL_OPENI.name} in {REAL_OPENI.parent} "
+                    "(scripts/fetch-public-tables.sh fetches it)")
+    # Execute
+    out = tmp_path / "openi-text"
+    result = CliRunner().invoke(app, ["data", "import", "openi", str(REAL_OPENI),
+                                      "--text-only", "--sites", "5", "--label-skew", "0.5",
+                                      "--out", str(out)])
+
+    # Assert
+    assert result.exit_code == 0, result.output
+    assert "imported 1931 of 3955 studies" in result.stdout
+    assert "TEXT-ONLY" in result.stdout and "SEMI-SYNTHETIC" not in result.stdout
+    sites = sorted(out.glob("site-*"))
+    assert len(sites) == 5 and not list(out.rglob("*.png"))
+    opened = [_open_text(s) for s in sites]
+    assert sum(s.summary.usable_rows for s in opened) == 1931
+    assert all(s.summary.text_only and not s.summary.bad_rows for s in opened)
+
+
+def test_import_openi_takes_one_image_source(openi_tgz: Path, tmp_path: Path):
+    result = CliRunner().invoke(app, ["data", "import", "openi", str(openi_tgz),
+                                      "--text-only", "--synthetic-films", "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 2 and "one of them" in result.stderr
 
 
 # ---------------------------------------------------------------------- MIMIC-CXR

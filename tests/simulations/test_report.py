@@ -396,3 +396,28 @@ def test_html_per_hospital_table_gives_each_hospitals_test_cases(tmp_path: Path)
     assert "<th>hospital</th><th>test cases</th><th>fedavg</th>" in page
     assert "<td>site-00</td><td>30</td><td>0.700</td>" in page
     assert "<td>mean</td><td>75 in all</td>" in page
+
+
+def test_per_label_auroc_table_means_the_hospitals_that_can_score_a_label(tmp_path: Path):
+    # Prepare: two hospitals; "nodule" cannot be ranked at h2 (NaN), round 1 is not final
+    rows = [
+        ("bow", 0, 1, "h1", "test/auroc-normal", 0.1),
+        ("bow", 0, 2, "h1", "test/auroc-normal", 0.9),
+        ("bow", 0, 2, "h2", "test/auroc-normal", 0.7),
+        ("bow", 0, 2, "h1", "test/auroc-nodule", 0.6),
+        ("bow", 0, 2, "h2", "test/auroc-nodule", math.nan),
+        ("bow", 0, 2, "h1", "test/auroc", 0.75),
+        ("pooled", 0, 2, "h1", "test/accuracy", 0.5),
+    ]
+    results = report.results_frame(rows)
+
+    # Execute
+    headers, table = report.per_label_rows(results, ["pooled", "bow"])
+    files = report.write_report(results, tmp_path)
+
+    # Assert: labels as columns in the results' order; the count where not every
+    # hospital could score the label; an experiment without per-label values has no row
+    assert headers == ["experiment", "normal", "nodule"]
+    assert table == [["bow", "0.800", "0.600 (1/2)"]]
+    assert "AUROC per label" in files.summary_md.read_text()
+    assert "AUROC per label" in files.report_html.read_text()
