@@ -58,6 +58,8 @@ from shared_model.contract.run_config import (
     pyproject_defaults,
 )
 from shared_model.contract.validation import describe
+from shared_model.dataset import PREPROCESSING
+from shared_model.tooling.synth import FEDERATION_GENERATOR
 from simulations.sections import (
     HARNESS_KEYS,
     RUN_KEYS,
@@ -257,6 +259,10 @@ class SimulationConfig(Section):
                 mode="json", exclude={"style"} if self.sites.style == "house" else None),
             "model": self.model.model_dump(mode="json"),
         }
+        if self.sites.source == "synthetic":  # results on an older generator's sites rerun
+            payload["generator"] = FEDERATION_GENERATOR
+        # and results on films read the way an older medfuse read them
+        payload["preprocessing"] = PREPROCESSING
         if self.public.enabled and self.uses_public(exp):
             payload["public"] = self.public.model_dump(
                 mode="json", exclude={"views"} if self.public.views == "none" else None)

@@ -22,7 +22,7 @@ from shared_model.config import MANIFEST
 from shared_model.dataset import SiteData, SiteError, open_site
 from shared_model.files import atomic_write_text
 from shared_model.tokenizer import Tokenizer
-from shared_model.tooling.synth import SynthConfig, write_federation
+from shared_model.tooling.synth import FEDERATION_GENERATOR, SynthConfig, write_federation
 from simulations.config import SimulationConfig
 from simulations.experiments.context import PreparedSites, SimulationError
 from simulations.partition import (
@@ -64,7 +64,8 @@ def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], No
     )
     # style counts only when not "house": stamps written before it existed still match
     stamp = {"synthetic": synth.model_dump(
-        mode="json", exclude={"style"} if synth.style == "house" else None)}
+        mode="json", exclude={"style"} if synth.style == "house" else None),
+        "generator": FEDERATION_GENERATOR}  # sites of an older generator are rewritten
     base = root / "synthetic"
     if base.is_dir() and _stamp_matches(base, stamp) and len(list_sites(base)) == s.count:
         echo(f"sites: {s.count} synthetic hospitals already in {base}")

@@ -28,13 +28,25 @@ What the data is built to test:
   resolution, aspect, frame and format outside `PUBLIC_SCANNERS`), so it tests whether a
   public start transfers to a hospital whose style the public data never showed. Its
   random streams are keyed (seed, UNSEEN_TAG, ...): it repeats no house federation's case.
-  "house" (the default) writes exactly what it wrote before the unseen style existed.
+  "house" (the default) draws the house styles, whose streams the unseen style left as
+  they were.
 
 * `difficulty = "hard"` (`HARDNESS`) draws clear findings fainter, among more vessel
   shadows, and writes an informative report on 35% of clear films instead of 62%: a
   hospital alone learns less from a few hundred cases. The public archive's
   `labeller = "mined"` labels each case from its report as report-mining labellers do
   (`mined_label`), so a model trained on it learns the labeller's mistakes.
+
+* Findings are sized and placed by real boxes: each lesion's width and height are drawn
+from the quantiles of its class in NIH ChestX-ray14's box table (`box_stats.BOX_STATS`;
+a Gaussian copula keeps their rank correlation), its centre likewise, redrawn until it
+lies in the lung. So a nodule is about 0.5% of the film (4-5 px at 64 px), a pneumonia
+or an effusion about 6%, a cardiomegaly's heart about 17%. An effusion fills the lateral
+base of its lung, highest at the wall; a hazy basal opacity, pneumonia or effusion, is
+sized like either with equal chance, so its size does not tell them apart. The 30% of
+cardiomegalies whose heart is borderline take the lower 30% of the real heart sizes, and
+a borderline normal heart is drawn from the same range. What one lung cannot hold (the
+widest pneumonias span both lungs, the tallest effusions reach the apex) is cut to fit.
 
 Coordinates are fractions of the image, x to the right and y down, in the radiological
 convention: the patient's right lung is on the image's left (x < 0.5). Boxes are
@@ -48,6 +60,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -55,6 +68,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared_model.config import DEFAULT_LABELS, MANIFEST
+from shared_model.tooling.box_stats import BOX_STATS, QUANTILES, BoxStats, Quantiles
 
 Box = tuple[float, float, float, float]
 Ellipse = tuple[float, float, float, float]  # cx, cy, semi-axis x, semi-axis y
@@ -62,7 +76,6 @@ ImageFormat = Literal["png8", "dicom12", "png16", "jpeg", "png_rgb", "dicom"]
 ReportMode = Literal["informative", "vague", "uninformative"]
 Zone = Literal["", "apex", "upper", "middle", "lower", "base"]
 FindingKind = Literal["none", "nodule", "patchy", "effusion", "hazy_basal", "heart"]
-ZONES: tuple[Zone, ...] = ("upper", "middle", "lower")  # where nodules and patches are put
 
 # Image formats in the order sites take them: site i writes FORMATS[i % 5].
 FORMATS: tuple[ImageFormat, ...] = ("png8", "dicom12", "png16", "jpeg", "png_rgb")
@@ -73,6 +86,11 @@ EXTENSIONS: dict[ImageFormat, str] = {
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "case_id", "image", "report", "label", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
 )
+# The federation generator's version: 2 = findings sized and placed by real boxes
+# (BOX_STATS); 1 = hand-picked sizes. A simulation's cached synthetic sites and finished
+# experiments (simulations/sites.py's stamp, SimulationConfig.fingerprint) of another
+# version are not reused. The public corpus has its own, PUBLIC_GENERATOR.
+FEDERATION_GENERATOR = 2
 SPLIT_SHARES: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 CASES_JITTER = 0.25  # a site's case count is cases_per_site * U(1 - j, 1 + j)
 
@@ -120,10 +138,18 @@ HARDNESS: dict[Difficulty, Hardness] = {
     ),
 }
 
-# Heart half-width (fraction of the image width) ranges.
+# A normal heart's half-width (fraction of the image width); its half-height follows
+# (`_heart_half_height`). Enlarged and borderline hearts are drawn from the real
+# cardiomegaly boxes (BOX_STATS): a borderline one from their lower BORDERLINE_SHARE.
 HEART_NORMAL = (0.10, 0.14)
-HEART_BORDERLINE = (0.145, 0.17)
-HEART_ENLARGED = (0.18, 0.22)
+BORDERLINE_SHARE = IMAGE_AMBIGUOUS["cardiomegaly"]
+# A bigger heart grows down to the diaphragm and out to the patient's left: its centre
+# moves right by HEART_LEFTWARD times its extra half-width (NIH's enlarged hearts are
+# centred at x = 0.57), its lower border stays where it is.
+HEART_LEFTWARD = 0.25
+HEART_REFERENCE = 0.12  # the half-width whose centre is Anatomy.heart_anchor's x
+# a hazy basal opacity is sized as one of these, chosen at random, whatever its label
+HAZY_LIKE: tuple[str, str] = ("pneumonia", "effusion")
 RIB_SPACING = 0.07
 FIELD_OF_VIEW_MM = 150.0  # image width, for the nodule sizes written in reports
 
@@ -178,7 +204,7 @@ class Scanner:
     image_format: ImageFormat
     jpeg_quality: int
     tint: tuple[float, float, float]  # RGB gains of an RGB export (1, 1, 1 = grey)
-    # the rest is off in the house styles (their bytes are as before these fields existed)
+    # the rest is off in the house styles (their streams are as before these fields existed)
     aspect: float = 1.0  # stored width / height (the reader resizes to a square)
     frame: float = 0.0  # width of a frame burnt in around the film, fraction of the side
     frame_level: float = 0.0  # its intensity: 0 black, 1 white
@@ -586,7 +612,9 @@ class Anatomy:
     """One patient's chest, in image fractions."""
 
     lungs: tuple[Ellipse, Ellipse]  # patient's right (image left), left: cx, cy, ax, ay
-    heart_centre: tuple[float, float]  # the heart's size depends on the finding
+    # the heart's size depends on the finding (`_heart_ellipse`); this is the centre x of
+    # a heart of half-width HEART_REFERENCE and the y of every heart's lower border
+    heart_anchor: tuple[float, float]
     rib_shift: float
 
 
@@ -597,11 +625,11 @@ class Finding:
     label: str
     kind: FindingKind
     ambiguous: bool  # the image alone cannot tell this label from another
-    heart: float  # the heart's half-width (enlarged for cardiomegaly)
+    heart: tuple[float, float]  # the heart's half-width and half-height
     side: int = -1  # 0 = patient's right (image left), 1 = patient's left; -1 = none
     zone: Zone = ""
-    # nodule: (cx, cy, r); patchy: (cx, cy, rx, ry); effusion: (height, meniscus);
-    # hazy_basal: (height,); none and heart: ()
+    # nodule and patchy: (cx, cy, rx, ry); effusion and hazy_basal: the box (x0, y0, x1,
+    # y1) of the lung base it fills; none and heart: ()
     geometry: tuple[float, ...] = ()
     amount: float = 0.0  # density added by the finding
 
@@ -646,94 +674,158 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
                 0.29 + float(rng.uniform(-0.02, 0.02)),
             )
         )
-    heart = (0.545 + float(rng.normal(0, 0.008)), 0.64 + float(rng.normal(0, 0.008)))
+    base = 0.64 + _heart_half_height(HEART_REFERENCE)
+    heart = (0.545 + float(rng.normal(0, 0.008)), base + float(rng.normal(0, 0.008)))
     return Anatomy(
-        lungs=(lungs[0], lungs[1]), heart_centre=heart, rib_shift=float(rng.uniform(0, 0.06))
+        lungs=(lungs[0], lungs[1]), heart_anchor=heart, rib_shift=float(rng.uniform(0, 0.06))
     )
 
 
 def sample_finding(rng: np.random.Generator, label: str, anatomy: Anatomy,
                    hard: Hardness = HARDNESS["standard"]) -> Finding:
-    """The finding of a case of `label`: its kind, whether it is ambiguous, its place."""
+    """The finding of a case of `label`: its kind, whether it is ambiguous, its size and
+    place (from the real boxes of its class, BOX_STATS, as far as one lung holds them)."""
     if label not in DEFAULT_LABELS:
         raise ValueError(f"unknown label {label!r} (allowed: {', '.join(DEFAULT_LABELS)})")
     ambiguous = bool(rng.random() < IMAGE_AMBIGUOUS[label])
     side = int(rng.integers(2))
     if label in ("normal", "cardiomegaly"):
-        if label == "cardiomegaly":
-            hw = float(rng.uniform(*(HEART_BORDERLINE if ambiguous else HEART_ENLARGED)))
-        else:
-            hw = float(rng.uniform(*(HEART_BORDERLINE if ambiguous else HEART_NORMAL)))
-        return Finding(label, "heart" if label == "cardiomegaly" else "none", ambiguous, hw)
-    hw = float(rng.uniform(*HEART_NORMAL))
+        heart = _draw_heart(rng, label, ambiguous)
+        return Finding(label, "heart" if label == "cardiomegaly" else "none", ambiguous, heart)
+    heart = _normal_heart(rng)
+    lung = anatomy.lungs[side]
     if label == "nodule":
-        r = float(rng.uniform(0.075, 0.1))
-        zone: Zone = ZONES[int(rng.integers(len(ZONES)))]
-        cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=r + 0.01)
-        if zone == "upper" and cy - r < anatomy.lungs[side][1] - anatomy.lungs[side][3] + 0.12:
+        stats = BOX_STATS["nodule"]
+        w, h = _draw_size(rng, stats)
+        rx, ry = w / 2, h / 2
+        cx, cy = _place_in_lung(rng, anatomy, heart, side, stats, (rx + 0.01, ry + 0.01))
+        zone = _zone_at(lung, cy)
+        if zone == "upper" and cy - ry < lung[1] - lung[3] + 0.12:
             zone = "apex"
         amount = float(rng.uniform(0.03, 0.05) if ambiguous else rng.uniform(*hard.nodule))
-        return Finding(label, "nodule", ambiguous, hw, side, zone, (cx, cy, r), amount)
+        return Finding(label, "nodule", ambiguous, heart, side, zone, (cx, cy, rx, ry), amount)
     if ambiguous:  # pneumonia or effusion drawn as the same hazy basal opacity
-        height = float(rng.uniform(0.12, 0.19))
+        like = BOX_STATS[HAZY_LIKE[int(rng.integers(len(HAZY_LIKE)))]]
+        box = _basal_box(lung, side, *_draw_size(rng, like))
         amount = float(rng.uniform(*hard.hazy))
-        return Finding(label, "hazy_basal", True, hw, side, "lower", (height,), amount)
+        return Finding(label, "hazy_basal", True, heart, side, "lower", box, amount)
     if label == "effusion":
-        height = float(rng.uniform(0.10, 0.17))
-        meniscus = float(rng.uniform(0.03, 0.06))
+        box = _basal_box(lung, side, *_draw_size(rng, BOX_STATS["effusion"]))
         amount = float(rng.uniform(*hard.effusion))
-        return Finding(label, "effusion", False, hw, side, "base", (height, meniscus), amount)
-    zone = ZONES[int(rng.choice(len(ZONES), p=[0.35, 0.4, 0.25]))]
-    rx, ry = float(rng.uniform(0.1, 0.14)), float(rng.uniform(0.085, 0.12))
-    cx, cy = _place_in_lung(rng, anatomy, hw, side, zone, margin=0.04)
+        return Finding(label, "effusion", False, heart, side, "base", box, amount)
+    stats = BOX_STATS["pneumonia"]
+    w, h = _draw_size(rng, stats)
+    rx, ry = min(w / 2, lung[2]), min(h / 2, lung[3])  # one lung holds at most itself
+    cx, cy = _place_in_lung(rng, anatomy, heart, side, stats, (rx, ry))
     amount = float(rng.uniform(*hard.patchy))
-    return Finding(label, "patchy", False, hw, side, zone, (cx, cy, rx, ry), amount)
+    return Finding(label, "patchy", False, heart, side, _zone_at(lung, cy), (cx, cy, rx, ry),
+                   amount)
 
 
-def _zone_band(lung: Ellipse, zone: Zone) -> tuple[float, float]:
+_NORMAL = NormalDist()
+
+
+def _quantile(values: Quantiles, p: float) -> float:
+    """The value at probability `p`, interpolated between the quantiles of BOX_STATS (the
+    tails beyond the outer quantiles are clamped to them)."""
+    return float(np.interp(p, QUANTILES, values))
+
+
+def _draw_size(rng: np.random.Generator, stats: BoxStats, low: float = 0.0,
+               high: float = 1.0) -> tuple[float, float]:
+    """A box width and height from `stats`, the width from its quantiles in [low, high):
+    a Gaussian copula gives the pair the table's rank correlation (Pearson's rho of the
+    normal scores is 2 sin(pi r_s / 6) for Spearman's r_s)."""
+    rho = 2 * np.sin(np.pi * stats.wh_rank_corr / 6)
+    p_w = float(np.clip(rng.uniform(low, high), 1e-6, 1 - 1e-6))
+    z_h = rho * _NORMAL.inv_cdf(p_w) + np.sqrt(1 - rho**2) * float(rng.standard_normal())
+    return _quantile(stats.w, p_w), _quantile(stats.h, _NORMAL.cdf(z_h))
+
+
+def _normal_heart(rng: np.random.Generator) -> tuple[float, float]:
+    """A heart of normal size (half-width, half-height), as behind every lesion."""
+    hw = float(rng.uniform(*HEART_NORMAL))
+    return hw, _heart_half_height(hw)
+
+
+def _draw_heart(rng: np.random.Generator, label: str, ambiguous: bool) -> tuple[float, float]:
+    """The heart of a normal or cardiomegaly case. Borderline hearts (ambiguous cases of
+    either label) take the lower BORDERLINE_SHARE of the real enlarged hearts' sizes, the
+    clear cardiomegalies the rest, so all cardiomegalies together follow the real table."""
+    if label == "normal" and not ambiguous:
+        return _normal_heart(rng)
+    low, high = (0.0, BORDERLINE_SHARE) if ambiguous else (BORDERLINE_SHARE, 1.0)
+    w, h = _draw_size(rng, BOX_STATS["cardiomegaly"], low, high)
+    return w / 2, h / 2
+
+
+def _heart_ellipse(anatomy: Anatomy, heart: tuple[float, float]) -> Ellipse:
+    """Where a heart of half-size `heart` sits: on the diaphragm, growing to the left."""
+    hw, hh = heart
+    ax, base = anatomy.heart_anchor
+    return ax + HEART_LEFTWARD * (hw - HEART_REFERENCE), base - hh, hw, hh
+
+
+def _zone_at(lung: Ellipse, y: float) -> Zone:
+    """The lung zone (upper, middle or lower third of the lung's height) at height y."""
     _, cy, _, ay = lung
-    top, h = cy - ay, 2 * ay
-    return {
-        "upper": (top + 0.10 * h, top + h / 3),
-        "middle": (top + h / 3, top + 2 * h / 3),
-        "lower": (top + 2 * h / 3, top + 0.88 * h),
-    }[zone]
+    third = (y - (cy - ay)) / (2 * ay) * 3
+    return "upper" if third < 1 else "middle" if third < 2 else "lower"
 
 
 def _place_in_lung(
-    rng: np.random.Generator, anatomy: Anatomy, hw: float, side: int, zone: Zone, margin: float
+    rng: np.random.Generator, anatomy: Anatomy, heart: tuple[float, float], side: int,
+    stats: BoxStats, margin: tuple[float, float],
 ) -> tuple[float, float]:
-    """A point in the zone of one lung, at least `margin` inside the lung and off the heart
-    and mediastinum (the margin shrinks when the zone is too tight for it)."""
-    lcx, lcy, ax, ay = anatomy.lungs[side]
-    lo, hi = _zone_band(anatomy.lungs[side], zone)
+    """A centre drawn from the real centres of `stats` (mirrored onto the patient's left
+    for side 1), redrawn until it lies `margin` (x, y) inside one lung's air, off the
+    heart and mediastinum; the margin shrinks when the lung is too tight for it."""
+    ellipse = _heart_ellipse(anatomy, heart)
     for attempt in range(96):
-        m = margin * (1.0 if attempt < 48 else 0.8)
-        cy = float(rng.uniform(lo, hi))
-        half = float(np.sqrt(max(1.0 - ((cy - lcy) / ay) ** 2, 0.0))) * ax - m
-        if half <= 0:
-            continue
-        cx = float(rng.uniform(lcx - half, lcx + half))
-        if _inside_air(anatomy, hw, cx, cy, m):
+        shrink = 1.0 if attempt < 32 else 0.75 if attempt < 64 else 0.5
+        folded = _quantile(stats.cx, float(rng.random()))
+        cy = _quantile(stats.cy, float(rng.random()))
+        cx = folded if side == 0 else 1.0 - folded
+        if _inside_air(anatomy, ellipse, cx, cy, (shrink * margin[0], shrink * margin[1])):
             return cx, cy
-    lateral = -1.0 if side == 0 else 1.0
-    return lcx + lateral * 0.4 * ax, (lo + hi) / 2
+    return anatomy.lungs[side][0], anatomy.lungs[side][1]
 
 
-def _inside_air(anatomy: Anatomy, hw: float, x: float, y: float, margin: float) -> bool:
-    for dx, dy in ((0, 0), (margin, 0), (-margin, 0), (0, margin), (0, -margin)):
+def _inside_air(anatomy: Anatomy, heart: Ellipse, x: float, y: float,
+                margin: tuple[float, float]) -> bool:
+    """Whether (x, y) and the four points `margin` (x, y) away from it lie in a lung's
+    air, off the heart and the mediastinum."""
+    mx, my = margin
+    hx, hy, hw, hh = heart
+    for dx, dy in ((0, 0), (mx, 0), (-mx, 0), (0, my), (0, -my)):
         px, py = x + dx, y + dy
         in_lung = any(((px - cx) / ax) ** 2 + ((py - cy) / ay) ** 2 < 0.97
                       for cx, cy, ax, ay in anatomy.lungs)
-        hx, hy = anatomy.heart_centre
-        hh = _heart_half_height(hw)
         in_heart = ((px - hx) / (hw + 0.01)) ** 2 + ((py - hy) / (hh + 0.01)) ** 2 < 1
         if not in_lung or in_heart or abs(px - 0.5) < 0.07:
             return False
     return True
 
 
+def _basal_box(lung: Ellipse, side: int, w: float, h: float) -> Box:
+    """The box of fluid (or haze) filling a lung's lateral base: `w` wide from the lung's
+    wall inwards, `h` tall from the lowest point of the lung beneath it, cut to what the
+    lung holds (the top stays below the upper fifth of the lung)."""
+    lcx, lcy, ax, ay = lung
+    lateral = -1.0 if side == 0 else 1.0
+    w, h = min(w, 1.8 * ax), min(h, 1.6 * ay)
+    top = lcy + ay - h
+    for _ in range(8):  # the wall depends on the top, the bottom on the inner edge
+        wall = lcx + lateral * ax * float(np.sqrt(1 - (max(top - lcy, 0.0) / ay) ** 2))
+        inner = wall - lateral * w
+        below = 0.0 if lateral * (inner - lcx) <= 0 else ((inner - lcx) / ax) ** 2
+        top = lcy + ay * float(np.sqrt(max(1 - below, 0.0))) - h
+    bottom = top + h
+    return min(wall, inner), top, max(wall, inner), bottom
+
+
 def _heart_half_height(hw: float) -> float:
+    """A normal heart's half-height for its half-width."""
     return 0.6 * hw + 0.03
 
 
@@ -796,9 +888,7 @@ def render_image(
     x, y = np.meshgrid(grid, grid)
     edge = 1.5 / s + 0.004
 
-    hw = finding.heart
-    hx, hy = anatomy.heart_centre
-    hh = _heart_half_height(hw)
+    hx, hy, hw, hh = _heart_ellipse(anatomy, finding.heart)
     body = _ellipse(x, y, 0.5, 0.56, 0.46, 0.56, 0.02)
     lung = [_ellipse(x, y, *lg, edge) for lg in anatomy.lungs]
     heart = _ellipse(x, y, hx, hy, hw, hh, edge)
@@ -843,29 +933,28 @@ def _finding_density(
     if finding.kind in ("none", "heart"):
         return zero, None
     side_air = air[finding.side]
-    cx_l, cy_l, ax_l, ay_l = anatomy.lungs[finding.side]
-    bottom = cy_l + ay_l
-    if finding.kind == "nodule":
-        cx, cy, r = finding.geometry
-        d = _soft(r - np.sqrt((x - cx) ** 2 + (y - cy) ** 2), edge)
-        return d, (cx - r, cy - r, cx + r, cy + r)
+    if finding.kind == "nodule":  # solid, so drawn over whatever lies behind it
+        cx, cy, rx, ry = finding.geometry
+        return _ellipse(x, y, cx, cy, rx, ry, edge), (cx - rx, cy - ry, cx + rx, cy + ry)
     if finding.kind == "patchy":
         cx, cy, rx, ry = finding.geometry
         region = _ellipse(x, y, cx, cy, rx, ry, edge) * side_air
         mottle = np.clip(0.85 + 0.3 * _smooth_noise(rng, s, 12), 0.65, 1.0)
         return region * mottle, _mask_box(region) or (cx - rx, cy - ry, cx + rx, cy + ry)
-    if finding.kind == "effusion":
-        height, meniscus = finding.geometry
-        medial = cx_l + (ax_l if finding.side == 0 else -ax_l)
-        t = np.clip(np.abs(x - medial) / (2 * ax_l), 0, 1)
-        surface = bottom - height - meniscus * t**2
-        d = _soft(y - surface, 0.01) * side_air
-        return d, _mask_box(d) or (cx_l - ax_l, bottom - height, cx_l + ax_l, bottom)
+    x0, y0, x1, y1 = finding.geometry
+    box = (x0, y0, x1, y1)
+    # how far inside the box from its inner (medial) edge towards the lung's wall
+    inner, lateral = (x1, -1.0) if finding.side == 0 else (x0, 1.0)
+    depth = lateral * (x - inner)
+    if finding.kind == "effusion":  # a meniscus: the fluid climbs the lateral wall
+        t = np.clip(depth / (x1 - x0), 0.0, 1.0)
+        surface = y0 + (y1 - y0) * (1.0 - t) ** 2
+        d = _soft(depth, edge) * _soft(y - surface, 0.01) * side_air
+        return d, _mask_box(d) or box
     # hazy basal opacity: pneumonia or effusion, the film cannot tell
-    (height,) = finding.geometry
-    region = _soft(y - (bottom - height), 0.05) * side_air
+    region = _soft(depth, 0.05) * _soft(y - y0, 0.05) * side_air
     mottle = np.clip(0.9 + 0.15 * _smooth_noise(rng, s, 10), 0.7, 1.0)
-    return region * mottle, _mask_box(region) or (cx_l - ax_l, bottom - height, cx_l + ax_l, bottom)
+    return region * mottle, _mask_box(region) or box
 
 
 def _scan(rng: np.random.Generator, img: np.ndarray, sc: Scanner, s: int) -> np.ndarray:
@@ -1007,13 +1096,13 @@ def _fill(finding: Finding, anatomy: Anatomy, style: ReportStyle,
     if vague and finding.zone in ("base", "apex"):
         zone: Zone = "lower" if finding.zone == "base" else "upper"
         finding = replace(finding, zone=zone)
-    ctr = 2 * finding.heart / (anatomy.lungs[1][0] + anatomy.lungs[1][2] - anatomy.lungs[0][0]
+    ctr = 2 * finding.heart[0] / (anatomy.lungs[1][0] + anatomy.lungs[1][2] - anatomy.lungs[0][0]
                     + anatomy.lungs[0][2])
     side = style.side_words[finding.side] if finding.side >= 0 else ""
     loc = _location(finding, style) if finding.side >= 0 else ""
     size = ""
     if finding.kind == "nodule":
-        size = str(int(round(2 * finding.geometry[2] * FIELD_OF_VIEW_MM)))
+        size = str(int(round((finding.geometry[2] + finding.geometry[3]) * FIELD_OF_VIEW_MM)))
     zone_word = {"middle": "mid"}.get(finding.zone, finding.zone)
     return {
         "loc": loc, "Loc": loc[:1].upper() + loc[1:], "side": side,
@@ -1180,10 +1269,11 @@ def _write_dicom(path: Path, pixels: np.ndarray, key: tuple[int, int, int], bits
 # one of REPORT_STYLES or UNSEEN_REPORT_STYLES. It is never a federation's data.
 
 PUBLIC_TAG = 0x9B11C  # first key of every random stream of the public corpus
-# The public corpus generator's version: 2 = many source hospitals drawn from
-# PUBLIC_SCANNERS, three report styles (1 = four sources, one style). A cached public
-# model (server/ops/pretrain.py) of another version is not reused.
-PUBLIC_GENERATOR = 2
+# The public corpus generator's version: 3 = findings sized and placed by real boxes
+# (BOX_STATS); 2 = many source hospitals drawn from PUBLIC_SCANNERS, three report styles
+# (1 = four sources, one style). A cached public model (server/ops/pretrain.py) of another
+# version is not reused.
+PUBLIC_GENERATOR = 3
 MISREAD_HISTORY = 0.5  # mined labels: share of past-disease remarks read as that disease
 
 PUBLIC_STYLE = ReportStyle(
