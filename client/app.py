@@ -405,9 +405,14 @@ def _round_config(msg: Message) -> ConfigRecord:
 
 
 def _state(msg: Message) -> dict[str, torch.Tensor]:
+    """The model the message carries, as the node trains and evaluates it: float32. A
+    server with model-dtype float16 sends its float arrays in 16 bits (`server/download.py`);
+    they are cast back here, so training, the update (trained - this) and every check see
+    float32, and the audit log (a mod, outside) still records what arrived."""
     arrays = msg.content.array_records[wire.ARRAYS]
     # copies: Flower's arrays may be read-only NumPy buffers
-    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+    return {k: v.float() if v.dtype == torch.float16 else v.clone()
+            for k, v in arrays.to_torch_state_dict().items()}
 
 
 def _site_record(name: str, code: str = "", detail: str = "") -> ConfigRecord:

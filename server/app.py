@@ -245,7 +245,9 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
                               total_rounds=run.num_server_rounds, round_offset=start.offset,
                               on_round_end=show_round(run, results, rows),
                               audit_log=out / AUDIT_LOG, evaluate_in_train=run.evaluates_in_train,
-                              round_lr=run.round_lr, average_decay=run.ema_decay)  # fmt: skip
+                              round_lr=run.round_lr, average_decay=run.ema_decay,
+                              model_dtype=run.model_dtype,
+                              update_dtype=run.update_dtype)  # fmt: skip
     if start.strategy_state:
         guarded.load_checkpoint_state(start.strategy_state)
     remaining = run.num_server_rounds - start.offset

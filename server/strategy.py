@@ -52,6 +52,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from server.averaging import ParameterAverage
 from server.clock import RoundClock
+from server.download import ModelDownload
 from server.grid import WireGrid
 from server.guard import ReplyGuard
 from server.recorder import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS, Recorder, RoundHook
@@ -214,6 +215,9 @@ class GuardedStrategy(Strategy):
     on_round_end, audit_log : the recorder's (server/recorder.py).
     average_decay : > 0: the final model is an average of the rounds' models
         (server/averaging.py, ema-decay); 0: the last round's.
+    model_dtype : "float16": the global model goes down in 16 bits, the server keeping
+        its float32 copy (server/download.py, model-dtype); "float32": as it is.
+    update_dtype : the run's update-dtype: what the train replies carry.
     """
 
     def __init__(
@@ -228,12 +232,18 @@ class GuardedStrategy(Strategy):
         evaluate_in_train: bool = False,
         round_lr: Callable[[int], float] | None = None,
         average_decay: float = 0.0,
+        model_dtype: str = "float32",
+        update_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.strategy = strategy
         self.average = (ParameterAverage(strategy, decay=average_decay,
                                          last_round=total_rounds) if average_decay else None)
-        self.guard = ReplyGuard(self.average or strategy, max_norm=max_norm)
+        below_guard: Strategy = self.average or strategy
+        if model_dtype == "float16":
+            below_guard = ModelDownload(below_guard,
+                                        replies_carry_weights=update_dtype == "float32")
+        self.guard = ReplyGuard(below_guard, max_norm=max_norm)
         self.recorder = Recorder(self.guard, on_round_end=on_round_end, audit_log=audit_log,
                                  privacy_spent=_accountant(strategy))
         self.clock = RoundClock(self.recorder, total_rounds=total_rounds,

@@ -18,17 +18,22 @@ Figures (each with the settings it was measured under):
   rounds after the first.
 - `deploy_round_overhead_s`: seconds per round beyond the slowest hospital's own compute
   in `medfuse deploy local` (real SuperLink and SuperNodes, TLS, node auth; 2 hospitals,
-  60 cases, 32 px); the median over the middle rounds, with what one ClientApp process
-  takes to start (`import client.app`: Flower starts one per message) and the SuperNode's
-  fixed poll beside it.
+  60 cases, 32 px; ClientApp processes forked warm by `client/warm_exec.py`); the median
+  over the middle rounds, with what a cold ClientApp process takes to start (`import
+  client.app`: what Flower's own SuperExec pays per message) and the SuperNode's fixed
+  poll beside it.
 - `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
   hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
   process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
+- `hospitals_all_train`: the same federations with every hospital sampled (fraction 1.0):
+  all of them train and evaluate in the round; the largest that ran with every hospital
+  trained within 8 GB (goal: 200), with round time and peak memory per size.
 - `bytes_per_round_ratio`: the array bytes one site received and sent per round in the
   same simulation (`bytes-sent` + `bytes-received` rows, counted from the ArrayRecords the
   apps built, not from a network trace; the median over the rounds before the last) over
   2 x the model's parameter bytes (one model down, one update up); also with the update
-  sent in 16 bits (run config `update-dtype`).
+  sent in 16 bits (run config `update-dtype`), and with 16 bits both ways
+  (`bytes_per_round_ratio_16bit`: `update-dtype` and `model-dtype` float16; goal 0.55).
 
 Timing is noisy on a shared machine: a figure here is a measurement, never a test.
 """
@@ -55,7 +60,8 @@ from rich.console import Console
 from client.local import Budget, DPSettings, RoundPlan, make_private, open_ledger
 from client.privacy import LedgerStore
 from server.ops.deploy import DeployConfig, deploy_local
-from server.results import FEDERATION, RESULTS_FILE, read_rows
+from server.ops.processes import PROMPT_ENV
+from server.results import FEDERATION, RESULTS_FILE, TRAIN, read_rows
 from server.strategy import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LABELS, ModelConfig
@@ -71,13 +77,16 @@ from simulations.config import load_config
 from simulations.runner import Runner
 
 # Flower 1.42's SuperNode waits this long before it looks for a new message again when it
-# found none (`flwr/supernode/start_client_internal.py`): a deployed round pays most of it,
-# since the next round's message is never there the moment a node has replied.
+# found none (`flwr/supernode/start_client_internal.py`, `start_client_internal`: a fixed
+# `time.sleep(3)`, no flag or environment variable sets it): a deployed round pays most of
+# it, since the next round's message is never there the moment a node has replied.
 SUPERNODE_POLL_S = 3.0
 
 GOALS = {"dp_step_ratio": ("<=", 2.0), "bytes_per_round_ratio": ("<=", 1.05),
-         "deploy_round_overhead_s": ("<=", 8.0),
-         "sim_round_overhead": ("<=", 1.10), "hospitals_max": (">=", 200)}
+         "bytes_per_round_ratio_16bit": ("<=", 0.55),
+         "deploy_round_overhead_s": ("<=", 4.0),
+         "sim_round_overhead": ("<=", 1.10), "hospitals_max": (">=", 200),
+         "hospitals_all_train": (">=", 200)}
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,15 @@ kind = "federated"
 dp = true
 epsilon = 8.0
 run-config = {{ update-dtype = "float16" }}
+[[experiment]]
+name = "fedavg-dp-fp16-both"
+kind = "federated"
+dp = true
+epsilon = 8.0
+run-config = {{ update-dtype = "float16", model-dtype = "float16" }}
 """
+# the experiments of SIM_CONFIG whose bytes per round are measured
+BYTES_RUNS = ("fedavg-dp", "fedavg-dp-fp16", "fedavg-dp-fp16-both")
 
 
 def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size: int = 32,
@@ -245,7 +262,7 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
     Runner(cfg, console=Console(quiet=True), progress=False).run()
     runs = out / "sim" / "experiments"
     rows = {name: read_rows(runs / name / "seed-0" / "results.jsonl")
-            for name in ("fedavg-dp", "fedavg-dp-secagg", "fedavg-dp-fp16")}
+            for name in ("fedavg-dp-secagg", *BYTES_RUNS)}
     plain = round_overheads(rows["fedavg-dp"])
     secure = round_overheads(rows["fedavg-dp-secagg"])
     ratios = [wall / compute for wall, compute in plain]
@@ -257,7 +274,7 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
                 "rounds": rounds}
     model = parameter_bytes(image_size)
     two_models = 2 * model["parameter_bytes"]
-    sent = {name: round_bytes(rows[name]) for name in ("fedavg-dp", "fedavg-dp-fp16")}
+    sent = {name: round_bytes(rows[name]) for name in BYTES_RUNS}
     return [
         Figure("sim_round_overhead", statistics.median(steady), {
             **settings, "round_wall_s": [round(w, 2) for w, _ in plain],
@@ -273,6 +290,10 @@ def sim_round_figures(out: Path, *, sites: int = 2, cases: int = 60, image_size:
                statistics.median(sent["fedavg-dp-fp16"]) / two_models, {
                    **settings, **model, "update_dtype": "float16",
                    "bytes_per_site_and_round": sent["fedavg-dp-fp16"]}),
+        Figure("bytes_per_round_ratio_16bit",
+               statistics.median(sent["fedavg-dp-fp16-both"]) / two_models, {
+                   **settings, **model, "update_dtype": "float16", "model_dtype": "float16",
+                   "bytes_per_site_and_round": sent["fedavg-dp-fp16-both"]}),
     ]
 
 
@@ -301,23 +322,30 @@ def _clientapp_start_s() -> float:
     return time.perf_counter() - t0
 
 
-def deploy_figures(out: Path, rounds: int = 5) -> list[Figure]:
+def deploy_figures(out: Path, rounds: int = 5, *, warm: bool = True) -> list[Figure]:
     """`medfuse deploy local` with 2 hospitals: the seconds each round takes beyond the
-    slowest hospital's own compute."""
-    cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / "deploy", min_nodes=2,
-                       public=False, run_config={"batch-size": 16}, timed_nodes=True)
+    slowest hospital's own compute. `warm`: the SuperNodes run `--isolation process`
+    with medfuse's warm SuperExec (ClientApp processes forked from one that imported
+    torch already, `client/warm_exec.py`); else Flower's own, a fresh process a message."""
+    cfg = DeployConfig(hospitals=2, rounds=rounds, out=out / ("deploy" if warm else "deploy-cold"),
+                       min_nodes=2, public=False, run_config={"batch-size": 16},
+                       timed_nodes=True, warm_clientapps=warm)
     outcome = deploy_local(cfg, echo=lambda line: None)
     times = round_overheads(read_rows(outcome.output_dir / RESULTS_FILE))
     extra = [wall - own for wall, own in times]
     start = statistics.median(_clientapp_start_s() for _ in range(3))
     # rounds after the first and before the last: one train message each (the last also
     # sends the final model's evaluate message)
-    return [Figure("deploy_round_overhead_s", statistics.median(extra[1:-1] or extra), {
+    key = "deploy_round_overhead_s" if warm else "deploy_round_overhead_s_cold_clientapps"
+    return [Figure(key, statistics.median(extra[1:-1] or extra), {
         "hospitals": 2, "cases_per_site": cfg.cases_per_site, "image_size": cfg.image_size,
         "rounds": rounds, "round_wall_s": [round(w, 2) for w, _ in times],
         "slowest_site_compute_s": [round(c, 2) for _, c in times],
         "messages_per_round": 1, "last_round_extra_s": round(extra[-1], 2) if extra else None,
-        "clientapp_start_s": round(start, 2),
+        "clientapps": ("warm: forked by client/warm_exec.py (--isolation process)" if warm
+                       else "Flower's: a new flwr-clientapp process per message"),
+        "cold_clientapp_start_s": round(start, 2),
+        "superexec_poll_s": float(PROMPT_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]),
         "supernode_poll_s": SUPERNODE_POLL_S})]
 
 
@@ -345,24 +373,40 @@ run-config = {{ fraction-train = {frac}, fraction-evaluate = {frac} }}
 
 
 class _PeakMemory:
-    """The peak resident memory of this process and all its descendants (Flower's
-    SuperLink, Ray's workers, the ServerApp), sampled twice a second."""
+    """The peak memory of this process and all its descendants (Flower's SuperLink, Ray's
+    workers, the ServerApp), sampled twice a second: the sum of resident sizes (`peak`,
+    which counts a page shared by several processes, such as torch's libraries, once in
+    each) and, where the system tells it (Linux), the sum of proportional set sizes
+    (`peak_pss`: each shared page split among its sharers, so the sum is the memory the
+    tree really holds)."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _sizes(proc: psutil.Process) -> tuple[int, int]:
+        """(rss, pss) of one process; pss 0 where the system does not give it."""
+        try:
+            full = proc.memory_full_info()
+            return full.rss, int(getattr(full, "pss", 0))
+        except psutil.AccessDenied:
+            return proc.memory_info().rss, 0
 
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            rss = pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    r, p = self._sizes(proc)
                 except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                rss, pss = rss + r, pss + p
+            self.peak = max(self.peak, rss)
+            self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(0.5)
 
     def __enter__(self) -> _PeakMemory:
@@ -374,35 +418,71 @@ class _PeakMemory:
         self._thread.join(timeout=5)
 
 
+def scale_point(out: Path, n: int, frac: float, tag: str = "scale") -> dict[str, object]:
+    """One simulated federation of `n` 20-case hospitals (32 px, one DP round in which a
+    fraction `frac` of them train and evaluate): peak memory of the whole process tree,
+    the round's time at the server and the whole run's."""
+    cfg_file = out / f"{tag}-{n}.toml"
+    cfg_file.write_text(SCALE_CONFIG.format(n=n, frac=frac), encoding="utf-8")
+    cfg = load_config(cfg_file, out=out / f"{tag}-{n}")
+    t0 = time.perf_counter()
+    with _PeakMemory() as mem:
+        outcome = Runner(cfg, console=Console(quiet=True), progress=False).run()
+    rows = read_rows(out / f"{tag}-{n}" / "experiments" / "fedavg" / "seed-0"
+                     / "results.jsonl") if not outcome.failed else []
+    round_s = next((r.value for r in rows if r.site == FEDERATION
+                    and r.metric == ROUND_SECONDS), math.nan)
+    trained = len({r.site for r in rows if r.metric == wire.M_NUM_EXAMPLES
+                   and r.phase == TRAIN and r.value > 0})
+    return {"hospitals": n, "trained": trained, "peak_gb": mem.peak / 1e9,
+            "peak_pss_gb": mem.peak_pss / 1e9, "round_s": round_s,
+            "total_s": time.perf_counter() - t0, "failed": bool(outcome.failed)}
+
+
+def _rounded(points: list[dict]) -> list[dict]:
+    return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
+            for p in points]
+
+
 def hospitals_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
                       sampled: int = 4) -> list[Figure]:
     """Simulated federations of growing size (20-case hospitals, 32 px, one DP round in
     which `sampled` hospitals train and evaluate): peak memory of the whole process tree
     and round time, and a plot of both against the number of hospitals."""
-    points = []
-    for n in counts:
-        cfg_file = out / f"scale-{n}.toml"
-        cfg_file.write_text(SCALE_CONFIG.format(n=n, frac=min(1.0, sampled / n)),
-                            encoding="utf-8")
-        cfg = load_config(cfg_file, out=out / f"scale-{n}")
-        t0 = time.perf_counter()
-        with _PeakMemory() as mem:
-            outcome = Runner(cfg, console=Console(quiet=True), progress=False).run()
-        rows = read_rows(out / f"scale-{n}" / "experiments" / "fedavg" / "seed-0"
-                         / "results.jsonl") if not outcome.failed else []
-        round_s = next((r.value for r in rows if r.site == FEDERATION
-                        and r.metric == ROUND_SECONDS), math.nan)
-        points.append({"hospitals": n, "peak_gb": mem.peak / 1e9, "round_s": round_s,
-                       "total_s": time.perf_counter() - t0, "failed": bool(outcome.failed)})
+    points = [scale_point(out, n, min(1.0, sampled / n)) for n in counts]
     _scale_plot(points, out / "bench-hospitals.png")
     ok = [p for p in points if not p["failed"]]
     top = max(ok, key=lambda p: p["hospitals"]) if ok else None
     return [Figure("hospitals_max", float(top["hospitals"]) if top else 0.0, {
-        "points": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
-                   for p in points],
+        "points": _rounded(points),
         "sampled_per_round": sampled, "cases_per_site": 20, "image_size": 32,
         "peak_gb_at_max": round(top["peak_gb"], 3) if top else None,
         "plot": str(out / "bench-hospitals.png")})]
+
+
+def hospitals_all_train_figures(out: Path, counts: tuple[int, ...] = (10, 50, 100, 200),
+                                limit_gb: float = 8.0) -> list[Figure]:
+    """The same federations with every hospital sampled (fraction 1.0): each trains and
+    evaluates in the round. The figure is the largest that ran with all of them trained
+    within `limit_gb` of peak memory; round time and memory of each size beside it. A
+    size past the limit ends the series: the larger ones would only take more of a
+    machine that may be shared (their sizes are listed as not run)."""
+    points: list[dict] = []
+    for n in counts:
+        points.append(scale_point(out, n, 1.0, tag="all-train"))
+        if points[-1]["peak_gb"] > limit_gb:
+            break
+    not_run = [n for n in counts if n not in {p["hospitals"] for p in points}]
+    _scale_plot(points, out / "bench-hospitals-all-train.png")
+    ok = [p for p in points if not p["failed"] and p["trained"] == p["hospitals"]
+          and p["peak_gb"] <= limit_gb]
+    top = max(ok, key=lambda p: p["hospitals"]) if ok else None
+    return [Figure("hospitals_all_train", float(top["hospitals"]) if top else 0.0, {
+        "points": _rounded(points), "not_run_past_limit": not_run, "fraction_train": 1.0,
+        "cases_per_site": 20, "image_size": 32, "limit_gb": limit_gb,
+        "peak_gb_at_max": round(top["peak_gb"], 3) if top else None,
+        "round_s_at_max": round(top["round_s"], 2) if top else None,
+        "plot": str(out / "bench-hospitals-all-train.png")})]
 
 
 def _scale_plot(points: list[dict], path: Path) -> None:
@@ -433,6 +513,7 @@ def run_bench(out: Path, *, quick: bool = False, image_size: int = 64,
         # a real deployment takes minutes: the full bench only
         *([] if quick else [lambda: deploy_figures(out)]),
         lambda: hospitals_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),
+        lambda: hospitals_all_train_figures(out, counts=(4, 8) if quick else (10, 50, 100, 200)),
     ]
     for measure in steps:
         for fig in measure():

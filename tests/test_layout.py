@@ -16,7 +16,8 @@ ALLOWED = {
     "server": {"shared_model"},
     "simulations": {"client", "server", "shared_model"},
 }
-FLOWER_GLUE = {"client/app.py", "client/secure.py", "server/app.py", "server/averaging.py",
+FLOWER_GLUE = {"client/app.py", "client/secure.py", "client/warm_exec.py", "server/app.py",
+               "server/averaging.py", "server/download.py",
                "server/clock.py",
                "server/grid.py", "server/guard.py", "server/recorder.py", "server/replies.py",
                "server/secure.py", "server/strategy.py", "shared_model/contract/packing.py"}

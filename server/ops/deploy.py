@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from server.ops.federation import PROJECT_DIR, DeployError, Echo, LocalFederation, RunOutcome
 from server.ops.handouts import CONNECTION_NAME
+from server.ops.processes import FlowerProcess, address
 from server.results import RESULTS_FILE, epsilon_spent, final_metrics, read_rows
 from shared_model.config import MANIFEST, cache_root
 from shared_model.contract.metric_registry import View, shown_in
@@ -52,6 +54,10 @@ class DeployConfig(BaseModel):
     public: bool = Field(True, description="start from a public model (built once, cached)")
     timed_nodes: bool = Field(False, description="nodes send the seconds each message took "
                               "(released without DP): for the bench's round overhead")
+    warm_clientapps: bool = Field(
+        True, description="each SuperNode runs with --isolation process and medfuse's warm "
+        "SuperExec beside it (client/warm_exec.py: ClientApp processes forked from one that "
+        "imported torch already); false: Flower's own, one fresh process per message")
     public_cases: int = Field(1000, ge=50, description="synthetic public corpus size")
     keep_workdir: bool = False
     app_dir: Path = PROJECT_DIR
@@ -89,6 +95,34 @@ class DeployConfig(BaseModel):
         base.update(self.run_config)
         base["resume"] = False
         return base
+
+
+class WarmLocalFederation(LocalFederation):
+    """A `LocalFederation` whose SuperNodes run `--isolation process`, each with medfuse's
+    warm SuperExec (`client/warm_exec.py`) beside it: a message's ClientApp process is
+    forked from one that has imported torch, Opacus and Flower, not started cold (3.6 s
+    a message on 2 cores). The SuperExec ends with its SuperNode (`--parent-pid`), and a
+    SuperNode brought back gets a new one. It asks its SuperNode for a task every 0.1 s,
+    as Flower's own does here (`processes.PROMPT_ENV`, which every process gets)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.executors: dict[str, FlowerProcess] = {}
+
+    def node_command(self, name: str, **kwargs: object) -> list[str]:  # type: ignore[override]
+        return [*super().node_command(name, **kwargs), "--isolation", "process"]  # type: ignore[arg-type]
+
+    def start_node(self, name: str) -> FlowerProcess:
+        node = super().start_node(name)
+        old = self.executors.get(name)
+        if old is not None and old.alive():
+            old.stop()
+        self.executors[name] = self.group.start(
+            f"superexec-{name}",
+            [sys.executable, "-m", "client.warm_exec", "--runtime-api-address",
+             address(self.layout.node_ports[name]), "--parent-pid", str(node.pid)],
+            cwd=self.app_dir, extra_env=self.extra_env)
+        return node
 
 
 def site_names(sites: Sequence[Path]) -> list[str]:
@@ -193,8 +227,9 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
         sites = prepare_sites(cfg, workdir)
         echo(f"[deploy] {len(sites)} hospitals: "
              + ", ".join(f"{n} <- {p}" for n, p in sites.items()))  # fmt: skip
-        fed = LocalFederation(workdir, sites, app_dir=cfg.app_dir, logs_dir=out / "logs",
-                              echo=echo, timed_nodes=cfg.timed_nodes)  # fmt: skip
+        federation = WarmLocalFederation if cfg.warm_clientapps else LocalFederation
+        fed = federation(workdir, sites, app_dir=cfg.app_dir, logs_dir=out / "logs",
+                         echo=echo, timed_nodes=cfg.timed_nodes)  # fmt: skip
         fed.start(timeout=cfg.node_wait_timeout)
         run_config = cfg.flower_run_config(out / "output")
         if cfg.public and "initial-model" not in run_config:
@@ -238,5 +273,6 @@ def deploy_local(cfg: DeployConfig, echo: Echo = print) -> RunOutcome:
 
 __all__ = [
     "DeployConfig",
+    "WarmLocalFederation",
     "deploy_local",
 ]

@@ -32,6 +32,11 @@ StrategyName = Literal[
     "krum", "bulyan",
 ]
 
+# What the global model goes down to the nodes in: float32, or each float array in float16
+# (server/download.py). Not bfloat16: its 8 mantissa bits round a weight by 2^-9 of itself,
+# more than a round's update moves it.
+ModelDtype = Literal["float32", "float16"]
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -119,6 +124,9 @@ class Rounds(_Section):
                                    description="L2 bound of an update; larger is dropped")
     update_dtype: UpdateDtype = Field(
         description="what a train reply carries: float32 weights, or the update in 16 bits")
+    model_dtype: ModelDtype = Field(
+        description="what the global model goes down in: float32, or float16 (the server "
+        "keeps its float32 copy; each node casts back to float32 before training)")
 
     @model_validator(mode="after")
     def _check_rounds(self) -> Rounds:
@@ -325,6 +333,13 @@ class RunConfig(DataPart, ModelPart, SecureAggregation, CentralDP, Privacy, Loca
                 f"update-dtype={self.update_dtype!r} needs secure-aggregation=false and "
                 "central-dp='off': SecAgg+ quantises the update itself, and Flower's "
                 "client-level DP clips the trained weights' difference as it leaves the node")
+        if self.model_dtype != "float32" and self.secure_aggregation:
+            raise ValueError(
+                f"model-dtype={self.model_dtype!r} needs secure-aggregation=false: SecAgg+'s "
+                "workflow sends the global model in its own messages and adds the unmasked "
+                "mean onto the model it sent, which would make the rounded model the new "
+                "global one (client-level DP is fine: the server moves each reply back onto "
+                "its float32 model before the DP wrapper clips it)")
         return self
 
     def recipe(self) -> LocalRecipe:
