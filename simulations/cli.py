@@ -61,6 +61,9 @@ def data_synth(
         float | None,
         typer.Option(help="Dirichlet alpha of each site's label mix (smaller = more skew)"),
     ] = None,
+    label_mix: Annotated[str, typer.Option(
+        help="balanced, or nih: the labels' shares in NIH ChestX-ray14 (88% normal, "
+        "pneumonia 0.5%)")] = "balanced",
     image_size: Annotated[int, typer.Option(min=16, help="image side in pixels")] = 64,
     difficulty: Annotated[str, typer.Option(
         help="standard, or hard: fainter findings, more clutter, fewer informative "
@@ -77,6 +80,7 @@ def data_synth(
             cases_per_site=cases_per_site,
             seed=seed,
             label_skew=label_skew,
+            label_mix=label_mix,
             image_size=image_size,
             difficulty=difficulty,
             style=style,

@@ -13,6 +13,7 @@ key, the value and what is allowed. `simulations/default.toml` is the built-in d
     count = 5                        # synthetic hospitals
     cases-per-site = 200
     label-skew = 0.5                 # Dirichlet alpha of each synthetic site's label mix
+    label-mix = "balanced"           # or "nih": the shares of NIH ChestX-ray14 (88% normal)
     partition = "natural"            # natural | iid | dirichlet | quantity
     hospitals = 50                   # re-partitioned: how many hospitals (not natural)
     alpha = 0.5                      # dirichlet: label skew (smaller = more skew)
@@ -254,9 +255,11 @@ class SimulationConfig(Section):
             "experiment": exp.model_dump(mode="json", exclude={
                 k for k in ("audit", "personalise_epsilon") if not getattr(exp, k)}),
             "seed": seed,
-            # sites.style and public.views count only when not the default, as above
-            "sites": self.sites.model_dump(
-                mode="json", exclude={"style"} if self.sites.style == "house" else None),
+            # sites.style, sites.label_mix and public.views count only when not the
+            # default, as above
+            "sites": self.sites.model_dump(mode="json", exclude={
+                k for k, default in (("style", "house"), ("label_mix", "balanced"))
+                if getattr(self.sites, k) == default}),
             "model": self.model.model_dump(mode="json"),
         }
         if self.sites.source == "synthetic":  # results on an older generator's sites rerun

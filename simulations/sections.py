@@ -27,7 +27,7 @@ from shared_model.contract.run_config import (
     pyproject_defaults,
 )
 from shared_model.contract.validation import messages
-from shared_model.tooling.synth import Difficulty, Labeller, Style
+from shared_model.tooling.synth import Difficulty, Labeller, LabelMix, Style
 
 Kind = Literal["pooled", "local", "public", "federated", "bow"]
 Partition = Literal["natural", "iid", "dirichlet", "quantity"]
@@ -108,7 +108,8 @@ class Section(BaseModel):
 
 
 # keys that describe synthetic data only: dropped when real folders replace it
-SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "difficulty", "style")
+SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "label-mix", "difficulty",
+                       "style")
 SYNTHETIC_PUBLIC_KEYS = ("difficulty", "labeller")
 
 
@@ -122,6 +123,9 @@ class SitesConfig(Section):
     label_skew: float = Field(
         0.5, ge=0.0, description="synthetic: Dirichlet alpha of each site's label mix; 0 = none"
     )
+    label_mix: LabelMix = Field(
+        "balanced", description="synthetic: the labels' overall shares, balanced or nih "
+        "(as NIH ChestX-ray14's studies: 88% normal)")
     difficulty: Difficulty = Field(
         "standard", description="synthetic: standard, or hard (fainter findings, more "
         "clutter, fewer informative reports)")

@@ -51,6 +51,12 @@ def _write_stamp(folder: Path, stamp: dict) -> None:
     atomic_write_text(folder / STAMP_FILE, json.dumps(stamp, indent=2, sort_keys=True))
 
 
+def _defaults(synth: SynthConfig) -> set[str]:
+    """The settings added after stamps were first written, where they are the default."""
+    return {k for k, default in (("style", "house"), ("label_mix", "balanced"))
+            if getattr(synth, k) == default}
+
+
 def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], None]) -> Path:
     s = cfg.sites
     synth = SynthConfig(
@@ -58,13 +64,13 @@ def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], No
         cases_per_site=s.cases_per_site,
         seed=s.seed,
         label_skew=s.label_skew or None,
+        label_mix=s.label_mix,
         image_size=cfg.model.image_size,
         difficulty=s.difficulty,
         style=s.style,
     )
-    # style counts only when not "house": stamps written before it existed still match
-    stamp = {"synthetic": synth.model_dump(
-        mode="json", exclude={"style"} if synth.style == "house" else None),
+    # style and label_mix count only when not the default: older stamps still match
+    stamp = {"synthetic": synth.model_dump(mode="json", exclude=_defaults(synth)),
         "generator": FEDERATION_GENERATOR}  # sites of an older generator are rewritten
     base = root / "synthetic"
     if base.is_dir() and _stamp_matches(base, stamp) and len(list_sites(base)) == s.count:

@@ -13,6 +13,10 @@ Not used: RSNA's pneumonia boxes (9,555, 1024 px) agree with NIH's (median area 
 the film against 5.7%) and would only swamp NIH's 120; VinDr-CXR's table gives boxes in
 pixels of films whose sizes it does not give.
 
+`LABEL_SHARE` is the other real statistic the generator can follow (`label_mix = "nih"`):
+the share of each of our findings among NIH's 112,120 studies (`Data_Entry_2017_v2020.csv`)
+with exactly one of them, or none ("No Finding" is our normal).
+
 Left and right: a film's left is the patient's right, and the generator puts each lesion
 on a side, so a lesion's centre x is folded onto the film's left half (x -> 1 - x for a
 box centred right of the midline): `cx` is then the distance from the film's nearer
@@ -32,6 +36,7 @@ import numpy as np
 
 QUANTILES: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
 NIH_TABLE = "BBox_List_2017.csv.gz"
+NIH_ENTRIES = "Data_Entry_2017_v2020.csv.gz"  # one row per study: its "Finding Labels"
 NIH_FILM_PX = 1024.0
 # our class -> NIH's "Finding Label"
 NIH_LABELS: dict[str, str] = {
@@ -91,6 +96,15 @@ BOX_STATS: dict[str, BoxStats] = {
 }
 
 
+# Share of each label among NIH's studies with "No Finding" or exactly one of our findings
+# (68,436 studies; recomputed by `read_label_shares`): a real hospital sees mostly normal
+# films, pneumonia in one study of two hundred.
+LABEL_SHARE: dict[str, float] = {
+    "normal": 0.882, "pneumonia": 0.0047, "nodule": 0.04, "effusion": 0.058,
+    "cardiomegaly": 0.016,
+}
+
+
 def default_cache() -> Path:
     """Where `scripts/fetch-public-tables.sh` puts the public tables: $MEDFUSE_PUBLIC_TABLES,
     else ~/.cache/medfuse/public-tables (as `medfuse data import` looks)."""
@@ -107,6 +121,18 @@ def read_nih_boxes(path: Path) -> dict[str, np.ndarray]:
         for row in reader:
             rows.setdefault(row[1], []).append([float(v) / NIH_FILM_PX for v in row[2:6]])
     return {label: np.asarray(boxes) for label, boxes in rows.items()}
+
+
+def read_label_shares(path: Path) -> dict[str, float]:
+    """`LABEL_SHARE` from NIH's study table at `path`, rounded as committed."""
+    theirs = {"No Finding": "normal"} | {v: k for k, v in NIH_LABELS.items()}
+    counts = dict.fromkeys(LABEL_SHARE, 0)
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if (ours := theirs.get(row["Finding Labels"])) is not None:
+                counts[ours] += 1
+    total = sum(counts.values())
+    return {k: round(v / total, 4 if v / total < 0.01 else 3) for k, v in counts.items()}
 
 
 def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -154,15 +180,19 @@ def format_table(stats: dict[str, BoxStats]) -> str:
 
 def main(argv: list[str]) -> int:
     """Print the statistics recomputed from the cache (argv[0], default `default_cache()`)
-    and whether they match the committed `BOX_STATS`."""
+    and whether they match the committed `BOX_STATS` and `LABEL_SHARE`."""
     cache = Path(argv[0]) if argv else default_cache()
-    if not (cache / NIH_TABLE).is_file():
-        print(f"no {NIH_TABLE} in {cache}: run scripts/fetch-public-tables.sh", file=sys.stderr)
+    missing = [t for t in (NIH_TABLE, NIH_ENTRIES) if not (cache / t).is_file()]
+    if missing:
+        print(f"no {', '.join(missing)} in {cache}: run scripts/fetch-public-tables.sh",
+              file=sys.stderr)
         return 2
-    stats = recompute(cache)
+    stats, shares = recompute(cache), read_label_shares(cache / NIH_ENTRIES)
     print(format_table(stats))
-    same = stats == BOX_STATS
-    print("matches the committed BOX_STATS" if same else "DIFFERS from the committed BOX_STATS")
+    print(f"label shares: {shares}")
+    same = stats == BOX_STATS and shares == LABEL_SHARE
+    print("matches the committed BOX_STATS and LABEL_SHARE" if same
+          else "DIFFERS from the committed BOX_STATS or LABEL_SHARE")
     return 0 if same else 1
 
 

@@ -68,7 +68,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared_model.config import DEFAULT_LABELS, MANIFEST
-from shared_model.tooling.box_stats import BOX_STATS, QUANTILES, BoxStats, Quantiles
+from shared_model.tooling.box_stats import BOX_STATS, LABEL_SHARE, QUANTILES, BoxStats, Quantiles
 
 Box = tuple[float, float, float, float]
 Ellipse = tuple[float, float, float, float]  # cx, cy, semi-axis x, semi-axis y
@@ -125,6 +125,7 @@ class Hardness:
 Difficulty = Literal["standard", "hard"]
 Labeller = Literal["noisy", "mined"]
 Style = Literal["house", "unseen"]
+LabelMix = Literal["balanced", "nih"]
 HARDNESS: dict[Difficulty, Hardness] = {
     "standard": Hardness(
         nodule=(0.4, 0.55), patchy=(0.3, 0.45), effusion=(0.48, 0.6), hazy=(0.22, 0.32),
@@ -165,8 +166,12 @@ class SynthConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, description="same seed, same bytes")
     label_skew: float | None = Field(
-        None, gt=0, description="Dirichlet alpha of each site's label mix; None = balanced"
+        None, gt=0, description="Dirichlet alpha of each site's label mix; None = the mix "
+        "itself at every site"
     )
+    label_mix: LabelMix = Field(
+        "balanced", description="the labels' overall shares: balanced (equal), or nih "
+        "(box_stats.LABEL_SHARE: 88% normal, pneumonia 0.5%, as real hospitals see them)")
     image_size: int = Field(64, ge=16, le=1024, description="image side in pixels")
     difficulty: Difficulty = Field("standard", description="standard or hard (see HARDNESS)")
     style: Style = Field(
@@ -596,10 +601,14 @@ def site_labels(cfg: SynthConfig, index: int) -> list[str]:
     n = int(round(cfg.cases_per_site * rng.uniform(1 - CASES_JITTER, 1 + CASES_JITTER)))
     n = max(n, 10)
     k = len(cfg.labels)
-    if cfg.label_skew is None:
+    if cfg.label_mix == "balanced" and cfg.label_skew is None:
         ids = rng.permutation(np.arange(n) % k)
-    else:
-        probs = rng.dirichlet(np.full(k, cfg.label_skew))
+    elif cfg.label_mix == "balanced":
+        ids = rng.choice(k, size=n, p=rng.dirichlet(np.full(k, cfg.label_skew)))
+    else:  # the real shares, each site's mix drawn around them when skewed
+        share = np.array([LABEL_SHARE[label] for label in cfg.labels])
+        share = share / share.sum()
+        probs = share if cfg.label_skew is None else rng.dirichlet(cfg.label_skew * k * share)
         ids = rng.choice(k, size=n, p=probs)
     return [cfg.labels[int(i)] for i in ids]
 

@@ -11,11 +11,14 @@ import pytest
 
 from shared_model.tooling.box_stats import (
     BOX_STATS,
+    LABEL_SHARE,
+    NIH_ENTRIES,
     NIH_TABLE,
     QUANTILES,
     default_cache,
     format_table,
     main,
+    read_label_shares,
     recompute,
     summarise,
 )
@@ -77,3 +80,26 @@ def test_committed_statistics_match_the_nih_table() -> None:
     if not (cache / NIH_TABLE).is_file():
         pytest.skip(f"no {NIH_TABLE} in {cache} (scripts/fetch-public-tables.sh fetches it)")
     assert recompute(cache) == BOX_STATS
+
+
+def test_label_shares_from_a_hand_built_study_table(tmp_path: Path) -> None:
+    # 8 normal, 1 nodule, 1 effusion; a study with two findings and another finding left out
+    rows = (["No Finding"] * 8 + ["Nodule", "Effusion", "Nodule|Effusion", "Hernia"])
+    path = tmp_path / NIH_ENTRIES
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Labels", "Patient ID"])
+        w.writerows([f"{i}.png", r, str(i)] for i, r in enumerate(rows))
+
+    shares = read_label_shares(path)
+
+    assert shares == {"normal": 0.8, "pneumonia": 0.0, "nodule": 0.1, "effusion": 0.1,
+                      "cardiomegaly": 0.0}
+    assert sum(LABEL_SHARE.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_committed_label_shares_match_the_nih_study_table() -> None:
+    cache = default_cache()
+    if not (cache / NIH_ENTRIES).is_file():
+        pytest.skip(f"no {NIH_ENTRIES} in {cache} (scripts/fetch-public-tables.sh fetches it)")
+    assert read_label_shares(cache / NIH_ENTRIES) == LABEL_SHARE

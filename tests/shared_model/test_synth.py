@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.dataset import BOX_COLUMNS, REQUIRED_COLUMNS, open_site
 from shared_model.tokenizer import Tokenizer
-from shared_model.tooling.box_stats import BOX_STATS, QUANTILES
+from shared_model.tooling.box_stats import BOX_STATS, LABEL_SHARE, QUANTILES
 from shared_model.tooling.synth import (
     BORDERLINE_SHARE,
     FORMATS,
@@ -230,6 +230,20 @@ def test_label_skew_skews_the_site_mix() -> None:
     balanced, skewed = spread(None), spread(0.2)
     assert balanced < 0.02
     assert skewed > 0.3
+
+
+def test_the_nih_label_mix_follows_the_real_shares() -> None:
+    cfg = SynthConfig(sites=4, cases_per_site=1000, seed=0, label_mix="nih")
+    skewed = SynthConfig(sites=4, cases_per_site=1000, seed=0, label_mix="nih", label_skew=0.5)
+
+    counts = Counter(lab for i in range(cfg.sites) for lab in site_labels(cfg, i))
+    n = sum(counts.values())
+    mixes = [Counter(site_labels(skewed, i))["normal"] / len(site_labels(skewed, i))
+             for i in range(skewed.sites)]
+
+    for label, share in LABEL_SHARE.items():
+        assert abs(counts[label] / n - share) < 0.02, label
+    assert max(mixes) - min(mixes) > 0.05  # skew draws each site's mix around the shares
 
 
 def test_case_counts_vary_around_cases_per_site() -> None:
