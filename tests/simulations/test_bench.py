@@ -34,7 +34,7 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
     assert (tmp_path / "bench-hospitals.png").is_file()
     # every hospital sampled: all of them trained in the round
     everyone = data["hospitals_all_train"]["settings"]["points"]
-    assert [(p["hospitals"], p["trained"]) for p in everyone] == [(4, 4), (8, 8)]
+    assert [(p["hospitals"], p["trained"]) for p in everyone] == [(4, 4)]  # quick: 4
     assert data["hospitals_all_train"]["goal"].startswith(">= 200")
 
 
