@@ -75,6 +75,7 @@ from simulations.sections import (
     Section,
     SitesConfig,
     TrainingSection,
+    later_defaults,
     run_default,
 )
 
@@ -257,9 +258,7 @@ class SimulationConfig(Section):
             "seed": seed,
             # sites.style, sites.label_mix and public.views count only when not the
             # default, as above
-            "sites": self.sites.model_dump(mode="json", exclude={
-                k for k, default in (("style", "house"), ("label_mix", "balanced"))
-                if getattr(self.sites, k) == default}),
+            "sites": self.sites.model_dump(mode="json", exclude=later_defaults(self.sites)),
             "model": self.model.model_dump(mode="json"),
         }
         if self.sites.source == "synthetic":  # results on an older generator's sites rerun

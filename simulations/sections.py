@@ -113,6 +113,16 @@ SYNTHETIC_SITE_KEYS = ("count", "cases-per-site", "label-skew", "label-mix", "di
 SYNTHETIC_PUBLIC_KEYS = ("difficulty", "labeller")
 
 
+# settings added to synthetic sites after results were first stamped and fingerprinted:
+# at their default they are left out of both, so older stamps and results still match
+LATER_SITE_DEFAULTS: dict[str, str] = {"style": "house", "label_mix": "balanced"}
+
+
+def later_defaults(settings: BaseModel) -> set[str]:
+    """The names in LATER_SITE_DEFAULTS at their default in `settings` (sites or synth)."""
+    return {k for k, default in LATER_SITE_DEFAULTS.items() if getattr(settings, k) == default}
+
+
 class SitesConfig(Section):
     """Where the hospitals come from and how the cases are split between them."""
 

@@ -33,6 +33,7 @@ from simulations.partition import (
     unique_names,
     write_partitioned_sites,
 )
+from simulations.sections import later_defaults
 
 SITES_DIR = "sites"
 STAMP_FILE = ".medfuse-sites.json"
@@ -51,12 +52,6 @@ def _write_stamp(folder: Path, stamp: dict) -> None:
     atomic_write_text(folder / STAMP_FILE, json.dumps(stamp, indent=2, sort_keys=True))
 
 
-def _defaults(synth: SynthConfig) -> set[str]:
-    """The settings added after stamps were first written, where they are the default."""
-    return {k for k, default in (("style", "house"), ("label_mix", "balanced"))
-            if getattr(synth, k) == default}
-
-
 def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], None]) -> Path:
     s = cfg.sites
     synth = SynthConfig(
@@ -70,7 +65,7 @@ def _synthetic_sites(cfg: SimulationConfig, root: Path, echo: Callable[[str], No
         style=s.style,
     )
     # style and label_mix count only when not the default: older stamps still match
-    stamp = {"synthetic": synth.model_dump(mode="json", exclude=_defaults(synth)),
+    stamp = {"synthetic": synth.model_dump(mode="json", exclude=later_defaults(synth)),
         "generator": FEDERATION_GENERATOR}  # sites of an older generator are rewritten
     base = root / "synthetic"
     if base.is_dir() and _stamp_matches(base, stamp) and len(list_sites(base)) == s.count:
