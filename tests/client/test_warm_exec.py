@@ -59,3 +59,31 @@ def test_a_clientapp_task_runs_in_a_forked_child_that_is_reaped(tmp_path: Path, 
     assert result.status == LaunchResultStatus.ACCEPTED
     assert not executor.children  # reaped
     assert seen.read_text() == "tok-1 127.0.0.1:1"
+
+
+def _in_a_fork(draw) -> int:  # type: ignore[no-untyped-def]
+    """What `draw()` returns in a child forked from this process, as the warm exec forks."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's teardown
+        os.write(write, str(draw()).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        return int(f.read())
+
+
+def test_forked_clientapps_draw_their_dp_noise_seeds_afresh():
+    # The attack: every task forks from one warm parent, so any generator state it holds
+    # is the same in every child; a coordinator that learns one round's noise would know
+    # the others'. The DP seeds come from the OS (client.local.secret_seed), not that state.
+    import torch
+
+    from client.local import secret_seed
+
+    inherited = [_in_a_fork(lambda: int(torch.randint(0, 2**62, (1,)))) for _ in range(2)]
+    seeds = [_in_a_fork(secret_seed) for _ in range(2)]
+
+    assert inherited[0] == inherited[1]  # what the fork shares (why the seeds must not)
+    assert seeds[0] != seeds[1]
