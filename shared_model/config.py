@@ -19,7 +19,7 @@ ModelSize = Literal["small", "large"]
 # What the private rounds of a run train (run config `dp-train-layers`): here, with no torch,
 # so that the run config's module loads without the model's (`shared_model.model.FROZEN`
 # says which parameters each choice freezes).
-TrainLayers = Literal["all", "no-embeddings", "heads", "classifier"]
+TrainLayers = Literal["all", "no-embeddings", "heads", "classifier", "prior"]
 # what a train reply carries: float32 weights, or the update in 16 bits (contract.compression)
 UpdateDtype = Literal["float32", "float16", "bfloat16"]
 # Upper bounds on every size of the model: a model file can come from anyone, so its config

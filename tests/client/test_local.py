@@ -304,15 +304,22 @@ def test_poisson_batches_are_not_replayable(tmp_path: Path, site: SiteData,
     assert sizes[0] != sizes[1]
 
 
-@pytest.mark.parametrize("layers", ["no-embeddings", "heads", "classifier"])
+@pytest.mark.parametrize("layers", ["no-embeddings", "heads", "classifier", "prior"])
 def test_frozen_layers_keep_the_initial_values_under_dp(tmp_path: Path, site: SiteData,
                                                         init_state: dict, layers: str) -> None:
-    from shared_model.model import FROZEN
+    from shared_model.model import FROZEN, TRAINED_ONLY
 
     out = _train(site, init_state, ledger=_ledger(tmp_path, site),
                  dp=DPSettings(noise_multiplier=1.0), train_layers=layers, lr=0.1)
-    frozen = [k for k in init_state if k.startswith(FROZEN[layers])]
-    trained = [k for k, _ in MedFuseModel(CFG).named_parameters() if k not in frozen]
+    names = [k for k, _ in MedFuseModel(CFG).named_parameters()]
+    if layers in TRAINED_ONLY:
+        trained = list(TRAINED_ONLY[layers])
+        frozen = [k for k in init_state if k not in trained]
+    else:
+        frozen = [k for k in init_state if k.startswith(FROZEN[layers])]
+        trained = [k for k in names if k not in frozen]
+    if layers == "prior":  # the label mix alone: the head's bias, num_classes coordinates
+        assert trained == ["classifier.bias"] and "classifier.weight" in frozen
     assert frozen and all(torch.equal(out.state[k], init_state[k]) for k in frozen)
     assert all(not torch.equal(out.state[k], init_state[k]) for k in trained)  # noised
 
