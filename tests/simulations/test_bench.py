@@ -22,14 +22,15 @@ def test_bench_writes_every_figure_with_its_settings(tmp_path: Path):
     # either sign on a noisy machine: a measurement, not an assertion)
     secure = data["secagg_round_extra_s"]["settings"]
     assert len(secure["secure_round_wall_s"]) == len(secure["plain_round_wall_s"]) == 3
-    # one model down and one update up per round: the update in 16 bits is smaller, and
-    # 16 bits both ways smaller still
-    assert 0 < data["bytes_per_round_ratio_16bit"]["value"] < data[
-        "bytes_per_round_ratio_16bit_update"]["value"] < data["bytes_per_round_ratio"]["value"]
+    # one model down and one update up per round: 16 bits both ways about half of 32 (the
+    # quick bench leaves out the run with only the update in 16 bits)
+    sixteen = data["bytes_per_round_ratio_16bit"]["value"]
+    assert 0.4 < sixteen / data["bytes_per_round_ratio"]["value"] < 0.6
+    assert "bytes_per_round_ratio_16bit_update" not in data
     assert data["bytes_per_round_ratio_16bit"]["goal"].startswith("<= 0.55")
     assert data["dp_step_ratio"]["goal"].startswith("<= 2")
     assert any(line.startswith("dp_step_ratio") for line in lines)
-    assert data["hospitals_max"]["value"] == 8  # quick: 4 and 8 hospitals
+    assert data["hospitals_max"]["value"] == 8  # quick: 8 hospitals, 4 sampled
     assert all(p["peak_gb"] > 0 for p in data["hospitals_max"]["settings"]["points"])
     assert (tmp_path / "bench-hospitals.png").is_file()
     # every hospital sampled: all of them trained in the round
