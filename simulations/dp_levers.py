@@ -9,7 +9,8 @@ simulation's quarter hour. Keys (defaults in brackets): rounds [8], epochs [1] p
 lr [0.05], layers [all], sched [constant|cosine], bs [32], augmult [1], eps [8],
 momentum [0] and slr [1] (the server's step along the mean, FedAvgM), ema [0] (the final
 model an average of the rounds'), reserve [0] (epsilon kept for personalisation, spent
-with `client.local.PERSONALISE` or players/plr/pepochs), mode [fed|local] (local: each
+with `client.local.PERSONALISE` or players/plr/pepochs; pvariants=LAYERS:LR:EPOCHS,...
+each also tried from copies of the ledgers), mode [fed|local] (local: each
 hospital alone for rounds x epochs from the public model). Prints one JSON line (mean
 test accuracy over hospitals, per hospital, the round curve) and appends it to
 `out/levers.jsonl` (out [runs/dp-levers]); each NAME keeps its own ledgers under out,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,29 @@ def _server_step(g: State, outs, mom: State, ema: State, a: dict[str, str]) -> N
         ema[k] = decay * ema[k] + (1 - decay) * g[k] if decay else g[k].clone()
 
 
+def _personalise(cfg, sites: list[SiteData], stores: dict[str, LedgerStore], g: State,
+                 steps: LocalSteps, budget: Budget) -> list[float]:
+    """Each hospital's test accuracy after spending its reserve on `steps` from `g`."""
+    mine = [private_round(stores[s.name], cfg, s, g, steps, budget, device=CPU)
+            for s in sites]
+    return [math.nan if o.state is None else _accuracy(cfg, [s], o.state)[0]
+            for s, o in zip(sites, mine, strict=True)]
+
+
+def _variant(spec: str) -> LocalSteps:
+    """`layers:lr:epochs` -> the personalisation steps it names."""
+    layers, lr, epochs = spec.split(":")
+    return personal_steps(int(epochs), float(lr), layers)
+
+
+def _copied(stores: dict[str, LedgerStore], to: Path) -> dict[str, LedgerStore]:
+    """Copies of the ledger stores under `to`: each personalisation variant spends the
+    same reserve, once, from ledgers of its own."""
+    for name, store in stores.items():
+        shutil.copytree(store.root, to / name)
+    return {name: LedgerStore(to / name) for name in stores}
+
+
 def run(name: str, a: dict[str, str]) -> dict[str, object]:
     out = Path(a.get("out", "runs/dp-levers"))
     if (out / name).exists():
@@ -103,11 +128,11 @@ def run(name: str, a: dict[str, str]) -> dict[str, object]:
         if reserve:
             steps = personal_steps(int(a["pepochs"]) if "pepochs" in a else None,
                                    float(a["plr"]) if "plr" in a else None, a.get("players"))
-            mine = [private_round(stores[s.name], cfg, s, ema, steps, budget, device=CPU)
-                    for s in sites]
-            result["personalised"] = [
-                math.nan if o.state is None else _accuracy(cfg, [s], o.state)[0]
-                for s, o in zip(sites, mine, strict=True)]
+            result["personalised"] = _personalise(cfg, sites, stores, ema, steps, budget)
+            result["variants"] = {
+                spec: _personalise(cfg, sites, _copied(stores, out / name / f"p{i}"), ema,
+                                   _variant(spec), budget)
+                for i, spec in enumerate(filter(None, a.get("pvariants", "").split(",")))}
     result["per_site"] = per_site
     result["mean"] = sum(per_site) / len(per_site)
     result["seconds"] = round(time.time() - t0)
