@@ -469,11 +469,14 @@ def calibrate(
 ) -> None:
     """Set the model's lesion threshold on this hospital's validation split (the score
     that best separates its lesion from its lesion-free cases, Youden's J) and write a copy
-    of the model file holding it: `predict` then draws a box only above it. The threshold
-    is computed from this site's cases: keep the file here."""
+    of the model file holding it: `predict` then draws a box only above it, and only where
+    a finding is predicted. The threshold is computed from this site's cases: keep the
+    file here."""
     import torch  # lazy: keeps `medfuse --help` fast (torch)
 
+    from shared_model.contract.metric_registry import predicted_names
     from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
+    from shared_model.metrics import boxes_drawn  # lazy: loads torch (--help)
     from shared_model.model import MedFuseModel  # lazy: loads torch (--help)
     from shared_model.model_file import (  # lazy: loads torch (--help)
         LESION_THRESHOLD,
@@ -501,7 +504,7 @@ def calibrate(
     net = MedFuseModel(cfg)
     net.load_state_dict(mf.state, strict=True)
     val = evaluate_cases(net.to(dev), site.val, cfg, Tokenizer(cfg.vocab_size), dev,
-                         generate=False)
+                         label_names=mf.labels, generate=False)
     threshold = calibrated_threshold(val)
     if threshold is None or val.lesion_scores is None or val.has_box is None:
         fail(f"{site.name}: the val split needs lesion and lesion-free cases to set a "
@@ -511,10 +514,11 @@ def calibrate(
     blob = payload(mf.state, cfg, mf.labels, **kept, **{LESION_THRESHOLD: threshold},
                    calibrated_on=site.name)
     atomic_write(out, lambda fh: torch.save(blob, fh))
-    scores = val.lesion_scores
+    # counted as predict draws: the score at the threshold and a finding predicted
+    drawn = boxes_drawn(val.lesion_scores, threshold, predicted_names(val))
     console.print(
         f"{site.name}: lesion threshold {threshold:.3f} (was {mf.lesion_threshold:.3f}) on "
-        f"{len(site.val)} val cases: a box on {(scores[lesion] >= threshold).mean():.0%} of "
-        f"the {int(lesion.sum())} lesion cases and {(scores[~lesion] >= threshold).mean():.0%}"
+        f"{len(site.val)} val cases: a box on {drawn[lesion].mean():.0%} of "
+        f"the {int(lesion.sum())} lesion cases and {drawn[~lesion].mean():.0%}"
         f" of the {int((~lesion).sum())} lesion-free ones", markup=False, highlight=False)
     console.print(f"written: {out}", markup=False, highlight=False)

@@ -52,6 +52,7 @@ from shared_model.train import (
     evaluate_cases,
     make_loss_fn,
     proximal_pull,
+    references_of,
     seed_everything,
     summarise,
     threshold_on,
@@ -683,7 +684,8 @@ def local_cases(
     batch_size: int = 64,
 ) -> CaseResults:
     """The shared `evaluate_cases` of `state` on one split of this site; the test split's
-    lesion threshold set on this site's validation split (`threshold_on`)."""
+    lesion threshold set on this site's validation split (`threshold_on`), the
+    constant-report baseline chosen on its training references (`references_of`)."""
     data = site.val if split == "val" else site.test
     model = MedFuseModel(model_cfg)
     model.load_state_dict(dict(state), strict=True)
@@ -692,7 +694,8 @@ def local_cases(
     threshold = (threshold_on(model, site.val, model_cfg, tok, device, batch_size)
                  if split == "test" else DEFAULT_LESION_THRESHOLD)
     return evaluate_cases(model, data, model_cfg, tok, device, batch_size=batch_size,
-                          label_names=site.labels, lesion_threshold=threshold)
+                          label_names=site.labels, lesion_threshold=threshold,
+                          train_refs=references_of(site.train, tok))
 
 
 def local_evaluate(

@@ -5,10 +5,11 @@ not its cases are labelled (`open_for_inference`): a label, where given, is the 
 beside the prediction and counted in the accuracy line, never an input.
 
 For each case: the predicted class and every class probability, the lesion score and,
-only where it reaches the model file's `lesion_threshold`, the lesion box; the
-description the decoder writes from the image alone (the report hidden, as in
-evaluation), and where the model looked: the image attention map as a heat overlay, and
-the report's words shaded by their attention weights. Written under the output folder:
+only where it reaches the model file's `lesion_threshold` and a finding is predicted, the
+lesion box; the description the decoder writes from the image alone (the report hidden,
+as in evaluation), and where the model looked: the image attention map as a heat
+overlay, and the report's words shaded by their attention weights. Written under the
+output folder:
 `predictions.csv`; `cases/<id>.png`, the film read again from the site at its own
 resolution with the true box (where the manifest gives one) and the predicted box drawn;
 `thumbs/<id>.jpg`, the same film at most `THUMB_PX` wide; `attention/<id>.png`, the
@@ -53,6 +54,7 @@ from shared_model.dataset import (
     load_image,
 )
 from shared_model.files import atomic_write, atomic_write_text
+from shared_model.metrics import boxes_drawn
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFile
 from shared_model.tokenizer import EMPTY, PAD, Tokenizer, split_words
@@ -85,7 +87,8 @@ class Case:
 @dataclass(frozen=True)
 class Prediction:
     """One case's prediction. `box` is None where `lesion_score` is below
-    `lesion_threshold` (no finding, so nothing to point at); the score is always kept."""
+    `lesion_threshold` or the predicted class is the lesion-free one (no finding, so
+    nothing to point at); the score is always kept."""
 
     case_id: str
     label: str
@@ -144,7 +147,9 @@ def predict(model_file: ModelFile, cases: Sequence[Case], device: torch.device,
         if cfg.generation and cfg.modality != "text":
             hidden = torch.full_like(tokens, PAD)
             hidden[:, 0] = EMPTY  # describe the image, not the report
-            generated = model.generate(image, hidden).cpu()  # (B, L)
+            # the candidate that states its finding, as evaluation scores it
+            generated = model.generate(image, hidden,
+                                       label_names=model_file.labels).cpu()  # (B, L)
         descriptions = ([" ".join(tok.decode(g.tolist())) for g in generated]
                         if generated is not None else [""] * len(chunk))
         out += [_prediction(case, i, res, descriptions[i], model_file)
@@ -155,20 +160,23 @@ def predict(model_file: ModelFile, cases: Sequence[Case], device: torch.device,
 def _prediction(case: Case, i: int, res, description: str, model_file: ModelFile
                 ) -> Prediction:
     """Row `i` of a batch's model output as one case's prediction; the box only where the
-    lesion score reaches the threshold, since a box where no finding is predicted would
-    point a reader at nothing."""
+    lesion score reaches the threshold and a finding is predicted (`metrics.boxes_drawn`,
+    the rule the box rate on normal films counts), since a box where no finding is
+    predicted would point a reader at nothing."""
     cfg, labels = model_file.model_config, model_file.labels
     probs = res.logits[i].softmax(-1).cpu().numpy()  # (K,)
+    label = labels[int(probs.argmax())]
     words = split_words(case.report)[: cfg.max_report_tokens]
     score = (float(torch.sigmoid(res.lesion_logit[i]))
              if res.lesion_logit is not None else None)
     threshold = model_file.lesion_threshold
     box: Box | None = None
-    if res.box is not None and score is not None and score >= threshold:
+    if res.box is not None and score is not None \
+            and bool(boxes_drawn(np.array([score]), threshold, [label])[0]):
         x0, y0, x1, y1 = (float(v) for v in res.box[i].cpu())  # (4,)
         box = (x0, y0, x1, y1)
     return Prediction(
-        case_id=case.case_id, label=labels[int(probs.argmax())],
+        case_id=case.case_id, label=label,
         probs={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
         box=box, lesion_score=score, description=description,
         image_attention=(res.image_attention[i].cpu().numpy()
@@ -202,8 +210,8 @@ def for_terminal(text: str) -> str:
 
 def prediction_text(pred: Prediction) -> str:
     """One case's prediction as text: label and probability, every class's probability,
-    the lesion score (always) and the box (where the score reaches the threshold), the
-    generated description."""
+    the lesion score (always) and the box (where the score reaches the threshold and a
+    finding is predicted), the generated description."""
     probs = ", ".join(f"{lab} {p:.3f}" for lab, p in
                       sorted(pred.probs.items(), key=lambda kv: -kv[1]))
     lines = [f"{pred.case_id}: {pred.label} (probability {pred.probs[pred.label]:.3f})"
@@ -218,6 +226,8 @@ def _lesion_text(pred: Prediction) -> str:
     if pred.lesion_score is None:
         return "lesion box: none (this model has no lesion head)"
     score = f"lesion score {pred.lesion_score:.3f} (threshold {pred.lesion_threshold:.3f})"
+    if pred.box is None and pred.lesion_score >= pred.lesion_threshold:
+        return f"{score}: no lesion box (predicted {pred.label}: no finding)"
     if pred.box is None:
         return f"{score}: no lesion box (no finding predicted)"
     box = ", ".join(f"{v:.3f}" for v in pred.box)

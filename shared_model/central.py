@@ -23,6 +23,7 @@ from shared_model.train import (
     evaluate,
     make_loss_fn,
     pick_device,
+    references_of,
     seed_everything,
     threshold_on,
     train_epoch,
@@ -78,13 +79,20 @@ def train_central(
             on_epoch(epoch + 1, stats.loss)
     threshold = _threshold(model, sites, model_cfg, tokenizer, device)
     labels = sites[0].labels if sites else ()
+    # The constant-report baseline is chosen on training references: each site's own
+    # for its test split (as `client.local.local_evaluate` does at a site, so every
+    # experiment's per-site rows share one baseline), all of them for the union.
+    writes = model_cfg.generation
+    refs = {s.name: references_of(s.train, tokenizer) for s in sites} if writes else {}
     per_site = {
         s.name: evaluate(model, s.test, model_cfg, tokenizer, device, label_names=labels,
-                         lesion_threshold=threshold)
+                         lesion_threshold=threshold, train_refs=refs.get(s.name))
         for s in sites if len(s.test)
     }
+    union = [r for s in sites for r in refs[s.name]] if writes else None
     overall = evaluate(model, ConcatDataset([s.test for s in sites]), model_cfg, tokenizer,
-                       device, label_names=labels, lesion_threshold=threshold)
+                       device, label_names=labels, lesion_threshold=threshold,
+                       train_refs=union)
     result = CentralResult(
         per_site=per_site,
         overall=overall,

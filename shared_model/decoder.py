@@ -69,11 +69,30 @@ def repeated_ngram_bans(seq: torch.Tensor, n: int, vocab_size: int) -> torch.Ten
     return count > 0
 
 
+def normalised_scores(seq: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """(B, beam) each hypothesis' log-probability `score` (B, beam) over its length
+    ** `LENGTH_ALPHA` (tokens after BOS in `seq` (B, beam, L), EOS included)."""
+    length = (seq[..., 1:] != PAD).sum(-1).clamp_min(1).to(score.dtype)  # (B, beam)
+    return score / length**LENGTH_ALPHA  # (B, beam)
+
+
 def pick_normalised(seq: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """(B, L) the hypothesis of each sample with the best length-normalised score, from
     `seq` (B, beam, L) and their log-probabilities `score` (B, beam)."""
-    length = (seq[..., 1:] != PAD).sum(-1).clamp_min(1).to(score.dtype)  # (B, beam)
-    best = (score / length**LENGTH_ALPHA).argmax(-1)  # (B,)
+    best = normalised_scores(seq, score).argmax(-1)  # (B,)
+    return seq[torch.arange(seq.shape[0], device=seq.device), best]  # (B, L)
+
+
+def pick_preferred(seq: torch.Tensor, score: torch.Tensor, preferred: torch.Tensor
+                   ) -> torch.Tensor:
+    """(B, L) of each sample's hypotheses `seq` (B, beam, L) the best length-normalised
+    one (`score` (B, beam)) among those `preferred` (B, beam) marks, or among all where
+    it marks none: reranking the beam's finished candidates by a constraint the beam
+    score cannot see (here: the report states the finding it was conditioned on), the
+    beam score breaking ties and deciding the rest."""
+    norm = normalised_scores(seq, score)  # (B, beam)
+    among = norm.masked_fill(~preferred, float("-inf"))  # (B, beam)
+    best = torch.where(preferred.any(-1), among.argmax(-1), norm.argmax(-1))  # (B,)
     return seq[torch.arange(seq.shape[0], device=seq.device), best]  # (B, L)
 
 
@@ -166,15 +185,30 @@ class ReportDecoder(nn.Module):
         no_repeat: int = NO_REPEAT_NGRAM,
     ) -> torch.Tensor:
         """Beam search, (B, max_len) int64: BOS, ids..., EOS, then PAD, like the seed's
-        greedy(); a report that reaches max_len without EOS is cut there.
+        greedy(); a report that reaches max_len without EOS is cut there. The best
+        length-normalised hypothesis of `beams` (`pick_normalised`)."""
+        return pick_normalised(*self.beams(fused, regions, finding, max_len, beam, no_repeat))
+
+    @torch.no_grad()
+    def beams(
+        self,
+        fused: torch.Tensor,
+        regions: torch.Tensor,
+        finding: torch.Tensor,
+        max_len: int,
+        beam: int = BEAM,
+        no_repeat: int = NO_REPEAT_NGRAM,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The beam search's final hypotheses, (B, beam, max_len) int64 laid out as
+        `generate`'s rows, and their summed log-probabilities (B, beam); the caller picks
+        one per sample (`pick_normalised`, or `pick_preferred` to rerank them).
 
         Each sample keeps `beam` hypotheses, ranked by their summed log-probability
         while searching; a finished one stays in its slot and is extended by PAD at no
-        cost; at the end the best length-normalised one wins (`pick_normalised`). Never
-        written: PAD, BOS, EMPTY, the OOV buckets, EOS as the first word, and a token that
-        would repeat an n-gram of size `no_repeat` within the hypothesis (0: no check).
-        beam=1 is greedy decoding. Every sample is searched on its own rows, so its report
-        does not depend on the rest of the batch.
+        cost. Never written: PAD, BOS, EMPTY, the OOV buckets, EOS as the first word, and
+        a token that would repeat an n-gram of size `no_repeat` within the hypothesis (0:
+        no check). beam=1 is greedy decoding. Every sample is searched on its own rows, so
+        its report does not depend on the rest of the batch.
 
         Always exactly `max_len - 1` decoder steps, whatever the tokens: no early stop
         once every hypothesis has ended. How long an evaluation takes must not depend on
@@ -220,4 +254,4 @@ class ReportDecoder(nn.Module):
             seq[:, t] = token
             done = done[parent] | (token == EOS)  # (R,)
             state = (state[0][:, parent], state[1][:, parent])  # (1, R, Hd) each
-        return pick_normalised(seq.view(b, beam, max_len), score)  # (B, L)
+        return seq.view(b, beam, max_len), score  # (B, beam, L), (B, beam)

@@ -223,6 +223,26 @@ def _check_pairs(references: Sequence[Reference], hypotheses: Sequence[Tokens]) 
 
 
 DETECTION_IOU = 0.4  # a hit at IoU >= 0.4: the RSNA pneumonia / ChestX-ray14 threshold
+# The lesion-free class: the one label of the data format a film without a finding has
+# (report_labeller.NORMAL; every other label is a finding the labeller has terms for).
+LESION_FREE = NORMAL
+
+
+def finding_predicted(predicted: Sequence[str]) -> np.ndarray:
+    """(N,) whether each predicted class name is a finding (not `LESION_FREE`); a name
+    that is not known ("") counts as a finding, so without names the score alone rules."""
+    return np.array([name != LESION_FREE for name in predicted], dtype=bool)
+
+
+def boxes_drawn(scores: np.ndarray, threshold: float, predicted: Sequence[str]) -> np.ndarray:
+    """(N,) whether each case gets a box: its lesion score reaches `threshold` AND its
+    predicted class (`predicted`, names) is a finding. A box on a film the model calls
+    normal points a reader at nothing and contradicts the model's own answer, so the
+    one rule decides what `predict` draws and what the box rate on normal films counts."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(predicted) != scores.shape[0]:
+        raise ValueError(f"{scores.shape[0]} scores but {len(predicted)} predicted classes")
+    return (scores >= threshold) & finding_predicted(predicted)
 
 
 def average_precision(scores: np.ndarray, hits: np.ndarray, num_truths: int) -> float:
@@ -252,7 +272,9 @@ def per_class_ap(
     score. Among class c's detections (the cases predicted c) a hit is a case whose true
     class is c, that has a true box, at IoU >= `iou_threshold`; the ground truths are
     the lesion cases of true class c. A case has one box and one detection, so there is
-    nothing to match and no detection can claim a box twice.
+    nothing to match and no detection can claim a box twice. A case predicted lesion-free
+    is a detection of no class, as `boxes_drawn` draws it no box; the threshold plays no
+    part (AP ranks every detection by its score).
     """
     labels = np.asarray(labels).reshape(-1)
     pred_labels = np.asarray(pred_labels).reshape(-1)
@@ -293,21 +315,33 @@ def mean_box_iou(true_boxes: np.ndarray, has_box: np.ndarray, labels: np.ndarray
     return float(box_iou_rows(np.stack(guesses), boxes[lesion]).mean())
 
 
-def pointing_hits(peaks: np.ndarray, true_boxes: np.ndarray) -> np.ndarray:
-    """(N,) whether each point (x, y) lies in its true box, edges included."""
+# The pointing game's tolerance, as a fraction of the image side: Zhang et al. 2016 count
+# a hit within 15 px of the box on images of about 224 px, since a peak is read off a
+# coarse map. Ours is the centre of an 8 x 8 attention cell (1/8 of the side), and a
+# nodule's box (0.4% of the film) is smaller than a cell: without a tolerance a peak on
+# the nodule's own cell can miss its box, and every model scored the same.
+POINTING_TOLERANCE = 15 / 224
+
+
+def pointing_hits(peaks: np.ndarray, true_boxes: np.ndarray,
+                  tolerance: float = POINTING_TOLERANCE) -> np.ndarray:
+    """(N,) whether each point (x, y) lies in its true box grown by `tolerance` (a
+    fraction of the image side) on each side, edges included."""
     p, t = np.asarray(peaks, dtype=np.float64), np.asarray(true_boxes, dtype=np.float64)
-    return ((t[:, 0] <= p[:, 0]) & (p[:, 0] <= t[:, 2])
-            & (t[:, 1] <= p[:, 1]) & (p[:, 1] <= t[:, 3]))
+    return ((t[:, 0] - tolerance <= p[:, 0]) & (p[:, 0] <= t[:, 2] + tolerance)
+            & (t[:, 1] - tolerance <= p[:, 1]) & (p[:, 1] <= t[:, 3] + tolerance))
 
 
-def pointing_game(peaks: np.ndarray, true_boxes: np.ndarray, has_box: np.ndarray) -> float:
+def pointing_game(peaks: np.ndarray, true_boxes: np.ndarray, has_box: np.ndarray,
+                  tolerance: float = POINTING_TOLERANCE) -> float:
     """The pointing game (Zhang et al. 2016): the share of lesion cases whose attention
-    peak falls inside the true box. It asks whether the model looks at the lesion, not
-    how well a box head draws it; NaN without a lesion case."""
+    peak falls inside the true box, or within `tolerance` of it (`POINTING_TOLERANCE`,
+    the field's 15 px on 224). It asks whether the model looks at the lesion, not how
+    well a box head draws it; NaN without a lesion case."""
     lesion = np.asarray(has_box).reshape(-1) > 0.5
     if not lesion.any():
         return math.nan
-    return float(pointing_hits(peaks, true_boxes)[lesion].mean())
+    return float(pointing_hits(peaks, true_boxes, tolerance)[lesion].mean())
 
 
 # ------------------------------------------------------------------ reports, as scored
@@ -366,11 +400,12 @@ CONSTANT_CANDIDATES = 30  # the most common references tried as the constant rep
 
 
 def best_constant_report(references: Sequence[Tokens]) -> tuple[tuple[str, ...], float, float]:
-    """The best constant report of a split and its scores: among the split's most common
-    references (at most `CONSTANT_CANDIDATES`, ties in order of first appearance), the
-    one whose corpus BLEU-4 is highest when every case gets it; (its tokens, its BLEU-4,
-    its mean ROUGE-L). The floor a generator must beat: a template report already scores
-    well on n-gram overlap. Cached on the references (two metrics read it)."""
+    """The best constant report of a set of references and its scores on them: among the
+    most common references (at most `CONSTANT_CANDIDATES`, ties in order of first
+    appearance), the one whose corpus BLEU-4 is highest when every case gets it; (its
+    tokens, its BLEU-4, its mean ROUGE-L). Searched on the training references
+    (`constant_report_scores`), never on the split it is scored on: chosen there, it
+    would be an oracle that has read the test reports. Cached on the references."""
     return _best_constant(tuple(tuple(r) for r in references))
 
 
@@ -385,3 +420,18 @@ def _best_constant(refs: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], 
         if score > best_bleu:
             best, best_bleu = candidate, score
     return best, best_bleu, rouge_l(refs, [best] * len(refs))
+
+
+def constant_report_scores(train_references: Sequence[Tokens], references: Sequence[Tokens]
+                           ) -> tuple[tuple[str, ...], float, float] | None:
+    """The baseline of the field ("the best constant training report"): the report
+    `best_constant_report` picks on the training references, written for every case of
+    the evaluated split; (its tokens, its BLEU-4 and mean ROUGE-L on `references`).
+    None without training references: the split's own best would be an oracle, so there
+    is no baseline rather than a flattering one. A generator must beat this report, which
+    a template already does well on n-gram overlap."""
+    if not train_references:
+        return None
+    best = list(best_constant_report(train_references)[0])
+    return (tuple(best), bleu4(references, [best] * len(references)),
+            rouge_l(references, [best] * len(references)))

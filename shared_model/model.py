@@ -9,8 +9,8 @@ runs once per forward pass, so the model trains unchanged under `GradSampleModul
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
@@ -19,8 +19,9 @@ from opacus.layers import DPLSTM
 from torch import nn
 
 from shared_model.config import ModelConfig, TrainLayers
-from shared_model.decoder import BEAM, ReportDecoder
-from shared_model.tokenizer import EMPTY, PAD
+from shared_model.decoder import BEAM, ReportDecoder, pick_normalised, pick_preferred
+from shared_model.report_labeller import read_finding
+from shared_model.tokenizer import EMPTY, PAD, Tokenizer
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -463,15 +464,23 @@ class MedFuseModel(nn.Module):
     @torch.no_grad()
     def generate(
         self, image: torch.Tensor, tokens: torch.Tensor | None, max_len: int | None = None,
-        beam: int = BEAM,
+        beam: int = BEAM, label_names: Sequence[str] = (),
     ) -> torch.Tensor:
         """The description, (B, L) int64 laid out like `Batch.gen_tokens`: BOS, ids...,
         EOS, then PAD; L is `max_len` (default `cfg.max_gen_tokens`), and a row that
         reaches it without EOS is cut there. Conditioned on the predicted class, so the
         report states the finding the classifier gives; beam search with repeated
         trigrams, OOV and special tokens barred, always `max_len - 1` decoder steps
-        however early the rows end (no timing side channel: `ReportDecoder.generate`).
-        Runs in eval mode and restores the mode."""
+        however early the rows end (no timing side channel: `ReportDecoder.beams`).
+
+        With the class names `label_names` (one per class), the beam's final candidates
+        are reranked: one that the report labeller reads as the finding it was
+        conditioned on is preferred, the beam score deciding among those and where none
+        is (`pick_preferred`). The likeliest text may state no finding ("limited study")
+        or another one (pneumonia written for an effusion). The reading comes after the
+        search's fixed number of steps and reads every candidate, as the metrics read the
+        chosen report after it. Without names: the best beam score. Runs in eval mode and
+        restores the mode."""
         if self.decoder is None:
             raise RuntimeError("this model was built without a report decoder")
         max_len = self.cfg.max_gen_tokens if max_len is None else max_len
@@ -483,7 +492,13 @@ class MedFuseModel(nn.Module):
             fused, img, _ = self.encode(image, tokens)  # (B, F)
             assert img is not None  # a decoder is built only with an image encoder
             finding = self._finding(self.classifier(fused), None)  # (B, K)
-            return self.decoder.generate(fused, _regions(img), finding, max_len, beam=beam)
+            seq, score = self.decoder.beams(fused, _regions(img), finding, max_len,
+                                            beam=beam)  # (B, beam, L), (B, beam)
+            if len(label_names) != self.cfg.num_classes:
+                return pick_normalised(seq, score)  # (B, L)
+            states = states_finding(seq, finding.argmax(-1), label_names,
+                                    _tokenizer(self.cfg.vocab_size))  # (B, beam)
+            return pick_preferred(seq, score, states.to(seq.device))  # (B, L)
         finally:
             self.train(was_training)
 
@@ -492,6 +507,24 @@ class MedFuseModel(nn.Module):
         where no label is given."""
         cls = label if label is not None else logits.detach().argmax(-1)  # (B,)
         return F.one_hot(cls, self.cfg.num_classes).to(self.classifier.weight.dtype)
+
+
+def states_finding(seq: torch.Tensor, cls: torch.Tensor, label_names: Sequence[str],
+                   tokenizer: Tokenizer) -> torch.Tensor:
+    """(B, beam) bool: whether the report labeller reads each candidate of `seq`
+    (B, beam, L) as its sample's class `cls` (B,), named by `label_names` ("normal":
+    no finding stated)."""
+    b, beam, _ = seq.shape
+    rows = seq.cpu().tolist()
+    names = [label_names[int(k)] for k in cls.cpu()]
+    return torch.tensor([[read_finding(tokenizer.decode(rows[i][j]), label_names) == names[i]
+                          for j in range(beam)] for i in range(b)], dtype=torch.bool)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(vocab_size: int) -> Tokenizer:
+    """One tokenizer per vocabulary size (building one reads the lexicon file)."""
+    return Tokenizer(vocab_size)
 
 
 def _regions(img: ImageFeatures) -> torch.Tensor:

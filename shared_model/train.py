@@ -7,7 +7,7 @@ unchanged (Opacus' objects "act just like their non-private counterparts").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +148,9 @@ class CaseResults:
     lesion_threshold: float = DEFAULT_LESION_THRESHOLD  # a box where lesion_scores >= this
     attention_peaks: np.ndarray | None = None  # (N, 2) x, y fractions: the attention's peak
     label_names: tuple[str, ...] = ()  # class index -> name; () where unknown
+    # the training split's reference tokens, where the constant-report baseline is
+    # chosen; None where the evaluation has no training split to hand (no baseline then)
+    train_refs: list[list[str]] | None = None
 
     @property
     def n(self) -> int:
@@ -165,12 +168,16 @@ def evaluate_cases(
     label_names: tuple[str, ...] = (),
     lesion_threshold: float = DEFAULT_LESION_THRESHOLD,
     generate: bool = True,
+    train_refs: Sequence[Sequence[str]] | None = None,
 ) -> CaseResults:
     """Run the model over one split and keep each case's outputs.
 
     Generation is scored with the report hidden (the encoder sees only EMPTY): the decoder
-    must describe the image, not copy the report it was given. `generate=False` skips it
-    (the costly part) where only the scores are wanted, as for calibration.
+    must describe the image, not copy the report it was given; with `label_names` it
+    prefers a candidate that states its finding (`MedFuseModel.generate`), as `predict`
+    does. `generate=False` skips it (the costly part) where only the scores are wanted,
+    as for calibration. `train_refs` (`references_of` the training split) is where the
+    constant-report baseline is chosen; without it that baseline is left out.
     """
     net = unwrap(model).to(device)
     net.eval()
@@ -198,7 +205,7 @@ def evaluate_cases(
         if cfg.generation and generate:
             hidden = torch.full_like(batch.tokens, PAD)
             hidden[:, 0] = EMPTY
-            generated = net.generate(batch.image, hidden)
+            generated = net.generate(batch.image, hidden, label_names=label_names)
             refs += [tokenizer.decode(t.tolist()) for t in batch.gen_tokens.cpu()]
             hyps += [tokenizer.decode(t.tolist()) for t in generated.cpu()]
 
@@ -216,7 +223,20 @@ def evaluate_cases(
         lesion_threshold=lesion_threshold,
         attention_peaks=cat(peaks),
         label_names=tuple(label_names),
+        train_refs=([list(r) for r in train_refs]
+                    if train_refs is not None and cfg.generation and generate else None),
     )
+
+
+def references_of(dataset: Dataset, tokenizer: Tokenizer, batch_size: int = 256
+                  ) -> list[list[str]]:
+    """The reference report tokens of every case of `dataset` (its decoder targets,
+    decoded as the generated reports are), in case order; no model is run. The training
+    split's are where the constant-report baseline is chosen."""
+    refs: list[list[str]] = []
+    for raw in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        refs += [tokenizer.decode(t.tolist()) for t in Batch.of(raw).gen_tokens]
+    return refs
 
 
 def calibrated_threshold(val: CaseResults) -> float | None:
@@ -303,8 +323,11 @@ def evaluate(
     batch_size: int = 64,
     label_names: tuple[str, ...] = (),
     lesion_threshold: float = DEFAULT_LESION_THRESHOLD,
+    train_refs: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, float]:
-    """Loss, classification, localisation and generation metrics on one split (exact)."""
+    """Loss, classification, localisation and generation metrics on one split (exact);
+    the constant-report baseline only where `train_refs` are given."""
     cases = evaluate_cases(model, dataset, cfg, tokenizer, device, batch_size=batch_size,
-                           label_names=label_names, lesion_threshold=lesion_threshold)
+                           label_names=label_names, lesion_threshold=lesion_threshold,
+                           train_refs=train_refs)
     return summarise(cases, cfg.num_classes)

@@ -169,16 +169,26 @@ def _exact_empty_reports(cases: CaseResults, num_classes: int) -> float | None:
     return float(np.mean([len(h) == 0 for h in cases.hyps]))
 
 
+def predicted_names(cases: CaseResults) -> list[str]:
+    """Each case's predicted class name; "" for every case where the results do not name
+    the classes."""
+    if len(cases.label_names) != cases.probs.shape[1]:
+        return [""] * cases.n
+    return [cases.label_names[int(k)] for k in cases.probs.argmax(axis=1)]
+
+
 def _exact_box_rate_normal(cases: CaseResults, num_classes: int) -> float | None:
-    """Share of the lesion-free (normal) cases on which a box is drawn (lesion score >=
-    the split's `lesion_threshold`, the same rule that draws it); None without lesion
-    scores or without a normal case."""
+    """Share of the lesion-free (normal) cases on which a box is drawn, by the rule that
+    draws it (`metrics.boxes_drawn`: lesion score >= the split's `lesion_threshold` and a
+    finding predicted); None without lesion scores or without a normal case."""
     if cases.lesion_scores is None or cases.has_box is None:
         return None
     normal = cases.has_box <= 0.5
     if not normal.any():
         return None
-    return float(np.mean(cases.lesion_scores[normal] >= cases.lesion_threshold))
+    drawn = _metrics().boxes_drawn(cases.lesion_scores, cases.lesion_threshold,
+                                   predicted_names(cases))
+    return float(np.mean(drawn[normal]))
 
 
 def _detection_scores(cases: CaseResults) -> np.ndarray:
@@ -236,7 +246,7 @@ def _exact_finding_agreement(cases: CaseResults, num_classes: int) -> float | No
     read = _readings(cases)
     if read is None:
         return None
-    predicted = [cases.label_names[int(k)] for k in cases.probs.argmax(axis=1)]
+    predicted = predicted_names(cases)
     return float(np.mean([r == p for r, p in zip(read[1], predicted, strict=True)]))
 
 
@@ -250,10 +260,20 @@ def _exact_bleu1(cases: CaseResults, num_classes: int) -> float | None:
     return _metrics().bleu1([[r] for r in cases.refs], cases.hyps)
 
 
+def _has_train_refs(cases: CaseResults) -> bool:
+    """Reports, and the training references the constant report is chosen on."""
+    return _has_reports(cases) and bool(cases.train_refs)
+
+
 def _exact_const(index: int) -> Callable[[CaseResults, int], float | None]:
-    """BLEU-4 (1) or ROUGE-L (2) of the split's best constant report (references only)."""
+    """BLEU-4 (1) or ROUGE-L (2) on the split's references of the best constant report
+    chosen on the training references (`metrics.constant_report_scores`); None without
+    them (never the split's own best, an oracle)."""
     def exact(cases: CaseResults, num_classes: int) -> float | None:
-        return None if cases.refs is None else _metrics().best_constant_report(cases.refs)[index]
+        if cases.refs is None or not cases.train_refs:
+            return None
+        scores = _metrics().constant_report_scores(cases.train_refs, cases.refs)
+        return None if scores is None else scores[index]
     return exact
 
 
@@ -364,10 +384,10 @@ METRICS: tuple[Metric, ...] = (
     Metric(wire.M_BLEU1, "BLEU-1", higher_is_better=True, present=_has_reports,
            exact=_exact_bleu1, dp=None, views=TABLES_ONLY),
     Metric(wire.M_CONST_BLEU4, "BLEU-4 (constant report)", higher_is_better=True,
-           present=_has_reports, exact=_exact_const(1), dp=None, views=TABLES_ONLY,
+           present=_has_train_refs, exact=_exact_const(1), dp=None, views=TABLES_ONLY,
            short="BLEU-4 const"),
     Metric(wire.M_CONST_ROUGE_L, "ROUGE-L (constant report)", higher_is_better=True,
-           present=_has_reports, exact=_exact_const(2), dp=None, views=TABLES_ONLY,
+           present=_has_train_refs, exact=_exact_const(2), dp=None, views=TABLES_ONLY,
            short="ROUGE-L const"),
     Metric(wire.M_DISTINCT_REPORTS, "distinct reports", higher_is_better=True,
            present=_has_reports, exact=_exact_distinct, dp=None, views=TABLES_ONLY,

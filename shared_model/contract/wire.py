@@ -69,8 +69,8 @@ M_CE_F1 = "ce-f1"
 M_DISTINCT_REPORTS = "distinct-reports"  # share of distinct generated reports
 M_FINDING_AGREEMENT = "finding-agreement"  # report's finding == the classifier's class
 M_BLEU1 = "bleu1"
-M_CONST_BLEU4 = "const-bleu4"  # BLEU-4 of the best constant report
-M_CONST_ROUGE_L = "const-rouge-l"  # ROUGE-L of the best constant report
+M_CONST_BLEU4 = "const-bleu4"  # BLEU-4 of the best constant training report
+M_CONST_ROUGE_L = "const-rouge-l"  # ROUGE-L of the best constant training report
 
 # ConfigRecord in replies: who answered and why a reply carries no update. Every reply's
 # SITE record holds SITE_NAME, SITE_ERROR and SITE_DETAIL ("" when there is nothing to say)

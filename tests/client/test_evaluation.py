@@ -1,9 +1,21 @@
-"""The evaluation policy in plain Python (no Flower): the per-run cap and the asked round."""
+"""The evaluation policy in plain Python (no Flower): the per-run cap and the asked round;
+the researcher's exact evaluation of one site (`local_evaluate`)."""
+
+from pathlib import Path
 
 import pytest
+import torch
 
 from client.evaluation import EvaluationAsk, cap_reached
+from client.local import local_evaluate
 from client.site import NodeConfig
+from shared_model.config import DEFAULT_LABELS, ModelConfig
+from shared_model.contract import wire
+from shared_model.dataset import open_site
+from shared_model.metrics import constant_report_scores
+from shared_model.model import MedFuseModel
+from shared_model.tokenizer import Tokenizer
+from shared_model.train import references_of
 
 
 @pytest.mark.parametrize(("done", "final", "refused"), [
@@ -35,3 +47,22 @@ def test_inside_a_train_message_the_model_is_the_previous_rounds() -> None:
     # Assert
     assert ask.evaluated_round == 4
     assert EvaluationAsk("val", 1, 5, 5).evaluated_round == 5
+
+
+def test_local_evaluate_chooses_the_constant_report_on_the_sites_training_split(
+    tiny_federation: list[Path],
+) -> None:
+    # Prepare: an untrained model on one tiny site
+    cfg = ModelConfig.small(image_size=32, max_gen_tokens=8)
+    tok = Tokenizer(cfg.vocab_size)
+    site = open_site(tiny_federation[0], labels=DEFAULT_LABELS, model=cfg, tokenizer=tok)
+    torch.manual_seed(0)
+    state = MedFuseModel(cfg).state_dict()
+    # Execute
+    metrics, _ = local_evaluate(cfg, site, state, torch.device("cpu"), split="val")
+    # Assert: the best constant of the site's training references, scored on val's
+    scores = constant_report_scores(references_of(site.train, tok), references_of(site.val, tok))
+    assert scores is not None
+    assert metrics[wire.M_CONST_BLEU4] == pytest.approx(scores[1])
+    assert metrics[wire.M_CONST_ROUGE_L] == pytest.approx(scores[2])
+    assert " ".join(scores[0]) in {" ".join(r) for r in references_of(site.train, tok)}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from medfuse import app
 from shared_model.config import DEFAULT_LABELS, ModelConfig
 from shared_model.dataset import open_site
-from shared_model.model import MedFuseModel
+from shared_model.model import MedFuseModel, ModelOutput
 from shared_model.model_file import load_model_file, payload
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import calibrated_threshold, evaluate_cases
@@ -423,17 +423,53 @@ def test_a_box_only_where_the_lesion_score_reaches_the_threshold(
     result = _predict(model, site, tmp_path / "pred")
     one = CliRunner().invoke(app, ["predict", str(model), "--image", str(image),
                                    "--out", str(tmp_path / "one")])
-    # Assert: the score always there; a box exactly where it reaches the threshold
+    # Assert: the score always there; a box exactly where it reaches the threshold and
+    # a finding (not "normal") is predicted
     assert result.exit_code == 0 and one.exit_code == 0, result.output + one.output
     frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
     assert frame["lesion_score"].notna().all()
     boxed = frame["box_x0"].notna()
-    assert (boxed == (frame["lesion_score"] >= threshold)).all()
-    assert boxed.all() if threshold == 0.0 else not boxed.any()
+    finding = frame["predicted"] != "normal"
+    assert (boxed == ((frame["lesion_score"] >= threshold) & finding)).all()
+    assert (boxed == finding).all() if threshold == 0.0 else not boxed.any()
     page = (tmp_path / "pred" / "index.html").read_text(encoding="utf-8")
     assert page.count('class="box pred"') == boxed.sum()
     assert "lesion score" in one.output
-    assert ("no lesion box" in one.output) == (threshold == 0.99)
+    one_normal = "normal (probability" in one.output
+    assert ("no lesion box" in one.output) == (threshold == 0.99 or one_normal)
+
+
+def _one_output(probs: list[float], lesion: float) -> ModelOutput:
+    """A batch of one case's model output: class probabilities `probs` (as logits), a
+    lesion score `lesion`, a box at [.2, .2, .5, .5]."""
+    logit = torch.logit(torch.tensor([lesion]))  # (1,)
+    return ModelOutput(logits=torch.tensor([probs]).log(), box=torch.tensor([[.2, .2, .5, .5]]),
+                       lesion_logit=logit, gen_logits=None, text_attention=None,
+                       image_attention=None)
+
+
+@pytest.mark.parametrize(("probs", "lesion", "boxed"), [
+    ([.7, .1, .1, .05, .05], 0.99, False),  # normal predicted, high lesion score: no box
+    ([.1, .1, .7, .05, .05], 0.60, True),   # nodule predicted at the threshold: a box
+    ([.1, .1, .7, .05, .05], 0.59, False),  # nodule predicted below the threshold: none
+])
+def test_a_box_only_where_a_finding_is_predicted_and_its_score_reaches_the_threshold(
+    tmp_path: Path, probs: list[float], lesion: float, boxed: bool
+):
+    from client.predict import Case, _prediction, prediction_text
+
+    # Prepare: a model file whose threshold is .6
+    mf = load_model_file(_threshold_model(tmp_path / "m.pt", 0.6))
+    case = Case(case_id="c1", image=torch.zeros(1, 32, 32), report="")
+    # Execute
+    pred = _prediction(case, 0, _one_output(probs, lesion), "", mf)
+    # Assert: the score is always kept; the box only for a finding at the threshold
+    assert pred.lesion_score == pytest.approx(lesion)
+    assert (pred.box is not None) == boxed
+    if boxed:
+        assert pred.box == pytest.approx((.2, .2, .5, .5))
+    text = prediction_text(pred)
+    assert ("no lesion box (predicted normal" in text) == (pred.label == "normal")
 
 
 def test_the_gallery_links_small_thumbnails_of_the_original_film_with_both_boxes(

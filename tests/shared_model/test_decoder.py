@@ -15,6 +15,7 @@ from shared_model.decoder import (
     NO_REPEAT_NGRAM,
     ReportDecoder,
     pick_normalised,
+    pick_preferred,
     repeated_ngram_bans,
 )
 from shared_model.losses import token_loss
@@ -192,6 +193,33 @@ def test_repeated_ngram_bans() -> None:
     assert bans[0].nonzero().flatten().tolist() == [9]  # 7 8 9 would repeat
     assert not bans[1].any()
     assert repeated_ngram_bans(seq, 1, 16)[1].nonzero().flatten().tolist() == [BOS, 7, 8, 9, 10, 11]
+
+
+def test_reranking_prefers_a_marked_candidate_the_beam_score_deciding_the_rest() -> None:
+    # Prepare: two samples of three candidates, each 3 tokens long (same length, so the
+    # normalised order is the score order)
+    rows = [[BOS, 7 + k, 8, EOS, PAD] for k in range(3)]
+    seq = torch.tensor([rows, rows])  # (2, 3, 5)
+    score = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]])
+    # sample 0: candidates 1 and 2 marked (the best of them, 1, wins over the unmarked
+    # best 0); sample 1: none marked (the beam's best, 0)
+    preferred = torch.tensor([[False, True, True], [False, False, False]])
+    # Execute
+    out = pick_preferred(seq, score, preferred)
+    # Assert
+    assert out[0].tolist() == rows[1]
+    assert out[1].tolist() == rows[0]
+    assert torch.equal(pick_preferred(seq, score, torch.ones(2, 3, dtype=torch.bool)),
+                       pick_normalised(seq, score))
+
+
+def test_the_search_returns_every_candidate_and_generate_the_best_of_them() -> None:
+    dec = _decoder(seed=3)
+    cond = _conditions(5, seed=4)
+    seq, score = dec.beams(*cond, max_len=L, beam=BEAM)
+    assert seq.shape == (5, BEAM, L) and score.shape == (5, BEAM)
+    _assert_clean(seq.flatten(0, 1), NO_REPEAT_NGRAM)
+    assert torch.equal(dec.generate(*cond, max_len=L, beam=BEAM), pick_normalised(seq, score))
 
 
 def test_the_final_choice_is_length_normalised() -> None:

@@ -21,14 +21,18 @@ from shared_model.contract.metric_registry import (
     released_under_dp,
 )
 from shared_model.metrics import (
+    POINTING_TOLERANCE,
     average_precision,
     best_constant_report,
     bleu1,
     bleu4,
+    boxes_drawn,
     classification_metrics,
     clinical_efficacy,
+    constant_report_scores,
     mean_iou,
     per_class_auroc,
+    pointing_hits,
     rouge_l,
 )
 from shared_model.train import CaseResults, calibrated_threshold, summarise
@@ -254,6 +258,30 @@ def test_box_rate_normal_draws_a_box_at_the_split_lesion_threshold() -> None:
     assert rate(dataclasses.replace(cases, lesion_threshold=0.95), 2) == 0.0
 
 
+def test_no_box_is_counted_where_no_finding_is_predicted() -> None:
+    # Prepare: three lesion-free films, all scored .9 (above the .5 threshold): one
+    # predicted normal, two predicted a finding; one lesion case predicted nodule
+    names = ("normal", "pneumonia", "nodule")
+    cases = CaseResults(
+        labels=np.array([0, 0, 0, 2]), probs=one_hot_probs([0, 1, 2, 2], 3), loss_sum=1.0,
+        boxes=np.zeros((4, 4)), true_boxes=np.zeros((4, 4)),
+        has_box=np.array([0.0, 0.0, 0.0, 1.0]), refs=None, hyps=None,
+        lesion_scores=np.array([0.9, 0.9, 0.9, 0.9]), label_names=names,
+    )
+    # Execute
+    drawn = boxes_drawn(cases.lesion_scores, 0.5, ["normal", "pneumonia", "nodule", "nodule"])
+    rate = summarise(cases, 3)[wire.M_BOX_RATE_NORMAL]
+    # Assert: the film predicted normal gets no box however high its score; the score
+    # alone decides where the classes are not named
+    assert drawn.tolist() == [False, True, True, True]
+    assert rate == pytest.approx(2 / 3)
+    assert summarise(dataclasses.replace(cases, label_names=()), 3)[
+        wire.M_BOX_RATE_NORMAL] == pytest.approx(1.0)
+    assert boxes_drawn(np.array([0.4]), 0.5, ["nodule"]).tolist() == [False]
+    with pytest.raises(ValueError, match="predicted classes"):
+        boxes_drawn(np.array([0.9, 0.9]), 0.5, ["nodule"])
+
+
 # ------------------------------------------------------------------ localisation
 
 NORMAL_BOX = [0.0, 0.0, 0.0, 0.0]
@@ -375,6 +403,25 @@ def test_pointing_game_counts_lesion_cases_whose_attention_peak_is_in_the_true_b
     assert wire.M_POINTING not in summarise(dataclasses.replace(cases, attention_peaks=None), 3)
 
 
+def test_pointing_game_counts_a_peak_within_the_fields_tolerance_of_the_box():
+    # Prepare: a nodule-sized box [.40, .40, .42, .42] (smaller than an 8 x 8 cell);
+    # tolerance 15/224 = .0670. Peaks: inside; .05 right of it (within); .05 right and
+    # .05 below (the corner of the grown box, within); .08 left (outside); far outside
+    box = [.40, .40, .42, .42]
+    peaks = np.array([[.41, .41], [.47, .41], [.47, .47], [.32, .41], [.9, .1]])
+    cases = _boxes_case([2] * 5, [2] * 5, [box] * 5, [box] * 5, [.5] * 5,
+                        attention_peaks=peaks)
+    # Execute
+    hits = pointing_hits(peaks, np.array([box] * 5))
+    # Assert
+    assert POINTING_TOLERANCE == pytest.approx(15 / 224)
+    assert hits.tolist() == [True, True, True, False, False]
+    assert summarise(cases, 3)[wire.M_POINTING] == pytest.approx(3 / 5)
+    # without the tolerance only the peak inside the box hits
+    assert pointing_hits(peaks, np.array([box] * 5), tolerance=0.0).tolist() == [
+        True, False, False, False, False]
+
+
 # ------------------------------------------------------------------ reports
 
 
@@ -387,19 +434,22 @@ def test_bleu1_by_hand() -> None:
 
 
 def _report_case(labels: list[int], pred: list[int], refs: list[str], hyps: list[str],
-                 names: tuple[str, ...] = DEFAULT_LABELS) -> CaseResults:
+                 names: tuple[str, ...] = DEFAULT_LABELS,
+                 train: list[str] | None = None) -> CaseResults:
     return CaseResults(
         labels=np.array(labels), probs=one_hot_probs(pred, len(DEFAULT_LABELS)), loss_sum=0.0,
         boxes=None, true_boxes=None, has_box=None, refs=[r.split() for r in refs],
         hyps=[h.split() for h in hyps], label_names=names,
+        train_refs=None if train is None else [r.split() for r in train],
     )
 
 
 def test_a_constant_report_is_one_distinct_report_and_the_constant_baseline() -> None:
-    # Prepare: the most common reference written for every case
+    # Prepare: the most common reference written for every case; the training
+    # references are the test ones here, so the training constant is that report
     common = "no acute cardiopulmonary disease is seen"
     refs = [common, "the heart is enlarged", common, "small right pleural effusion"]
-    cases = _report_case([0, 4, 0, 3], [0, 0, 0, 0], refs, [common] * 4)
+    cases = _report_case([0, 4, 0, 3], [0, 0, 0, 0], refs, [common] * 4, train=refs)
     # Execute
     metrics = summarise(cases, 5)
     # Assert: one report of four; it is the best constant, so it scores the baseline
@@ -414,6 +464,42 @@ def test_a_constant_report_is_one_distinct_report_and_the_constant_baseline() ->
     # the references as reports: three distinct of four
     varied = dataclasses.replace(cases, hyps=[r.split() for r in refs])
     assert summarise(varied, 5)[wire.M_DISTINCT_REPORTS] == pytest.approx(3 / 4)
+
+
+def test_the_constant_report_is_chosen_on_training_references_not_the_test_split() -> None:
+    # Prepare: the training set's best constant is one of its "no acute disease ..."
+    # reports; the test split's references all say "small right pleural effusion", so
+    # the test split's own best (an oracle) would match them exactly
+    train = ["no acute disease", "no acute disease", "no acute disease is seen",
+             "the heart is enlarged"]
+    test = ["small right pleural effusion"] * 3
+    cases = _report_case([3, 3, 3], [3, 3, 3], test, test, train=train)
+    chosen, *_ = best_constant_report([r.split() for r in train])
+    # Execute
+    metrics = summarise(cases, 5)
+    scores = constant_report_scores([r.split() for r in train], [r.split() for r in test])
+    # Assert: the training constant scored on the test references, far below the oracle
+    assert " ".join(chosen) in train[:3]
+    assert scores is not None and scores[0] == chosen
+    expected = bleu4([r.split() for r in test], [list(chosen)] * 3)
+    assert metrics[wire.M_CONST_BLEU4] == pytest.approx(expected)
+    assert metrics[wire.M_CONST_BLEU4] < 0.1  # nothing shared with the effusion report
+    assert metrics[wire.M_CONST_ROUGE_L] == pytest.approx(0.0)
+    assert best_constant_report([r.split() for r in test])[1] == pytest.approx(1.0)  # oracle
+
+
+def test_without_training_references_there_is_no_constant_baseline() -> None:
+    # Prepare: reports but no training split to choose the constant on
+    refs = ["small right pleural effusion", "the heart is enlarged"]
+    cases = _report_case([3, 4], [3, 4], refs, refs)
+    # Execute
+    metrics = summarise(cases, 5)
+    # Assert: absent, not the test split's own best (an oracle); the rest is there
+    assert wire.M_CONST_BLEU4 not in metrics
+    assert wire.M_CONST_ROUGE_L not in metrics
+    assert wire.M_BLEU4 in metrics
+    assert constant_report_scores([], [r.split() for r in refs]) is None
+    assert wire.M_CONST_BLEU4 not in summarise(dataclasses.replace(cases, train_refs=[]), 5)
 
 
 def test_the_best_constant_report_is_searched_not_just_the_most_common() -> None:

@@ -14,8 +14,8 @@ from torch import nn
 from shared_model.batch import Batch
 from shared_model.config import ModelConfig
 from shared_model.losses import multitask_loss
-from shared_model.model import MedFuseModel, ReportDropout
-from shared_model.tokenizer import BOS, EMPTY, EOS, PAD
+from shared_model.model import MedFuseModel, ReportDropout, states_finding
+from shared_model.tokenizer import BOS, EMPTY, EOS, PAD, Tokenizer, first_bucket_id
 from tests.client.crafted import eos_first_state
 
 B, S, T, G, V = 4, 32, 10, 8, 64
@@ -352,13 +352,13 @@ def test_generation_is_conditioned_on_the_predicted_class() -> None:
     with torch.no_grad():
         model.classifier.bias[3] = 1e3
     seen: dict[str, torch.Tensor] = {}
-    generate = model.decoder.generate
+    beams = model.decoder.beams
 
     def capture(fused, regions, finding, *args, **kwargs):
         seen["finding"], seen["regions"] = finding, regions
-        return generate(fused, regions, finding, *args, **kwargs)
+        return beams(fused, regions, finding, *args, **kwargs)
 
-    model.decoder.generate = capture  # type: ignore[method-assign]
+    model.decoder.beams = capture  # type: ignore[method-assign]
     # Execute
     model.generate(batch.image, batch.tokens)
     # Assert: the one-hot of the predicted class, and every cell of the feature map
@@ -408,3 +408,50 @@ def test_the_state_holds_each_tensor_once_and_older_files_still_load() -> None:
     other.load_state_dict(state, strict=True)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+# ------------------------------------------------------------------ reranking by the finding
+
+NAMES = ("normal", "pneumonia", "nodule", "effusion", "cardiomegaly")
+
+
+def _candidates(tok: Tokenizer, texts: list[str], length: int) -> torch.Tensor:
+    """(len(texts), length) rows BOS, ids, EOS, PAD... of `texts`."""
+    return torch.stack([tok.encode_target(t, length) for t in texts])
+
+
+def test_states_finding_reads_each_candidate_against_its_samples_class() -> None:
+    # Prepare: two samples (effusion, normal), three candidates each
+    tok = Tokenizer(first_bucket_id() + 64)
+    texts = ["small right pleural effusion", "no pleural effusion", "heart size is normal"]
+    seq = torch.stack([_candidates(tok, texts, 8)] * 2)  # (2, 3, 8)
+    # Execute
+    states = states_finding(seq, torch.tensor([3, 0]), NAMES, tok)
+    # Assert: a negated effusion reads "normal"
+    assert states.tolist() == [[True, False, False], [False, True, True]]
+
+
+def test_generate_prefers_the_candidate_that_states_the_predicted_finding() -> None:
+    # Prepare: a classifier made to predict effusion; a search whose likeliest candidate
+    # states no finding and whose second states an effusion
+    vocab = first_bucket_id() + 64
+    model = MedFuseModel(_cfg(vocab_size=vocab, max_gen_tokens=8))
+    tok = Tokenizer(vocab)
+    with torch.no_grad():
+        model.classifier.bias[3] = 1e3
+    batch = _batch(b=2)
+    texts = ["limited study", "small right pleural effusion", "no acute disease"]
+    cands = torch.stack([_candidates(tok, texts, 8)] * 2)  # (2, 3, 8)
+    score = torch.tensor([[-1.0, -4.0, -2.0]] * 2)  # (2, 3)
+    model.decoder.beams = lambda *a, **k: (cands, score)  # type: ignore[method-assign]
+    # Execute
+    reranked = model.generate(batch.image, batch.tokens, label_names=NAMES)
+    plain = model.generate(batch.image, batch.tokens)
+    # Assert: with the class names the effusion report; without, the beam's best
+    assert all(tok.decode(r.tolist()) == texts[1].split() for r in reranked)
+    assert all(tok.decode(r.tolist()) == texts[0].split() for r in plain)
+    # a class with no stating candidate keeps the beam's best
+    with torch.no_grad():
+        model.classifier.bias[3], model.classifier.bias[2] = 0.0, 1e3  # nodule
+    assert all(tok.decode(r.tolist()) == texts[0].split()
+               for r in model.generate(batch.image, batch.tokens, label_names=NAMES))
