@@ -45,6 +45,7 @@ from shared_model.augment import views_of
 from shared_model.config import DEFAULT_LESION_THRESHOLD, ModelConfig
 from shared_model.contract.run_config import LocalRecipe, RunConfig
 from shared_model.dataset import SiteData, SiteSplit
+from shared_model.grad_samplers import ClippedGradients, ClippedModule, unsupported_layers
 from shared_model.model import MedFuseModel, TrainLayers, freeze
 from shared_model.tokenizer import Tokenizer
 from shared_model.train import (
@@ -63,6 +64,8 @@ from shared_model.train import (
 log = logging.getLogger(__name__)
 
 OptimizerName = Literal["sgd", "adam"]
+# where a DP step's per-example gradients come from (`make_private`)
+PerExampleGradients = Literal["fast", "hooks"]
 
 
 SECURE_RNG_NOTE = (
@@ -299,6 +302,13 @@ class FiniteDPOptimizer(DPOptimizer):
     per-row gradients are first averaged into the example's (`per_example`), then the
     same pass runs on B examples, not B*k rows.
 
+    With a `clipper` (`make_private`'s default, `shared_model.grad_samplers`) the
+    per-example gradients are never Opacus' `p.grad_sample`: the clipper computes each
+    example's norm and the clipped sums layer by layer after the backward pass, with the
+    same clip factor, the same dropping of non-finite examples and the same mean over
+    the views, and leaves them in `p.summed_grad`, where Opacus' noise, scaling and
+    accountant hook take over as always.
+
     Why a subclass that overrides `clip_and_accumulate`: Opacus has no hook between the
     per-sample gradients and the clipping (`attach_step_hook` runs after the noise), and
     this is the one method that sees all of a sample's gradients. Cleaning its input and
@@ -307,8 +317,20 @@ class FiniteDPOptimizer(DPOptimizer):
     """
 
     multiplicity: int = 1  # rows per example: k views, averaged before clipping
+    # where the per-example gradients come from: None, Opacus' `p.grad_sample` (hooks);
+    # else `ClippedGradients`, which clips and sums them itself (`make_private`'s default)
+    clipper: ClippedGradients | None = None
+    _batches: int = 0  # with a clipper: batches clipped into the sums since the last step
 
     def clip_and_accumulate(self) -> None:
+        if self.clipper is not None:
+            # the same clip, the same dropping of non-finite examples, the same views'
+            # mean, computed layer by layer without Opacus' per-call hooks
+            self.clipper.accumulate(self.params, max_grad_norm=self.max_grad_norm,
+                                    multiplicity=self.multiplicity)
+            self.clipper.clear()
+            self._batches += 1
+            return
         if self.multiplicity > 1:
             for p in self.params:
                 p.grad_sample = per_example(p.grad_sample, self.multiplicity)
@@ -319,8 +341,41 @@ class FiniteDPOptimizer(DPOptimizer):
                 _zero_samples(p.grad_sample, drop)
         super().clip_and_accumulate()
 
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """Opacus' `pre_step` (clip and sum, noise, scale, count the step), less its
+        check of `p.grad_sample`, which `ClippedGradients` never fills."""
+        if self.clipper is None:
+            return bool(super().pre_step(closure))
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        self._batches = 0
+        return True
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Batches in the clipped sums (what Opacus reads from `p.grad_sample`; the
+        accountant's sample rate and `scale_grad` use it): one, but for skipped steps."""
+        if self.clipper is None:
+            return super().accumulated_iterations
+        return max(self._batches, 1)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        if self.clipper is not None:
+            self.clipper.clear()
+
     @classmethod
-    def replacing(cls, opt: torch.optim.Optimizer, multiplicity: int = 1) -> FiniteDPOptimizer:
+    def replacing(cls, opt: torch.optim.Optimizer, multiplicity: int = 1,
+                  clipper: ClippedGradients | None = None) -> FiniteDPOptimizer:
         """The optimizer `PrivacyEngine.make_private` built, as a `FiniteDPOptimizer`:
         the same wrapped optimizer, noise, clipping norm, batch size, noise generator and
         accountant hook. Only Opacus' plain flat-clipping class (what `make_private` below
@@ -338,6 +393,7 @@ class FiniteDPOptimizer(DPOptimizer):
         if opt.step_hook is not None:
             finite.attach_step_hook(opt.step_hook)  # the accountant's: counts every step
         finite.multiplicity = multiplicity
+        finite.clipper = clipper
         return finite
 
 
@@ -408,15 +464,32 @@ def plan_round(ledger: Ledger, released_n: int, *, batch_size: int, epochs: int,
     return RoundPlan(released_n, sigma, sample_rate, steps, cost)
 
 
+def _per_example_source(model: MedFuseModel, asked: PerExampleGradients
+                        ) -> PerExampleGradients:
+    """`asked`, or "hooks" where `ClippedGradients` does not cover a trained layer."""
+    if asked == "fast" and (bad := unsupported_layers(model)):
+        log.info("per-example gradients by Opacus' hooks: no fast path for %s", bad[:3])
+        return "hooks"
+    return asked
+
+
 def make_private(
     model: MedFuseModel, optimizer: torch.optim.Optimizer, train: SiteSplit, plan: RoundPlan,
     dp: DPSettings, ledger: Ledger, device: torch.device, augmult: int = 1,
+    per_example_gradients: PerExampleGradients = "fast",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Opacus' `make_private` over a Poisson loader at the plan's sample rate, with the
     noise and the sampling drawn from secret seeds, gradients averaged over the
     released (not the exact) expected batch size, and samples whose gradient is not
     finite dropped (`FiniteDPOptimizer`); with `augmult` k, each example's k views are
-    averaged before clipping."""
+    averaged before clipping.
+
+    `per_example_gradients`: "fast" (the default) computes each example's clipped
+    gradient with `shared_model.grad_samplers.ClippedGradients` (one batched product per
+    layer after the backward pass; Opacus' module wrapper is then its no-op one);
+    "hooks" with Opacus' `GradSampleModule`. The clipping, the noise, the sampling and
+    the accounting are the same either way (Opacus' optimizer and accountant); "fast"
+    falls back to "hooks" for a model with a trained layer it does not know."""
     try:
         with warnings.catch_warnings():
             # Opacus warns on every engine that its generator is not the secure one: true,
@@ -434,14 +507,22 @@ def make_private(
         secret_seed())
     loader = DPDataLoader(train, sample_rate=plan.sample_rate,
                           generator=sampler_rng or engine.secure_rng)
+    source = _per_example_source(model, per_example_gradients)
     net, opt, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
         poisson_sampling=False,  # the loader above already samples (at the plan's rate)
         noise_generator=noise_rng,
+        grad_sample_mode="no_op" if source == "fast" else "hooks",
     )
-    opt = FiniteDPOptimizer.replacing(opt, multiplicity=augmult)
-    net.forbid_grad_accumulation()
+    # "fast": the hooks on the model itself (`net` only wraps it), which also refuse a
+    # second forward pass before the step, as `forbid_grad_accumulation` does for hooks
+    clipper = ClippedGradients(model) if source == "fast" else None
+    opt = FiniteDPOptimizer.replacing(opt, multiplicity=augmult, clipper=clipper)
+    if clipper is None:
+        net.forbid_grad_accumulation()
+    else:
+        net = ClippedModule(model, clipper)
     # Opacus derives it from the exact dataset size; the plan's released count instead
     opt.expected_batch_size = max(round(plan.released_n * plan.sample_rate), 1)
     return net, opt, loader, engine

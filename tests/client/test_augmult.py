@@ -56,8 +56,9 @@ def _views(site: SiteData, n: int) -> list[torch.Tensor]:
     return list(augment(repeat(batch, K), STRONG))
 
 
-def _private_k(model, data, tmp: Path, site: SiteData, *, clip: float):
-    """The product's `make_private` at multiplicity K, noise 0, every case in its batch."""
+def _private_k(model, data, tmp: Path, site: SiteData, *, clip: float, mode: str = "fast"):
+    """The product's `make_private` at multiplicity K, noise 0, every case in its batch,
+    per-example gradients by `mode` ("fast", the default, or Opacus' "hooks")."""
     plan = RoundPlan(released_n=len(data), noise_multiplier=0.0, sample_rate=1.0, steps=1,
                      epsilon_after=math.inf)
     store = LedgerStore(tmp / "state")
@@ -68,7 +69,8 @@ def _private_k(model, data, tmp: Path, site: SiteData, *, clip: float):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), data, plan,
-                            DPSettings(max_grad_norm=clip), ledger, CPU, augmult=K)
+                            DPSettings(max_grad_norm=clip), ledger, CPU, augmult=K,
+                            per_example_gradients=mode)
 
 
 def test_per_example_is_the_gradient_of_the_mean_over_the_views(site, init_state):
@@ -99,14 +101,16 @@ def test_per_example_is_the_gradient_of_the_mean_over_the_views(site, init_state
     assert checked > 10
 
 
+@pytest.mark.parametrize("mode", ["fast", "hooks"])
 def test_an_example_seen_k_times_moves_the_sum_by_at_most_the_clip(tmp_path, site,
-                                                                   init_state):
+                                                                   init_state, mode):
     # Prepare: ONE example as K views, clip far below every view's gradient norm
     clip = 1e-4
     views = _views(site, 1)
     model = MedFuseModel(CFG)
     model.load_state_dict(init_state)
-    net, opt, _, _ = _private_k(model, Subset(site.train, [0]), tmp_path, site, clip=clip)
+    net, opt, _, _ = _private_k(model, Subset(site.train, [0]), tmp_path, site, clip=clip,
+                                mode=mode)
     # Execute: the loader yields the example's K views; the optimizer sees K rows
     train_epoch(net, opt, [views], make_loss_fn(CFG), CFG, CPU)
     # Assert: the applied gradient (noise 0, expected batch 1) is the example's clipped
