@@ -406,8 +406,9 @@ def personalise(
         min=1, help="local epochs of DP fine-tuning [default: 5]")] = None,
     lr: Annotated[float | None, typer.Option(help="SGD learning rate [default: 0.3]")] = None,
     layers: Annotated[str | None, typer.Option(
-        help="what trains: classifier (the classification heads: least noise per "
-             "coordinate), heads, no-embeddings or all [default: classifier]")] = None,
+        help="what trains: classifier (the classification heads), prior (the head's "
+             "bias alone: the label mix, least noise per coordinate), heads, "
+             "no-embeddings or all [default: classifier]")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     epsilon_budget: Annotated[float, typer.Option(help="this data's total budget (it can "
                                                        "only go down)")] = 8.0,
