@@ -494,20 +494,33 @@ def joining_sentence(summary: Summary, meta: pd.DataFrame | None,
         return ""
     acc = summary.mean.set_index("experiment")[HEADLINE.name].to_dict()
     mine = _final_site_values(results, PERSONALISED + HEADLINE.name)
+    per_site = summary.per_site.set_index(["experiment", "site"])[HEADLINE.name]
     parts = []
     for dp, alone_label in ((False, "training alone"), (True, "fine-tuning alone with DP")):
         fed, alone = _first(meta, "federated", dp), _first(meta, "local", dp)
         if fed not in acc or alone not in acc:
             continue
-        text = (f"{'with' if dp else 'without'} DP, {fed} {acc[fed]:.3f} against {alone_label} "
-                f"{acc[alone]:.3f} ({100 * (acc[fed] - acc[alone]):+.1f} points)")
+        text = (f"{'with' if dp else 'without'} DP, {fed} {acc[fed]:.3f}"
+                f"{_interval(per_site[fed], summary.test_cases)} against {alone_label} "
+                f"{acc[alone]:.3f}{_interval(per_site[alone], summary.test_cases)} "
+                f"({100 * (acc[fed] - acc[alone]):+.1f} points)")
         if dp and fed in mine.index.get_level_values(0):
-            text += f"; {fed} personalised {mine[fed].mean():.3f}"
+            text += (f"; {fed} personalised {mine[fed].mean():.3f}"
+                     f"{_interval(mine[fed], summary.test_cases)}")
         parts.append(text)
     if not parts:
         return ""
+    counts = sorted(summary.test_cases.values())
+    over = (f"; [95% intervals from each hospital's test cases: {counts[0]}-{counts[-1]} "
+            f"a hospital, {sum(counts)} in all]") if counts else ""
     return (f"What joining gives a hospital (mean test {HEADLINE.label} over hospitals): "
-            + "; ".join(parts) + ".")
+            + "; ".join(parts) + over + ".")
+
+
+def _interval(per_site: pd.Series, cases: Mapping[str, int]) -> str:
+    """' [low, high]' (`accuracy_interval`), or '' where a hospital's count is unknown."""
+    low, high = accuracy_interval(per_site, cases)
+    return f" [{low:.3f}, {high:.3f}]" if np.isfinite(low) else ""
 
 
 def personalised_rows(results: pd.DataFrame, order: Sequence[str] = ()

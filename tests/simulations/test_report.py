@@ -308,7 +308,17 @@ def test_report_says_in_one_sentence_what_joining_gives_with_and_without_dp():
     assert "without DP, fed 0.950 against training alone 0.700 (+25.0 points)" in text
     assert "with DP, fed-dp 0.800 against fine-tuning alone with DP 0.800 (+0.0 points)" in text
     assert "fed-dp personalised 0.850" in text
+    assert "95% intervals" not in text  # the test counts unknown: no interval
     assert report.joining_sentence(report.summarize(results, meta), None, results) == ""
+    # with each hospital's test count, an interval beside every mean, and the counts
+    counted = report.results_frame(rows + [("fed", 0, 8, "site-00", "test-cases", 100),
+                                           ("fed", 0, 8, "site-01", "test-cases", 25)])
+    text = report.joining_sentence(report.summarize(counted, meta), meta, counted)
+    low, high = report.accuracy_interval(pd.Series({"site-00": 0.9, "site-01": 1.0}),
+                                         {"site-00": 100, "site-01": 25})
+    assert f"without DP, fed 0.950 [{low:.3f}, {high:.3f}] against training alone 0.700 [" in text
+    assert "fed-dp personalised 0.850 [" in text
+    assert "test cases: 25-100 a hospital, 125 in all]" in text
 
 
 def _audited(tmp_path: Path, keep_roc: bool) -> tuple[pd.DataFrame, Path]:
