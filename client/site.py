@@ -309,13 +309,24 @@ class OpenedSites:
     size, modification time), the labels or the model settings.
 
     Why an object: the ClientApp creates one when it is built (`client.app.build_app`)
-    and owns it for the life of the process, so no module holds a mutable cache and a
-    test (or a second app) makes its own, empty one.
+    and owns it for the life of the process, so a test (or a second app) makes its own,
+    empty one.
+
+    Pickled, it stays where it is: Flower's Ray backend ships the ClientApp, by value,
+    with every message to a simulation actor, and a plain copy would arrive empty each
+    time (every message decoded its site again) and would carry the sites the sender had
+    opened. So a pickle holds only which OpenedSites it was (`_token`), and unpickling
+    gives the receiving process's own one of that name (`_process_copy`): empty the first
+    time, then whatever that process opened through it, for the life of the process.
     """
 
     def __init__(self, max_sites: int = 8) -> None:
         self.max_sites = max_sites
         self._sites: dict[tuple, SiteData] = {}  # insertion order: oldest first
+        self._token = os.urandom(8).hex()  # which OpenedSites a pickled copy stands for
+
+    def __reduce__(self) -> tuple:
+        return (_process_copy, (self._token, self.max_sites))
 
     def open(self, path: Path, run: RunConfig) -> SiteData:
         """`open_site` of `path` under the run's labels and model, or the copy opened
@@ -331,6 +342,19 @@ class OpenedSites:
         while len(self._sites) > self.max_sites:
             self._sites.pop(next(iter(self._sites)))
         return site
+
+
+_PROCESS_COPIES: dict[str, OpenedSites] = {}  # unpickled OpenedSites, by token
+
+
+def _process_copy(token: str, max_sites: int) -> OpenedSites:
+    """This process's OpenedSites standing for the pickled one named `token` (made empty
+    on first use; later unpickled copies are the same object)."""
+    sites = _PROCESS_COPIES.get(token)
+    if sites is None:
+        sites = _PROCESS_COPIES[token] = OpenedSites(max_sites)
+        sites._token = token
+    return sites
 
 
 class Unusable(Exception):

@@ -1,5 +1,6 @@
 """The ClientApp called directly with a hand-built Context and Message (no simulation)."""
 
+import json
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from flwr.app import (
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from client.app import app
-from client.privacy import INDEX_FILE, LedgerStore, default_store_root, history_epsilon
+from client.privacy import INDEX_FILE, LedgerError, LedgerStore, default_store_root, history_epsilon
 from client.release import COUNT_NOISE
 from client.site import SiteConfigError, resolve_site, synthetic_name, synthetic_sites
 from shared_model.config import DEFAULT_LABELS
@@ -442,6 +443,37 @@ def test_a_site_is_decoded_once_per_process_until_its_folder_changes(
     assert changed is not first and len(changed.train) == len(first.train)
 
 
+def test_a_pickled_opened_sites_is_the_receiving_processs_own_and_carries_no_data(
+    tiny_federation: list[Path], tmp_path: Path
+):
+    # Flower's Ray backend ships the ClientApp by value with every message: the copy an
+    # actor unpickles must be the same cache each time, never the sender's decoded data
+    import pickle
+
+    import cloudpickle  # what Ray pickles with
+
+    from client.site import OpenedSites
+
+    run = RunConfig.parse(_run_config(tiny_federation, tmp_path))
+    sites = OpenedSites()
+    empty = len(pickle.dumps(sites))
+    sites.open(tiny_federation[0], run)
+    # Execute
+    first, again = pickle.loads(pickle.dumps(sites)), pickle.loads(pickle.dumps(sites))
+    other = pickle.loads(pickle.dumps(OpenedSites()))
+    opened = first.open(tiny_federation[0], run)
+
+    def handler() -> OpenedSites:  # a closure, pickled by value as build_app's handlers are
+        return sites
+
+    shipped = [cloudpickle.loads(cloudpickle.dumps(handler))() for _ in range(2)]
+    # Assert
+    assert len(pickle.dumps(sites)) == empty  # the token only, whatever was opened
+    assert again is first and first is not sites and other is not first
+    assert again.open(tiny_federation[0], run) is opened  # decoded once in this process
+    assert shipped[0] is shipped[1] is first
+
+
 def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ):
@@ -470,6 +502,37 @@ def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
     log_file.write_text(lines[0] + "\n")
     with pytest.raises(audit_log.AuditLogError, match="truncated"):
         audit_log.verify(log_file)
+
+
+def test_the_audit_logs_epsilon_before_reads_only_the_ledger_of_this_data(
+    tiny_federation: list[Path], tmp_path: Path, global_state: dict
+):
+    # Prepare: two simulated hospitals train into one store; the other one's ledger is
+    # then damaged (it would fail to load)
+    from shared_model import audit_log
+
+    run_config = _run_config(tiny_federation, tmp_path)
+    other = {"partition-id": 1, "num-partitions": 2}
+    trained = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
+    _call(_message("train", global_state, 1), _context(run_config, other, node_id=12))
+    mine = _scalars(trained)[wire.M_EPSILON]
+    folder = str(tiny_federation[1].resolve())
+    damaged = 0
+    for key in _store(tmp_path).keys():
+        path = _store(tmp_path).ledger_path(key)
+        data = json.loads(path.read_text())
+        if folder in data["data_paths"]:
+            path.write_text(json.dumps({**data, "mac": "0" * len(data["mac"])}))
+            damaged += 1
+    assert damaged == 1
+    with pytest.raises(LedgerError):
+        _store(tmp_path).ledgers()
+    # Execute
+    _call(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
+    # Assert: this data's epsilon, from its own ledger alone
+    last = audit_log.verify(tmp_path / "store" / audit_log.LOG_FILE)[-1]
+    assert last["what"].startswith("evaluate")
+    assert last["epsilon_before"] == pytest.approx(mine)
 
 
 def _train_and_evaluate(state: dict, server_round: int, total: int) -> Message:
