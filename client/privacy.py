@@ -42,6 +42,7 @@ compose in parallel and each case's loss is bounded by its split's epsilon.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -728,6 +729,18 @@ def make_accountant(name: AccountantName, history: Sequence[HistoryItem] = ()) -
     return accountant
 
 
+@functools.lru_cache(maxsize=4096)
+def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """One step's RDP at Opacus' default orders (read-only): a pure function of the two,
+    kept for the process, as every message verifies its ledger (each entry's epsilon
+    recomputed) and a round's entries share a few settings. compute_rdp(steps=n) is
+    compute_rdp(steps=1) * n, bit for bit."""
+    rdp = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
+                                              steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+    rdp.setflags(write=False)
+    return rdp
+
+
 def history_epsilon(
     history: Sequence[HistoryItem],
     delta: float,
@@ -758,10 +771,7 @@ def history_epsilon(
         terms = []
         for s, q, n in items:
             if (s, q) not in cache:
-                # compute_rdp(steps=n) is compute_rdp(steps=1) * n, bit for bit
-                cache[(s, q)] = rdp_analysis.compute_rdp(
-                    q=q, noise_multiplier=s, steps=1, orders=orders
-                )
+                cache[(s, q)] = _step_rdp(float(s), float(q))
             terms.append(cache[(s, q)] * n)
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=sum(terms), delta=delta)
         return max(float(eps), 0.0)  # a large delta can make the bound negative
