@@ -147,9 +147,10 @@ def predict(model_file: ModelFile, cases: Sequence[Case], device: torch.device,
         if cfg.generation and cfg.modality != "text":
             hidden = torch.full_like(tokens, PAD)
             hidden[:, 0] = EMPTY  # describe the image, not the report
-            # the candidate that states its finding, as evaluation scores it
-            generated = model.generate(image, hidden,
-                                       label_names=model_file.labels).cpu()  # (B, L)
+            # conditioned on the class shown (as evaluation scores it), the candidate
+            # that states it preferred
+            generated = model.generate(image, hidden, label_names=model_file.labels,
+                                       classes=res.logits.argmax(-1)).cpu()  # (B, L)
         descriptions = ([" ".join(tok.decode(g.tolist())) for g in generated]
                         if generated is not None else [""] * len(chunk))
         out += [_prediction(case, i, res, descriptions[i], model_file)

@@ -205,7 +205,10 @@ def evaluate_cases(
         if cfg.generation and generate:
             hidden = torch.full_like(batch.tokens, PAD)
             hidden[:, 0] = EMPTY
-            generated = net.generate(batch.image, hidden, label_names=label_names)
+            # the report states the class the model shows (it read the report): what a
+            # reader sees beside it; the decoder itself reads no report word
+            generated = net.generate(batch.image, hidden, label_names=label_names,
+                                     classes=out.logits.argmax(-1))
             refs += [tokenizer.decode(t.tolist()) for t in batch.gen_tokens.cpu()]
             hyps += [tokenizer.decode(t.tolist()) for t in generated.cpu()]
 

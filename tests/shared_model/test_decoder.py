@@ -13,10 +13,12 @@ from shared_model.config import ModelConfig
 from shared_model.decoder import (
     BEAM,
     NO_REPEAT_NGRAM,
+    SEARCH_OOV,
     ReportDecoder,
     pick_normalised,
     pick_preferred,
     repeated_ngram_bans,
+    strip_oov,
 )
 from shared_model.losses import token_loss
 from shared_model.tokenizer import BOS, EMPTY, EOS, PAD, first_bucket_id
@@ -59,10 +61,14 @@ def _targets(b: int = B, seed: int = 2) -> torch.Tensor:
 
 
 def _words(row: torch.Tensor) -> list[int]:
-    """The ids between BOS and the first EOS; checks the layout BOS, ids, EOS, PAD..."""
+    """The ids between BOS and the first EOS (or the PAD that ends a report cut at
+    max_len whose OOV buckets were taken out); checks the layout BOS, ids, EOS, PAD..."""
     ids = row.tolist()
     assert ids[0] == BOS
     end = ids.index(EOS) if EOS in ids else len(ids)
+    if PAD in ids[:end]:
+        end = ids.index(PAD)
+        assert EOS not in ids, ids
     assert all(i == PAD for i in ids[end + 1:]), ids
     return ids[1:end]
 
@@ -133,16 +139,17 @@ def _greedy_reference(dec: ReportDecoder, fused, regions, finding, max_len: int,
                     continue
                 row = logits[i].clone()
                 row[[PAD, BOS, EMPTY]] = float("-inf")
-                row[OOV:] = float("-inf")
+                if not SEARCH_OOV:
+                    row[OOV:] = float("-inf")
                 if t == 1:
                     row[EOS] = float("-inf")
-                seq = out[i, :t].tolist()
+                seq = [x for x in out[i, :t].tolist() if not SEARCH_OOV or x < OOV]
                 for j in range(len(seq) - n + 1):
-                    if n > 1 and seq[j:j + n - 1] == seq[t - n + 1:] or n == 1:
+                    if n > 1 and seq[j:j + n - 1] == seq[len(seq) - n + 1:] or n == 1:
                         row[seq[j + n - 1]] = float("-inf")
                 out[i, t] = int(row.argmax())
                 done[i] = out[i, t].item() == EOS
-    return out
+    return strip_oov(out, OOV)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -169,9 +176,66 @@ def test_constraints_hold_whatever_the_model_prefers(beam: int, token: int) -> N
     # Execute
     out = dec.generate(*_conditions(8), max_len=16, beam=beam)
     # Assert
+    if token >= OOV and SEARCH_OOV:
+        # a decoder that writes nothing but out-of-lexicon words: searched, then taken
+        # out, so its report may be left empty, never shown an OOV
+        assert all(i < OOV for row in out for i in _words(row))
+        return
     _assert_clean(out, NO_REPEAT_NGRAM)
     if token == EOS:  # the report ends as soon as it may
         assert (out[:, 2] == EOS).all()
+
+
+def test_strip_oov_takes_the_buckets_out_and_keeps_the_layout() -> None:
+    # Prepare: hand-made rows: an OOV first word, two OOVs inside, one cut at max_len
+    # (no EOS) ending on an OOV, one with none
+    w1, w2, w3 = 7, 8, 9
+    seq = torch.tensor([
+        [BOS, OOV, w1, w2, EOS, PAD, PAD],
+        [BOS, w1, OOV, V - 1, w2, EOS, PAD],
+        [BOS, w1, w2, w3, w1, w2, OOV],
+        [BOS, w3, EOS, PAD, PAD, PAD, PAD],
+    ])
+    # Execute
+    out = strip_oov(seq, OOV)
+    # Assert: the same shape, the words in order, PAD after; (beam, L) rows too
+    assert out.tolist() == [
+        [BOS, w1, w2, EOS, PAD, PAD, PAD],
+        [BOS, w1, w2, EOS, PAD, PAD, PAD],
+        [BOS, w1, w2, w3, w1, w2, PAD],
+        [BOS, w3, EOS, PAD, PAD, PAD, PAD],
+    ]
+    assert torch.equal(strip_oov(seq.view(2, 2, 7), OOV), out.view(2, 2, 7))
+
+
+def test_an_oov_first_word_does_not_throw_the_search_off_its_report() -> None:
+    # Prepare: a decoder whose likeliest first word is an OOV bucket and whose
+    # likeliest word after it is the lexicon word 77, then EOS (what a hospital whose
+    # reports open with an out-of-lexicon word teaches); with OOV barred from the
+    # search the first word would be another
+    dec = _decoder(seed=6)
+    with torch.no_grad():
+        dec.out.weight.zero_()
+        dec.out.bias.zero_()
+        dec.out.bias[OOV] = 50.0
+        dec.embed.weight[OOV] = 0.0
+    step = dec.step
+
+    def scripted(inputs, cond, regions, keys, state):
+        logits, state = step(inputs, cond, regions, keys, state)  # (R, 1, V)
+        last = inputs[:, -1]  # (R,)
+        logits = logits.clone()
+        logits[last == OOV, -1, 77] = 100.0
+        logits[last == 77, -1, EOS] = 100.0
+        return logits, state
+
+    dec.step = scripted  # type: ignore[method-assign]
+    # Execute
+    out = dec.generate(*_conditions(2), max_len=6, beam=BEAM)
+    # Assert: the report the path through the OOV leads to, the OOV taken out
+    assert SEARCH_OOV
+    for row in out:
+        assert _words(row) == [77]
 
 
 def test_constraints_hold_for_an_untrained_decoder() -> None:

@@ -369,6 +369,35 @@ def test_generation_is_conditioned_on_the_predicted_class() -> None:
     assert seen["regions"].shape == (B, h * h, model.cfg.cnn_widths[-1])
 
 
+def test_generation_states_the_class_it_is_given() -> None:
+    # Prepare: a classifier made to predict class 3 from the image alone (the report
+    # hidden), while the class shown beside the report, read with the report, differs
+    # per case; the decoder's finding captured
+    model = MedFuseModel(_cfg())
+    batch = _batch()
+    with torch.no_grad():
+        model.classifier.bias[3] = 1e3
+    seen: dict[str, torch.Tensor] = {}
+    beams = model.decoder.beams
+
+    def capture(fused, regions, finding, *args, **kwargs):
+        seen["finding"] = finding
+        return beams(fused, regions, finding, *args, **kwargs)
+
+    model.decoder.beams = capture  # type: ignore[method-assign]
+    shown = torch.tensor([1, 0, 3, 4])
+    # Execute
+    given = model.generate(batch.image, batch.tokens, classes=shown)
+    finding_given = seen["finding"]
+    default = model.generate(batch.image, batch.tokens)
+    # Assert: the one-hot of the classes given, not of the model's own prediction; the
+    # same layout, and without classes the prediction as before
+    assert torch.equal(finding_given, torch.eye(model.cfg.num_classes)[shown])
+    assert torch.equal(seen["finding"].argmax(-1), torch.full((B,), 3))
+    assert given.shape == default.shape == (B, G)
+    _layout_ok(given)
+
+
 def test_loss_falls_on_a_fixed_batch() -> None:
     # Prepare
     torch.manual_seed(0)
@@ -455,3 +484,23 @@ def test_generate_prefers_the_candidate_that_states_the_predicted_finding() -> N
         model.classifier.bias[3], model.classifier.bias[2] = 0.0, 1e3  # nodule
     assert all(tok.decode(r.tolist()) == texts[0].split()
                for r in model.generate(batch.image, batch.tokens, label_names=NAMES))
+
+
+def test_reranking_reads_candidates_against_the_class_given() -> None:
+    # Prepare: the model predicts nodule; the class given is effusion; the likeliest
+    # candidate states no finding, the second an effusion
+    vocab = first_bucket_id() + 64
+    model = MedFuseModel(_cfg(vocab_size=vocab, max_gen_tokens=8))
+    tok = Tokenizer(vocab)
+    with torch.no_grad():
+        model.classifier.bias[2] = 1e3
+    batch = _batch(b=2)
+    texts = ["limited study", "small right pleural effusion", "no acute disease"]
+    cands = torch.stack([_candidates(tok, texts, 8)] * 2)  # (2, 3, 8)
+    score = torch.tensor([[-1.0, -4.0, -2.0]] * 2)  # (2, 3)
+    model.decoder.beams = lambda *a, **k: (cands, score)  # type: ignore[method-assign]
+    # Execute
+    out = model.generate(batch.image, batch.tokens, label_names=NAMES,
+                         classes=torch.tensor([3, 3]))
+    # Assert: the effusion candidate, as the given class asks
+    assert all(tok.decode(r.tolist()) == texts[1].split() for r in out)
