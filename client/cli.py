@@ -475,7 +475,7 @@ def calibrate(
     file here."""
     import torch  # lazy: keeps `medfuse --help` fast (torch)
 
-    from shared_model.contract.metric_registry import predicted_names
+    from shared_model.contract.metric_registry import predicted_names  # lazy: numpy (--help)
     from shared_model.dataset import SiteError, open_site  # lazy: loads torch (--help)
     from shared_model.metrics import boxes_drawn  # lazy: loads torch (--help)
     from shared_model.model import MedFuseModel  # lazy: loads torch (--help)
