@@ -64,21 +64,24 @@ def strip_oov(seq: torch.Tensor, first_oov: int) -> torch.Tensor:
     """`seq` (..., L) with every OOV bucket (ids from `first_oov` on) taken out, the
     tokens after it moved up and PAD at the end: BOS, words, EOS, PAD as before. Tensor
     work of a fixed size (no timing channel)."""
-    keep = seq < first_oov  # (..., L)
-    pos = torch.arange(seq.shape[-1], device=seq.device).expand_as(seq)  # (..., L)
-    order = torch.where(keep, pos, pos + seq.shape[-1]).argsort(dim=-1)  # kept ones first
-    moved = seq.gather(-1, order)  # (..., L)
-    return torch.where(keep.gather(-1, order), moved, torch.full_like(moved, PAD))
+    return _without_oov(seq, first_oov, words_last=False)
 
 
 def words_right_aligned(seq: torch.Tensor, first_oov: int) -> torch.Tensor:
     """`seq` (R, t) with its OOV buckets taken out and the rest moved to the right, PAD
     on the left: the text as `strip_oov` will show it, laid out so that its last n - 1
     tokens end the row (what `repeated_ngram_bans` reads)."""
-    keep = seq < first_oov  # (R, t)
-    pos = torch.arange(seq.shape[-1], device=seq.device).expand_as(seq)  # (R, t)
-    order = torch.where(keep, pos + seq.shape[-1], pos).argsort(dim=-1)  # dropped first
-    moved = seq.gather(-1, order)  # (R, t)
+    return _without_oov(seq, first_oov, words_last=True)
+
+
+def _without_oov(seq: torch.Tensor, first_oov: int, *, words_last: bool) -> torch.Tensor:
+    """`seq` (..., L) with its OOV buckets replaced by PAD, the kept tokens in their order
+    at the start of the row (or at its end, `words_last`): one stable sort by position."""
+    keep = seq < first_oov  # (..., L)
+    pos = torch.arange(seq.shape[-1], device=seq.device).expand_as(seq)  # (..., L)
+    later = ~keep if not words_last else keep  # which tokens sort after the others
+    order = torch.where(later, pos + seq.shape[-1], pos).argsort(dim=-1)  # (..., L)
+    moved = seq.gather(-1, order)  # (..., L)
     return torch.where(keep.gather(-1, order), moved, torch.full_like(moved, PAD))
 
 

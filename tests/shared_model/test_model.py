@@ -460,19 +460,28 @@ def test_states_finding_reads_each_candidate_against_its_samples_class() -> None
     assert states.tolist() == [[True, False, False], [False, True, True]]
 
 
-def test_generate_prefers_the_candidate_that_states_the_predicted_finding() -> None:
-    # Prepare: a classifier made to predict effusion; a search whose likeliest candidate
-    # states no finding and whose second states an effusion
+RERANK_TEXTS = ["limited study", "small right pleural effusion", "no acute disease"]
+
+
+def _rerank_model(predicted: int) -> tuple[MedFuseModel, Tokenizer]:
+    """A model whose classifier predicts class `predicted` and whose beam search always
+    ends with RERANK_TEXTS, likeliest first: no finding, an effusion, no disease."""
     vocab = first_bucket_id() + 64
     model = MedFuseModel(_cfg(vocab_size=vocab, max_gen_tokens=8))
     tok = Tokenizer(vocab)
     with torch.no_grad():
-        model.classifier.bias[3] = 1e3
-    batch = _batch(b=2)
-    texts = ["limited study", "small right pleural effusion", "no acute disease"]
-    cands = torch.stack([_candidates(tok, texts, 8)] * 2)  # (2, 3, 8)
+        model.classifier.bias[predicted] = 1e3
+    cands = torch.stack([_candidates(tok, RERANK_TEXTS, 8)] * 2)  # (2, 3, 8)
     score = torch.tensor([[-1.0, -4.0, -2.0]] * 2)  # (2, 3)
     model.decoder.beams = lambda *a, **k: (cands, score)  # type: ignore[method-assign]
+    return model, tok
+
+
+def test_generate_prefers_the_candidate_that_states_the_predicted_finding() -> None:
+    # Prepare: a classifier made to predict effusion; a search whose likeliest candidate
+    # states no finding and whose second states an effusion
+    model, tok = _rerank_model(predicted=3)
+    batch, texts = _batch(b=2), RERANK_TEXTS
     # Execute
     reranked = model.generate(batch.image, batch.tokens, label_names=NAMES)
     plain = model.generate(batch.image, batch.tokens)
@@ -489,16 +498,8 @@ def test_generate_prefers_the_candidate_that_states_the_predicted_finding() -> N
 def test_reranking_reads_candidates_against_the_class_given() -> None:
     # Prepare: the model predicts nodule; the class given is effusion; the likeliest
     # candidate states no finding, the second an effusion
-    vocab = first_bucket_id() + 64
-    model = MedFuseModel(_cfg(vocab_size=vocab, max_gen_tokens=8))
-    tok = Tokenizer(vocab)
-    with torch.no_grad():
-        model.classifier.bias[2] = 1e3
-    batch = _batch(b=2)
-    texts = ["limited study", "small right pleural effusion", "no acute disease"]
-    cands = torch.stack([_candidates(tok, texts, 8)] * 2)  # (2, 3, 8)
-    score = torch.tensor([[-1.0, -4.0, -2.0]] * 2)  # (2, 3)
-    model.decoder.beams = lambda *a, **k: (cands, score)  # type: ignore[method-assign]
+    model, tok = _rerank_model(predicted=2)
+    batch, texts = _batch(b=2), RERANK_TEXTS
     # Execute
     out = model.generate(batch.image, batch.tokens, label_names=NAMES,
                          classes=torch.tensor([3, 3]))
