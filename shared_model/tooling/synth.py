@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
@@ -652,6 +652,7 @@ class Case:
     report: str
     finding: Finding
     report_mode: ReportMode
+    anatomy: Anatomy
 
 
 def render_case(
@@ -663,12 +664,18 @@ def render_case(
     anatomy = sample_anatomy(rng)
     finding = sample_finding(rng, label, anatomy, hard)
     image, box = render_image(rng, anatomy, finding, style.scanner, image_size, hard)
-    modes = REPORT_MODES_AMBIGUOUS if finding.ambiguous else hard.report_modes_clear
-    mode: ReportMode = ("informative", "vague", "uninformative")[
-        int(rng.choice(3, p=np.asarray(modes) / sum(modes)))
-    ]
+    mode = draw_report_mode(rng, finding, hard)
     report = write_report(rng, finding, anatomy, style.report, mode)
-    return Case(image=image, box=box, report=report, finding=finding, report_mode=mode)
+    return Case(image=image, box=box, report=report, finding=finding, report_mode=mode,
+                anatomy=anatomy)
+
+
+def draw_report_mode(rng: np.random.Generator, finding: Finding, hard: Hardness) -> ReportMode:
+    """How much the report of a case says: a draw the image cannot show (an ambiguous
+    finding is mostly written up, a clear one as often as the difficulty says)."""
+    modes = REPORT_MODES_AMBIGUOUS if finding.ambiguous else hard.report_modes_clear
+    return ("informative", "vague", "uninformative")[
+        int(rng.choice(3, p=np.asarray(modes) / sum(modes)))]
 
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
@@ -1153,24 +1160,33 @@ def write_federation(out_dir: Path, cfg: SynthConfig, *, overwrite: bool = False
     return dirs
 
 
+def site_cases(cfg: SynthConfig, index: int) -> Iterator[tuple[str, str, str, Case]]:
+    """Site `index`'s cases in manifest order: (case_id, label, split, case), the split
+    "" where the site's style writes none (the reader then splits by case_id hash).
+    `write_site` writes these; an analysis that needs a case's ground truth (its finding,
+    anatomy, report mode) draws the same cases here without reading the folder."""
+    style = site_style(cfg.seed, index, cfg.style)
+    labels = site_labels(cfg, index)
+    splits = _splits(np.random.default_rng(_key(cfg, index, 3)), len(labels))
+    for k, label in enumerate(labels):
+        rng = np.random.default_rng(_key(cfg, index, 2, k))
+        case = render_case(rng, label, style, cfg.image_size, cfg.difficulty)
+        yield f"s{index:02d}-{k:05d}", label, splits[k] if style.writes_split else "", case
+
+
 def write_site(site_dir: Path, cfg: SynthConfig, index: int) -> Path:
     """Write site `index` of the federation into `site_dir` (created; assumed empty)."""
     style = site_style(cfg.seed, index, cfg.style)
-    labels = site_labels(cfg, index)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     ext = EXTENSIONS[style.scanner.image_format]
-    splits = _splits(np.random.default_rng(_key(cfg, index, 3)), len(labels))
     rows: list[list[str]] = []
-    for k, label in enumerate(labels):
-        case_id = f"s{index:02d}-{k:05d}"
-        rng = np.random.default_rng(_key(cfg, index, 2, k))
-        case = render_case(rng, label, style, cfg.image_size, cfg.difficulty)
+    for k, (case_id, label, split, case) in enumerate(site_cases(cfg, index)):
         rel = f"images/{case_id}{ext}"
         _write_image(site_dir / rel, case.image, style.scanner, (cfg.seed, index, k))
         box = ["", "", "", ""] if case.box is None else [f"{v:.4f}" for v in case.box]
         row = [case_id, rel, case.report, label, *box]
         if style.writes_split:
-            row.append(splits[k])
+            row.append(split)
         rows.append(row)
     header = list(MANIFEST_COLUMNS) + (["split"] if style.writes_split else [])
     with (site_dir / MANIFEST).open("w", encoding="utf-8", newline="") as f:
