@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install browser demo readme-demo test lint bench clean
+.PHONY: install browser demo readme-demo test lint bench readme-bench clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ browser:
 
 bench: install
 	$(VENV)/bin/medfuse bench --out runs/bench
+
+# After `make bench`, on the same commit: copy every figure of bench.json into README.md
+readme-bench: install
+	$(PY) -m simulations.readme --bench runs/bench README.md
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
 """The README's demo table is copied from the demo's summary, never typed by hand."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,46 @@ def test_main_rewrites_the_file_and_refuses_a_summary_without_the_table(
     (run / "summary.md").write_text("# nothing ran\n", encoding="utf-8")
     assert readme.main([str(run), str(target)]) == 1
     assert "no '## Mean over hospitals' section" in capsys.readouterr().err
+
+
+BENCH = {
+    "machine": {"platform": "Linux", "python": "3.13", "torch": "2.13.0", "cpus": 1},
+    "measured": "2026-12-06T09:00:00+0000",
+    "dp_step_ratio": {"value": 1.4, "goal": "<= 1.6 (met)",
+                      "settings": {"image_size": 64, "plain_step_s": 0.181, "layers": "all"}},
+    "hospitals_all_train": {"value": 100.0, "goal": ">= 200 (not met)", "settings": {
+        "points": [{"hospitals": 10, "trained": 10, "peak_gb": 4.09, "peak_pss_gb": 3.5,
+                    "round_s": 54.2, "failed": False}],
+        "plot": "runs/bench/x.png", "limit_gb": 8.0}},
+}
+
+
+def test_the_bench_table_holds_every_figure_beside_its_goal() -> None:
+    table = readme.bench_table(BENCH)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 2  # header, rule, one line per figure (not machine / measured)
+    assert "| `dp_step_ratio` | 1.400 | <= 1.6 (met) | image_size 64; plain_step_s 0.181" in table
+    assert "10 hospitals: 10 trained, peak 4.09 GB (PSS 3.50), round 54 s" in table
+    assert "x.png" not in table  # bench.json keeps what a reader of the table does not need
+
+
+def test_the_bench_table_goes_between_its_own_markers(tmp_path: Path) -> None:
+    run = tmp_path / "bench"
+    run.mkdir()
+    (run / "bench.json").write_text(json.dumps(BENCH), encoding="utf-8")
+    target = tmp_path / "README.md"
+    target.write_text(README + f"\n{readme.BENCH_START}\nold figures\n{readme.BENCH_END}\ntail\n",
+                      encoding="utf-8")
+    assert readme.main(["--bench", str(run), str(target)]) == 0
+    text = target.read_text(encoding="utf-8")
+    assert "old figures" not in text and "old table" in text  # the demo table stays
+    assert "`make bench` of 2026-12-06" in text and "| `hospitals_all_train` | 100.000" in text
+    assert text.endswith("tail\n")
+
+
+def test_a_bench_file_that_is_not_json_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bench.json").write_text("{", encoding="utf-8")
+    target = tmp_path / "README.md"
+    target.write_text(f"{readme.BENCH_START}\n{readme.BENCH_END}\n", encoding="utf-8")
+    assert readme.main(["--bench", str(tmp_path), str(target)]) == 1
+    assert target.read_text(encoding="utf-8") == f"{readme.BENCH_START}\n{readme.BENCH_END}\n"
