@@ -45,18 +45,17 @@ LENGTH_ALPHA = 1.0
 # barred (the 4 misses: effusions written as consolidation), on 153 of 153 with OOV
 # searched and stripped; the effusion class forced on every test film was stated on
 # 6.5% of them barred, 17.6% searched (the decoder also reads the image).
-SEARCH_OOV = True
 
 State = tuple[torch.Tensor, torch.Tensor]
 
 
-def banned_ids(vocab_size: int, first_oov: int, device: torch.device) -> torch.Tensor:
-    """(V,) True for the ids a report never contains: PAD and BOS (only implied by the
-    layout), EMPTY (means "no report"), and the OOV buckets from `first_oov` on (a hashed
-    unknown word reads "<oov:N>", meaningless to a reader)."""
+def banned_ids(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(V,) True for the ids the search never writes: PAD and BOS (only implied by the
+    layout) and EMPTY (means "no report"). The OOV buckets are searched and taken out
+    afterwards (`strip_oov`): a hashed unknown word reads "<oov:N>", meaningless to a
+    reader, but barring it threw the beam off its path (above)."""
     ban = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # (V,)
     ban[[PAD, BOS, EMPTY]] = True
-    ban[first_oov:] = True
     return ban
 
 
@@ -223,7 +222,7 @@ class ReportDecoder(nn.Module):
         """Beam search, (B, max_len) int64: BOS, ids..., EOS, then PAD, like the seed's
         greedy(); a report that reaches max_len without EOS is cut there. The best
         length-normalised hypothesis of `beams` (`pick_normalised`), its OOV buckets
-        taken out (`strip_oov`, `SEARCH_OOV`)."""
+        taken out (`strip_oov`)."""
         return strip_oov(pick_normalised(*self.beams(fused, regions, finding, max_len, beam,
                                                      no_repeat)), self.first_oov)
 
@@ -243,8 +242,7 @@ class ReportDecoder(nn.Module):
 
         Each sample keeps `beam` hypotheses, ranked by their summed log-probability
         while searching; a finished one stays in its slot and is extended by PAD at no
-        cost. Never written: PAD, BOS, EMPTY, the OOV buckets unless `SEARCH_OOV` (the
-        caller strips them: `strip_oov`), EOS as the first word, and
+        cost. Never written: PAD, BOS, EMPTY, EOS as the first word, and
         a token that would repeat an n-gram of size `no_repeat` within the hypothesis (0:
         no check; read on the words as shown, OOV buckets left out). beam=1 is greedy
         decoding. Every sample is searched on its own rows, so
@@ -273,7 +271,7 @@ class ReportDecoder(nn.Module):
         score = torch.full((b, beam), float("-inf"), device=dev)  # (B, beam)
         score[:, 0] = 0.0
         done = torch.zeros(rows, dtype=torch.bool, device=dev)  # (R,)
-        ban = banned_ids(v, v if SEARCH_OOV else self.first_oov, dev)  # (V,)
+        ban = banned_ids(v, dev)  # (V,)
         ban_first = ban.clone()  # (V,)
         ban_first[EOS] = True
         pad_only = torch.full((v,), float("-inf"), device=dev)  # (V,) a finished row's step
@@ -284,8 +282,7 @@ class ReportDecoder(nn.Module):
             logits = logits[:, -1].masked_fill(ban_first if t == 1 else ban, float("-inf"))
             if no_repeat > 0:
                 # on the words as shown: an OOV between them is taken out afterwards
-                shown = (words_right_aligned(seq[:, :t], self.first_oov) if SEARCH_OOV
-                         else seq[:, :t])  # (R, t)
+                shown = words_right_aligned(seq[:, :t], self.first_oov)  # (R, t)
                 repeats = repeated_ngram_bans(shown, no_repeat, v)  # (R, V)
                 logits = logits.masked_fill(repeats, float("-inf"))  # (R, V)
             logits = torch.where(done.unsqueeze(1), pad_only, logits)  # (R, V)

@@ -477,7 +477,7 @@ class MedFuseModel(nn.Module):
         EOS, then PAD; L is `max_len` (default `cfg.max_gen_tokens`), and a row that
         reaches it without EOS is cut there. Conditioned on a class, so the report states
         the finding the classifier gives; beam search with repeated trigrams and special
-        tokens barred, OOV buckets searched and then taken out (`decoder.SEARCH_OOV`),
+        tokens barred, OOV buckets searched and then taken out (`decoder.strip_oov`),
         always `max_len - 1` decoder steps however early the rows end (no timing side
         channel: `ReportDecoder.beams`).
 

@@ -13,7 +13,6 @@ from shared_model.config import ModelConfig
 from shared_model.decoder import (
     BEAM,
     NO_REPEAT_NGRAM,
-    SEARCH_OOV,
     ReportDecoder,
     pick_normalised,
     pick_preferred,
@@ -139,11 +138,9 @@ def _greedy_reference(dec: ReportDecoder, fused, regions, finding, max_len: int,
                     continue
                 row = logits[i].clone()
                 row[[PAD, BOS, EMPTY]] = float("-inf")
-                if not SEARCH_OOV:
-                    row[OOV:] = float("-inf")
                 if t == 1:
                     row[EOS] = float("-inf")
-                seq = [x for x in out[i, :t].tolist() if not SEARCH_OOV or x < OOV]
+                seq = [x for x in out[i, :t].tolist() if x < OOV]
                 for j in range(len(seq) - n + 1):
                     if n > 1 and seq[j:j + n - 1] == seq[len(seq) - n + 1:] or n == 1:
                         row[seq[j + n - 1]] = float("-inf")
@@ -176,7 +173,7 @@ def test_constraints_hold_whatever_the_model_prefers(beam: int, token: int) -> N
     # Execute
     out = dec.generate(*_conditions(8), max_len=16, beam=beam)
     # Assert
-    if token >= OOV and SEARCH_OOV:
+    if token >= OOV:
         # a decoder that writes nothing but out-of-lexicon words: searched, then taken
         # out, so its report may be left empty, never shown an OOV
         assert all(i < OOV for row in out for i in _words(row))
@@ -233,7 +230,6 @@ def test_an_oov_first_word_does_not_throw_the_search_off_its_report() -> None:
     # Execute
     out = dec.generate(*_conditions(2), max_len=6, beam=BEAM)
     # Assert: the report the path through the OOV leads to, the OOV taken out
-    assert SEARCH_OOV
     for row in out:
         assert _words(row) == [77]
 
