@@ -21,10 +21,13 @@ What keeps the figure honest:
   `STORE/chain.key`, or a key derived from the SuperNode's private key): entries form an
   HMAC-SHA256 chain (each holds the MAC of the one before, the first a MAC of the data
   digest), the whole ledger file (budgets, delta, released count, records, names, entries)
-  carries a MAC, and so do the store index and the pixel-digest cache. Someone who edits
-  a file and recomputes plain digests is refused; forging needs the key. Every field is
-  validated (finite, positive, plausible), and each entry's `epsilon_after` is recomputed
-  on load: a changed noise multiplier or step count no longer matches and is refused.
+  carries a MAC, and so do the store index, the pixel-digest cache and the cache of
+  one-step RDPs. Someone who edits a file and recomputes plain digests is refused; forging
+  needs the key. Every field is validated (finite, positive, plausible), and each entry's
+  `epsilon_after` is recomputed on load: a changed noise multiplier or step count no
+  longer matches and is refused. Every load checks every MAC; a process recomputes an
+  entry's epsilon once (`VERIFIED`: a later load whose chain holds the same MAC at the
+  same place, at the same delta, recomputes only the entries after it).
 - A budget, once written into a ledger, may only go down; delta too.
 
 What the key does not stop: whoever can read or replace the key file (the node's OS
@@ -62,6 +65,7 @@ from filelock import FileLock
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.version import __version__ as OPACUS_VERSION
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -86,12 +90,15 @@ BUCKET_OF: dict[str, Bucket] = {
 LEDGER_FILE = "privacy-ledger.json"
 INDEX_FILE = "store.json"
 PIXEL_CACHE_FILE = "pixel-digests.json"
+RDP_CACHE_FILE = "rdp-steps.json"
 LOCK_FILE = ".store.lock"
 # 2: unkeyed sha256 chain, budgets outside it, records the digest of each file's bytes.
 # Not migrated: no deployment predates version 3.
 LEDGER_VERSION = 3
 INDEX_VERSION = 2
 PIXEL_CACHE_VERSION = 1
+RDP_CACHE_VERSION = 1
+RDP_CACHE_LIMIT = 4096  # (noise, sample rate) pairs a store keeps the RDP of
 STORE_ENV = "MEDFUSE_PRIVACY_STORE"
 DEFAULT_STATE_ROOT = Path("~/.medfuse/privacy")
 # Above this noise multiplier an update carries no useful signal: a derived noise beyond
@@ -374,17 +381,39 @@ class Ledger(BaseModel):
         self.verify_chain()
         self.verify_mac()
 
-    def verify_chain(self) -> None:
+    def verify_chain(self, known: VerifiedPrefix | None = None) -> None:
         """`LedgerError` unless each entry follows the one before and every epsilon
-        recomputes from the history up to it."""
+        recomputes from the history up to it.
+
+        Every link is checked on every call (HMACs: cheap). `known`: entries whose epsilons
+        this process already recomputed (`VERIFIED`); where this chain holds the same MAC
+        at the same place under the same delta, its entries up to there are those same
+        entries (each MAC covers the one before), and only the epsilons after them are
+        recomputed: the dear part (RDP per entry), paid once per entry and process."""
+        macs = self._checked_links()
+        start = known.entries if known is not None and known.fits(self.delta, macs) else 0
+        self._check_epsilons(start)
+
+    def _checked_links(self) -> list[str]:
+        """Each entry's MAC, once each entry is checked to follow the one before."""
         key = self._chain_key()
-        prev = self.genesis()
-        history: dict[Bucket, list[HistoryItem]] = {"train": [], "evaluation": []}
+        prev, macs = self.genesis(), []
         for i, e in enumerate(self.entries):
             if not chain_key.same(e.prev, prev):
                 raise LedgerError(f"entry {i + 1} does not follow entry {i}: an entry was "
                                   "removed, inserted or altered")
+            prev = e.mac(key)
+            macs.append(prev)
+        return macs
+
+    def _check_epsilons(self, start: int = 0) -> None:
+        """`LedgerError` unless the epsilon of every entry from `start` on recomputes from
+        its bucket's history up to it (the entries before `start` count in the history)."""
+        history: dict[Bucket, list[HistoryItem]] = {"train": [], "evaluation": []}
+        for i, e in enumerate(self.entries):
             history[e.bucket].append((e.noise_multiplier, e.sample_rate, e.steps))
+            if i < start:
+                continue
             again = history_epsilon(history[e.bucket], self.delta, e.accountant,
                                     self._rdp_cache)
             if not _same_epsilon(again, e.epsilon_after):
@@ -392,7 +421,6 @@ class Ledger(BaseModel):
                     f"entry {i + 1} says epsilon {e.epsilon_after:.6g} but its history gives "
                     f"{again:.6g}: the entry was edited"
                 )
-            prev = e.mac(key)
 
     def verify_mac(self) -> None:
         """`LedgerError` unless the file's MAC covers what it holds."""
@@ -407,13 +435,65 @@ def _same_epsilon(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
+@dataclass(frozen=True)
+class VerifiedPrefix:
+    """What this process has verified of one ledger file: its first `entries` entries,
+    the last of them with MAC `head`, each epsilon recomputed at `delta`."""
+
+    delta: float
+    entries: int
+    head: str
+
+    def fits(self, delta: float, macs: Sequence[str]) -> bool:
+        """Whether a chain whose entries have `macs` (each link checked) starts with these
+        entries: the same delta, and the same MAC at the same place. A shorter chain, an
+        earlier entry changed (its MAC, and so every later one, differs) or a file under
+        another key (every MAC differs) does not fit, and is verified from the start."""
+        return (delta == self.delta and 0 < self.entries <= len(macs)
+                and chain_key.same(macs[self.entries - 1], self.head))
+
+
+class VerifiedPrefixes:
+    """Per process, ledger file -> its `VerifiedPrefix`, so that a node that reads the
+    same ledger for every message (training, evaluation, the audit log's epsilon before)
+    recomputes each entry's epsilon once, not once a read: each entry's recompute sums
+    its history's RDP, so a whole ledger costs time quadratic in its length (measured:
+    35 ms at 200 entries, 1 s at 1000), and a ledger grows by a few entries a round.
+    Only `read_ledger_file` records, after a file passed every check; nothing is kept on
+    disk (an attacker who can edit the files cannot edit this)."""
+
+    LIMIT = 10_000  # ledgers a process remembers (it starts over beyond)
+
+    def __init__(self) -> None:
+        self._known: dict[str, VerifiedPrefix] = {}
+
+    def get(self, path: Path) -> VerifiedPrefix | None:
+        return self._known.get(os.path.abspath(path))
+
+    def remember(self, path: Path, ledger: Ledger) -> None:
+        if not ledger.entries:
+            return
+        if len(self._known) >= self.LIMIT:
+            self._known.clear()
+        self._known[os.path.abspath(path)] = VerifiedPrefix(
+            ledger.delta, len(ledger.entries), ledger.head())
+
+    def forget(self) -> None:
+        self._known.clear()
+
+
+VERIFIED = VerifiedPrefixes()
+
+
 # ----------------------------------------------------------------- files
 
 
-def read_ledger_file(path: Path, key: bytes, *, indexed: dict | None = None) -> Ledger:
+def read_ledger_file(path: Path, key: bytes, *, indexed: dict | None = None,
+                     rdp: RdpCache | None = None) -> Ledger:
     """Parse and verify one ledger file under the chain `key`; with `indexed` (its entry
     in the store index, see `LedgerStore.load`) first check that it holds as many entries
-    as the index says, ending in the same MAC."""
+    as the index says, ending in the same MAC. `rdp`: one-step RDPs already known (the
+    store's `RdpFile`), so that verifying does not compute them again."""
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -429,7 +509,8 @@ def read_ledger_file(path: Path, key: bytes, *, indexed: dict | None = None) -> 
             raise _Refused(_other_key(path, data.get("key_id"), key, path.parent.parent))
         ledger = Ledger.model_validate(data)
         ledger._key = key
-        ledger.verify_chain()
+        ledger._rdp_cache = dict(rdp or {})
+        ledger.verify_chain(VERIFIED.get(path))
         if indexed is not None and (
                 ledger.key != path.parent.name or len(ledger.entries) != indexed.get("entries")
                 or not chain_key.same(ledger.head(), str(indexed.get("head")))):
@@ -438,6 +519,7 @@ def read_ledger_file(path: Path, key: bytes, *, indexed: dict | None = None) -> 
                 f"{len(ledger.entries)} entries, the index {indexed.get('entries')}): entries "
                 "were removed or the file was replaced. Restore it from a backup.")
         ledger.verify_mac()
+        VERIFIED.remember(path, ledger)
     except _Refused as exc:
         raise LedgerError(str(exc)) from None
     except (json.JSONDecodeError, ValidationError, LedgerError) as exc:
@@ -472,6 +554,84 @@ def _other_key(path: Path, found: object, key: bytes, root: Path) -> str:
             "restore it from a backup")
 
 
+def _rdp_tag() -> str:
+    """What cached RDPs are values of: Opacus' version and its orders (another version or
+    other orders make them another function's values, which are then not used)."""
+    orders = hashlib.sha256(repr(list(RDPAccountant.DEFAULT_ALPHAS)).encode()).hexdigest()
+    return f"opacus {OPACUS_VERSION} orders {orders[:16]}"
+
+
+class RdpFile:
+    """The one-step RDP of every (noise, sample rate) the store's ledgers hold, on disk.
+
+    Verifying a ledger recomputes every entry's epsilon, and RDP costs some 0.25 s per new
+    (noise, sample rate) on a busy core; each process (a Flower message, a simulation
+    actor) would compute it again. The values are a pure function's, MACed under the
+    store's key like the rest: a file that does not check, or of another Opacus, is not
+    used (each value is computed again), so an editor without the key can change no
+    epsilon through it. Read again only when the file changed (what was read had checked)."""
+
+    _read: dict[str, tuple[tuple[int, int, int], RdpCache]] = {}  # per process
+
+    def __init__(self, root: Path, key: bytes) -> None:
+        self.path, self._key = root / RDP_CACHE_FILE, key
+
+    def values(self) -> RdpCache:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return {}
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        which = f"{self.path}\0{chain_key.key_id(self._key)}"  # checked under this key
+        seen = self._read.get(which)
+        if seen is None or seen[0] != stamp:
+            seen = (stamp, self._checked())
+            self._read[which] = seen
+        return dict(seen[1])
+
+    def _checked(self) -> RdpCache:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            steps = {str(k): [float(x) for x in v] for k, v in dict(data["steps"]).items()}
+            ok = (data.get("version") == RDP_CACHE_VERSION and data.get("tag") == _rdp_tag()
+                  and chain_key.same(data.get("mac", ""), self._mac(steps)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            log.warning("%s does not check (edited, damaged, under another key or of another "
+                        "Opacus): not used, every RDP is computed again", self.path)
+            return {}
+        return {_pair(k): _frozen(v) for k, v in steps.items()}
+
+    def keep(self, ledger: Ledger) -> None:
+        """Add the RDPs of `ledger`'s entries that the file lacks (a no-op when none)."""
+        known = self.values()
+        pairs = {(e.noise_multiplier, e.sample_rate) for e in ledger.entries}
+        new = {p: ledger._rdp_cache[p] for p in pairs
+               if p not in known and p in ledger._rdp_cache}
+        if not new or len(known) + len(new) > RDP_CACHE_LIMIT:
+            return
+        steps = {f"{s!r} {q!r}": [float(x) for x in v] for (s, q), v in {**known, **new}.items()}
+        atomic_write_text(self.path, json.dumps({
+            "version": RDP_CACHE_VERSION, "tag": _rdp_tag(), "steps": steps,
+            "mac": self._mac(steps)}) + "\n", mode=PRIVATE)
+
+    def _mac(self, steps: dict[str, list[float]]) -> str:
+        return chain_key.mac(self._key, "medfuse-ledger/rdp-steps", _rdp_tag(),
+                             json.dumps(steps, sort_keys=True))
+
+
+def _pair(text: str) -> tuple[float, float]:
+    s, q = text.split()
+    return float(s), float(q)
+
+
+def _frozen(values: Sequence[float]) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64)
+    out.setflags(write=False)
+    return out
+
+
 class LedgerStore:
     """One node install's ledgers, one per data digest, and the index that vouches for them.
 
@@ -479,6 +639,7 @@ class LedgerStore:
         STORE/<digest[:16]>/privacy-ledger.json
         STORE/chain.key                      the secret every MAC is under (0600)
         STORE/pixel-digests.json             sha256 of an image file -> its record
+        STORE/rdp-steps.json                 (noise, sample rate) -> one step's RDP
         STORE/.store.lock                    one round's read-check-train-append at a time
 
     `key`: the chain key; None for `STORE/chain.key`, made on first write where the store
@@ -603,7 +764,9 @@ class LedgerStore:
                 f"Only if you accept that its spent privacy is forgotten, remove the entry "
                 f"'{key}' from {self.root / INDEX_FILE} (which needs this store's key)."
             )
-        return read_ledger_file(path, self.mac_key(), indexed=index[key])
+        key_bytes = self.mac_key()
+        return read_ledger_file(path, key_bytes, indexed=index[key],
+                                rdp=RdpFile(self.root, key_bytes).values())
 
     def ledgers(self) -> list[Ledger]:
         return [self.load(k) for k in self.keys()]
@@ -625,6 +788,7 @@ class LedgerStore:
                              "records": len(ledger.records)}
         self._write_index(index)
         ledger._path = path
+        RdpFile(self.root, key).keep(ledger)
         return path
 
     def open(

@@ -27,7 +27,11 @@ from flwr.serverapp import Grid
 
 from shared_model.contract.packing import packed, unpacked
 
-PULL_INTERVAL = 0.1  # seconds between two looks for replies (Flower's deployed Grid: 3)
+# seconds between two looks for replies (Flower's deployed Grid: 3). A look is one small
+# call to the SuperLink (~0.2 ms here; a simulation's ServerApp pulls through the same
+# Grid), and a round waits on average half of this after its last reply: 0.02 s costs
+# the ServerApp some 1% of a core while it waits, 0.1 s cost a round ~0.05 s.
+PULL_INTERVAL = 0.02
 
 
 class DelegatingGrid(Grid):

@@ -87,16 +87,18 @@ class Recorder(Strategy):
         self._rows.extend(Row(rnd, site, node, phase, metric, value)
                           for metric, value in values.items())
 
-    def _audit(self, rnd: int, phase: Phase, reply: Judged, verdict: str, *,
-               values: Mapping[str, float] | None, with_arrays: bool = True) -> None:
-        """One entry per reply in the coordinator's audit log: what the node sent (array
-        names, shapes, bytes, digest; every metric) and what the server did with it."""
+    def _audit(self, entries: list[dict], rnd: int, phase: Phase, reply: Judged,
+               verdict: str, *, values: Mapping[str, float] | None,
+               with_arrays: bool = True) -> None:
+        """The coordinator's audit-log entry of one reply, added to `entries`: what the
+        node sent (array names, shapes, bytes, digest; every metric) and what the server
+        did with it."""
         if self.audit_log is None:
             return
         msg = reply.message
         records = ([] if msg.has_error() or not with_arrays
                    else list(msg.content.array_records.values()))
-        audit_log.append(self.audit_log, {
+        entries.append({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "who": f"{reply.site} (node {reply.node})", "what": f"{phase} round {rnd}",
             "arrays": audit_log.arrays_summary({k: v.numpy() for k, v in records[0].items()})
@@ -104,15 +106,17 @@ class Recorder(Strategy):
             "metrics": dict(values or {}), "verdict": verdict,
         })
 
-    def _evaluation_in(self, rnd: int, reply: Judged) -> None:
+    def _evaluation_in(self, entries: list[dict], rnd: int, reply: Judged) -> None:
         """Record the evaluation of round `rnd`'s model a train reply carries (asked with
-        `evaluate-first`), or log why the site released none."""
+        `evaluate-first`; its audit entry added to `entries`), or log why the site
+        released none."""
         content = reply.message.content
         metrics = content.metric_records.get(wire.EVALUATION)
         if metrics is not None:
             values = scalars(metrics)
             self._record(rnd, reply.site, reply.node, EVALUATE, values)
-            self._audit(rnd, EVALUATE, reply, "received with the next round's train reply",
+            self._audit(entries, rnd, EVALUATE, reply,
+                        "received with the next round's train reply",
                         values=values, with_arrays=False)
             return
         record = content.config_records.get(wire.SITE)
@@ -125,15 +129,18 @@ class Recorder(Strategy):
 
     def _record_replies(self, rnd: int, phase: Phase) -> None:
         """Rows and an audit entry for each reply the guard judged in this phase, with the
-        array bytes each way (under SecAgg+ the reply's are the aggregate's)."""
+        array bytes each way (under SecAgg+ the reply's are the aggregate's). The entries
+        are written together (`audit_log.append_many`: one lock, write and fsync a phase,
+        not one per reply)."""
         sent = {m.metadata.dst_node_id: array_bytes(m) for m in self._sent}
+        entries: list[dict] = []
         for reply in self.guard.judged:
             traffic = {BYTES_SENT: sent.get(reply.node, 0),
                        BYTES_RECEIVED: array_bytes(reply.message)}
             if reply.values is not None:
                 self._record(rnd, reply.site, reply.node, phase, {**reply.values, **traffic})
                 if phase == TRAIN:
-                    self._evaluation_in(rnd - 1, reply)
+                    self._evaluation_in(entries, rnd - 1, reply)
             if phase == TRAIN:
                 verdict = {M_UPDATE_ACCEPTED: 1.0 if reply.kept else 0.0}
                 if reply.norm is not None:
@@ -141,7 +148,9 @@ class Recorder(Strategy):
                 self._record(rnd, reply.site, reply.node, TRAIN, verdict)
             if reply.values is None:  # an error reply: the bytes all the same
                 self._record(rnd, reply.site, reply.node, phase, traffic)
-            self._audit(rnd, phase, reply, reply.verdict, values=reply.values)
+            self._audit(entries, rnd, phase, reply, reply.verdict, values=reply.values)
+        if self.audit_log is not None and entries:
+            audit_log.append_many(self.audit_log, entries)
 
     # ------------------------------------------------------------ Strategy API
 

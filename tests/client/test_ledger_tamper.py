@@ -18,10 +18,13 @@ from client.privacy import (
     INDEX_FILE,
     LEDGER_FILE,
     PIXEL_CACHE_FILE,
+    RDP_CACHE_FILE,
+    VERIFIED,
     Ledger,
     LedgerEntry,
     LedgerError,
     LedgerStore,
+    VerifiedPrefix,
     data_identity,
     history_epsilon,
 )
@@ -151,7 +154,8 @@ def test_ledger_index_key_and_cache_are_private(store: LedgerStore, data_dir: Pa
     ledger = _spend(store, data_dir, rounds=1)
     store.identify(data_dir)
     for path in (store.ledger_path(ledger.key), store.root / INDEX_FILE,
-                 store.root / chain_key.KEY_FILE, store.root / PIXEL_CACHE_FILE):
+                 store.root / chain_key.KEY_FILE, store.root / PIXEL_CACHE_FILE,
+                 store.root / RDP_CACHE_FILE):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert len((store.root / chain_key.KEY_FILE).read_bytes()) == 32
 
@@ -338,6 +342,145 @@ def test_the_cache_spares_decoding_and_an_edited_cache_is_ignored(
     assert LedgerStore(store.root).identify(data_dir) == first
 
 
+# ----------------------------------------------------------------- the verified prefix
+
+
+def _forge_keyed(store: LedgerStore, key: str, edit) -> None:
+    """The strongest editor there is: one who holds the chain key. Edit the ledger's
+    entries and re-MAC everything (each link, the file, the index) without recomputing
+    any epsilon_after: only the epsilon recompute can tell."""
+    ledger = store.load(key)
+    prev, entries = ledger.genesis(), []
+    for raw in [e.model_dump() for e in ledger.entries]:
+        edit(raw)
+        entry = LedgerEntry.model_validate({**raw, "prev": prev})
+        entries.append(entry)
+        prev = entry.mac(store.mac_key())
+    ledger.entries = entries
+    store.save(ledger)
+
+
+def _counting_recomputes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import client.privacy as privacy
+
+    calls: list[int] = []
+    real = privacy.history_epsilon
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(privacy, "history_epsilon", counted)
+    return calls
+
+
+def test_a_reread_ledger_recomputes_only_its_new_entries(
+    store: LedgerStore, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: two rounds spent; this process has read the ledger once
+    VERIFIED.forget()
+    ledger = _spend(store, data_dir, rounds=2)
+    LedgerStore(store.root).load(ledger.key)
+    ledger.append("dp-sgd", run_id=1, server_round=3, noise_multiplier=1.0,
+                  sample_rate=0.05, steps=30)
+    store.save(ledger)
+    calls = _counting_recomputes(monkeypatch)
+    # Execute: read again, as the next message does
+    again = LedgerStore(store.root).load(ledger.key)
+    # Assert: the third entry's epsilon recomputed, not the two checked before
+    assert len(calls) == 1 and len(again.entries) == 3
+    VERIFIED.forget()  # a fresh process recomputes them all
+    calls.clear()
+    LedgerStore(store.root).load(ledger.key)
+    assert len(calls) == 3
+
+
+def test_an_entry_edited_under_the_key_after_a_read_is_refused(
+    store: LedgerStore, data_dir: Path
+) -> None:
+    # Prepare: the process read and checked the ledger (its prefix remembered)
+    ledger = _spend(store, data_dir, rounds=3)
+    spent = LedgerStore(store.root).load(ledger.key).epsilon()
+    assert VERIFIED.get(store.ledger_path(ledger.key)) is not None
+
+    def fewer_steps(raw: dict) -> None:  # the first round "took" 1 step, not 30
+        if raw["server_round"] == 1:
+            raw["steps"] = 1
+
+    # Execute: an editor with the key rewrites round 1 and re-MACs file and index
+    _forge_keyed(store, ledger.key, fewer_steps)
+    # Assert: the edit lowered the figure, and the next read refuses it (the remembered
+    # prefix no longer matches the chain, so every epsilon is recomputed)
+    forged = Ledger.model_validate_json(store.ledger_path(ledger.key).read_text())
+    forged._key = store.mac_key()
+    assert forged.epsilon() < spent
+    with pytest.raises(LedgerError, match="cannot be trusted.*was edited"):
+        LedgerStore(store.root).load(ledger.key)
+
+
+def test_an_edited_or_cut_ledger_is_refused_after_a_read(
+    store: LedgerStore, data_dir: Path
+) -> None:
+    # Prepare: read and checked once (prefix remembered), then edited the unkeyed way
+    ledger = _spend(store, data_dir, rounds=3)
+    LedgerStore(store.root).load(ledger.key)
+
+    def cut(data: dict) -> None:
+        data["entries"] = data["entries"][:-1]
+
+    def more_noise(data: dict) -> None:
+        data["entries"][0]["noise_multiplier"] = 3.0
+
+    for edit in (cut, more_noise):
+        path = store.ledger_path(ledger.key)
+        before = path.read_text()
+        # Execute
+        _forge(store, ledger.key, edit)
+        # Assert
+        with pytest.raises(LedgerError):
+            LedgerStore(store.root).load(ledger.key)
+        path.write_text(before)
+
+
+def test_a_prefix_fits_only_the_same_entries_at_the_same_delta() -> None:
+    known = VerifiedPrefix(delta=1e-5, entries=2, head="b" * 64)
+    assert known.fits(1e-5, ["a" * 64, "b" * 64, "c" * 64])
+    assert not known.fits(1e-6, ["a" * 64, "b" * 64])  # another delta: other epsilons
+    assert not known.fits(1e-5, ["a" * 64, "c" * 64])  # an earlier entry changed
+    assert not known.fits(1e-5, ["b" * 64])  # shorter: cut
+    assert not VerifiedPrefix(1e-5, 0, "").fits(1e-5, [])
+
+
+def test_a_fresh_process_reads_the_stores_rdps_and_an_edited_file_is_not_used(
+    store: LedgerStore, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.privacy as privacy
+
+    # Prepare: two rounds spent (their RDP kept beside the ledgers), then a process that
+    # has computed nothing and verified nothing
+    ledger = _spend(store, data_dir, rounds=2)
+    spent = ledger.epsilon()
+    assert (store.root / RDP_CACHE_FILE).is_file()
+    VERIFIED.forget()
+
+    def no_rdp(noise: float, rate: float):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"RDP of ({noise}, {rate}) computed again")
+
+    monkeypatch.setattr(privacy, "_step_rdp", no_rdp)
+    # Execute / Assert: the ledger verifies (every epsilon recomputed) from the file
+    assert LedgerStore(store.root).load(ledger.key).epsilon() == spent
+    # an editor who makes the noise cost nothing: the file is not used, RDP is computed
+    path = store.root / RDP_CACHE_FILE
+    data = json.loads(path.read_text())
+    data["steps"] = {k: [0.0] * len(v) for k, v in data["steps"].items()}
+    path.write_text(json.dumps(data))
+    VERIFIED.forget()
+    with pytest.raises(AssertionError, match="computed again"):
+        LedgerStore(store.root).load(ledger.key)
+    monkeypatch.undo()
+    assert LedgerStore(store.root).load(ledger.key).epsilon() == spent
+
+
 # ----------------------------------------------------------------- the audit log
 
 
@@ -375,6 +518,26 @@ def test_an_audit_log_rewritten_with_its_chain_recomputed_is_refused(tmp_path: P
         audit_log.verify(log_file)
     refused = CliRunner().invoke(medfuse_app, ["audit-log", "verify", str(log_file.parent)])
     assert refused.exit_code == 1 and "changed" in refused.stderr
+
+
+def test_entries_appended_together_are_as_if_appended_one_by_one(tmp_path: Path) -> None:
+    # Prepare: the same entries, one log written one by one, the other in one batch
+    key = bytes(range(32))
+    entries = [{"what": f"train round {i}", "who": f"site-0{i}"} for i in range(3)]
+    one, batch = tmp_path / "one" / audit_log.LOG_FILE, tmp_path / "batch" / audit_log.LOG_FILE
+    for entry in entries:
+        audit_log.append(one, entry, key=key)
+    # Execute
+    written = audit_log.append_many(batch, entries, key=key)
+    # Assert: the same lines and head, and the batch's own entries cut off are refused
+    head = audit_log.LOG_FILE + ".head"
+    assert batch.read_text() == one.read_text()
+    assert (batch.parent / head).read_text() == (one.parent / head).read_text()
+    assert [e["seq"] for e in audit_log.verify(batch, key=key)] == [1, 2, 3]
+    assert written == audit_log.read(batch) and audit_log.append_many(batch, [], key=key) == []
+    batch.write_text("".join(batch.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(audit_log.AuditLogError, match="truncated"):
+        audit_log.verify(batch, key=key)
 
 
 def test_the_audit_log_and_its_head_are_private(tmp_path: Path) -> None:
