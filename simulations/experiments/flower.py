@@ -26,6 +26,24 @@ CONNECTION = "medfuse-simulation"
 CONFIG_FILE = "config.toml"  # the resolved config in the output folder
 FLOWER_DIR = "flower"
 
+# glibc's allocator settings for every process of the simulation (the SuperLink, the
+# simulation process that runs the ServerApp and starts Ray, and Ray's workers, which
+# inherit the environment of the raylet that the simulation process starts). A Ray actor
+# serves one message after another, each building a model, an optimizer, Opacus' wrapper
+# and its per-sample gradients (tensors of hundreds of kB to MBs): by default glibc raises
+# its mmap threshold each time such a block is freed (up to 32 MB), so later ones come
+# from the heap, which fragments and is never given back, and every thread may get an
+# arena of its own (8 per core). Fixed thresholds (which also turn off the raising) and
+# two arenas keep an actor near its first message's size. Flower's Ray backend passes its
+# own `runtime_env` to `ray.init`, so its init-args cannot add environment variables:
+# the processes' own environment is the way in. (A cluster that `ray start` began
+# beforehand, `ray-address`, has workers started by its own raylets: export these there.)
+ALLOCATOR_ENV: dict[str, str] = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+
 
 def check_outside_app(out: Path, app_dir: Path = PROJECT_DIR) -> None:
     """`flwr run` bundles the app folder minus what its .gitignore ignores: an output
@@ -51,7 +69,7 @@ def simulation_link(workdir: Path, timeout: float = 120.0,
     With `ray_address`, Flower's Ray backend joins that cluster: `ray.init()` reads
     RAY_ADDRESS (Flower 1.42's federation config has no address key for its init-args)."""
     # "local": a Ray instance of this run, even when `ray start` left a cluster running here
-    extra = {"RAY_ADDRESS": ray_address or "local"}
+    extra = {**ALLOCATOR_ENV, "RAY_ADDRESS": ray_address or "local"}
     if ray_address and ray_address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
         # a cluster of several machines: Ray's own rule for this node's address (the one
         # that routes towards the cluster), not the loopback of single-machine runs

@@ -6,12 +6,21 @@ import typing
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.grid import WireGrid
 from server.results import EVALUATE, M_UPDATE_ACCEPTED, TRAIN
-from server.strategy import STRATEGIES, GuardedStrategy, build_strategy, train_config
+from server.strategy import (
+    STRATEGIES,
+    GuardedStrategy,
+    build_strategy,
+    shared_packed,
+    train_config,
+    training_grid,
+)
 from shared_model.contract import wire
+from shared_model.contract.packing import unpacked
 from shared_model.contract.run_config import StrategyName
 from tests.server.fakes import (
     FakeGrid,
@@ -352,3 +361,72 @@ def test_train_rows_hold_every_reported_metric():
     assert rows[wire.M_EPSILON].phase == TRAIN and rows[wire.M_EPSILON].node_id == 7
     assert rows[M_UPDATE_ACCEPTED].value == 1.0
     assert rows["update-norm"].value > 0
+
+
+# ------------------------------------------------------------------ packing once per model
+
+
+class _RecordingGrid(FakeGrid):
+    """A FakeGrid that keeps the packed ArrayRecord of every message as it was pushed
+    (FakeGrid unpacks what it delivers)."""
+
+    def __init__(self, nodes) -> None:
+        super().__init__(nodes)
+        self.packed_records: list = []
+
+    def push_messages(self, messages):
+        self.packed_records += [m.content.array_records.get(wire.PACKED) for m in messages]
+        return super().push_messages(messages)
+
+
+def _one_round(make_grid) -> tuple[_RecordingGrid, dict[str, np.ndarray]]:
+    """One train round of GuardedStrategy(FedAvg) over three fake sites, the messages
+    sent through `make_grid(fake)`: (the fake grid, the new global model)."""
+    def site(n: int):
+        def answer(m: Message) -> Message:
+            got = numpy_arrays(m.content.array_records[wire.ARRAYS])
+            return train_reply(m, site=f"site-{n}", num_examples=10 + n, arrays=near(got, n))
+        return answer
+    run = run_config()
+    fake = _RecordingGrid({n: site(n) for n in (1, 2, 3)})
+    strategy = GuardedStrategy(build_strategy(run), max_norm=1e3, total_rounds=1)
+    sent = list(strategy.configure_train(1, array_record(global_state()), train_config(run), fake))
+    arrays, _ = strategy.aggregate_train(1, make_grid(fake).send_and_receive(sent))
+    return fake, numpy_arrays(arrays)
+
+
+def test_every_node_gets_one_shared_packed_model_and_the_round_is_the_same():
+    # Prepare: the same round packed per message (WireGrid alone) and once (training_grid)
+    apart, expected = _one_round(WireGrid)
+    # Execute
+    shared, got = _one_round(lambda g: training_grid(g, run_config()))
+    # Assert: one packed buffer for the three nodes, the same bytes as each own copy, the
+    # same aggregate bit for bit
+    assert len(shared.packed_records) == 3 and len({id(r) for r in shared.packed_records}) == 1
+    assert len({id(r) for r in apart.packed_records}) == 3
+    assert all(r[wire.PACKED].data == shared.packed_records[0][wire.PACKED].data
+               for r in apart.packed_records)
+    assert list(got) == list(expected)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_shared_packing_leaves_other_messages_alone_and_packs_each_model_once():
+    # Prepare: two models, three messages, one without arrays
+    a, b = array_record(global_state()), array_record(near(global_state(), 1))
+    msgs = [Message(RecordDict({wire.ARRAYS: rec, wire.CONFIG: ConfigRecord({"k": i})}),
+                    dst_node_id=i, message_type=MessageType.TRAIN)
+            for i, rec in enumerate((a, b, a))]
+    bare = Message(RecordDict({wire.CONFIG: ConfigRecord({"k": 9})}), dst_node_id=9,
+                   message_type=MessageType.TRAIN)
+    # Execute
+    out = shared_packed([*msgs, bare])
+    # Assert: same messages in order; the two of model a share one buffer, b its own; each
+    # unpacks to its own model and keeps its own config
+    assert out == [*msgs, bare] and bare.content.array_records == {}
+    recs = [m.content.array_records[wire.PACKED] for m in msgs]
+    assert recs[0] is recs[2] and recs[1] is not recs[0]
+    for msg, model, i in zip(msgs, (a, b, a), range(3), strict=True):
+        back = unpacked(msg).content
+        assert back.config_records[wire.CONFIG]["k"] == i
+        assert all(np.array_equal(back.array_records[wire.ARRAYS][k].numpy(), v.numpy())
+                   for k, v in model.items())
