@@ -101,9 +101,10 @@ def bench_block(table: str, bench: dict, commit: str) -> str:
     machine = bench.get("machine", {})
     return "\n".join([
         BENCH_START,
-        f"`make bench` of {str(bench.get('measured', '?'))[:10]} on {machine.get('cpus', '?')} "
-        f"torch thread(s), torch {machine.get('torch', '?')}, copied here on commit "
-        f"{commit} (timings are measurements on a possibly shared machine, never tests):",
+        f"`make bench` of {str(bench.get('measured', '?'))[:10]} ({machine.get('platform', '?')}, "
+        f"Python {machine.get('python', '?')}, torch {machine.get('torch', '?')}), copied here "
+        f"on commit {commit} (timings are measurements on a possibly shared machine, never "
+        "tests):",
         "",
         table,
         BENCH_END,
