@@ -16,13 +16,9 @@ its text (`failure_code_mod`).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,40 +89,6 @@ def central_clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
     if reply is not None and not reply.has_error() and not reply.content.array_records:
         return reply
     return out
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_memory_mod(msg: Message, ctxt: Context, call_next) -> Message:
-    """After each message, what it built is given back to the system: a simulation
-    process (a Ray actor) serves hundreds of messages in turn, each with its own model,
-    optimizer, Opacus wrapper and per-sample gradients, some of them held in reference
-    cycles (module hooks) that only the cycle collector frees, whenever its own counts
-    say so (the actor's size then depends on when that happens), and glibc keeps freed
-    blocks in its heaps unless asked to trim them. Nothing the reply holds changes.
-
-    A full collection looks at every object the process tracks (some 360,000 once torch,
-    Opacus, Flower and Ray are imported: ~0.5 s on a busy core), so after the first
-    message what is left is frozen (`gc.freeze`: the modules, the caches; never looked
-    at again) and each later collection only sees what came since (~1 ms)."""
-    try:
-        return call_next(msg, ctxt)
-    finally:
-        gc.collect()
-        if not gc.get_freeze_count():
-            gc.freeze()
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
 
 
 def packed_arrays_mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -223,15 +185,14 @@ def failure_code_mod(msg: Message, ctxt: Context, call_next) -> Message:
 
 # Flower mods that touch updates (clipping, masking) belong on @app.train only: on
 # @app.evaluate they error or hang the run. Outermost, a failure anywhere becomes a code
-# (`failure_code_mod`). Next, what the message built is freed once it is answered
-# (`release_memory_mod`). Next, the arrays are unpacked on the way
+# (`failure_code_mod`). Next, the arrays are unpacked on the way
 # in and packed on the way out (the same bytes). The audit log sees every message next,
 # first and last, so it records what leaves: the update after clipping, or under secure
 # aggregation the masked vector. Clipping sits inside the masking: a node clips its own
 # update, then masks it.
-TRAIN_MODS: list = [failure_code_mod, release_memory_mod, packed_arrays_mod, audit_log_mod,
+TRAIN_MODS: list = [failure_code_mod, packed_arrays_mod, audit_log_mod,
                     secure_aggregation_mod, central_clipping_mod]
-EVALUATE_MODS: list = [failure_code_mod, release_memory_mod, packed_arrays_mod, audit_log_mod]
+EVALUATE_MODS: list = [failure_code_mod, packed_arrays_mod, audit_log_mod]
 
 
 def build_app(sites: OpenedSites) -> ClientApp:

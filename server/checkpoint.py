@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,16 @@ class Checkpoint:
     path: Path | None = None
 
 
+_ROW_FIELDS = tuple(f.name for f in fields(Row))
+
+
+def _row_dict(row: Row) -> dict[str, Any]:
+    """`dataclasses.asdict(row)` (the same keys, order and values) without its deep copy
+    of every value: a checkpoint holds every row so far, so a long run's last ones hold
+    hundreds of thousands (asdict took ~5.5 us a row here, this ~0.5 us)."""
+    return {name: getattr(row, name) for name in _ROW_FIELDS}
+
+
 def save_checkpoint(output_dir: Path, ck: Checkpoint) -> Path:
     """Write `checkpoints/round-NNNN.pt` atomically, then point `latest` at it."""
     folder = Path(output_dir) / CHECKPOINT_DIR
@@ -139,7 +149,7 @@ def save_checkpoint(output_dir: Path, ck: Checkpoint) -> Path:
         "model_config": dict(ck.model_config),
         "run_config": dict(ck.run_config),
         "strategy": _to_torch(dict(ck.strategy_state)),
-        "rows": [asdict(r) for r in ck.rows],
+        "rows": [_row_dict(r) for r in ck.rows],
         "code_version": ck.code_version or code_version(),
         "created": ck.created or time.time(),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from flwr.app import ConfigRecord
 from server.app import checkpoint_each_round
 from server.checkpoint import (
     Checkpoint,
+    _row_dict,
     build_model_card,
     list_checkpoints,
     load_checkpoint,
@@ -195,3 +197,15 @@ def test_parameter_average_is_the_final_model_and_resumes_exactly(tmp_path):
         np.testing.assert_allclose(straight[name], expected[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(resumed[name], straight[name])
     assert any(not np.allclose(straight[k], plain[k]) for k in straight)
+
+
+def test_checkpoint_rows_are_what_asdict_gives() -> None:
+    """The rows are written without asdict's deep copy (a checkpoint holds every row so
+    far), but as the same dicts: same keys, order and values."""
+    rows = [Row(1, "a", 2, "train", "loss", 0.5),
+            Row(3, "federation", 0, EVALUATE, "round-seconds", float("nan"))]
+    for r in rows:
+        got, want = _row_dict(r), asdict(r)
+        assert list(got) == list(want)
+        assert all(got[k] == want[k] or (got[k] != got[k] and want[k] != want[k])
+                   for k in want)
