@@ -344,13 +344,12 @@ def test_generation_runs_every_step_however_early_the_rows_end() -> None:
     assert (out[:, 2] == EOS).all() and (out[:, 3:] == PAD).all()
 
 
-def test_generation_is_conditioned_on_the_predicted_class() -> None:
-    # Prepare: a classifier made to predict class 3 for every case; the decoder's inputs
-    # captured
+def _predicting(cls: int) -> tuple[MedFuseModel, dict[str, torch.Tensor]]:
+    """A model whose classifier predicts `cls` for every case, and what its decoder's
+    beam search is given (`finding`, `regions`), captured at each call."""
     model = MedFuseModel(_cfg())
-    batch = _batch()
     with torch.no_grad():
-        model.classifier.bias[3] = 1e3
+        model.classifier.bias[cls] = 1e3
     seen: dict[str, torch.Tensor] = {}
     beams = model.decoder.beams
 
@@ -359,6 +358,14 @@ def test_generation_is_conditioned_on_the_predicted_class() -> None:
         return beams(fused, regions, finding, *args, **kwargs)
 
     model.decoder.beams = capture  # type: ignore[method-assign]
+    return model, seen
+
+
+def test_generation_is_conditioned_on_the_predicted_class() -> None:
+    # Prepare: a classifier made to predict class 3 for every case; the decoder's inputs
+    # captured
+    model, seen = _predicting(3)
+    batch = _batch()
     # Execute
     model.generate(batch.image, batch.tokens)
     # Assert: the one-hot of the predicted class, and every cell of the feature map
@@ -373,18 +380,8 @@ def test_generation_states_the_class_it_is_given() -> None:
     # Prepare: a classifier made to predict class 3 from the image alone (the report
     # hidden), while the class shown beside the report, read with the report, differs
     # per case; the decoder's finding captured
-    model = MedFuseModel(_cfg())
+    model, seen = _predicting(3)
     batch = _batch()
-    with torch.no_grad():
-        model.classifier.bias[3] = 1e3
-    seen: dict[str, torch.Tensor] = {}
-    beams = model.decoder.beams
-
-    def capture(fused, regions, finding, *args, **kwargs):
-        seen["finding"] = finding
-        return beams(fused, regions, finding, *args, **kwargs)
-
-    model.decoder.beams = capture  # type: ignore[method-assign]
     shown = torch.tensor([1, 0, 3, 4])
     # Execute
     given = model.generate(batch.image, batch.tokens, classes=shown)
