@@ -105,9 +105,9 @@ def _epsilon_now(choice: SiteChoice) -> float | None:
 
     Only a ledger whose file names this folder is loaded (verified: every entry's epsilon
     recomputed, some 0.2-0.4 s a ledger on 2 shared cores); the others are only read for
-    their folders. A store of simulated hospitals holds one ledger per hospital, and
-    loading them all for every message made the audit log the dearest part of a round
-    outside the node's own work."""
+    their folders: a node install whose data-path changed keeps the ledgers of its
+    earlier folders in the same store, and loading them all for every message made the
+    audit log the dearest part of a round outside the node's own work."""
     folder = str(choice.data_path.resolve())
     store = _store(choice)
     try:

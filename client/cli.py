@@ -77,7 +77,7 @@ def privacy_show(
         typer.Option(
             help="a node's ledger store (its state-dir), or a folder of stores (default "
             "$MEDFUSE_PRIVACY_STORE or ~/.medfuse/privacy; a simulation keeps one per "
-            "experiment in OUTPUT/experiments/NAME/seed-N/ledgers)"
+            "hospital and experiment in OUTPUT/experiments/NAME/seed-N/ledgers/SITE)"
         ),
     ] = None,
     node_key: Annotated[

@@ -265,6 +265,16 @@ def _store(node: NodeConfig) -> Path:
     return default_store_root()
 
 
+def simulated_store(root: Path, data_path: Path) -> Path:
+    """The ledger store of one simulated hospital: a folder of its own under the
+    simulation's `state-dir`, named as its site folder. A simulated node stands for one
+    hospital's install, which keeps a store of its own. One store shared by every
+    simulated hospital made them train one at a time: a round holds its store's lock
+    from the ledger's charge to its save (`client.local.private_round`), so each hospital
+    waited for the others' rounds, and that wait was counted as its own compute."""
+    return root / data_path.name
+
+
 def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
     assert node.partition_id is not None
     root = Path(run.sites_dir).expanduser().resolve() if run.sites_dir else synthetic_sites(run)
@@ -284,8 +294,8 @@ def _simulation(node: NodeConfig, run: RunConfig) -> SiteChoice:
     name = node.site_name or data.name
     return SiteChoice(
         data_path=data, site_name=name, device=node.device,
-        epsilon_budget=training_cap(node, run), delta=node.delta, state_dir=_store(node),
-        threads=node.threads, simulation=True,
+        epsilon_budget=training_cap(node, run), delta=node.delta,
+        state_dir=simulated_store(_store(node), data), threads=node.threads, simulation=True,
         node=node, partition_id=node.partition_id,
     )
 

@@ -81,7 +81,7 @@ from simulations.sections import (
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.toml"
 DEFAULT_OUT = Path("runs/simulate")
-LEDGER_DIR = "ledgers"  # each federated experiment's own ledger store, beside its outputs
+LEDGER_DIR = "ledgers"  # each federated experiment's own ledger stores (one a hospital)
 
 
 class ConfigError(ValueError):
@@ -170,7 +170,7 @@ class SimulationConfig(Section):
         and the keys derived from the sites, seed and folders)."""
         flat: dict[str, Any] = dict(pyproject_defaults())
         # The simulated hospitals are the researcher's own: each experiment is a world of
-        # its own (a fresh ledger store beside its outputs), evaluation metrics are exact
+        # its own (fresh ledger stores beside its outputs), evaluation metrics are exact
         # (the tables need them), the nodes' compute times are sent (the round-time plots
         # and the bench need them), and a dp=false experiment may train. `run-config` may
         # set sim-node-config to simulate what deployed hospitals release instead.

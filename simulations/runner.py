@@ -8,7 +8,7 @@
       flower/                      this run's own FLWR_HOME, the SuperLink's and runs' logs
       experiments/NAME/seed-S/     one folder per experiment and seed: rows.csv, done.json;
                                    federated: run-config.toml, the ServerApp's results.jsonl,
-                                   checkpoints/, final/ and ledgers/ (its ledger store)
+                                   checkpoints/, final/, ledgers/SITE (each hospital's store)
       results.csv                  the long table of every finished experiment
       experiments.csv              what each experiment is (kind, strategy, dp, epsilon...)
       summary.md, plots/*.png, report.html

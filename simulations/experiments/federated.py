@@ -2,9 +2,9 @@
 Flower's simulation engine (Ray backend), on the harness's simulation SuperLink.
 
 The experiment's folder gets its run config (run-config.toml), the ServerApp's results.jsonl,
-checkpoints/, final/ and ledgers/ (its ledger store). Its rounds are shown as the ServerApp
-writes them; afterwards the final global model (final/model.pt) is tested here on each
-hospital's test split, so federated and baseline numbers are measured alike.
+checkpoints/, final/ and ledgers/SITE (each hospital's ledger store). Its rounds are shown
+as the ServerApp writes them; afterwards the final global model (final/model.pt) is tested
+here on each hospital's test split, so federated and baseline numbers are measured alike.
 """
 
 from __future__ import annotations

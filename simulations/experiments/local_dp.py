@@ -1,6 +1,7 @@
 """kind = "local", dp = true: each hospital alone, fine-tuning with DP-SGD (the client's own
-`private_round`, charged to the experiment's ledger store) from the public model, or from
-random weights without one, for as many epochs as a federation has rounds x epochs."""
+`private_round`, charged to its ledger in the experiment's store of that hospital) from
+the public model, or from random weights without one, for as many epochs as a federation
+has rounds x epochs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from client.local import Budget, DPSettings, LocalSteps, TrainOutcome, private_round
 from client.privacy import LedgerStore
+from client.site import simulated_store
 from shared_model.contract.metric_registry import HEADLINE
 from shared_model.contract.run_config import RunConfig
 from shared_model.dataset import SiteData
@@ -31,10 +33,11 @@ def run_config(unit: Unit, ctx: Context) -> RunConfig:
 def train_privately(unit: Unit, ctx: Context, run: RunConfig, site: SiteData,
                     start: Mapping[str, torch.Tensor], *, epochs: int, dp: DPSettings,
                     run_id: int | None, steps: LocalSteps | None = None) -> TrainOutcome:
-    """One DP-SGD round of `site` alone, charged to its ledger in the experiment's store
-    (each experiment is a federation of its own: it spends its own budget); `steps`
+    """One DP-SGD round of `site` alone, charged to its ledger in the experiment's store of
+    that hospital, the one its simulated node uses (each experiment is a federation of
+    its own: it spends its own budget); `steps`
     default: the run's recipe for `epochs` epochs."""
-    store = LedgerStore(unit.folder(ctx.out) / LEDGER_DIR)
+    store = LedgerStore(simulated_store(unit.folder(ctx.out) / LEDGER_DIR, site.path))
     steps = steps or LocalSteps.of(run.recipe(), epochs=epochs, batch_size=run.batch_size)
     with ctx.threads():
         return private_round(store, run.model(), site, start, steps,

@@ -49,8 +49,12 @@ def _run_config(tiny_federation: list[Path], tmp_path: Path, **overrides: object
     return flat
 
 
-def _store(tmp_path: Path) -> LedgerStore:
-    return LedgerStore(tmp_path / "store")
+SIM_SITE = "site-00"  # the folder of partition 0 (SIM_NODE) in tiny_federation
+
+
+def _store(tmp_path: Path, site: str = SIM_SITE) -> LedgerStore:
+    """The ledger store of a simulated hospital: its own, under the run's state-dir."""
+    return LedgerStore(tmp_path / "store" / site)
 
 
 def _only_ledger(tmp_path: Path):
@@ -233,7 +237,8 @@ def test_deployment_site_choice(tmp_path: Path, tiny_federation: list[Path]) -> 
     assert not choice.node.allow_non_private and choice.node.evaluation == "dp"
     sim = resolve_site({"partition-id": 1, "num-partitions": 2}, run)
     assert sim.data_path == tiny_federation[1]
-    assert sim.state_dir == (tmp_path / "store").resolve()  # the run's sim-node-config
+    # a store of its own under the run's sim-node-config state-dir
+    assert sim.state_dir == (tmp_path / "store").resolve() / tiny_federation[1].name
     assert sim.threads == 1 and sim.device == "auto"
     # a deployed node never reads sim-node-config
     lax = RunConfig.parse(_run_config(tiny_federation, tmp_path,
@@ -483,7 +488,7 @@ def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
     run_config = _run_config(tiny_federation, tmp_path)
     trained = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
     _call(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
-    log_file = tmp_path / "store" / audit_log.LOG_FILE
+    log_file = _store(tmp_path).root / audit_log.LOG_FILE
     entries = audit_log.verify(log_file)
     # Assert: what left the node is what the log says left (digest of the very arrays)
     train, evaluate = entries
@@ -507,30 +512,36 @@ def test_every_message_is_in_the_nodes_audit_log_and_tampering_is_detected(
 def test_the_audit_logs_epsilon_before_reads_only_the_ledger_of_this_data(
     tiny_federation: list[Path], tmp_path: Path, global_state: dict
 ):
-    # Prepare: two simulated hospitals train into one store; the other one's ledger is
-    # then damaged (it would fail to load)
+    # Prepare: one node install trains two data folders into its one store (its
+    # data-path changed between runs); the other folder's ledger is then damaged (it
+    # would fail to load)
     from shared_model import audit_log
 
     run_config = _run_config(tiny_federation, tmp_path)
-    other = {"partition-id": 1, "num-partitions": 2}
-    trained = _call(_message("train", global_state, 1), _context(run_config, SIM_NODE))
-    _call(_message("train", global_state, 1), _context(run_config, other, node_id=12))
+    store = LedgerStore(tmp_path / "node")
+
+    def node(site: Path) -> dict:
+        return {"data-path": str(site), "state-dir": str(store.root), "evaluation": "exact"}
+
+    trained = _call(_message("train", global_state, 1),
+                    _context(run_config, node(tiny_federation[0])))
+    _call(_message("train", global_state, 1), _context(run_config, node(tiny_federation[1])))
     mine = _scalars(trained)[wire.M_EPSILON]
     folder = str(tiny_federation[1].resolve())
     damaged = 0
-    for key in _store(tmp_path).keys():
-        path = _store(tmp_path).ledger_path(key)
+    for key in store.keys():
+        path = store.ledger_path(key)
         data = json.loads(path.read_text())
         if folder in data["data_paths"]:
             path.write_text(json.dumps({**data, "mac": "0" * len(data["mac"])}))
             damaged += 1
     assert damaged == 1
     with pytest.raises(LedgerError):
-        _store(tmp_path).ledgers()
+        store.ledgers()
     # Execute
-    _call(_message("evaluate", global_state, 1), _context(run_config, SIM_NODE))
+    _call(_message("evaluate", global_state, 1), _context(run_config, node(tiny_federation[0])))
     # Assert: this data's epsilon, from its own ledger alone
-    last = audit_log.verify(tmp_path / "store" / audit_log.LOG_FILE)[-1]
+    last = audit_log.verify(store.root / audit_log.LOG_FILE)[-1]
     assert last["what"].startswith("evaluate")
     assert last["epsilon_before"] == pytest.approx(mine)
 

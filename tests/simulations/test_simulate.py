@@ -202,11 +202,14 @@ run-config = { central-dp = "server", central-noise = 0.5, central-clip = 0.01 }
     assert set(fed[fed["metric"] == "test/accuracy"]["site"]) == sites
     eps = fed[fed["metric"] == "train/epsilon"]["value"]
     assert len(eps) == 4 and (eps > 0).all() and (eps <= 6.0 + 1e-6).all()  # 2 kept
-    # each simulated hospital kept its privacy ledger in the experiment's own store
+    # each simulated hospital kept its privacy ledger in a store of its own, under the
+    # experiment's folder (one store for all made them train one at a time)
     from client.privacy import LedgerStore
 
-    store = LedgerStore(out / "experiments" / "fedavg-dp" / "seed-0" / "ledgers")
-    ledgers = store.ledgers()
+    stores = out / "experiments" / "fedavg-dp" / "seed-0" / "ledgers"
+    assert {p.name for p in stores.iterdir()} == {p.name for p in tiny_federation}
+    ledgers = [led for site in tiny_federation
+               for led in LedgerStore(stores / site.name).ledgers()]
     assert sorted(n for led in ledgers for n in led.site_names) == sorted(sites)
     # two federated rounds and the hospital's own fine-tuning, all on the same ledger
     assert all([e.kind for e in led.entries].count("dp-sgd") == 3 for led in ledgers)
