@@ -8,11 +8,16 @@ task its token names and exits (`flwr/supernode/runtime/run_clientapp.py`,
 leaves open is who starts those processes: a SuperExec of one's own.
 
 This one is Flower's own (`flwr/supercore/superexec/run_superexec.py`: the same task
-polling, plugin and Runtime API) with one part swapped, the executor: each ClientApp task
-runs Flower's `run_clientapp` in a child forked from this process, which has imported
-what `client.app` imports from outside medfuse already. medfuse's own modules are dropped
-before any fork, so each child imports them afresh from the app Flower installed from
-the run's FAB, as `flwr-clientapp` would; one task per process, as in Flower.
+polling, plugin and Runtime API) with two parts swapped:
+
+- the executor: each ClientApp task runs Flower's `run_clientapp` in a child forked from
+  this process, which has imported what `client.app` imports from outside medfuse
+  already. medfuse's own modules are dropped before any fork, so each child imports them
+  afresh from the app Flower installed from the run's FAB, as `flwr-clientapp` would;
+  one task per process, as in Flower;
+- how soon the child asks again for the message's arrays when its SuperNode has not
+  pulled them from the SuperLink yet (`shared_model/contract/pulls.py`: Flower waits 1 s,
+  a second of every deployed round).
 
     python -m client.warm_exec --runtime-api-address 127.0.0.1:PORT --parent-pid PID
 
@@ -34,9 +39,13 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, Subpr
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+from shared_model.contract import pulls
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the module, not the function of the same name it defines
 flower_superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
+flower_clientapp = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+FLOWER_PULL_AND_INFLATE = flower_clientapp.pull_and_inflate_object_from_tree
 
 
 def _module_dir(module: object) -> str:
@@ -147,11 +156,19 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def swap_flower_parts() -> None:
+    """The two parts of Flower's SuperExec this one swaps (module docstring), for this
+    process and the children it forks."""
+    setattr(flower_superexec, "get_executor", _executor)  # noqa: B010
+    flower_clientapp.pull_and_inflate_object_from_tree = pulls.prompt(
+        FLOWER_PULL_AND_INFLATE)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Warm up, then run Flower's SuperExec loop with the fork executor."""
     args = _args(argv)
     warm_up()
-    setattr(flower_superexec, "get_executor", _executor)  # noqa: B010  the one part swapped
+    swap_flower_parts()
     flower_superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,
         insecure=args.root_certificates is None,

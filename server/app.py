@@ -51,6 +51,7 @@ from server.checkpoint import (
     save_checkpoint,
     write_final,
 )
+from server.grid import prompt_object_pulls
 from server.results import (
     EVALUATE,
     FEDERATION,
@@ -283,6 +284,7 @@ def _finish(out: Path, run: RunConfig, final: ArrayRecord, rows: list[Row], roun
 def main(grid: Grid, context: Context) -> None:
     """Flower's entry point: a bad run config stops here, before any round."""
     quiet_flwr_logger()
+    prompt_object_pulls()
     try:
         run = RunConfig.parse(context.run_config)
         initial_arrays(run)  # a bad initial-model stops the run here, before any round

@@ -1,6 +1,6 @@
 """How the ServerApp's messages travel: Flower's Grid, packed and answered promptly.
 
-Two costs of Flower 1.42's deployed path that medfuse removes at its own edge:
+Three costs of Flower 1.42's deployed path that medfuse removes at its own edge:
 
 - Flower's deployed Grid (`flwr/superlink/grid/http_grid.py`) waits 3 s between two looks
   for replies. `WireGrid.send_and_receive` pushes the same messages and pulls the
@@ -10,6 +10,9 @@ Two costs of Flower 1.42's deployed path that medfuse removes at its own edge:
   array at every hand-off); the model has 69. `WireGrid` sends a message's model arrays
   packed into one and unpacks the replies (`shared_model/contract/packing.py`), which the
   ClientApp packs the same way (`client/app.py`, `packed_arrays_mod`).
+- The SuperLink hands over a reply before its arrays have arrived, and Flower's Grid then
+  waits 1 s before it asks for them again. `prompt_object_pulls` (called once by the
+  ServerApp) makes it ask again within 20-250 ms (`shared_model/contract/pulls.py`).
 
 The strategy sees Flower's Grid semantics unchanged (all replies, or those in by
 `timeout`), with the arrays by name. Flower's SecAgg+ workflow (`server/secure.py`) sends
@@ -19,12 +22,14 @@ pulls apply.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from shared_model.contract import pulls
 from shared_model.contract.packing import packed, unpacked
 
 # seconds between two looks for replies (Flower's deployed Grid: 3). A look is one small
@@ -32,6 +37,18 @@ from shared_model.contract.packing import packed, unpacked
 # Grid), and a round waits on average half of this after its last reply: 0.02 s costs
 # the ServerApp some 1% of a core while it waits, 0.1 s cost a round ~0.05 s.
 PULL_INTERVAL = 0.02
+
+# the module of Flower's deployed Grid (its `pull_messages` pulls a reply's arrays with
+# the module's `pull_objects`) and that function as Flower defines it
+flower_http_grid = importlib.import_module("flwr.superlink.grid.http_grid")
+FLOWER_PULL_OBJECTS = flower_http_grid.pull_objects
+
+
+def prompt_object_pulls() -> None:
+    """The deployed Grid asks again for a reply's arrays that have not arrived within
+    20-250 ms, not after 1 s (`shared_model/contract/pulls.py`). For this process: the
+    ServerApp calls it once, before any round."""
+    flower_http_grid.pull_objects = pulls.prompt(FLOWER_PULL_OBJECTS)
 
 
 class DelegatingGrid(Grid):

@@ -17,6 +17,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
 import client.warm_exec as warm_exec
 from client.warm_exec import ForkExecutor, drop_own_modules
+from shared_model.contract import pulls
 
 
 def test_only_the_projects_own_modules_are_dropped(tmp_path: Path, monkeypatch):
@@ -87,3 +88,19 @@ def test_forked_clientapps_draw_their_dp_noise_seeds_afresh():
 
     assert inherited[0] == inherited[1]  # what the fork shares (why the seeds must not)
     assert seeds[0] != seeds[1]
+
+
+def test_the_children_ask_promptly_for_arrays_their_supernode_has_not_pulled_yet(
+        monkeypatch):
+    # Prepare: Flower's functions as they are, restored after the test
+    monkeypatch.setattr(warm_exec.flower_superexec, "get_executor",
+                        warm_exec.flower_superexec.get_executor)
+    monkeypatch.setattr(warm_exec.flower_clientapp, "pull_and_inflate_object_from_tree",
+                        warm_exec.FLOWER_PULL_AND_INFLATE)
+    # Execute
+    warm_exec.swap_flower_parts()
+    # Assert: Flower's pull with medfuse's waits (shared_model/contract/pulls.py)
+    pull = warm_exec.flower_clientapp.pull_and_inflate_object_from_tree
+    assert pull.func is warm_exec.FLOWER_PULL_AND_INFLATE
+    assert pull.keywords["initial_backoff"] == pulls.FIRST_WAIT_S
+    assert warm_exec.flower_superexec.get_executor is warm_exec._executor

@@ -93,3 +93,21 @@ def test_a_reply_whose_packing_does_not_add_up_loses_its_arrays():
     out = unpacked(Message(content, dst_node_id=0, message_type="train"))
     # Assert: no arrays (the strategy leaves such a reply out), the rest kept
     assert not out.content.array_records and "site" in out.content.config_records
+
+
+def test_the_serverapp_asks_promptly_for_a_replys_arrays(monkeypatch):
+    # Prepare: Flower's deployed Grid's pull as Flower defines it, restored after the test
+    from server import grid as grid_module
+    from shared_model.contract import pulls
+
+    monkeypatch.setattr(grid_module.flower_http_grid, "pull_objects",
+                        grid_module.FLOWER_PULL_OBJECTS)
+    # Execute: twice, as a second ServerApp in the same process would
+    grid_module.prompt_object_pulls()
+    grid_module.prompt_object_pulls()
+    # Assert: Flower's function with medfuse's waits, wrapped once
+    pull = grid_module.flower_http_grid.pull_objects
+    assert pull.func is grid_module.FLOWER_PULL_OBJECTS
+    assert pull.keywords == {"initial_backoff": pulls.FIRST_WAIT_S,
+                             "backoff_cap": pulls.LONGEST_WAIT_S,
+                             "max_tries_per_object": None}
