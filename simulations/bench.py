@@ -20,10 +20,11 @@ Figures (each with the settings it was measured under):
   rounds after the first.
 - `deploy_round_overhead_s`: seconds per round beyond the slowest hospital's own compute
   in `medfuse deploy local` (real SuperLink and SuperNodes, TLS, node auth; 2 hospitals,
-  60 cases, 32 px; ClientApp processes forked warm by `client/warm_exec.py`); the median
-  over the middle rounds, with what a cold ClientApp process takes to start (`import
-  client.app`: what Flower's own SuperExec pays per message) and the SuperNode's fixed
-  poll beside it.
+  60 cases, 32 px; ClientApp processes forked warm by `client/warm_exec.py`; arrays not
+  there yet asked for again within 20-250 ms, `shared_model/contract/pulls.py`); the
+  median over the middle rounds, with what a cold ClientApp process takes to start
+  (`import client.app`: what Flower's own SuperExec pays per message) and the
+  SuperNode's fixed poll beside it.
 - `hospitals_max`: the largest simulated federation that ran (10, 50, 100, 200 small
   hospitals, one DP round of 4 sampled hospitals), with the peak memory of the whole
   process tree and the round time of each size, and a plot of both (goal: 200 within 8 GB).
@@ -67,7 +68,7 @@ from server.results import FEDERATION, RESULTS_FILE, TRAIN, read_rows
 from server.strategy import BYTES_RECEIVED, BYTES_SENT, ROUND_SECONDS
 from shared_model.batch import Batch
 from shared_model.config import DEFAULT_LABELS, ModelConfig
-from shared_model.contract import wire
+from shared_model.contract import pulls, wire
 from shared_model.dataset import open_site
 from shared_model.files import atomic_write_text
 from shared_model.model import MedFuseModel, freeze
@@ -361,7 +362,7 @@ def deploy_figures(out: Path, rounds: int = 5, *, warm: bool = True) -> list[Fig
                        else "Flower's: a new flwr-clientapp process per message"),
         "cold_clientapp_start_s": round(start, 2),
         "superexec_poll_s": float(PROMPT_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]),
-        "supernode_poll_s": SUPERNODE_POLL_S})]
+        "supernode_poll_s": SUPERNODE_POLL_S, "object_pull_first_wait_s": pulls.FIRST_WAIT_S})]
 
 
 SCALE_CONFIG = """
