@@ -14,7 +14,11 @@
 - keeps the global model when nothing is left or the inner strategy cannot aggregate, and
   the aggregate in the global model's dtypes (FedAdam/FedYogi compute in float64).
 
-What it decided about each reply stays in `judged` (and `aggregated`) for the recorder.
+What it decided about each reply stays in `judged` (and `aggregated`) for the recorder,
+with the audit summary of the arrays each node sent. A reply's arrays are deserialised
+once here (each `Array.numpy()` is an `np.load` of its bytes) and that one reading serves
+the decoding, the checks and the audit digest; Flower's aggregation reads the kept ones
+again from their own records.
 """
 
 from __future__ import annotations
@@ -30,34 +34,61 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from server.checks import inspect_update
+from server.checks import as_float64, inspect_update
 from server.replies import Judged, Roster, scalars
 from server.results import EVALUATE, TRAIN, Phase
+from shared_model import audit_log
 from shared_model.contract import wire
 from shared_model.contract.compression import decode
 
+Arrays = dict[str, np.ndarray]
+
 
 def in_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype] | None) -> ArrayRecord:
-    """The aggregate in the global model's names order and dtypes."""
+    """The aggregate in the global model's names order and dtypes. An array already in its
+    dtype is kept as it is (deserialising and serialising it again gave the same array).
+    A 0-d array stays 0-d (`np.ascontiguousarray` made it shape (1,), which the next
+    round's replies, shape (), would then fail)."""
     if dtypes is None:
         return arrays
     out = {}
     for name, dtype in dtypes.items():
-        a = arrays[name].numpy()
-        if a.dtype != dtype:
-            a = np.rint(a) if dtype.kind in "iu" else a
-            a = a.astype(dtype)
-        out[name] = Array(np.ascontiguousarray(a))
+        array = arrays[name]
+        if np.dtype(array.dtype) == dtype:
+            out[name] = array
+            continue
+        a = array.numpy()
+        a = (np.rint(a) if dtype.kind in "iu" else a).astype(dtype)
+        out[name] = Array(np.asarray(a, order="C"))
     return ArrayRecord(out)
+
+
+def received_arrays(reply: Message) -> tuple[Arrays | None, str]:
+    """(the reply's `wire.ARRAYS` as NumPy, or None when it has none or they cannot be
+    read; '' or why not). Read once a reply: the decoding, the checks and the audit digest
+    all use this one reading (each `Array.numpy()` deserialises the bytes anew)."""
+    arrays = None if reply.has_error() else reply.content.array_records.get(wire.ARRAYS)
+    if arrays is None:
+        return None, ""
+    try:
+        return {k: v.numpy() for k, v in arrays.items()}, ""
+    except (TypeError, ValueError) as exc:
+        return None, str(exc)
 
 
 def _with(error: str) -> str:
     return f": {error}" if error else ""
 
 
-def train_verdict(content: RecordDict, error: str, reference: dict[str, np.ndarray],
-                  max_norm: float) -> tuple[str | None, float | None]:
-    """(why a decoded train reply is left out or None, its update norm or None)."""
+def train_verdict(content: RecordDict, error: str, weights: Arrays | None, unreadable: str,
+                  reference: Arrays, max_norm: float, *, reference64: Arrays | None = None
+                  ) -> tuple[str | None, float | None]:
+    """(why a decoded train reply is left out or None, its update norm or None).
+
+    weights : its trained weights as NumPy (`received_arrays`, decoded), None when it
+        carries no arrays or they cannot be read (`unreadable` says why).
+    reference64 : `as_float64(reference)`, made once a round (`ReplyGuard._set_global`).
+    """
     metrics = content.metric_records.get(wire.METRICS)
     if metrics is None:
         return f"no '{wire.METRICS}' record in the reply", None
@@ -71,14 +102,11 @@ def train_verdict(content: RecordDict, error: str, reference: dict[str, np.ndarr
     n = values.get(wire.M_NUM_EXAMPLES)
     if n is None or not np.isfinite(n) or n <= 0:
         return f"{wire.M_NUM_EXAMPLES}={n} (need a positive count)", None
-    arrays = content.array_records.get(wire.ARRAYS)
-    if arrays is None:
+    if unreadable:
+        return f"arrays cannot be read: {unreadable}", None
+    if weights is None:
         return f"no arrays{_with(error)}", None
-    try:
-        update = {k: v.numpy() for k, v in arrays.items()}
-    except (TypeError, ValueError) as exc:
-        return f"arrays cannot be read: {exc}", None
-    check = inspect_update(update, reference, max_norm)
+    check = inspect_update(weights, reference, max_norm, reference64=reference64)
     return check.reason, check.norm
 
 
@@ -122,7 +150,8 @@ class ReplyGuard(Strategy):
         self.judged: list[Judged] = []  # the last aggregate_* call's replies, as they came
         self.aggregated = False  # whether the last aggregate_train gave a new global model
         self._global: ArrayRecord | None = None
-        self._reference: dict[str, np.ndarray] | None = None
+        self._reference: Arrays | None = None
+        self._reference64: Arrays | None = None  # the same in float64, for update norms
         self._dtypes: dict[str, np.dtype] | None = None
 
     def __repr__(self) -> str:
@@ -139,48 +168,56 @@ class ReplyGuard(Strategy):
     def _set_global(self, arrays: ArrayRecord) -> None:
         self._global = arrays
         self._reference = {k: v.numpy() for k, v in arrays.items()}
+        self._reference64 = as_float64(self._reference)
         if self._dtypes is None:
             self._dtypes = {k: v.dtype for k, v in self._reference.items()}
 
-    def _decoded(self, reply: Message) -> tuple[Message, str]:
-        """The reply with its trained weights, when it carries a compressed update (the
-        global model of this round added back: shared_model/contract/compression.py); or the reply
-        as it is and why it cannot be decoded."""
+    def _decoded(self, reply: Message, received: Arrays | None, unreadable: str
+                 ) -> tuple[Message, Arrays | None, str]:
+        """(the reply with its trained weights, those weights, why it cannot be decoded
+        or ''), from `received_arrays(reply)`. A reply that carries a compressed update
+        gets the global model of this round added back
+        (shared_model/contract/compression.py); any other is as it came, its weights the
+        arrays it sent."""
         if reply.has_error() or self._reference is None:
-            return reply, ""
+            return reply, received, ""
         site = reply.content.config_records.get(wire.SITE)
         encoding = str(site.get(wire.SITE_UPDATE, "")) if site is not None else ""
-        arrays = reply.content.array_records.get(wire.ARRAYS)
-        if not encoding or arrays is None:
-            return reply, ""
+        if not encoding or (received is None and not unreadable):
+            return reply, received, ""
+        if unreadable:
+            return reply, None, f"update cannot be decoded: {unreadable}"
         try:
-            weights = decode({k: v.numpy() for k, v in arrays.items()}, self._reference,
-                             encoding)
+            decoded = decode(received, self._reference, encoding)
         except (KeyError, TypeError, ValueError) as exc:
-            return reply, f"update cannot be decoded: {exc}"
+            return reply, None, f"update cannot be decoded: {exc}"
+        weights = {k: np.ascontiguousarray(v) for k, v in decoded.items()}
         content = RecordDict(dict(reply.content.items()))
         content.array_records[wire.ARRAYS] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-        return Message(content=content, metadata=reply.metadata), ""
+            {k: Array(v) for k, v in weights.items()})  # what the inner strategy reads
+        return Message(content=content, metadata=reply.metadata), weights, ""
 
     def _judge_train(self, rnd: int, reply: Message) -> tuple[Judged, Message]:
         """The guard's decision on one train reply, and the reply as decoded."""
         node, site, values, error = self.roster.read(reply)
-        msg, norm = reply, None
+        msg, norm, summary = reply, None, None
         reason: str | None = error  # an error reply's reason; else why it is left out
         if values is not None:
-            msg, reason = self._decoded(reply)
+            received, unreadable = received_arrays(reply)
+            summary = None if received is None else audit_log.arrays_summary(received)
+            msg, weights, reason = self._decoded(reply, received, unreadable)
             if not reason:
                 if self._reference is None:  # pragma: no cover - configure_train runs first
                     reason = "no global model to compare with"
                 else:
-                    reason, norm = train_verdict(msg.content, error, self._reference,
-                                                 self.max_norm)
+                    reason, norm = train_verdict(msg.content, error, weights, unreadable,
+                                                 self._reference, self.max_norm,
+                                                 reference64=self._reference64)
         if reason:
             log(WARNING, "round %d: update from node %d (%s) left out: %s",
                 rnd, node, site, reason)
         return Judged(node, site, reply, values, error, kept=not reason,
-                      verdict=reason or "accepted", norm=norm), msg
+                      verdict=reason or "accepted", norm=norm, received=summary), msg
 
     def _judge_evaluate(self, rnd: int, reply: Message) -> Judged:
         """The guard's decision on one evaluate reply."""

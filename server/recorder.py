@@ -51,6 +51,25 @@ Epsilon = Callable[[], Any]
 """The inner DP strategy's `privacy_spent` (a PrivacySpent with `.epsilon`, or None)."""
 
 
+def received_summary(reply: Judged) -> dict[str, Any] | None:
+    """`audit_log.arrays_summary` of the first array record a reply carries, as the node
+    sent it (None: an error reply, or no arrays). For a train reply's `wire.ARRAYS` that
+    is the guard's (`Judged.received`, from the one reading its verdict used); any other
+    record is read here. Arrays that cannot be read (a node's bytes are not a NumPy array
+    of the dtype and shape it names) are entered as such: the guard left the reply out,
+    and a crafted reply must not stop the ServerApp."""
+    msg = reply.message
+    if msg.has_error() or not msg.content.array_records:
+        return None
+    name, record = next(iter(msg.content.array_records.items()))
+    if name == wire.ARRAYS and reply.received is not None:
+        return reply.received
+    try:
+        return audit_log.arrays_summary({k: v.numpy() for k, v in record.items()})
+    except (TypeError, ValueError) as exc:
+        return {"unreadable": str(exc)[:200]}
+
+
 class Recorder(Strategy):
     """Result rows, audit log, traffic and round time around a reply guard.
 
@@ -95,14 +114,10 @@ class Recorder(Strategy):
         did with it."""
         if self.audit_log is None:
             return
-        msg = reply.message
-        records = ([] if msg.has_error() or not with_arrays
-                   else list(msg.content.array_records.values()))
         entries.append({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "who": f"{reply.site} (node {reply.node})", "what": f"{phase} round {rnd}",
-            "arrays": audit_log.arrays_summary({k: v.numpy() for k, v in records[0].items()})
-            if records else None,
+            "arrays": received_summary(reply) if with_arrays else None,
             "metrics": dict(values or {}), "verdict": verdict,
         })
 

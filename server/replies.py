@@ -11,9 +11,11 @@ judges the replies, and the recorder (`server/recorder.py`), which writes them d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
@@ -46,11 +48,12 @@ def site_of(content: RecordDict) -> tuple[str | None, str]:
 
 
 def array_bytes(msg: Message) -> int:
-    """The array bytes a message carries, from shapes and dtypes (nothing deserialised)."""
+    """The array bytes a message carries, from shapes and dtypes (nothing deserialised;
+    `math.prod` of a shape: `np.prod` cost more than the rest, per array of every reply)."""
     if msg.has_error():
         return 0
-    return int(sum(np.prod(a.shape, dtype=np.int64) * np.dtype(a.dtype).itemsize
-                   for rec in msg.content.array_records.values() for a in rec.values()))
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+               for rec in msg.content.array_records.values() for a in rec.values())
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Judged:
     kept : whether it went on to the inner strategy.
     verdict : what the server did with it, in words ("accepted", "received", or why not).
     norm : the L2 norm of a train update that was checked, else None.
+    received : `audit_log.arrays_summary` of the `wire.ARRAYS` the node sent, as it sent
+        them (a compressed update's 16-bit arrays, not the weights decoded from them);
+        made by the guard from the one reading of them its verdict uses, so the recorder's
+        audit entry needs no second (a summary, not the arrays: nothing held per reply).
+        None where the guard read none.
     """
 
     node: int
@@ -72,6 +80,7 @@ class Judged:
     kept: bool
     verdict: str
     norm: float | None = None
+    received: dict[str, Any] | None = field(default=None, repr=False)
 
 
 class Roster:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.checks import check_update, inspect_update, update_norm
+from server.checks import as_float64, check_update, inspect_update, update_norm
 
 
 @pytest.fixture
@@ -158,3 +158,20 @@ def test_checks_are_pure(reference):
     # Assert
     for k in before:
         np.testing.assert_array_equal(update[k], before[k])
+
+
+def test_a_float64_reference_made_once_gives_the_very_same_norm(reference):
+    # Prepare: the server converts the round's global model once, for every reply
+    rng = np.random.default_rng(3)
+    ref = {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in reference.items()}
+    update = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+              for k, v in ref.items()}
+    want = 0.0  # the norm as it was always taken: both sides cast to float64 first
+    for name, r in ref.items():
+        diff = np.asarray(update[name], dtype=np.float64) - np.asarray(r, dtype=np.float64)
+        want += float(np.dot(diff.ravel(), diff.ravel()))
+    # Execute
+    once = inspect_update(update, ref, max_norm=1e3, reference64=as_float64(ref))
+    # Assert: equal to the last bit, with and without the float64 reference
+    assert once.norm == inspect_update(update, ref, max_norm=1e3).norm == float(np.sqrt(want))
+    assert update_norm(update, as_float64(ref)) == once.norm

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from server.download import narrowed, rebased
-from server.guard import ReplyGuard
+from server.guard import ReplyGuard, received_arrays
 from server.replies import array_bytes
 from server.strategy import GuardedStrategy, build_strategy, train_config, training_grid
 from shared_model.audit_log import LOG_FILE as AUDIT_LOG
@@ -55,13 +55,14 @@ def test_the_server_gets_the_trained_weights_back_for_half_the_bytes(
         assert sum(v.numpy().nbytes for v in sent.values()) * 2 == sum(
             v.numpy().nbytes for v in full.values())
         # Execute
-        decoded, why = guard._decoded(b)
+        decoded, weights, why = guard._decoded(b, *received_arrays(b))
         # Assert: the weights within the rounding of each update
         assert why == ""
         got = decoded.content.array_records[wire.ARRAYS]
         for k, g in state.items():
             want, have = full[k].numpy(), got[k].numpy()
             assert have.dtype == want.dtype
+            assert np.array_equal(weights[k], have)  # what the guard checks is what it sends on
             update = np.abs(want - g.numpy()).max()
             assert np.abs(have - want).max() <= rel * update + 1e-7, k
 
