@@ -37,7 +37,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -75,6 +75,7 @@ from shared_model.audit_log import LOG_FILE as AUDIT_LOG
 from shared_model.config import ModelConfig
 from shared_model.contract import wire
 from shared_model.contract.metric_registry import HEADLINE
+from shared_model.contract.packing import array_record
 from shared_model.contract.run_config import RunConfig, RunConfigError
 from shared_model.model import MedFuseModel
 from shared_model.model_file import ModelFileError, check_matches, load_model_file
@@ -121,7 +122,7 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _arrays(ndarrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in ndarrays.items()})
+    return array_record(ndarrays)
 
 
 def check_resumable(ck: Checkpoint, run: RunConfig, fresh: ArrayRecord) -> None:

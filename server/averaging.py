@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from shared_model.contract.packing import array_record
 
 
 class ParameterAverage(Strategy):
@@ -54,8 +56,8 @@ class ParameterAverage(Strategy):
     def averaged(self, like: ArrayRecord) -> ArrayRecord:
         """The average in `like`'s names, order and dtypes."""
         assert self.average is not None
-        return ArrayRecord({k: Array(np.ascontiguousarray(
-            self.average[k].astype(a.numpy().dtype))) for k, a in like.items()})
+        return array_record({k: self.average[k].astype(a.numpy().dtype)
+                             for k, a in like.items()})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -26,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from shared_model.contract import wire
+from shared_model.contract.packing import array_record
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -60,7 +61,7 @@ def rebased(weights: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
 def _with_arrays(content: RecordDict, arrays: Mapping[str, np.ndarray]) -> RecordDict:
     """A copy of `content` whose model arrays (`wire.ARRAYS`) are `arrays`."""
     out = RecordDict(dict(content.items()))
-    out[wire.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    out[wire.ARRAYS] = array_record(arrays)
     return out
 
 

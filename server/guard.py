@@ -28,7 +28,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
@@ -40,27 +40,25 @@ from server.results import EVALUATE, TRAIN, Phase
 from shared_model import audit_log
 from shared_model.contract import wire
 from shared_model.contract.compression import decode
+from shared_model.contract.packing import array_record
 
 Arrays = dict[str, np.ndarray]
 
 
 def in_dtypes(arrays: ArrayRecord, dtypes: dict[str, np.dtype] | None) -> ArrayRecord:
     """The aggregate in the global model's names order and dtypes. An array already in its
-    dtype is kept as it is (deserialising and serialising it again gave the same array).
-    A 0-d array stays 0-d (`np.ascontiguousarray` made it shape (1,), which the next
-    round's replies, shape (), would then fail)."""
+    dtype is kept as it is (deserialising and serialising it again gave the same array)."""
     if dtypes is None:
         return arrays
-    out = {}
-    for name, dtype in dtypes.items():
-        array = arrays[name]
-        if np.dtype(array.dtype) == dtype:
-            out[name] = array
-            continue
-        a = array.numpy()
-        a = (np.rint(a) if dtype.kind in "iu" else a).astype(dtype)
-        out[name] = Array(np.asarray(a, order="C"))
-    return ArrayRecord(out)
+    kept = {n: arrays[n] for n, d in dtypes.items() if np.dtype(arrays[n].dtype) == d}
+    cast = array_record({n: _as_dtype(arrays[n].numpy(), d) for n, d in dtypes.items()
+                         if n not in kept})
+    return ArrayRecord({n: kept[n] if n in kept else cast[n] for n in dtypes})
+
+
+def _as_dtype(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`a` in `dtype`, rounded first into an integer one (an averaged counter)."""
+    return (np.rint(a) if dtype.kind in "iu" else a).astype(dtype)
 
 
 def received_arrays(reply: Message) -> tuple[Arrays | None, str]:
@@ -191,10 +189,9 @@ class ReplyGuard(Strategy):
             decoded = decode(received, self._reference, encoding)
         except (KeyError, TypeError, ValueError) as exc:
             return reply, None, f"update cannot be decoded: {exc}"
-        weights = {k: np.ascontiguousarray(v) for k, v in decoded.items()}
+        weights = {k: np.asarray(v, order="C") for k, v in decoded.items()}
         content = RecordDict(dict(reply.content.items()))
-        content.array_records[wire.ARRAYS] = ArrayRecord(
-            {k: Array(v) for k, v in weights.items()})  # what the inner strategy reads
+        content.array_records[wire.ARRAYS] = array_record(weights)  # the inner strategy's
         return Message(content=content, metadata=reply.metadata), weights, ""
 
     def _judge_train(self, rnd: int, reply: Message) -> tuple[Judged, Message]:

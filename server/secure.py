@@ -22,8 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import FitIns, FitRes, Parameters
 from flwr.common import parameters_to_ndarrays as to_ndarrays
@@ -42,6 +41,7 @@ from flwr.supercore import log
 from server.grid import DelegatingGrid
 from shared_model.contract import wire
 from shared_model.contract.compression import apply_update
+from shared_model.contract.packing import array_record
 from shared_model.contract.run_config import RunConfig
 
 MODULUS_BITS = 32  # Flower's modulus: every masked sum is taken mod 2**32
@@ -151,7 +151,7 @@ def mean_update_applied(global_arrays: ArrayRecord, update: Parameters) -> Array
     names = list(global_arrays.keys())
     weights = apply_update({k: global_arrays[k].numpy() for k in names},
                            dict(zip(names, to_ndarrays(update), strict=True)))
-    return ArrayRecord({k: Array(np.ascontiguousarray(weights[k])) for k in names})
+    return array_record({k: weights[k] for k in names})
 
 
 def _reply(msg: Message, fitres: FitRes, new_global: ArrayRecord) -> Message:

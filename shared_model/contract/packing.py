@@ -80,6 +80,13 @@ def unpack(buf: np.ndarray, layout: Mapping[str, Sequence[str]]) -> dict[str, np
     return out
 
 
+def array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Flower's ArrayRecord of `arrays`, in their order, each C-ordered and of its own
+    shape: `np.ascontiguousarray` would make a 0-d array (a scalar buffer) 1-d, and the
+    next round's replies, still 0-d, would then fail the server's shape check."""
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+
+
 def packed(msg: Message) -> Message:
     """The message with its model arrays (record `wire.ARRAYS`) as one packed array."""
     if msg.has_error() or not msg.content.array_records.get(wire.ARRAYS):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_model.contract.packing import pack, unpack
+from shared_model.contract.packing import array_record, pack, unpack
 
 
 def test_every_dtype_and_shape_comes_back_the_same():
@@ -41,3 +41,19 @@ def test_every_dtype_and_shape_comes_back_the_same():
 def test_a_layout_that_does_not_add_up_is_refused(layout, match):
     with pytest.raises(ValueError, match=match):
         unpack(np.zeros(8, dtype=np.uint8), layout)
+
+
+def test_an_array_record_keeps_each_arrays_shape_a_scalar_too():
+    # Prepare: a scalar buffer, a Fortran-ordered matrix, a vector
+    arrays = {"count": np.array(3, dtype=np.int64),
+              "w": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+              "b": np.zeros(4, dtype=np.float16)}
+    # Execute
+    record = array_record(arrays)
+    # Assert: same names in order, same values and shapes (np.ascontiguousarray made the
+    # scalar shape (1,))
+    assert list(record) == ["count", "w", "b"]
+    for name, a in arrays.items():
+        back = record[name].numpy()
+        assert back.shape == a.shape and back.dtype == a.dtype, name
+        assert np.array_equal(back, a), name
